@@ -1,0 +1,494 @@
+"""Split one data source into hospital sites and train/validation/test without leakage.
+
+The manifest this writes (``image_id, group_id, label, label_name, site, split``) is the only
+thing training reads to know which images a site owns, so every invariant is enforced here
+and re-checked on read: a group (lesion or patient) lives in exactly one site and one split,
+every image in exactly one (site, split), and the same seed gives a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+from sklearn.model_selection import train_test_split
+
+from common.data.institutions import assign_institutions, group_table, resolve_names
+from common.data.schema import DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS: list[str] = ["image_id", "group_id", "label", "label_name", "site", "split"]
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+SCHEMES: tuple[str, ...] = ("natural", "institutions", "dirichlet", "iid")
+NO_SITE_MSG = "this source records no site; use scheme=institutions, dirichlet or iid"
+_MAX_DIRICHLET_DRAWS = 200
+_FIRST = 5  # offending ids/rows quoted in error messages
+
+
+# ------------------------------------------------------------------ site assignment schemes
+def _site_names(n: int) -> list[str]:
+    width = len(str(n - 1))
+    return [f"site{i:0{width}d}" for i in range(n)]
+
+
+def _natural_sites(meta: pd.DataFrame) -> pd.Series:
+    """The hospital the data itself records; a group recorded at two sites is an error."""
+    site = meta["source_site"].fillna("").astype(str).str.strip()
+    empty = site == ""
+    if empty.all():
+        raise DataError(NO_SITE_MSG)
+    if empty.any():
+        ids = meta.loc[empty, "image_id"].head(_FIRST).tolist()
+        raise DataError(
+            f"{int(empty.sum())} of {len(meta)} images have no source_site (first: {ids}); "
+            "scheme=natural needs a site for every image — use scheme=institutions, "
+            "dirichlet or iid, or drop those rows"
+        )
+    n_sites = site.groupby(meta["group_id"]).nunique()
+    split_groups = n_sites[n_sites > 1].index[:_FIRST].tolist()
+    if split_groups:
+        raise DataError(
+            f"{int((n_sites > 1).sum())} groups are recorded at more than one source_site "
+            f"(first: {split_groups}); scheme=natural would leak them across sites"
+        )
+    return site.rename("site")
+
+
+def _dirichlet_sites(
+    groups: pd.DataFrame, num_sites: int, alpha: float, rng: np.random.Generator, min_images: int
+) -> np.ndarray:
+    """Label skew: per class, Dirichlet(alpha) shares of its groups go to each site.
+
+    Like the usual FL benchmark recipe (Hsu et al. 2019; FedML/FedLab), a draw leaving a
+    site with fewer than ``min_images`` images or 3 groups is redrawn, up to a limit; the
+    site-size check later reports what is left.
+    """
+    labels = groups["label"].to_numpy()
+    sizes = groups["n_images"].to_numpy()
+    best: np.ndarray | None = None
+    for _ in range(_MAX_DIRICHLET_DRAWS):
+        site = np.empty(len(groups), dtype=int)
+        for k in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == k))
+            shares = rng.dirichlet(np.full(num_sites, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for s, chunk in enumerate(np.split(members, cuts)):
+                site[chunk] = s
+        n_img = np.bincount(site, weights=sizes, minlength=num_sites)
+        n_grp = np.bincount(site, minlength=num_sites)
+        best = site
+        if n_img.min() >= min_images and n_grp.min() >= len(SPLITS):
+            break
+    assert best is not None
+    return best
+
+
+def _iid_sites(groups: pd.DataFrame, num_sites: int, rng: np.random.Generator) -> np.ndarray:
+    """Shuffled groups dealt to whichever site has the fewest images so far (balanced)."""
+    sizes = groups["n_images"].to_numpy()
+    site = np.empty(len(groups), dtype=int)
+    load = np.zeros(num_sites)
+    for g in rng.permutation(len(groups)):
+        s = int(load.argmin())
+        site[g] = s
+        load[s] += sizes[g]
+    return site
+
+
+# ------------------------------------------------------------------ per-site splits
+def _sub_seed(seed: int, site: str, stage: int) -> int:
+    """Stable per-site seed (zlib.crc32, not hash(), which is salted per process)."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(site.encode()), stage]).generate_state(1)[0])
+
+
+def _group_split(
+    ids: np.ndarray, strata: np.ndarray, frac: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Split group ids, stratified by label if counts allow; returns (rest, held, how)."""
+    if frac <= 0:
+        return ids, ids[:0], "none"
+    attempts = [("stratified", strata)]
+    counts = pd.Series(strata).value_counts()
+    rare = counts[counts < 2].index
+    if len(rare):  # classes with one group cannot be stratified; pool them
+        attempts.append(("stratified (rare classes pooled)", np.where(np.isin(strata, rare), -1, strata)))
+    for how, y in attempts:
+        try:
+            rest, held = train_test_split(ids, test_size=frac, stratify=y, random_state=seed)
+            return np.asarray(rest), np.asarray(held), how
+        except ValueError:
+            continue
+    rest, held = train_test_split(ids, test_size=frac, random_state=seed)
+    return np.asarray(rest), np.asarray(held), "group (not stratified)"
+
+
+def _split_site(
+    site: str, groups: pd.DataFrame, val_frac: float, test_frac: float, seed: int
+) -> tuple[pd.Series, list[str]]:
+    """train/validation/test per group of one site, with notes on any fallback."""
+    ids = groups.index.to_numpy()
+    labels = groups["label"].to_numpy()
+    if len(ids) < len(SPLITS):
+        raise DataError(
+            f"site {site!r} has {int(groups['n_images'].sum())} images in {len(ids)} groups; "
+            "it needs at least 3 groups for non-empty train/validation/test splits"
+        )
+    rest, test, how_t = _group_split(ids, labels, test_frac, _sub_seed(seed, site, 0))
+    rest_labels = groups.loc[rest, "label"].to_numpy()
+    train, val, how_v = _group_split(
+        rest, rest_labels, val_frac / (1.0 - test_frac), _sub_seed(seed, site, 1)
+    )
+    split = pd.Series("train", index=groups.index, dtype=object)
+    split[val] = "validation"
+    split[test] = "test"
+    notes = [
+        f"site {site}: {name} split fell back to {how}"
+        for name, how in (("test", how_t), ("validation", how_v))
+        if how not in ("stratified", "none")
+    ]
+    return split, notes
+
+
+# ------------------------------------------------------------------ public API
+def _validate_meta(meta: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    need = ["image_id", "group_id", "label", "label_name"]
+    missing = [c for c in need if c not in meta.columns]
+    if missing:
+        raise DataError(f"metadata lacks column(s) {missing}")
+    if meta.empty:
+        raise DataError("metadata has no rows to partition")
+    m = meta.copy()
+    m["image_id"] = m["image_id"].astype(str)
+    m["group_id"] = m["group_id"].astype(str)
+    dup = m["image_id"].duplicated(keep=False)
+    if dup.any():
+        raise DataError(f"duplicated image_id in metadata: {m.loc[dup, 'image_id'].unique()[:_FIRST].tolist()}")
+    for col in ("image_id", "group_id"):
+        blank = m[col].str.strip().isin(["", "nan", "None"])
+        if blank.any():
+            raise DataError(f"{int(blank.sum())} rows have an empty {col} (rows {m.index[blank][:_FIRST].tolist()})")
+    label = pd.to_numeric(m["label"], errors="coerce")
+    bad = label.isna() | (label < 0) | (label >= len(classes)) | (label % 1 != 0)
+    if bad.any():
+        raise DataError(
+            f"{int(bad.sum())} images have a label outside 0..{len(classes) - 1} for classes "
+            f"{list(classes)} (first: {m.loc[bad, 'image_id'].head(_FIRST).tolist()})"
+        )
+    m["label"] = label.astype(int)
+    return m.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+def partition(
+    meta: pd.DataFrame,
+    scheme: str,
+    *,
+    classes: list[str],
+    num_sites: int = 4,
+    alpha: float = 0.5,
+    institutions: list[str] | None = None,
+    seed: int = 0,
+    val_frac: float = 0.15,
+    test_frac: float = 0.15,
+    min_site_images: int = 20,
+) -> pd.DataFrame:
+    """Manifest (MANIFEST_COLUMNS) assigning every image one site and one split by group.
+
+    Schemes: ``natural`` (the recorded ``source_site``), ``institutions`` (simulated ISIC
+    hospitals, see institutions.py), ``dirichlet`` (label skew, Dirichlet(alpha) per class at
+    group level) and ``iid`` (balanced random groups). Each site is then split by group,
+    stratified by the group's label where counts allow (fractions are of groups). Any
+    fallback is listed in ``manifest.attrs["notes"]`` and logged.
+    """
+    if scheme not in SCHEMES:
+        raise DataError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(
+            f"need 0 < val_frac, test_frac and val_frac + test_frac < 1; got {val_frac}, {test_frac}"
+        )
+    if scheme in ("dirichlet", "iid") and num_sites < 2:
+        raise DataError(f"num_sites must be at least 2 for scheme={scheme}, got {num_sites}")
+    if scheme == "dirichlet" and not alpha > 0:
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+    m = _validate_meta(meta, classes)
+    rng = np.random.default_rng(seed)
+
+    if scheme == "natural":
+        if "source_site" not in m.columns:
+            raise DataError(NO_SITE_MSG)
+        m["site"] = _natural_sites(m).to_numpy()
+    elif scheme == "institutions":
+        m["site"] = assign_institutions(m, classes, resolve_names(institutions), seed).to_numpy()
+    else:
+        groups = group_table(m, classes)
+        if scheme == "dirichlet":
+            idx = _dirichlet_sites(groups, num_sites, alpha, rng, min_site_images)
+        else:
+            idx = _iid_sites(groups, num_sites, rng)
+        names = np.asarray(_site_names(num_sites))
+        m["site"] = pd.Series(names[idx], index=groups.index).reindex(m["group_id"]).to_numpy()
+
+    expected = (
+        resolve_names(institutions)
+        if scheme == "institutions"
+        else _site_names(num_sites)
+        if scheme in ("dirichlet", "iid")
+        else sorted(m["site"].unique())
+    )
+    sizes = m["site"].value_counts().reindex(expected, fill_value=0)
+    small = sizes[sizes < min_site_images]
+    if len(small):
+        hint = {
+            "dirichlet": "; try a larger alpha or fewer sites",
+            "institutions": "; pick fewer institutions",
+            "iid": "; use fewer sites",
+        }.get(scheme, "")
+        counts = ", ".join(f"{s}: {n} images" for s, n in small.items())
+        raise DataError(
+            f"site(s) below min_site_images={min_site_images} ({counts}) out of {len(m)} "
+            f"images{hint}"
+        )
+
+    notes: list[str] = []
+    split = pd.Series(index=m.index, dtype=object)
+    for site, rows in m.groupby("site", sort=True):
+        groups = group_table(rows, classes)
+        by_group, site_notes = _split_site(str(site), groups, val_frac, test_frac, seed)
+        split[rows.index] = by_group.reindex(rows["group_id"]).to_numpy()
+        notes += site_notes
+    m["split"] = split
+    for note in notes:
+        log.info(note)
+
+    out = m[MANIFEST_COLUMNS].copy()
+    out["label_name"] = out["label_name"].astype(str)
+    out["site"] = out["site"].astype(str)
+    out = _sorted(out)
+    _check_invariants(out, "partition result")
+    out.attrs["notes"] = notes
+    out.attrs["scheme"] = scheme
+    return out
+
+
+def _sorted(manifest: pd.DataFrame) -> pd.DataFrame:
+    order = {s: i for i, s in enumerate(SPLITS)}
+    key = manifest["split"].map(order)
+    return (
+        manifest.assign(_k=key)
+        .sort_values(["site", "_k", "image_id"], kind="stable")
+        .drop(columns="_k")
+        .reset_index(drop=True)
+    )
+
+
+def _rows(manifest: pd.DataFrame, mask: pd.Series) -> str:
+    """Offending rows as file line numbers (header is line 1) with their ids."""
+    sub = manifest.loc[mask].head(_FIRST)
+    return "; ".join(
+        f"line {i + 2}: {r.image_id} (group {r.group_id}, site {r.site}, split {r.split})"
+        for i, r in zip(sub.index, sub.itertuples(), strict=True)
+    )
+
+
+def _check_invariants(manifest: pd.DataFrame, where: str) -> None:
+    """Raise DataError naming ``where`` and the first offending rows."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; expected {MANIFEST_COLUMNS}")
+    if manifest.empty:
+        raise DataError(f"{where}: no rows")
+    bad_split = ~manifest["split"].isin(SPLITS)
+    if bad_split.any():
+        raise DataError(
+            f"{where}: unknown split name(s) {sorted(manifest.loc[bad_split, 'split'].unique())} "
+            f"(allowed {list(SPLITS)}): {_rows(manifest, bad_split)}"
+        )
+    for col in ("image_id", "group_id", "site"):
+        blank = manifest[col].astype(str).str.strip() == ""
+        if blank.any():
+            raise DataError(f"{where}: empty {col}: {_rows(manifest, blank)}")
+    dup = manifest["image_id"].duplicated(keep=False)
+    if dup.any():
+        raise DataError(f"{where}: duplicated image_id: {_rows(manifest, dup)}")
+    for col, what in (("site", "sites"), ("split", "splits")):
+        n = manifest.groupby("group_id")[col].transform("nunique")
+        if (n > 1).any():
+            raise DataError(f"{where}: group in two {what}: {_rows(manifest, n > 1)}")
+
+
+def write_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
+    """CSV, no index, '\\n' line ends, rows sorted: same manifest -> same bytes."""
+    path = Path(path)
+    _check_invariants(manifest, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sorted(manifest[MANIFEST_COLUMNS]).to_csv(
+        path, index=False, lineterminator="\n", float_format="%.6g"
+    )
+    return path
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Load a manifest and re-check every invariant; errors name the file and rows."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable manifest CSV ({e})") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected {MANIFEST_COLUMNS}")
+    label = pd.to_numeric(df["label"], errors="coerce")
+    bad = label.isna() | (label % 1 != 0) | (label < 0)
+    if bad.any():
+        raise DataError(f"{path}: label is not a non-negative integer: {_rows(df, bad)}")
+    _check_invariants(df, str(path))
+    df = df[MANIFEST_COLUMNS].copy()
+    df["label"] = label.astype(int)
+    return df
+
+
+# ------------------------------------------------------------------ reporting
+def _counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """site x class image counts, all classes present as columns."""
+    return (
+        pd.crosstab(manifest["site"], manifest["label"])
+        .reindex(columns=range(len(classes)), fill_value=0)
+        .sort_index()
+    )
+
+
+def site_table(
+    manifest: pd.DataFrame, classes: Sequence[str], meta: pd.DataFrame | None = None
+) -> Table:
+    """Per-site images, groups, split sizes, class counts (and mean age if meta is given)."""
+    counts = _counts(manifest, classes)
+    splits = pd.crosstab(manifest["site"], manifest["split"]).reindex(columns=SPLITS, fill_value=0)
+    groups = manifest.groupby("site")["group_id"].nunique()
+    age = None
+    if meta is not None and "age" in meta.columns:
+        ages = pd.to_numeric(meta["age"], errors="coerce")
+        ages.index = meta["image_id"].astype(str)
+        age = ages.reindex(manifest["image_id"].astype(str)).groupby(manifest["site"].to_numpy()).mean()
+    scheme = manifest.attrs.get("scheme", "")
+    table = Table(title=f"Sites{f' ({scheme})' if scheme else ''}", show_footer=True)
+    total = counts.to_numpy().sum()
+    table.add_column("site", footer="total")
+    table.add_column("images", justify="right", footer=str(total))
+    table.add_column("groups", justify="right", footer=str(manifest["group_id"].nunique()))
+    for s in SPLITS:
+        table.add_column(s[:5], justify="right", footer=str(int(splits[s].sum())))
+    for k, c in enumerate(classes):
+        table.add_column(str(c), justify="right", footer=str(int(counts[k].sum())))
+    if age is not None:
+        table.add_column("mean age", justify="right", footer=f"{ages.mean():.1f}")
+    for site, row in counts.iterrows():
+        n = int(row.sum())
+        cells = [str(site), str(n), str(int(groups[site]))]
+        cells += [str(int(splits.loc[site, s])) for s in SPLITS]
+        cells += [f"{int(v)} ({100 * v / n:.0f}%)" if v else "·" for v in row]
+        if age is not None:
+            a = age.get(site, np.nan)
+            cells.append("–" if pd.isna(a) else f"{a:.1f}")
+        table.add_row(*cells)
+    return table
+
+
+def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path) -> Path:
+    """PNG: per site, a stacked bar of class proportions with its image count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = _counts(manifest, classes)
+    props = counts.div(counts.sum(axis=1), axis=0)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(props)))
+    y = np.arange(len(props))[::-1]
+    left = np.zeros(len(props))
+    for k, name in enumerate(classes):
+        w = props[k].to_numpy()
+        ax.barh(y, w, left=left, color=cmap(k % cmap.N), label=str(name), edgecolor="white")
+        for yi, li, wi in zip(y, left, w, strict=True):
+            if wi >= 0.07:
+                ax.text(li + wi / 2, yi, f"{wi:.0%}", ha="center", va="center", fontsize=8)
+        left += w
+    for yi, (site, n) in zip(y, counts.sum(axis=1).items(), strict=True):
+        ax.text(1.01, yi, f"n={n}", va="center", fontsize=9)
+    ax.set_yticks(y, [str(s) for s in props.index])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of site's images")
+    scheme = manifest.attrs.get("scheme", "")
+    ax.set_title(f"Class mix per site{f' ({scheme})' if scheme else ''}")
+    ax.legend(ncol=min(len(classes), 8), loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(props) < 4 else -0.15), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ CLI
+def partition_cli(
+    fmt: Annotated[
+        str, typer.Argument(help="data format: synth-ham, ham-hf, ham-dataverse, isic2020, fedisic2019")
+    ],
+    data_path: Annotated[
+        Path | None, typer.Option("--data-path", help="source folder; omit for the built-in synthetic set")
+    ] = None,
+    scheme: Annotated[str, typer.Option(help="natural | institutions | dirichlet | iid")] = "natural",
+    num_sites: Annotated[int, typer.Option(help="sites for dirichlet / iid")] = 4,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = more skew)")] = 0.5,
+    institutions: Annotated[
+        str, typer.Option(help="comma subset of vienna,barcelona,mskcc,mia,queensland,athens")
+    ] = "",
+    seed: Annotated[int, typer.Option(help="same seed -> byte-identical manifest")] = 0,
+    val_frac: Annotated[float, typer.Option(help="validation fraction of each site's groups")] = 0.15,
+    test_frac: Annotated[float, typer.Option(help="test fraction of each site's groups")] = 0.15,
+    min_site_images: Annotated[int, typer.Option(help="smallest site allowed")] = 20,
+    out: Annotated[Path, typer.Option(help="manifest CSV; the plot goes beside it as <stem>.png")] = Path(
+        "manifest.csv"
+    ),
+) -> None:
+    """Split a data source into hospital sites with leak-free train/validation/test splits."""
+    from common.data import sources, synth  # written concurrently; import only when used
+
+    console = Console()
+    try:
+        if data_path is None:
+            built = synth.ensure_builtin(fmt)
+            src = built if hasattr(built, "meta") else sources.load_source(fmt, built)
+        else:
+            src = sources.load_source(fmt, data_path)
+        manifest = partition(
+            src.meta,
+            scheme,
+            classes=list(src.classes),
+            num_sites=num_sites,
+            alpha=alpha,
+            institutions=resolve_names(institutions) if scheme == "institutions" else None,
+            seed=seed,
+            val_frac=val_frac,
+            test_frac=test_frac,
+            min_site_images=min_site_images,
+        )
+    except DataError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    csv = write_manifest(manifest, out)
+    png = plot_sites(manifest, src.classes, csv.with_suffix(".png"))
+    console.print(site_table(manifest, src.classes, meta=src.meta))
+    for note in manifest.attrs.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"manifest: {csv}\nplot:     {png}")

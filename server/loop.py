@@ -1,0 +1,299 @@
+"""The server's round loop: seeded sampling, robust aggregation, checkpoints and resume.
+
+Flower's ``Strategy.start`` runs rounds but cannot resume, reject bad updates, or sample
+reproducibly; this loop keeps Flower's strategies for configuring and aggregating a round
+and adds those, so the same loop serves simulation and a real deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common.fedmetrics import pooled_confusion, pooled_metrics
+from server.report import write_outputs
+from server.strategies import load_strategy_state, make_strategy, strategy_state
+
+log = logging.getLogger("fedskin")
+
+
+@dataclass
+class SiteInfo:
+    node_id: int
+    site: str
+    n_train: int
+    n_validation: int
+    n_test: int
+
+
+@dataclass
+class LoopState:
+    """Everything a restarted server needs: written after every completed round."""
+
+    run_tag: str
+    round: int = 0
+    best_round: int = 0
+    best_score: float = -1.0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _SelectedGrid:
+    """A view of the grid that shows the strategy only the nodes the loop sampled."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _arrays_ok(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> str | None:
+    """Why an update must be rejected (wrong keys/shapes, NaN/Inf), or None if it is fine."""
+    keys = set(arrays.keys())
+    if keys != set(reference):
+        missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, ref in reference.items():
+        a = arrays[k].numpy()
+        if a.shape != ref.shape:
+            return f"wrong shape for {k}: {a.shape} instead of {ref.shape}"
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            return f"non-finite values (NaN/Inf) in {k}"
+    return None
+
+
+class Federation:
+    """Runs the rounds of one experiment against a grid of site nodes."""
+
+    def __init__(
+        self, grid: Grid, cfg: dict[str, Any], run_dir: Path, classes: list[str]
+    ) -> None:
+        self.grid, self.cfg, self.run_dir, self.classes = grid, cfg, run_dir, classes
+        self.timeout = float(cfg.get("round-timeout", 600.0))
+        self.seed = int(cfg.get("seed", 0))
+        self.sites: dict[int, SiteInfo] = {}
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ discovery
+    def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
+        """Wait for the sites, then ask each which site it is and what it holds."""
+        deadline = time.time() + wait
+        while len(ids := list(self.grid.get_node_ids())) < expected and time.time() < deadline:
+            time.sleep(0.5)
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord(self._base_config())}), nid, MessageType.QUERY)
+            for nid in ids
+        ]
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                log.error("node %s failed to load its data: %s", nid, reply.error.reason)
+                continue
+            info = reply.content.config_records["info"]
+            self.sites[nid] = SiteInfo(
+                nid,
+                str(info["site"]),
+                int(info["n-train"]),
+                int(info["n-validation"]),
+                int(info["n-test"]),
+            )
+        if not self.sites:
+            raise RuntimeError("no site answered; check the SuperNodes' logs")
+        names = [s.site for s in self.sites.values()]
+        if len(set(names)) != len(names):
+            raise RuntimeError(f"two nodes claim the same site: {sorted(names)}")
+        return self.ordered_sites()
+
+    def ordered_sites(self) -> list[SiteInfo]:
+        return sorted(self.sites.values(), key=lambda s: s.site)
+
+    def _base_config(self) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, server_round: int) -> list[SiteInfo]:
+        """Seeded choice over site names, so node ids (random per run) don't matter."""
+        sites = self.ordered_sites()
+        k = max(int(self.cfg.get("min-train-nodes", 1)),
+                math.ceil(float(self.cfg.get("fraction-train", 1.0)) * len(sites)))
+        k = min(k, len(sites))
+        rng = np.random.default_rng([self.seed, server_round])
+        idx = sorted(rng.choice(len(sites), size=k, replace=False).tolist())
+        return [sites[i] for i in idx]
+
+    # ------------------------------------------------------------------ rounds
+    def run(self, initial: dict[str, torch.Tensor], num_rounds: int, resume: bool) -> dict:
+        state, arrays = self._start(initial, resume)
+        strategy = make_strategy(self.cfg, len(self.sample(1)))
+        if resume and (self.run_dir / "checkpoints" / "last.pt").is_file():
+            load_strategy_state(strategy, self._checkpoint("last")["strategy"])
+        for server_round in range(state.round + 1, num_rounds + 1):
+            t0 = time.time()
+            record = {"round": server_round}
+            arrays = self._train_round(strategy, server_round, arrays, state, record)
+            record["validation"] = self._evaluate(arrays, "validation", server_round)
+            record["seconds"] = time.time() - t0
+            state.round = server_round
+            state.rounds.append(record)
+            score = record["validation"]["global"].get("balanced_accuracy", float("nan"))
+            if not math.isnan(score) and score > state.best_score:
+                state.best_score, state.best_round = score, server_round
+                self._save("best", arrays, state, strategy)
+            self._save("last", arrays, state, strategy)
+            write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, None, state.best_round)
+            self._print_round(record)
+        best = self._load_arrays("best") if state.best_round else arrays
+        test = self._evaluate(best, "test", state.round + 1)
+        test["best_round"] = state.best_round
+        write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, test, state.best_round)
+        return {"rounds": state.rounds, "test": test, "best_round": state.best_round}
+
+    def _start(self, initial: dict[str, torch.Tensor], resume: bool) -> tuple[LoopState, ArrayRecord]:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if resume and last.is_file():
+            ck = self._checkpoint("last")
+            st = LoopState(**ck["state"])
+            log.info("resuming after round %d from %s", st.round, last)
+            return st, ArrayRecord(ck["arrays"])
+        if resume:
+            log.warning("resume asked but no checkpoint in %s: starting fresh", self.run_dir)
+        return LoopState(run_tag=uuid.uuid4().hex[:12]), ArrayRecord(initial)
+
+    def _train_round(
+        self, strategy: Any, server_round: int, arrays: ArrayRecord, state: LoopState,
+        record: dict[str, Any],
+    ) -> ArrayRecord:
+        chosen = self.sample(server_round)
+        by_node = {s.node_id: s for s in chosen}
+        config = ConfigRecord({"run-tag": state.run_tag})
+        messages = list(
+            strategy.configure_train(
+                server_round, arrays, config, _SelectedGrid(self.grid, list(by_node))
+            )
+        )
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        reference = {k: v.numpy() for k, v in arrays.items()}
+        good, train_metrics, failures, rejected, epsilon = [], {}, {}, {}, {}
+        answered = set()
+        for reply in replies:
+            site = by_node.get(reply.metadata.src_node_id)
+            name = site.site if site else f"node-{reply.metadata.src_node_id}"
+            answered.add(reply.metadata.src_node_id)
+            if reply.has_error():
+                failures[name] = reply.error.reason
+                log.error("round %d: site %s failed: %s", server_round, name, reply.error.reason)
+                continue
+            metrics = dict(reply.content.metric_records["metrics"])
+            if "epsilon" in metrics:
+                epsilon[name] = float(metrics["epsilon"])
+            if int(metrics.get("num-examples", 0)) == 0:
+                rejected[name] = "privacy budget spent" if metrics.get("dp-budget-exhausted") else "no data"
+                log.warning("round %d: site %s did not train (%s)", server_round, name, rejected[name])
+                continue
+            why = _arrays_ok(reply.content.array_records["arrays"], reference)
+            if why:
+                rejected[name] = why
+                log.error("round %d: update from site %s rejected: %s", server_round, name, why)
+                continue
+            train_metrics[name] = {k: float(v) for k, v in metrics.items()}
+            good.append((name, reply))
+        for nid, site in by_node.items():
+            if nid not in answered:
+                failures[site.site] = f"no reply within {self.timeout:.0f}s"
+                log.error("round %d: site %s did not reply in time", server_round, site.site)
+        record.update(
+            sampled=[s.site for s in chosen], train=train_metrics, failures=failures,
+            rejected=rejected, epsilon=epsilon,
+        )
+        minimum = int(self.cfg.get("min-train-nodes", 1))
+        if len(good) < minimum:
+            log.error(
+                "round %d: only %d usable updates (< min-train-nodes=%d); global model kept",
+                server_round, len(good), minimum,
+            )
+            record["aggregated"] = False
+            return arrays
+        good.sort(key=lambda item: item[0])  # fixed order: float sums are reproducible
+        new_arrays, _ = strategy.aggregate_train(server_round, [r for _, r in good])
+        record["aggregated"] = new_arrays is not None
+        if new_arrays is None:
+            return arrays
+        # Keep integer buffers (BatchNorm counters) integer after weighted averaging.
+        return ArrayRecord(
+            {k: np.asarray(v.numpy()).astype(reference[k].dtype) for k, v in new_arrays.items()}
+        )
+
+    def _evaluate(self, arrays: ArrayRecord, split: str, server_round: int) -> dict[str, Any]:
+        """Every site scores the model; pooled metrics come from their aggregates."""
+        by_node = {s.node_id: s for s in self.ordered_sites()}
+        config = ConfigRecord({"split": split, "server-round": server_round})
+        messages = [
+            Message(RecordDict({"arrays": arrays, "config": config}), nid, MessageType.EVALUATE)
+            for nid in by_node
+        ]
+        sites: dict[str, dict[str, float]] = {}
+        summaries = []
+        failures = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            name = by_node[reply.metadata.src_node_id].site
+            if reply.has_error():
+                failures[name] = reply.error.reason
+                log.error("%s evaluation failed at site %s: %s", split, name, reply.error.reason)
+                continue
+            m = dict(reply.content.metric_records["metrics"])
+            summaries.append({"confusion": m.pop("confusion"), "score-hist": m.pop("score-hist")})
+            sites[name] = {k: float(v) for k, v in m.items()}
+        out: dict[str, Any] = {"sites": dict(sorted(sites.items())), "failures": failures}
+        out["global"] = pooled_metrics(summaries, self.classes) if summaries else {}
+        out["confusion"] = pooled_confusion(summaries, len(self.classes)).tolist()
+        baccs = [v["balanced_accuracy"] for v in sites.values() if not math.isnan(v["balanced_accuracy"])]
+        out["mean_site_balanced_accuracy"] = float(np.mean(baccs)) if baccs else float("nan")
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:
+        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "arrays": {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
+                "state": state.__dict__,
+                "strategy": strategy_state(strategy),
+            },
+            tmp,
+        )
+        tmp.replace(path)  # atomic: a crash mid-write never corrupts the last checkpoint
+
+    def _checkpoint(self, name: str) -> dict[str, Any]:
+        return torch.load(self.run_dir / "checkpoints" / f"{name}.pt", weights_only=False)
+
+    def _load_arrays(self, name: str) -> ArrayRecord:
+        return ArrayRecord(self._checkpoint(name)["arrays"])
+
+    def _print_round(self, record: dict[str, Any]) -> None:
+        g = record["validation"]["global"]
+        eps = record.get("epsilon") or {}
+        eps_txt = f" eps max {max(eps.values()):.2f}" if eps else ""
+        problems = {**record.get("failures", {}), **record.get("rejected", {})}
+        log.info(
+            "round %d | val bal-acc %.3f acc %.3f auroc %.3f | %d sites trained%s%s | %.1fs",
+            record["round"], g.get("balanced_accuracy", float("nan")),
+            g.get("accuracy", float("nan")), g.get("auroc", float("nan")),
+            len(record.get("train", {})), eps_txt,
+            f" | problems: {sorted(problems)}" if problems else "", record["seconds"],
+        )
+
+

@@ -1,0 +1,61 @@
+"""The `fedskin` command line: one entry point for all three kinds of users."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.data.partition import partition_cli
+from common.data.schema import DataError
+from common.data.synth import synth_cli
+from server.deploy import deploy_cli
+
+app = typer.Typer(
+    help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+sweep_app = typer.Typer(help="Grids of experiments.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+app.command("synth", help="Write a synthetic data set in one of the real on-disk formats.")(
+    synth_cli
+)
+app.command("partition", help="Split a data source into hospital sites (writes a manifest).")(
+    partition_cli
+)
+app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
+    deploy_cli
+)
+
+
+@app.command()
+def simulate(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="experiment TOML (simulations/configs)")
+    ] = None,
+    run_config: Annotated[
+        str | None, typer.Option("--run-config", help="overrides: \"key=value key2='text'\"")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a federated experiment on this machine (no arguments: the built-in default)."""
+    from simulations.runner import simulate as run
+
+    try:
+        run(config, run_config, out, resume=resume, verbose=verbose)
+    except DataError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

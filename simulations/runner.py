@@ -1,0 +1,212 @@
+"""`fedskin simulate`: one federated experiment on this machine with Flower's Simulation Engine.
+
+The ServerApp and ClientApp are the same objects ``flwr run .`` and a real deployment use.
+The runner only prepares what every simulated site would otherwise race to build (the
+synthetic data, the manifest, the uint8 image cache), then starts the Simulation Engine in
+the current environment (no per-run reinstall) with the resolved run config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+from rich.logging import RichHandler
+
+from common.data.schema import DataError
+
+console = Console()
+log = logging.getLogger("fedskin")
+
+APP_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml with the Flower app
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def default_config() -> dict[str, Any]:
+    """The app's run config defaults: ``[tool.flwr.app.config]`` of pyproject.toml."""
+    with open(APP_DIR / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """Parse ``--run-config "key=value key2='text'"`` exactly as ``flwr run`` does."""
+    if not text:
+        return {}
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args([text]))
+
+
+def resolve_config(
+    config_path: str | Path | None = None, overrides: str | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Defaults, then the experiment file, then command-line overrides; unknown keys fail."""
+    cfg = default_config()
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file() and (CONFIG_DIR / f"{path.name}").is_file():
+            path = CONFIG_DIR / path.name
+        if not path.is_file():
+            raise DataError(f"config file not found: {config_path}")
+        with open(path, "rb") as f:
+            layers.append((str(path), tomllib.load(f)))
+        cfg["run-name"] = path.stem
+    if overrides:
+        parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        layers.append(("--run-config", parsed))
+    for origin, layer in layers:
+        unknown = sorted(set(layer) - set(cfg))
+        if unknown:
+            raise DataError(f"{origin}: unknown config keys {unknown}; valid keys: {sorted(cfg)}")
+        for key, value in layer.items():
+            if type(cfg[key]) is float and type(value) is int:
+                value = float(value)
+            cfg[key] = value
+    return cfg
+
+
+def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here."""
+    from common.data.cache import build_cache
+    from common.data.partition import read_manifest, site_table
+    from common.data.site_data import cache_dir, classes_for, ensure_manifest, resolve_source
+    from common.data.sources import load_source
+
+    classes_for(str(cfg["data-format"]))
+    fmt, path = resolve_source(cfg)
+    source = load_source(fmt, path)
+    if source.report.n_skipped() or source.report.warnings:
+        console.print(source.report.summary())
+    manifest_path = ensure_manifest(cfg)
+    manifest = read_manifest(manifest_path)
+    build_cache(source, int(cfg["image-size"]), cache_dir(cfg), progress=True)
+    console.print(site_table(manifest, source.classes))
+    resolved = dict(cfg)
+    resolved["manifest"] = str(manifest_path.resolve())
+    resolved["num-sites-found"] = int(manifest["site"].nunique())
+    return resolved
+
+
+def simulate(
+    config_path: str | Path | None = None,
+    overrides: str | dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run one experiment end to end; returns the final metrics (also in the run dir)."""
+    _setup_logging(verbose)
+    cfg = resolve_config(config_path, overrides)
+    if out:
+        cfg["out-dir"] = str(out)
+    if not cfg["out-dir"]:
+        cfg["out-dir"] = str(Path("runs") / str(cfg["run-name"]))
+    run_dir = Path(cfg["out-dir"]).expanduser().resolve()
+    cfg["out-dir"] = str(run_dir)
+    if resume:
+        cfg["resume"] = True
+    if run_dir.exists() and not cfg["resume"] and (run_dir / "metrics.json").exists():
+        console.print(f"[yellow]{run_dir} holds an earlier run; its results will be replaced")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg["state-dir"]:
+        cfg["state-dir"] = str(run_dir / "site-state")
+
+    t0 = time.time()
+    resolved = prepare_data(cfg)
+    n_sites = resolved.pop("num-sites-found")
+    cfg.update(resolved)
+    cfg["min-nodes"] = n_sites
+    shutil.copy(cfg["manifest"], run_dir / "manifest.csv")
+    (run_dir / "config.toml").write_text(tomli_w.dumps(cfg))
+    console.print(
+        f"[bold]{cfg['run-name']}[/]: {n_sites} sites, strategy {cfg['strategy']}, model "
+        f"{cfg['model']} at {cfg['image-size']} px, {cfg['num-server-rounds']} rounds "
+        f"-> {run_dir}"
+    )
+    _run_engine(cfg, n_sites)
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if "test" not in metrics:
+        raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
+    _print_summary(metrics, time.time() - t0, run_dir)
+    return metrics
+
+
+def backend_config(n_sites: int) -> dict[str, Any]:
+    """Each simulated site gets a CPU core, and a share of the GPU when there is one."""
+    import torch
+
+    num_gpus = 0.0
+    if torch.cuda.is_available():
+        num_gpus = max(1.0 / max(n_sites, 1), 0.1)
+    cpus = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": num_gpus},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+    }
+
+
+def _run_engine(cfg: dict[str, Any], n_sites: int) -> None:
+    """Start the Simulation Engine with this run config for server and clients alike."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.typing import Run
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import EventType
+
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run = Run.create_empty(run_id=int(time.time() * 1000) % (2**31))
+    run.override_config = dict(cfg)
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=dict(cfg))
+    _run_simulation(
+        num_supernodes=n_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config(n_sites),
+        server_app_context=context,
+        app_dir=str(APP_DIR),
+        run=run,
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    logger = logging.getLogger("fedskin")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=console, show_path=False, markup=False))
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _print_summary(metrics: dict[str, Any], seconds: float, run_dir: Path) -> None:
+    from rich.table import Table
+
+    test = metrics["test"]
+    table = Table(title=f"Test, best round {test.get('best_round')} ({seconds:.0f}s in all)")
+    for col in ("site", "n", "balanced acc", "accuracy", "AUROC"):
+        table.add_column(col, justify="right" if col != "site" else "left")
+    for site, m in test["sites"].items():
+        table.add_row(site, str(int(m["num-examples"])), f"{m['balanced_accuracy']:.3f}",
+                      f"{m['accuracy']:.3f}", f"{m.get('auroc', float('nan')):.3f}")
+    g = test["global"]
+    table.add_row("mean over sites", "", f"{test['mean_site_balanced_accuracy']:.3f}", "", "")
+    table.add_row("pooled", str(int(g["n"])), f"{g['balanced_accuracy']:.3f}",
+                  f"{g['accuracy']:.3f}", f"{g.get('auroc', float('nan')):.3f}")
+    console.print(table)
+    console.print(f"run directory: {run_dir} (report.md, metrics.json, history.csv, plots)")

@@ -1,0 +1,305 @@
+"""Site partitioning: no leakage, determinism, clear errors, real heterogeneity."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.data.institutions import PROFILES, assign_institutions, group_table
+from common.data.partition import (
+    MANIFEST_COLUMNS,
+    partition,
+    plot_sites,
+    read_manifest,
+    site_table,
+    write_manifest,
+)
+from common.data.schema import COLUMNS, HAM_CLASSES, DataError
+
+# HAM10000 overall class frequencies (Tschandl et al. 2018) and rough per-class mean ages.
+_HAM_P = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
+_AGE = {"akiec": 67, "bcc": 66, "bkl": 60, "df": 52, "mel": 60, "nv": 45, "vasc": 50}
+_SITES = ["head/neck", "trunk", "back", "upper extremity", "lower extremity", "face", "unknown"]
+_SOURCES = ["vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias"]
+
+
+def make_meta(
+    n_groups: int = 700, seed: int = 0, classes: list[str] = HAM_CLASSES, with_sites: bool = True
+) -> pd.DataFrame:
+    """A realistic normalised frame: 1-4 images per lesion, skewed labels, ages by diagnosis."""
+    rng = np.random.default_rng(seed)
+    p = np.array([_HAM_P.get(c, 100) for c in classes], dtype=float)
+    labels = rng.choice(len(classes), size=n_groups, p=p / p.sum())
+    rows = []
+    for g, k in enumerate(labels):
+        name = classes[k]
+        age = float(np.clip(round(rng.normal(_AGE.get(name, 55), 12) / 5) * 5, 5, 85))
+        if rng.random() < 0.03:
+            age = np.nan
+        sex = str(rng.choice(["male", "female", "unknown"], p=[0.52, 0.45, 0.03]))
+        site = str(rng.choice(_SITES))
+        dx = "follow_up" if name == "nv" and rng.random() < 0.6 else "histo"
+        src = _SOURCES[int(rng.integers(len(_SOURCES)))] if with_sites else ""
+        for i in range(int(rng.geometric(0.6)) if rng.random() < 0.5 else 1):
+            rows.append(
+                {
+                    "image_id": f"ISIC_{g:05d}{i}",
+                    "group_id": f"HAM_{g:05d}",
+                    "label": int(k),
+                    "label_name": name,
+                    "age": age,
+                    "sex": sex,
+                    "anatom_site": site,
+                    "dx_type": dx,
+                    "source_site": src,
+                    "source_split": "",
+                }
+            )
+    meta = pd.DataFrame(rows, columns=COLUMNS)
+    return meta.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # order must not matter
+
+
+@pytest.fixture(scope="module")
+def meta() -> pd.DataFrame:
+    return make_meta()
+
+
+SCHEMES = [
+    ("natural", {}),
+    ("institutions", {}),
+    ("dirichlet", {"alpha": 0.3}),
+    ("dirichlet", {"alpha": 10.0}),
+    ("iid", {}),
+]
+IDS = ["natural", "institutions", "dirichlet-0.3", "dirichlet-10", "iid"]
+
+
+def _tv_between_sites(manifest: pd.DataFrame, n_classes: int) -> float:
+    """Mean total-variation distance between every pair of sites' label distributions."""
+    dist = pd.crosstab(manifest["site"], manifest["label"], normalize="index")
+    dist = dist.reindex(columns=range(n_classes), fill_value=0.0).to_numpy()
+    pairs = itertools.combinations(range(len(dist)), 2)
+    return float(np.mean([0.5 * np.abs(dist[i] - dist[j]).sum() for i, j in pairs]))
+
+
+@pytest.mark.parametrize(("scheme", "kw"), SCHEMES, ids=IDS)
+def test_no_leakage_every_image_once(meta: pd.DataFrame, scheme: str, kw: dict) -> None:
+    man = partition(meta, scheme, classes=HAM_CLASSES, seed=1, **kw)
+    assert list(man.columns) == MANIFEST_COLUMNS
+    assert sorted(man["image_id"]) == sorted(meta["image_id"])
+    assert man["image_id"].is_unique
+    assert (man.groupby("group_id")["site"].nunique() == 1).all()
+    assert (man.groupby("group_id")["split"].nunique() == 1).all()
+    assert set(man["split"]) == {"train", "validation", "test"}
+    per_site = man.groupby("site")["split"].value_counts().unstack(fill_value=0)
+    assert (per_site[["train", "validation", "test"]] > 0).all().all()
+    # fractions roughly as asked (they are of groups, images follow)
+    frac = man["split"].value_counts(normalize=True)
+    assert 0.08 < frac["test"] < 0.25 and 0.08 < frac["validation"] < 0.25
+    # labels carried through unchanged
+    joined = man.merge(meta, on="image_id", suffixes=("", "_m"))
+    assert (joined["label"] == joined["label_m"]).all()
+    assert (joined["group_id"] == joined["group_id_m"]).all()
+
+
+@pytest.mark.parametrize(("scheme", "kw"), SCHEMES, ids=IDS)
+def test_same_seed_same_bytes_other_seed_differs(
+    meta: pd.DataFrame, scheme: str, kw: dict, tmp_path: Path
+) -> None:
+    a = write_manifest(partition(meta, scheme, classes=HAM_CLASSES, seed=3, **kw), tmp_path / "a.csv")
+    shuffled = meta.sample(frac=1.0, random_state=99)
+    b = write_manifest(
+        partition(shuffled, scheme, classes=HAM_CLASSES, seed=3, **kw), tmp_path / "b.csv"
+    )
+    c = write_manifest(partition(meta, scheme, classes=HAM_CLASSES, seed=4, **kw), tmp_path / "c.csv")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    back = read_manifest(a)
+    assert back["label"].dtype.kind == "i"
+    pd.testing.assert_frame_equal(
+        back, partition(meta, scheme, classes=HAM_CLASSES, seed=3, **kw), check_dtype=False
+    )
+
+
+def test_natural_uses_recorded_sites(meta: pd.DataFrame) -> None:
+    man = partition(meta, "natural", classes=HAM_CLASSES)
+    assert set(man["site"]) == set(_SOURCES)
+    src = meta.set_index("image_id")["source_site"]
+    assert (man["site"].to_numpy() == src.reindex(man["image_id"]).to_numpy()).all()
+
+
+def test_natural_without_sites_is_clear_error() -> None:
+    with pytest.raises(DataError, match="records no site; use scheme=institutions"):
+        partition(make_meta(200, with_sites=False), "natural", classes=HAM_CLASSES)
+
+
+def test_natural_partly_missing_sites_names_rows(meta: pd.DataFrame) -> None:
+    m = meta.copy()
+    m.loc[[3, 7], "source_site"] = ""
+    with pytest.raises(DataError, match=r"2 of \d+ images have no source_site") as e:
+        partition(m, "natural", classes=HAM_CLASSES)
+    assert m.loc[3, "image_id"] in str(e.value) or m.loc[7, "image_id"] in str(e.value)
+
+
+def test_natural_group_at_two_sites_rejected(meta: pd.DataFrame) -> None:
+    m = meta.copy()
+    g = m["group_id"].value_counts().index[0]  # a multi-image group
+    idx = m.index[m["group_id"] == g]
+    m.loc[idx[0], "source_site"] = "vidir_modern"
+    m.loc[idx[1:], "source_site"] = "rosendahl"
+    with pytest.raises(DataError, match=g):
+        partition(m, "natural", classes=HAM_CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "kw", "site"),
+    [
+        ("natural", {}, "tiny_clinic"),
+        ("iid", {"num_sites": 40}, "site"),
+        ("institutions", {"institutions": ["vienna", "mskcc"]}, "mskcc"),
+    ],
+)
+def test_too_small_site_names_it(meta: pd.DataFrame, scheme: str, kw: dict, site: str) -> None:
+    m = meta.copy()
+    if scheme == "natural":
+        small = m["group_id"].isin(m["group_id"].drop_duplicates().iloc[:4])
+        m.loc[small, "source_site"] = "tiny_clinic"
+    mins = {"institutions": 200}.get(scheme, 20)
+    with pytest.raises(DataError, match=rf"{site}\w*: \d+ images") as e:
+        partition(m, scheme, classes=HAM_CLASSES, min_site_images=mins, **kw)
+    assert "min_site_images" in str(e.value)
+
+
+def test_site_with_too_few_groups_for_three_splits(meta: pd.DataFrame) -> None:
+    m = meta.copy()
+    big = m["group_id"].value_counts().index[:2]  # two groups cannot fill three splits
+    m.loc[m["group_id"].isin(big), "source_site"] = "two_lesions"
+    with pytest.raises(DataError, match=r"two_lesions.*2 groups"):
+        partition(m, "natural", classes=HAM_CLASSES, min_site_images=1)
+
+
+def test_dirichlet_small_alpha_more_skewed(meta: pd.DataFrame) -> None:
+    tv = {
+        a: np.mean(
+            [
+                _tv_between_sites(partition(meta, "dirichlet", classes=HAM_CLASSES, alpha=a, seed=s), 7)
+                for s in range(3)
+            ]
+        )
+        for a in (0.3, 100.0)
+    }
+    assert tv[0.3] > 2 * tv[100.0]
+    assert tv[0.3] > 0.25
+
+
+def test_institutions_are_heterogeneous(meta: pd.DataFrame) -> None:
+    inst = partition(meta, "institutions", classes=HAM_CLASSES, seed=0)
+    iid = partition(meta, "iid", classes=HAM_CLASSES, num_sites=inst["site"].nunique(), seed=0)
+    assert set(inst["site"]) == set(PROFILES)
+    tv_inst, tv_iid = _tv_between_sites(inst, 7), _tv_between_sites(iid, 7)
+    assert tv_inst > 2.5 * tv_iid, (tv_inst, tv_iid)
+    ages = meta.set_index("image_id")["age"]
+    mean_age = ages.reindex(inst["image_id"]).groupby(inst["site"].to_numpy()).mean()
+    assert mean_age.max() - mean_age.min() > 8, mean_age
+    assert mean_age["athens"] < mean_age["queensland"]  # young Mediterranean vs high-UV older
+    share = pd.crosstab(inst["site"], inst["label_name"], normalize="index")
+    assert share.loc["vienna", "nv"] > share.loc["queensland", "nv"]  # follow-up nevus clinic
+    akiec_bcc = share[["akiec", "bcc"]].sum(axis=1)
+    assert akiec_bcc["queensland"] > akiec_bcc["athens"]  # keratinocyte cancers under high UV
+
+
+def test_institutions_subset_and_determinism(meta: pd.DataFrame) -> None:
+    man = partition(
+        meta, "institutions", classes=HAM_CLASSES, institutions=["vienna", "queensland", "mia"]
+    )
+    assert set(man["site"]) == {"vienna", "queensland", "mia"}
+    a = assign_institutions(meta, HAM_CLASSES, "athens,barcelona", seed=5)
+    b = assign_institutions(meta.iloc[::-1], HAM_CLASSES, ["athens", "barcelona"], seed=5)
+    assert (a == b.reindex(a.index)).all()
+    assert set(a) == {"athens", "barcelona"}
+    with pytest.raises(DataError, match="unknown institution.*'oslo'"):
+        partition(meta, "institutions", classes=HAM_CLASSES, institutions=["vienna", "oslo"])
+
+
+@pytest.mark.parametrize(
+    ("classes", "sick"), [(["benign", "malignant"], "malignant"), (["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"], "MEL")]
+)
+def test_institutions_on_other_class_lists(classes: list[str], sick: str) -> None:
+    m = make_meta(600, seed=2, classes=classes, with_sites=False)
+    man = partition(m, "institutions", classes=classes, institutions=["mia", "athens", "vienna"])
+    share = pd.crosstab(man["site"], man["label_name"], normalize="index")[sick]
+    assert share["mia"] > share["athens"]  # melanoma referral centre
+
+
+def test_group_label_is_most_severe() -> None:
+    m = make_meta(5, with_sites=False)
+    m = m.assign(group_id="P1")
+    m["label"] = [5] * (len(m) - 1) + [4]  # many nevi, one melanoma
+    assert group_table(m, HAM_CLASSES).loc["P1", "label"] == 4
+
+
+def test_read_manifest_rejects_group_in_two_splits(meta: pd.DataFrame, tmp_path: Path) -> None:
+    path = write_manifest(partition(meta, "iid", classes=HAM_CLASSES), tmp_path / "m.csv")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    g = df["group_id"].value_counts().index[0]
+    rows = df.index[df["group_id"] == g]
+    df.loc[rows[0], "split"] = "test" if df.loc[rows[0], "split"] != "test" else "train"
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError, match="group in two splits") as e:
+        read_manifest(path)
+    assert str(path) in str(e.value) and df.loc[rows[0], "image_id"] in str(e.value)
+    assert f"line {rows[0] + 2}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda d: d.drop(columns="site"), r"missing column\(s\) \['site'\]"),
+        (lambda d: pd.concat([d, d.iloc[[0]]]), "duplicated image_id"),
+        (lambda d: d.assign(split=d["split"].replace("validation", "val")), "unknown split.*'val'"),
+        (lambda d: d.assign(site=np.where(d.index == 0, "elsewhere", d["site"])), None),
+    ],
+    ids=["missing-column", "duplicate", "bad-split", "group-two-sites"],
+)
+def test_read_manifest_rejects_tampering(
+    meta: pd.DataFrame, tmp_path: Path, tamper, message: str | None
+) -> None:
+    path = write_manifest(partition(meta, "natural", classes=HAM_CLASSES), tmp_path / "m.csv")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if message is None:  # move one image of a multi-image group to another site
+        g = df["group_id"].value_counts().index[0]
+        first = df.index[df["group_id"] == g][0]
+        df = df.assign(site=np.where(df.index == first, "elsewhere", df["site"]))
+        message = "group in two sites"
+    else:
+        df = tamper(df)
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError, match=message) as e:
+        read_manifest(path)
+    assert str(path) in str(e.value)
+
+
+def test_bad_input_errors(meta: pd.DataFrame) -> None:
+    with pytest.raises(DataError, match="unknown scheme"):
+        partition(meta, "random", classes=HAM_CLASSES)
+    with pytest.raises(DataError, match="label outside 0..6"):
+        partition(meta.assign(label=meta["label"] + 3), "iid", classes=HAM_CLASSES)
+    with pytest.raises(DataError, match="duplicated image_id"):
+        partition(pd.concat([meta, meta.iloc[:2]]), "iid", classes=HAM_CLASSES)
+
+
+def test_site_table_and_plot(meta: pd.DataFrame, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    man = partition(meta, "institutions", classes=HAM_CLASSES)
+    console = Console(record=True, width=200)
+    console.print(site_table(man, HAM_CLASSES, meta=meta))
+    text = console.export_text()
+    assert "queensland" in text and "mean age" in text and str(len(man)) in text
+    png = plot_sites(man, HAM_CLASSES, tmp_path / "sites.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
