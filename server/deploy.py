@@ -69,7 +69,7 @@ class FederationFiles:
         """(file, what it is, where it goes) for every file, for tables and the README."""
         rel = self.out_dir
         out = [
-            (self.ca_cert, "CA certificate (public)", "kept with the CA key; copies are in bundles"),
+            (self.ca_cert, "CA certificate (public)", "stays with the CA key (copies below)"),
             (self.ca_key, "CA private key", "offline, admin only; never copied"),
             (self.server_cert, "SuperLink TLS certificate", "SuperLink server"),
             (self.server_key, "SuperLink TLS private key", "SuperLink server only"),
@@ -204,9 +204,7 @@ def _make_server_cert(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -262,6 +260,22 @@ See docs/deployment.md for the full step-by-step guide.
 """
 
 
+def _write_site_keys(keys: SiteKeys, ca_pem: bytes) -> None:
+    """A fresh P-384 key pair in the OpenSSH formats Flower reads, plus the CA certificate."""
+    key = ec.generate_private_key(_CURVE())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(keys.private_key, private, private=True)
+    _write(keys.public_key, public + f" fedskin-{keys.site}\n".encode(), private=False)
+    _write(keys.ca_cert, ca_pem, private=False)
+
+
 def make_federation(
     out_dir: Path,
     *,
@@ -303,21 +317,42 @@ def make_federation(
     _write(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(files.server_ca_cert, ca_pem, private=False)
     for keys in files.sites.values():
-        key = ec.generate_private_key(_CURVE())
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        _write(keys.private_key, private, private=True)
-        _write(keys.public_key, public + f" fedskin-{keys.site}\n".encode(), private=False)
-        _write(keys.ca_cert, ca_pem, private=False)
+        _write_site_keys(keys, ca_pem)
     assert files.readme is not None
     _write(files.readme, _readme(files, server_names, days).encode(), private=False)
     return files
+
+
+def add_site_keys(
+    out_dir: Path, sites: list[str], *, overwrite: bool = False
+) -> dict[str, SiteKeys]:
+    """Add SuperNode keys for new sites to an existing federation folder (CA unchanged).
+
+    Site keys are not signed by the CA, so a hospital can join later without re-issuing
+    anything the other sites hold; its bundle gets a copy of the existing CA certificate.
+    """
+    out_dir = Path(out_dir)
+    _validate_sites(list(sites))
+    ca_cert = out_dir / "ca" / "ca.crt"
+    if not ca_cert.is_file():
+        raise FileNotFoundError(
+            f"{ca_cert} not found: create the federation first (make_federation / fedskin deploy)"
+        )
+    planned = _plan(out_dir, list(sites)).sites
+    clash = [
+        str(p)
+        for k in planned.values()
+        for p in (k.private_key, k.public_key, k.ca_cert)
+        if p.exists()
+    ]
+    if clash and not overwrite:
+        raise FileExistsError(
+            f"refusing to overwrite existing site keys (pass overwrite=True): {clash}"
+        )
+    ca_pem = ca_cert.read_bytes()
+    for keys in planned.values():
+        _write_site_keys(keys, ca_pem)
+    return planned
 
 
 def deploy_cli(
@@ -338,21 +373,45 @@ def deploy_cli(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing keys (old ones stop working).")
     ] = False,
+    add_sites: Annotated[
+        bool,
+        typer.Option(
+            "--add-sites", help="Only add keys for new sites to an existing federation folder."
+        ),
+    ] = False,
 ) -> None:
     """Create the CA, SuperLink certificate and one SuperNode key pair per site."""
     console = Console()
     try:
-        files = make_federation(
-            out_dir, server_names=server_name or None, sites=site, days=days, overwrite=overwrite
-        )
-    except (FileExistsError, ValueError) as err:
+        if add_sites:
+            added = add_site_keys(out_dir, site, overwrite=overwrite)
+            rows = [
+                (str(p.relative_to(out_dir)), what, where)
+                for k in added.values()
+                for p, what, where in (
+                    (k.private_key, f"{k.site} SuperNode private key", f"{k.site} only"),
+                    (k.public_key, f"{k.site} SuperNode public key", "register on SuperLink"),
+                    (k.ca_cert, "CA certificate", k.site),
+                )
+            ]
+            readme = out_dir / "README.txt"
+        else:
+            files = make_federation(
+                out_dir,
+                server_names=server_name or None,
+                sites=site,
+                days=days,
+                overwrite=overwrite,
+            )
+            rows, readme = files.rows(), files.readme
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from err
-    table = Table(title=f"Federation key material in {files.out_dir}")
+    table = Table(title=f"Federation key material in {out_dir}")
     table.add_column("file")
     table.add_column("what")
     table.add_column("goes to")
-    for row in files.rows():
+    for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"Copy rules: {files.readme}; guide: docs/deployment.md")
+    console.print(f"Copy rules: {readme}; guide: docs/deployment.md")

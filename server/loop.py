@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.fedmetrics import pooled_confusion, pooled_metrics
@@ -233,7 +233,7 @@ class Federation:
             return arrays
         # Keep integer buffers (BatchNorm counters) integer after weighted averaging.
         return ArrayRecord(
-            {k: np.asarray(v.numpy()).astype(reference[k].dtype) for k, v in new_arrays.items()}
+            {k: Array(np.asarray(v.numpy()).astype(reference[k].dtype)) for k, v in new_arrays.items()}
         )
 
     def _evaluate(self, arrays: ArrayRecord, split: str, server_round: int) -> dict[str, Any]:

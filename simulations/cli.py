@@ -53,6 +53,24 @@ def simulate(
         raise typer.Exit(2) from err
 
 
+@app.command()
+def compare(
+    config: Annotated[Path | None, typer.Option("--config", "-c")] = None,
+    strategies: Annotated[str, typer.Option(help="comma-separated")] = "fedavg,fedprox",
+    run_config: Annotated[str | None, typer.Option("--run-config")] = None,
+    out: Annotated[Path, typer.Option("--out")] = Path("runs/compare"),
+    local: Annotated[bool, typer.Option(help="train one local model per site")] = True,
+) -> None:
+    """Pooled, local and federated models on the same sites: FLamby's per-site table."""
+    from simulations.baselines import compare as run
+
+    try:
+        run(config, run_config, [s.strip() for s in strategies.split(",") if s.strip()], out, local)
+    except DataError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+
+
 def main() -> None:
     app()
 

@@ -101,8 +101,13 @@ def simulate(
     out: str | Path | None = None,
     resume: bool = False,
     verbose: bool = False,
+    client_app: str | None = None,
 ) -> dict[str, Any]:
-    """Run one experiment end to end; returns the final metrics (also in the run dir)."""
+    """Run one experiment end to end; returns the final metrics (also in the run dir).
+
+    ``client_app`` ("module:attr", importable from the project root) swaps the ClientApp,
+    which tests use to inject failing sites.
+    """
     _setup_logging(verbose)
     cfg = resolve_config(config_path, overrides)
     if out:
@@ -132,7 +137,7 @@ def simulate(
         f"{cfg['model']} at {cfg['image-size']} px, {cfg['num-server-rounds']} rounds "
         f"-> {run_dir}"
     )
-    _run_engine(cfg, n_sites)
+    _run_engine(cfg, n_sites, client_app)
     import json
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -156,26 +161,33 @@ def backend_config(n_sites: int) -> dict[str, Any]:
     }
 
 
-def _run_engine(cfg: dict[str, Any], n_sites: int) -> None:
+def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None) -> None:
     """Start the Simulation Engine with this run config for server and clients alike."""
     from flwr.app import Context, RecordDict
-    from flwr.common.typing import Run
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import EventType
-
-    from client.client_app import app as client_app
-    from server.server_app import app as server_app
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run = Run.create_empty(run_id=int(time.time() * 1000) % (2**31))
+    # What flwr's own run_simulation does, plus the run config it does not pass on.
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
     run.override_config = dict(cfg)
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(cfg))
     _run_simulation(
         num_supernodes=n_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
+        client_app_attr=client_app or "client.client_app:app",
+        server_app_attr="server.server_app:app",
+        is_app=True,
         backend_name="ray",
         backend_config=backend_config(n_sites),
         server_app_context=context,

@@ -57,6 +57,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    children: dict[int, int] = field(default_factory=dict)  # pid -> start time
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -64,23 +65,24 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Block until ``pattern`` appears in the log; fail early if the process died."""
+    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> list[re.Match[str]]:
+        """Block until ``pattern`` appears ``count`` times in the log; fail early if it died."""
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
         while time.monotonic() < deadline:
-            found = rx.search(self.text())
-            if found:
+            self.remember_children()
+            found = list(rx.finditer(self.text()))
+            if len(found) >= count:
                 return found
             if not self.alive():
                 break
             time.sleep(0.2)
-        found = rx.search(self.text())
-        if found:
+        found = list(rx.finditer(self.text()))
+        if len(found) >= count:
             return found
-        state = "exited %s" % self.popen.returncode if not self.alive() else "still running"
+        state = f"exited {self.popen.returncode}" if not self.alive() else "still running"
         raise TimeoutError(
-            f"{self.name} ({state}) did not log /{pattern}/ within {timeout}s. Log:\n"
+            f"{self.name} ({state}) did not log /{pattern}/ {count}x within {timeout}s. Log:\n"
             + tail(self.text())
         )
 
@@ -91,23 +93,86 @@ class Proc:
         except subprocess.TimeoutExpired:
             return None
 
+    def remember_children(self) -> None:
+        """Record the process tree now: SuperExec / app processes start in their own sessions
+        and are re-parented when their parent exits, so they are tracked while visible."""
+        for pid in descendants(self.popen.pid):
+            start = _start_time(pid)
+            if start is not None:
+                self.children.setdefault(pid, start)
+
+    def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to the process and every child seen (only if the pid is not reused)."""
+        self.remember_children()
+        if self.popen.poll() is None:
+            _signal(self.popen.pid, None, sig)
+        for pid, start in self.children.items():
+            _signal(pid, start, sig)
+
+    def done(self) -> bool:
+        return self.popen.poll() is not None and not self.leftovers()
+
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group (its Flower children too), SIGKILL what is left."""
-        pgid = self.popen.pid  # start_new_session=True: the group id is the leader's pid
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # Children may outlive the leader: make sure the whole group is gone.
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGTERM the process and everything it spawned, SIGKILL whatever is left."""
+        stop_procs([self], grace)
+
+    def leftovers(self) -> list[int]:
+        """Spawned processes (same pid *and* start time) still running."""
+        return [pid for pid, start in self.children.items() if _start_time(pid) == start]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the ")" that closes the command name; state is field 3 of stat(5).
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None  # stat(5) field 22: starttime
+
+
+def descendants(root: int) -> list[int]:
+    """All live descendants of ``root`` (from /proc, Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal(pid: int, start: int | None, sig: int) -> None:
+    """Signal ``pid`` only if it is still the process we saw (pids get reused)."""
+    if start is not None and _start_time(pid) != start:
+        return
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_procs(procs: list[Proc], grace: float = 5.0) -> None:
+    """SIGTERM all at once (graceful: SuperNodes deactivate), then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for proc in procs:
+            proc.signal_all(sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not all(p.done() for p in procs):
+            time.sleep(0.1)
+        for proc in procs:
+            proc.popen.poll()  # reap
+        if all(p.done() for p in procs):
             return
 
 
@@ -122,7 +187,9 @@ class Harness:
     workdir: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
+    ) -> Proc:
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log, "wb")  # noqa: SIM115 - the child owns it; closed with the process
@@ -142,15 +209,21 @@ class Harness:
         self.procs.append(proc)
         return proc
 
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+    def stop_all(self, grace: float = 5.0) -> list[str]:
+        """Stop everything; return a description of any process that survived."""
+        stop_procs(self.procs, grace)
+        return [f"{p.name}: pid {pid}" for p in self.procs for pid in p.leftovers()] + [
+            f"{p.name}: pid {p.popen.pid}" for p in self.procs if p.alive()
+        ]
+
+    def remember_children(self) -> None:
+        for proc in self.procs:
+            if proc.alive():
+                proc.remember_children()
 
     def logs(self, procs: Iterable[Proc] | None = None) -> str:
         """All logs, for assertion messages."""
-        return "\n".join(
-            f"===== {p.name} =====\n{tail(p.text())}" for p in (procs or self.procs)
-        )
+        return "\n".join(f"===== {p.name} =====\n{tail(p.text())}" for p in (procs or self.procs))
 
 
 def write_flwr_config(

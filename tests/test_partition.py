@@ -65,7 +65,7 @@ def make_meta(
 
 @pytest.fixture(scope="module")
 def meta() -> pd.DataFrame:
-    return make_meta()
+    return make_meta(seed=20)
 
 
 SCHEMES = [
@@ -110,12 +110,16 @@ def test_no_leakage_every_image_once(meta: pd.DataFrame, scheme: str, kw: dict) 
 def test_same_seed_same_bytes_other_seed_differs(
     meta: pd.DataFrame, scheme: str, kw: dict, tmp_path: Path
 ) -> None:
-    a = write_manifest(partition(meta, scheme, classes=HAM_CLASSES, seed=3, **kw), tmp_path / "a.csv")
+    a = write_manifest(
+        partition(meta, scheme, classes=HAM_CLASSES, seed=3, **kw), tmp_path / "a.csv"
+    )
     shuffled = meta.sample(frac=1.0, random_state=99)
     b = write_manifest(
         partition(shuffled, scheme, classes=HAM_CLASSES, seed=3, **kw), tmp_path / "b.csv"
     )
-    c = write_manifest(partition(meta, scheme, classes=HAM_CLASSES, seed=4, **kw), tmp_path / "c.csv")
+    c = write_manifest(
+        partition(meta, scheme, classes=HAM_CLASSES, seed=4, **kw), tmp_path / "c.csv"
+    )
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     back = read_manifest(a)
@@ -159,8 +163,8 @@ def test_natural_group_at_two_sites_rejected(meta: pd.DataFrame) -> None:
     ("scheme", "kw", "site"),
     [
         ("natural", {}, "tiny_clinic"),
-        ("iid", {"num_sites": 40}, "site"),
-        ("institutions", {"institutions": ["vienna", "mskcc"]}, "mskcc"),
+        ("iid", {"num_sites": 60}, "site"),
+        ("institutions", {}, "mskcc"),  # the smallest ISIC contributor (FLamby: 819 images)
     ],
 )
 def test_too_small_site_names_it(meta: pd.DataFrame, scheme: str, kw: dict, site: str) -> None:
@@ -168,7 +172,7 @@ def test_too_small_site_names_it(meta: pd.DataFrame, scheme: str, kw: dict, site
     if scheme == "natural":
         small = m["group_id"].isin(m["group_id"].drop_duplicates().iloc[:4])
         m.loc[small, "source_site"] = "tiny_clinic"
-    mins = {"institutions": 200}.get(scheme, 20)
+    mins = {"institutions": 90}.get(scheme, 20)
     with pytest.raises(DataError, match=rf"{site}\w*: \d+ images") as e:
         partition(m, scheme, classes=HAM_CLASSES, min_site_images=mins, **kw)
     assert "min_site_images" in str(e.value)
@@ -180,13 +184,22 @@ def test_site_with_too_few_groups_for_three_splits(meta: pd.DataFrame) -> None:
     m.loc[m["group_id"].isin(big), "source_site"] = "two_lesions"
     with pytest.raises(DataError, match=r"two_lesions.*2 groups"):
         partition(m, "natural", classes=HAM_CLASSES, min_site_images=1)
+    three = m["group_id"].value_counts().index[2:5]  # 3 groups, but fractions leave one empty
+    m.loc[m["group_id"].isin(big), "source_site"] = "vidir_modern"
+    m.loc[m["group_id"].isin(three), "source_site"] = "three_lesions"
+    with pytest.raises(DataError, match=r"three_lesions.*3 groups.*test_frac=0.5"):
+        partition(
+            m, "natural", classes=HAM_CLASSES, min_site_images=1, val_frac=0.45, test_frac=0.5
+        )
 
 
 def test_dirichlet_small_alpha_more_skewed(meta: pd.DataFrame) -> None:
     tv = {
         a: np.mean(
             [
-                _tv_between_sites(partition(meta, "dirichlet", classes=HAM_CLASSES, alpha=a, seed=s), 7)
+                _tv_between_sites(
+                    partition(meta, "dirichlet", classes=HAM_CLASSES, alpha=a, seed=s), 7
+                )
                 for s in range(3)
             ]
         )
@@ -226,7 +239,11 @@ def test_institutions_subset_and_determinism(meta: pd.DataFrame) -> None:
 
 
 @pytest.mark.parametrize(
-    ("classes", "sick"), [(["benign", "malignant"], "malignant"), (["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"], "MEL")]
+    ("classes", "sick"),
+    [
+        (["benign", "malignant"], "malignant"),
+        (["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"], "MEL"),
+    ],
 )
 def test_institutions_on_other_class_lists(classes: list[str], sick: str) -> None:
     m = make_meta(600, seed=2, classes=classes, with_sites=False)
@@ -299,7 +316,105 @@ def test_site_table_and_plot(meta: pd.DataFrame, tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     console.print(site_table(man, HAM_CLASSES, meta=meta))
     text = console.export_text()
-    assert "queensland" in text and "mean age" in text and str(len(man)) in text
+    assert "queensland" in text and " age" in text and str(len(man)) in text
     png = plot_sites(man, HAM_CLASSES, tmp_path / "sites.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# ------------------------------------------------------------ real loaded synthetic sources
+def _check(man: pd.DataFrame, meta: pd.DataFrame) -> None:
+    assert sorted(man["image_id"]) == sorted(meta["image_id"].astype(str))
+    assert (man.groupby("group_id")[["site", "split"]].nunique() == 1).all().all()
+    assert (man.groupby("site")["split"].nunique() == 3).all()
+
+
+def test_real_ham_dataverse_all_schemes(synth_ham_dataverse: Path) -> None:
+    from common.data.sources import load_source
+
+    src = load_source("ham-dataverse", synth_ham_dataverse)
+    natural = partition(src.meta, "natural", classes=src.classes, min_site_images=10)
+    assert set(natural["site"]) == set(src.meta["source_site"])  # HAM `dataset` values
+    _check(natural, src.meta)
+    for scheme, kw in [
+        ("institutions", {"institutions": ["vienna", "queensland", "barcelona"]}),
+        ("dirichlet", {"num_sites": 3, "alpha": 1.0}),
+        ("iid", {"num_sites": 3}),
+    ]:
+        _check(partition(src.meta, scheme, classes=src.classes, min_site_images=10, **kw), src.meta)
+
+
+def test_real_ham_hf_has_no_sites(synth_ham_hf: Path) -> None:
+    from common.data.sources import load_source
+
+    src = load_source("ham-hf", synth_ham_hf)
+    with pytest.raises(DataError, match="records no site"):
+        partition(src.meta, "natural", classes=src.classes)
+    man = partition(
+        src.meta, "institutions", classes=src.classes, institutions=["vienna", "barcelona"]
+    )
+    _check(man, src.meta)
+
+
+def test_real_fedisic2019_natural_centres(synth_fedisic2019: Path) -> None:
+    from common.data.sources import load_source
+
+    src = load_source("fedisic2019", synth_fedisic2019)
+    man = partition(src.meta, "natural", classes=src.classes, min_site_images=5)
+    _check(man, src.meta)
+    assert man["site"].nunique() == src.meta["source_site"].nunique() >= 2
+    with pytest.raises(DataError, match="min_site_images=1000"):
+        partition(src.meta, "natural", classes=src.classes, min_site_images=1000)
+
+
+def test_real_isic2020(synth_isic2020: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Patients are the groups: few patients per DICOM institution is a clear error."""
+    from common.data.sources import load_source
+    from common.data.synth import synthesize
+
+    src = load_source("isic2020", synth_isic2020)
+    if src.meta["source_site"].nunique() > 1:
+        with pytest.raises(DataError, match=r"site '.+' has \d+ images in \d+ groups"):
+            partition(src.meta, "natural", classes=src.classes, min_site_images=1)
+    path = synthesize(
+        "isic2020", tmp_path_factory.mktemp("isic") / "d", n_images=300, image_size=8, dicom=False
+    )
+    big = load_source("isic2020", path)
+    for scheme, kw in [
+        ("institutions", {"institutions": ["barcelona", "athens"]}),
+        ("iid", {"num_sites": 2}),
+    ]:
+        man = partition(big.meta, scheme, classes=big.classes, min_site_images=10, **kw)
+        _check(man, big.meta)
+        assert man["group_id"].nunique() == big.meta["group_id"].nunique()
+
+
+def test_cli_writes_manifest_and_plot(synth_ham_dataverse: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from common.data.partition import partition_cli
+
+    app = typer.Typer()
+    app.command()(partition_cli)
+    out = tmp_path / "run" / "sites.csv"
+    args = ["ham-dataverse", "--data-path", str(synth_ham_dataverse), "--scheme", "institutions"]
+    args += ["--institutions", "vienna,queensland", "--min-site-images", "10", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "queensland" in res.output and str(out) in res.output.replace("\n", "")
+    assert set(read_manifest(out)["site"]) == {"vienna", "queensland"}
+    assert out.with_suffix(".png").stat().st_size > 5000
+    bad = CliRunner().invoke(
+        app,
+        [
+            "ham-dataverse",
+            "--data-path",
+            str(synth_ham_dataverse),
+            "--scheme",
+            "institutions",
+            "--institutions",
+            "oslo,vienna",
+        ],
+    )
+    assert bad.exit_code == 1 and "unknown institution" in bad.output

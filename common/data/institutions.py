@@ -103,6 +103,7 @@ _DX_ALIASES: dict[str, str] = {
 SIZE_TEMPER = 0.5  # sizes span 15x (BCN 12,413 vs MSK 819); sqrt keeps small sites trainable
 _CLASS_FLOOR = 0.005  # a class no record shows at an institution is rare there, not impossible
 _DX_FLOOR = 0.02
+_STREAM = 0x1A57  # tags this module's random stream (see assign_institutions)
 
 
 @dataclass(frozen=True)
@@ -307,13 +308,12 @@ def body_region(anatom_site: str) -> str:
     return ""
 
 
-def _mode(values: pd.Series) -> str:
-    """Most common value, ties to the alphabetically first (deterministic)."""
-    counts = values.value_counts()
-    if counts.empty:
-        return ""
-    top = counts[counts == counts.max()].index
-    return str(sorted(top)[0])
+def _group_mode(groups: pd.Series, values: pd.Series) -> pd.Series:
+    """Most common value per group, ties to the alphabetically first (deterministic)."""
+    pairs = pd.DataFrame({"g": groups.to_numpy(), "v": values.astype(str).to_numpy()})
+    counts = pairs.value_counts().rename("n").reset_index()
+    counts = counts.sort_values(["g", "n", "v"], ascending=[True, False, True], kind="stable")
+    return counts.drop_duplicates("g").set_index("g")["v"]
 
 
 def group_table(meta: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -323,26 +323,31 @@ def group_table(meta: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     majority then lowest index; age is the mean known age; anatomic site and dx_type are the
     commonest known values. Columns: label, n_images, age, anatom_site, dx_type.
     """
-    ranks = np.array([SEVERITY.get(str(c).lower(), 100) for c in classes])
-    counts = pd.crosstab(meta["group_id"].astype(str), meta["label"].astype(int))
-    counts = counts.reindex(columns=range(len(classes)), fill_value=0).sort_index()
-    c = counts.to_numpy()
+    ranks = np.array([SEVERITY.get(str(c).lower(), 100) for c in classes], dtype=float)
+    gid = meta["group_id"].astype(str).to_numpy()
+    ids, codes = np.unique(gid, return_inverse=True)  # sorted ids, deterministic
+    k = len(classes)
+    c = np.bincount(codes * k + meta["label"].to_numpy(int), minlength=len(ids) * k)
+    c = c.reshape(len(ids), k)
     # lexicographic: present first, then severity, then count (desc), then index
-    key = np.where(c > 0, ranks[None, :] * 1e9 - c * 1e3 + np.arange(len(classes))[None, :], np.inf)
-    out = pd.DataFrame(
-        {"label": key.argmin(axis=1), "n_images": c.sum(axis=1)}, index=counts.index
-    )
-    g = meta.assign(group_id=meta["group_id"].astype(str))
-    if "age" in g:
-        out["age"] = pd.to_numeric(g["age"], errors="coerce").groupby(g["group_id"]).mean()
-    else:
-        out["age"] = np.nan
+    key = np.where(c > 0, ranks[None, :] * 1e9 - c * 1e3 + np.arange(k)[None, :], np.inf)
+    out = pd.DataFrame({"label": key.argmin(axis=1), "n_images": c.sum(axis=1)}, index=ids)
+    out["age"] = np.nan
+    if "age" in meta:
+        age = pd.to_numeric(meta["age"], errors="coerce").to_numpy(float)
+        ok = ~np.isnan(age)
+        n = np.bincount(codes[ok], minlength=len(ids))
+        tot = np.bincount(codes[ok], weights=age[ok], minlength=len(ids))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["age"] = np.where(n > 0, tot / np.maximum(n, 1), np.nan)
     for col, unknown in (("anatom_site", {"", "unknown", "nan"}), ("dx_type", {"", "nan"})):
-        if col in g:
-            known = g[~g[col].astype(str).str.lower().isin(unknown)]
-            out[col] = known.groupby("group_id")[col].agg(_mode).reindex(out.index).fillna("")
-        else:
-            out[col] = ""
+        out[col] = ""
+        if col in meta:
+            vals = meta[col].astype(str)
+            known = ~vals.str.lower().isin(unknown).to_numpy()
+            if known.any():
+                mode = _group_mode(pd.Series(gid[known]), vals[known])
+                out[col] = mode.reindex(ids).fillna("").to_numpy()
     out.index.name = "group_id"
     return out
 
@@ -402,7 +407,9 @@ def assign_institutions(
     ll = _log_likelihoods(groups, classes, profiles)
     post = np.exp(ll - ll.max(axis=1, keepdims=True))
     post /= post.sum(axis=1, keepdims=True)
-    u = np.random.default_rng(seed).random(len(groups))
+    # a stream of its own: a bare default_rng(seed) would replay the same uniforms that any
+    # other seed-``seed`` draw used (e.g. a synthesizer's labels), correlating the two
+    u = np.random.default_rng([seed, _STREAM]).random(len(groups))
     idx = (post.cumsum(axis=1) < u[:, None]).sum(axis=1).clip(max=len(picked) - 1)
     site_of_group = pd.Series(np.asarray(picked)[idx], index=groups.index)
     return pd.Series(

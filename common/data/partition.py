@@ -17,6 +17,7 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from sklearn.model_selection import train_test_split
@@ -31,6 +32,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SCHEMES: tuple[str, ...] = ("natural", "institutions", "dirichlet", "iid")
 NO_SITE_MSG = "this source records no site; use scheme=institutions, dirichlet or iid"
 _MAX_DIRICHLET_DRAWS = 200
+_STREAMS = {"natural": 0, "institutions": 1, "dirichlet": 2, "iid": 3}
 _FIRST = 5  # offending ids/rows quoted in error messages
 
 
@@ -107,7 +109,9 @@ def _iid_sites(groups: pd.DataFrame, num_sites: int, rng: np.random.Generator) -
 # ------------------------------------------------------------------ per-site splits
 def _sub_seed(seed: int, site: str, stage: int) -> int:
     """Stable per-site seed (zlib.crc32, not hash(), which is salted per process)."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(site.encode()), stage]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([seed, zlib.crc32(site.encode()), stage]).generate_state(1)[0]
+    )
 
 
 def _group_split(
@@ -116,17 +120,20 @@ def _group_split(
     """Split group ids, stratified by label if counts allow; returns (rest, held, how)."""
     if frac <= 0:
         return ids, ids[:0], "none"
-    attempts = [("stratified", strata)]
-    counts = pd.Series(strata).value_counts()
-    rare = counts[counts < 2].index
-    if len(rare):  # classes with one group cannot be stratified; pool them
-        attempts.append(("stratified (rare classes pooled)", np.where(np.isin(strata, rare), -1, strata)))
-    for how, y in attempts:
+    # Stratify on every class if sklearn can; else keep the k commonest classes as strata and
+    # pool the rarer ones (a class with one group, or more classes than held-out slots, makes
+    # full stratification impossible); a plain group split is the last resort.
+    counts = (
+        pd.Series(strata).value_counts().sort_index().sort_values(ascending=False, kind="stable")
+    )
+    for keep in range(len(counts), 0, -1):
+        y = np.where(np.isin(strata, counts.index[:keep]), strata, -1)
         try:
             rest, held = train_test_split(ids, test_size=frac, stratify=y, random_state=seed)
-            return np.asarray(rest), np.asarray(held), how
         except ValueError:
             continue
+        how = "stratified" if keep == len(counts) else f"stratified on its {keep} commonest classes"
+        return np.asarray(rest), np.asarray(held), how
     rest, held = train_test_split(ids, test_size=frac, random_state=seed)
     return np.asarray(rest), np.asarray(held), "group (not stratified)"
 
@@ -137,24 +144,28 @@ def _split_site(
     """train/validation/test per group of one site, with notes on any fallback."""
     ids = groups.index.to_numpy()
     labels = groups["label"].to_numpy()
-    if len(ids) < len(SPLITS):
-        raise DataError(
-            f"site {site!r} has {int(groups['n_images'].sum())} images in {len(ids)} groups; "
-            "it needs at least 3 groups for non-empty train/validation/test splits"
-        )
-    rest, test, how_t = _group_split(ids, labels, test_frac, _sub_seed(seed, site, 0))
-    rest_labels = groups.loc[rest, "label"].to_numpy()
-    train, val, how_v = _group_split(
-        rest, rest_labels, val_frac / (1.0 - test_frac), _sub_seed(seed, site, 1)
+    too_few = DataError(
+        f"site {site!r} has {int(groups['n_images'].sum())} images in {len(ids)} groups; "
+        f"too few for non-empty train/validation/test splits (val_frac={val_frac}, "
+        f"test_frac={test_frac}, at least 3 groups needed)"
     )
+    if len(ids) < len(SPLITS):
+        raise too_few
+    try:
+        rest, test, how_t = _group_split(ids, labels, test_frac, _sub_seed(seed, site, 0))
+        rest_labels = groups.loc[rest, "label"].to_numpy()
+        train, val, how_v = _group_split(
+            rest, rest_labels, val_frac / (1.0 - test_frac), _sub_seed(seed, site, 1)
+        )
+    except ValueError:  # sklearn: a split would be empty
+        raise too_few from None
+    if min(len(train), len(val), len(test)) == 0:
+        raise too_few
     split = pd.Series("train", index=groups.index, dtype=object)
     split[val] = "validation"
     split[test] = "test"
-    notes = [
-        f"site {site}: {name} split fell back to {how}"
-        for name, how in (("test", how_t), ("validation", how_v))
-        if how not in ("stratified", "none")
-    ]
+    fallbacks = {how for how in (how_t, how_v) if how not in ("stratified", "none")}
+    notes = [f"site {site}: held-out splits {' / '.join(sorted(fallbacks))}"] if fallbacks else []
     return split, notes
 
 
@@ -171,11 +182,16 @@ def _validate_meta(meta: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     m["group_id"] = m["group_id"].astype(str)
     dup = m["image_id"].duplicated(keep=False)
     if dup.any():
-        raise DataError(f"duplicated image_id in metadata: {m.loc[dup, 'image_id'].unique()[:_FIRST].tolist()}")
+        raise DataError(
+            f"duplicated image_id in metadata: {m.loc[dup, 'image_id'].unique()[:_FIRST].tolist()}"
+        )
     for col in ("image_id", "group_id"):
         blank = m[col].str.strip().isin(["", "nan", "None"])
         if blank.any():
-            raise DataError(f"{int(blank.sum())} rows have an empty {col} (rows {m.index[blank][:_FIRST].tolist()})")
+            raise DataError(
+                f"{int(blank.sum())} rows have an empty {col} "
+                f"(rows {m.index[blank][:_FIRST].tolist()})"
+            )
     label = pd.to_numeric(m["label"], errors="coerce")
     bad = label.isna() | (label < 0) | (label >= len(classes)) | (label % 1 != 0)
     if bad.any():
@@ -212,14 +228,15 @@ def partition(
         raise DataError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
         raise DataError(
-            f"need 0 < val_frac, test_frac and val_frac + test_frac < 1; got {val_frac}, {test_frac}"
+            "need 0 < val_frac, test_frac and val_frac + test_frac < 1; "
+            f"got {val_frac}, {test_frac}"
         )
     if scheme in ("dirichlet", "iid") and num_sites < 2:
         raise DataError(f"num_sites must be at least 2 for scheme={scheme}, got {num_sites}")
     if scheme == "dirichlet" and not alpha > 0:
         raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     m = _validate_meta(meta, classes)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, _STREAMS[scheme]])  # not the bare seed: see institutions
 
     if scheme == "natural":
         if "source_site" not in m.columns:
@@ -258,13 +275,15 @@ def partition(
         )
 
     notes: list[str] = []
-    split = pd.Series(index=m.index, dtype=object)
-    for site, rows in m.groupby("site", sort=True):
-        groups = group_table(rows, classes)
-        by_group, site_notes = _split_site(str(site), groups, val_frac, test_frac, seed)
-        split[rows.index] = by_group.reindex(rows["group_id"]).to_numpy()
+    groups = group_table(m[["image_id", "group_id", "label"]], classes)
+    site_of_group = m.drop_duplicates("group_id").set_index("group_id")["site"]
+    groups["site"] = site_of_group.reindex(groups.index).to_numpy()
+    split_of_group: list[pd.Series] = []
+    for site, site_groups in groups.groupby("site", sort=True):
+        by_group, site_notes = _split_site(str(site), site_groups, val_frac, test_frac, seed)
+        split_of_group.append(by_group)
         notes += site_notes
-    m["split"] = split
+    m["split"] = pd.concat(split_of_group).reindex(m["group_id"]).to_numpy()
     for note in notes:
         log.info(note)
 
@@ -378,24 +397,39 @@ def site_table(
     if meta is not None and "age" in meta.columns:
         ages = pd.to_numeric(meta["age"], errors="coerce")
         ages.index = meta["image_id"].astype(str)
-        age = ages.reindex(manifest["image_id"].astype(str)).groupby(manifest["site"].to_numpy()).mean()
+        age = (
+            ages.reindex(manifest["image_id"].astype(str))
+            .groupby(manifest["site"].to_numpy())
+            .mean()
+        )
     scheme = manifest.attrs.get("scheme", "")
-    table = Table(title=f"Sites{f' ({scheme})' if scheme else ''}", show_footer=True)
+    table = Table(
+        title=f"Sites{f' ({scheme})' if scheme else ''}",
+        caption="imgs/grps: images/groups; train/val/test: images; class columns: images",
+        show_footer=True,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        pad_edge=False,
+    )
     total = counts.to_numpy().sum()
-    table.add_column("site", footer="total")
-    table.add_column("images", justify="right", footer=str(total))
-    table.add_column("groups", justify="right", footer=str(manifest["group_id"].nunique()))
-    for s in SPLITS:
-        table.add_column(s[:5], justify="right", footer=str(int(splits[s].sum())))
+
+    def col(header: str, footer: object, **kw: object) -> None:
+        table.add_column(header, footer=str(footer), justify="right", no_wrap=True, **kw)
+
+    table.add_column("site", footer="total", no_wrap=True, style="bold")
+    col("imgs", total)
+    col("grps", manifest["group_id"].nunique())
+    for s, short in zip(SPLITS, ("train", "val", "test"), strict=True):
+        col(short, int(splits[s].sum()), style="dim")
     for k, c in enumerate(classes):
-        table.add_column(str(c), justify="right", footer=str(int(counts[k].sum())))
+        col(str(c), int(counts[k].sum()))
     if age is not None:
-        table.add_column("mean age", justify="right", footer=f"{ages.mean():.1f}")
+        col("age", f"{ages.mean():.1f}")
     for site, row in counts.iterrows():
         n = int(row.sum())
         cells = [str(site), str(n), str(int(groups[site]))]
         cells += [str(int(splits.loc[site, s])) for s in SPLITS]
-        cells += [f"{int(v)} ({100 * v / n:.0f}%)" if v else "·" for v in row]
+        cells += [str(int(v)) if v else "·" for v in row]
         if age is not None:
             a = age.get(site, np.nan)
             cells.append("–" if pd.isna(a) else f"{a:.1f}")
@@ -409,6 +443,7 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     counts = _counts(manifest, classes)
     props = counts.div(counts.sum(axis=1), axis=0)
@@ -423,14 +458,21 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
             if wi >= 0.07:
                 ax.text(li + wi / 2, yi, f"{wi:.0%}", ha="center", va="center", fontsize=8)
         left += w
-    for yi, (site, n) in zip(y, counts.sum(axis=1).items(), strict=True):
+    for yi, n in zip(y, counts.sum(axis=1), strict=True):
         ax.text(1.01, yi, f"n={n}", va="center", fontsize=9)
     ax.set_yticks(y, [str(s) for s in props.index])
     ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("share of site's images")
     scheme = manifest.attrs.get("scheme", "")
     ax.set_title(f"Class mix per site{f' ({scheme})' if scheme else ''}")
-    ax.legend(ncol=min(len(classes), 8), loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(props) < 4 else -0.15), fontsize=8, frameon=False)
+    ax.legend(
+        ncol=min(len(classes), 8),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.35 if len(props) < 4 else -0.15),
+        fontsize=8,
+        frameon=False,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -442,24 +484,30 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
 # ------------------------------------------------------------------ CLI
 def partition_cli(
     fmt: Annotated[
-        str, typer.Argument(help="data format: synth-ham, ham-hf, ham-dataverse, isic2020, fedisic2019")
+        str,
+        typer.Argument(help="data format: synth-ham, ham-hf, ham-dataverse, isic2020, fedisic2019"),
     ],
     data_path: Annotated[
-        Path | None, typer.Option("--data-path", help="source folder; omit for the built-in synthetic set")
+        Path | None,
+        typer.Option("--data-path", help="source folder; omit for the built-in synthetic set"),
     ] = None,
-    scheme: Annotated[str, typer.Option(help="natural | institutions | dirichlet | iid")] = "natural",
+    scheme: Annotated[
+        str, typer.Option(help="natural | institutions | dirichlet | iid")
+    ] = "natural",
     num_sites: Annotated[int, typer.Option(help="sites for dirichlet / iid")] = 4,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = more skew)")] = 0.5,
     institutions: Annotated[
         str, typer.Option(help="comma subset of vienna,barcelona,mskcc,mia,queensland,athens")
     ] = "",
     seed: Annotated[int, typer.Option(help="same seed -> byte-identical manifest")] = 0,
-    val_frac: Annotated[float, typer.Option(help="validation fraction of each site's groups")] = 0.15,
+    val_frac: Annotated[
+        float, typer.Option(help="validation fraction of each site's groups")
+    ] = 0.15,
     test_frac: Annotated[float, typer.Option(help="test fraction of each site's groups")] = 0.15,
     min_site_images: Annotated[int, typer.Option(help="smallest site allowed")] = 20,
-    out: Annotated[Path, typer.Option(help="manifest CSV; the plot goes beside it as <stem>.png")] = Path(
-        "manifest.csv"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="manifest CSV; the plot goes beside it as <stem>.png")
+    ] = Path("manifest.csv"),
 ) -> None:
     """Split a data source into hospital sites with leak-free train/validation/test splits."""
     from common.data import sources, synth  # written concurrently; import only when used

@@ -129,7 +129,9 @@ class ParquetImageReader:
             raise DataError(f"unknown image id {image_id!r}: not in this source") from None
         value = self._group(shard, rg)[idx].as_py()
         where = f"{shard} (row group {rg}, row {idx}, image_id {image_id})"
-        data, rel = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        data, rel = (
+            (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        )
         if data:
             return decode_image_bytes(data, where)
         if rel and (Path(shard).parent / rel).is_file():
@@ -169,9 +171,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def _require(columns: Iterable[str], required: Iterable[str], file: Path | str) -> None:
     missing = [c for c in required if c not in set(columns)]
     if missing:
-        raise DataError(
-            f"{file}: missing required column(s) {missing}; found {sorted(columns)}"
-        )
+        raise DataError(f"{file}: missing required column(s) {missing}; found {sorted(columns)}")
 
 
 def _col(df: pd.DataFrame, name: str, report: LoadReport, file: Path | str) -> pd.Series:
@@ -248,7 +248,9 @@ def _flag_bad(
         return df
     bad = df.loc[mask]
     ids = bad["image_id"].astype(str).tolist()
-    where = [f"{i} ({w})" for i, w in zip(ids[:_FIRST], bad["_where"].tolist()[:_FIRST])]
+    where = [
+        f"{i} ({w})" for i, w in zip(ids[:_FIRST], bad["_where"].tolist()[:_FIRST], strict=True)
+    ]
     if on_bad == "error":
         raise DataError(
             f"{file}: {len(ids)} row(s) with {reason}{detail}; first: {', '.join(where)}. "
@@ -301,7 +303,7 @@ def _verify(
     errors: dict[str, str] = {}
     with Progress(transient=True) as progress, ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         task = progress.add_task(f"verifying {len(ids)} images", total=len(ids))
-        for image_id, err in zip(ids, pool.map(check, ids)):
+        for image_id, err in zip(ids, pool.map(check, ids), strict=True):
             if err is not None:
                 errors[image_id] = err
             progress.advance(task)
@@ -431,7 +433,7 @@ def _load_ham_hub(repo_id: str, on_bad: str, verify_images: bool) -> SourceData:
     df["source_site"] = ""
     df["source_split"] = raw["_split"]
     df["_where"] = raw["_where"]
-    for image_id, img in zip(df["image_id"], raw["image"]):
+    for image_id, img in zip(df["image_id"], raw["image"], strict=True):
         if isinstance(img, dict) and img.get("bytes") and image_id not in blobs:
             blobs[image_id] = img["bytes"]
     df["_path"] = df["image_id"].where(df["image_id"].isin(blobs), None)
@@ -587,14 +589,20 @@ def _institutions(
     return sites, errors
 
 
-def load_isic2020(path: str | Path, on_bad: str = "error", verify_images: bool = False) -> SourceData:
+def load_isic2020(
+    path: str | Path, on_bad: str = "error", verify_images: bool = False
+) -> SourceData:
     """SIIM-ISIC 2020: train.csv + train/<image_name>.dcm (or JPEG copies)."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"isic2020: no such folder {root}")
     csv = _find_one(
         root,
-        ["train.csv", "ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv"],
+        [
+            "train.csv",
+            "ISIC_2020_Training_GroundTruth_v2.csv",
+            "ISIC_2020_Training_GroundTruth.csv",
+        ],
         "isic2020 metadata",
     )
     raw = _read_csv(csv)
@@ -669,9 +677,11 @@ def load_fedisic2019(
     center = pd.to_numeric(raw["center"], errors="coerce")
     df["source_site"] = [
         FEDISIC_CENTERS.get(int(c), str(r)) if pd.notna(c) else str(r)
-        for c, r in zip(center, raw["center"])
+        for c, r in zip(center, raw["center"], strict=True)
     ]
-    unknown_centers = sorted(set(raw.loc[~center.isin(list(FEDISIC_CENTERS)), "center"].astype(str)))
+    unknown_centers = sorted(
+        set(raw.loc[~center.isin(list(FEDISIC_CENTERS)), "center"].astype(str))
+    )
     if unknown_centers:
         report.warnings.append(
             f"{split_file.name}: center value(s) {unknown_centers[:_FIRST]} are not FLamby's "
@@ -685,7 +695,10 @@ def load_fedisic2019(
     meta_csv = next(
         (
             p
-            for p in [root / "ISIC_2019_Training_Metadata.csv", root / "ISIC_2019_Training_Metadata_FL.csv"]
+            for p in [
+                root / "ISIC_2019_Training_Metadata.csv",
+                root / "ISIC_2019_Training_Metadata_FL.csv",
+            ]
             + sorted(root.rglob("ISIC_2019_Training_Metadata*.csv"))
             if p.is_file()
         ),

@@ -1,0 +1,74 @@
+"""Classification losses for imbalanced skin-lesion data.
+
+Every loss here is a *per-sample* quantity averaged over the batch (``sum_i l_i / B``), also
+when class-weighted. PyTorch's ``CrossEntropyLoss(weight=w)`` instead divides by ``sum_i
+w[y_i]``, which couples the samples of a batch: Opacus' per-sample gradients would then depend
+on the other samples' labels, breaking the sensitivity argument of DP-SGD. The per-sample
+form is also what FLamby's Fed-ISIC2019 baseline (weighted focal loss, gamma 2) computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ["ce", "weighted-ce", "focal", "weighted-focal"]
+
+
+def class_weights(class_counts: np.ndarray) -> np.ndarray:
+    """``n_train / (n_classes * count)`` (sklearn's "balanced"); absent classes get weight 0.
+
+    A class with no training example cannot appear as a target, so its weight is never used
+    for the loss; 0 keeps the vector finite.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) < 2 or (counts < 0).any():
+        raise ValueError(f"class_counts must be a 1-D vector of >= 2 non-negative counts: {counts}")
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("class_counts are all zero: no training examples")
+    with np.errstate(divide="ignore"):
+        w = np.where(counts > 0, total / (len(counts) * counts), 0.0)
+    return w
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss ``-w[y] (1 - p_y)^gamma log p_y``; gamma=0, w=None is plain CE.
+
+    ``reduction`` ("mean" | "sum" | "none") is an attribute because Opacus' ghost clipping
+    switches it to "none" to get per-sample losses.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor | None = None, gamma: float = 2.0, reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+        self.register_buffer("weight", weight if weight is None else weight.float())
+        self.gamma = float(gamma)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), target, reduction="none")  # -log p_y
+        if self.gamma > 0:
+            loss = loss * (1.0 - torch.exp(-loss)).clamp(min=0.0).pow(self.gamma)
+        if self.weight is not None:
+            loss = loss * self.weight[target]
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+
+def make_loss(name: str, class_counts: np.ndarray, gamma: float = 2.0) -> nn.Module:
+    """Build ``ce | weighted-ce | focal | weighted-focal`` (weights from ``class_counts``)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    weight = None
+    if name.startswith("weighted-"):
+        weight = torch.as_tensor(class_weights(class_counts), dtype=torch.float32)
+    return FocalLoss(weight=weight, gamma=gamma if name.endswith("focal") else 0.0)

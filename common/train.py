@@ -1,0 +1,395 @@
+"""Local training at a site: plain, FedProx, or sample-level DP (Opacus), plus evaluation.
+
+The whole site split arrives as one uint8 N×H×W×3 tensor (from the cache). It is moved to the
+device once when it fits; mini-batches are index tensors gathered with ``images[idx]`` and
+augmented on the device, so the hot loop has no per-sample Python and no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from rich.progress import Progress
+from torch import nn
+
+from common.augment import augment_batch, to_float
+from common.losses import make_loss
+from common.metrics import compute_metrics
+from common.privacy import empty_grad_samples, make_private, steps_for, unwrap
+
+if TYPE_CHECKING:
+    from common.privacy import DPSession
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ["adam", "adamw", "sgd"]
+
+
+@dataclass
+class TrainConfig:
+    """Local training hyper-parameters (kebab-case keys in the Flower run config)."""
+
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0 overrides local_epochs
+    loss: str = "weighted-ce"
+    focal_gamma: float = 2.0
+    proximal_mu: float = 0.0
+    augment: bool = True
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
+            raise ValueError("batch-size must be >= 1, lr > 0 and proximal-mu >= 0")
+        if self.local_steps <= 0 and self.local_epochs < 1:
+            raise ValueError("set local-epochs >= 1 or local-steps >= 1")
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> TrainConfig:
+        """Read kebab-case keys ("local-epochs", "proximal-mu", ...); unknown keys ignored."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in cfg:
+                continue
+            value = cfg[key]
+            if f.type == "bool":
+                if isinstance(value, str):
+                    value = value.strip().lower() in ("1", "true", "yes", "on")
+                kwargs[f.name] = bool(value)
+            else:
+                kwargs[f.name] = {"int": int, "float": float, "str": str}[str(f.type)](value)
+        return cls(**kwargs)
+
+    def steps_per_round(self, n_train: int) -> int:
+        return steps_for(n_train, self.batch_size, self.local_epochs, self.local_steps)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def proximal_term(
+    model: nn.Module, global_params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx penalty ``(mu/2) * sum ||w - w_global||^2`` over the trainable parameters.
+
+    ``global_params`` is the round's global model, frozen at the start of local training
+    (a list aligned with ``model.parameters()`` or a name -> tensor mapping).
+    """
+    named = [(n, p) for n, p in model.named_parameters()]
+    if isinstance(global_params, Mapping):
+        pairs = [(p, global_params[n]) for n, p in named]
+    else:
+        if len(global_params) != len(named):
+            raise ValueError(f"{len(global_params)} global tensors for {len(named)} parameters")
+        pairs = [(p, g) for (_, p), g in zip(named, global_params, strict=True)]
+    total = torch.zeros((), device=named[0][1].device)
+    for p, g in pairs:
+        if p.requires_grad:
+            total = total + (p - g.to(p.device, p.dtype)).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move the whole split to the GPU once if it takes under 30% of free memory."""
+    if device.type != "cuda" or images.device == device:
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() * images.element_size() < 0.3 * free:
+        return images.to(device, non_blocking=True)
+    log.info("images (%.1f GB) kept on the CPU, gathered per batch", images.nbytes / 1e9)
+    return images.pin_memory() if not images.is_pinned() else images
+
+
+def _epoch_batches(n: int, batch_size: int, steps: int, g: torch.Generator) -> Iterator[Any]:
+    """``steps`` index batches from successive seeded permutations (epochs) of 0..n-1."""
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=g)
+        for idx in perm.split(batch_size):
+            yield idx
+            done += 1
+            if done == steps:
+                return
+
+
+def _check_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be a uint8 N×H×W×3 tensor, got {tuple(images.shape)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("no training images at this site")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, found {lo}..{hi}")
+
+
+def train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    dp: DPSession | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train ``model`` in place on this site's split; return training metrics.
+
+    With ``dp`` the round runs ``dp.steps_per_round`` Poisson-sampled DP-SGD steps and records
+    them in the session's accountant. With ``cfg.proximal_mu > 0`` the FedProx penalty
+    against the weights at entry (the round's global model) is applied at every step.
+    """
+    _check_inputs(images, labels, num_classes)
+    device = torch.device(device)
+    seed = cfg.seed if seed is None else seed
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model.train()
+    if dp is not None:
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"model is not DP-compatible (build it with dp=True): {errors[:3]}")
+        if dp.n_train != len(images):
+            raise ValueError(f"DP session is for {dp.n_train} images, got {len(images)}")
+
+    n = len(images)
+    model.to(device)
+    memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    images = _place(images, device)
+    labels_dev = labels.to(device=device, dtype=torch.long)
+    counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
+    criterion = make_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
+    data_loss = criterion
+    optimizer = _make_optimizer(model, cfg)
+    mu = cfg.proximal_mu
+    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
+    )
+
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+
+    def forward_batch(net: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal loss_sum, correct, seen
+        x = images[idx.to(images.device)].to(device, non_blocking=True)
+        y = labels_dev[idx.to(device)]
+        x = augment_batch(x, g) if cfg.augment else to_float(x)
+        x = x.contiguous(memory_format=memory_format)
+        with autocast:
+            logits = net(x)
+        with torch.no_grad():
+            loss_sum += data_loss(logits.detach(), y) * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        return logits, y
+
+    t0 = time.perf_counter()
+    cuda_ids = [device.index if device.index is not None else 0] if cuda else []
+    with torch.random.fork_rng(devices=cuda_ids):
+        torch.manual_seed(seed)  # dropout / drop-path draws
+        g = torch.Generator().manual_seed(seed)
+        if dp is None:
+            steps = cfg.steps_per_round(n)
+            net = torch.compile(model) if cfg.compile and cuda else model
+            batches = _epoch_batches(n, cfg.batch_size, steps, g)
+            with _progress(progress, steps) as advance:
+                for idx in batches:
+                    logits, y = forward_batch(net, idx)
+                    loss = criterion(logits, y)
+                    if global_params is not None:
+                        loss = loss + proximal_term(model, global_params, mu)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    advance()
+        else:
+            steps = dp.steps_per_round
+            model = _train_dp(model, optimizer, criterion, dp, forward_batch, g, steps, seed,
+                              device, global_params, mu, progress)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    out = {
+        "train_loss": float(loss_sum) / max(seen, 1),
+        "train_accuracy": float(correct) / max(seen, 1),
+        "num_examples": float(n),
+        "steps": float(steps),
+        "seconds": seconds,
+        "images_per_second": seen / max(seconds, 1e-9),
+    }
+    if dp is not None:
+        out.update(dp.metrics())
+    return out
+
+
+def _train_dp(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    dp: DPSession,
+    forward_batch: Any,
+    g: torch.Generator,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    global_params: list[torch.Tensor] | None,
+    mu: float,
+    progress: bool,
+) -> nn.Module:
+    """DP-SGD: Poisson logical batches, split into physical chunks (as BatchMemoryManager)."""
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    gsm, dp_opt, dp_criterion = make_private(model, optimizer, criterion, dp, generator=noise_gen)
+    if global_params is not None:
+        # The FedProx gradient mu (w - w_g) does not depend on data: add it after clipping +
+        # noise (post-processing), where it is exact and costs no privacy.
+        def add_prox(opt: Any) -> None:
+            with torch.no_grad():
+                for p, w0 in zip(model.parameters(), global_params, strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(p - w0, alpha=mu)
+
+        dp_opt.attach_step_hook(add_prox)
+    sampler = UniformWithReplacementSampler(
+        num_samples=dp.n_train, sample_rate=dp.sample_rate, generator=g, steps=steps
+    )
+    physical = dp.cfg.physical_batch
+    done = 0
+    try:
+        with _progress(progress, steps) as advance:
+            for logical in sampler:
+                idx = torch.as_tensor(logical, dtype=torch.long)
+                if len(idx) == 0:
+                    dp_opt.signal_skip_step(do_skip=False)
+                    empty_grad_samples(dp_opt)
+                    dp_opt.step()
+                    dp_opt.zero_grad(set_to_none=True)
+                else:
+                    chunks = idx.split(physical)
+                    for i, chunk in enumerate(chunks):
+                        dp_opt.signal_skip_step(do_skip=i < len(chunks) - 1)
+                        logits, y = forward_batch(gsm, chunk)
+                        loss = dp_criterion(logits, y)
+                        loss.backward()
+                        dp_opt.step()
+                        dp_opt.zero_grad(set_to_none=True)
+                done += 1
+                advance()
+    finally:
+        dp.record_steps(done)  # every noisy step taken is spent, even if a later one failed
+        model = unwrap(gsm)
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+class _progress:
+    """A rich progress bar when asked, else a no-op; yields an ``advance()`` callable."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = Progress(transient=True) if enabled else None
+        self.total = total
+
+    def __enter__(self) -> Any:
+        if self.bar is None:
+            return lambda: None
+        self.bar.start()
+        task = self.bar.add_task("local training", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 256
+) -> np.ndarray:
+    """Softmax probabilities (N, C) for a uint8 N×H×W×3 tensor, in eval mode."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    was_training = model.training
+    model.to(device).eval()
+    out: list[torch.Tensor] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x)
+        out.append(F.softmax(logits.float(), dim=1).cpu())
+    model.train(was_training)
+    if not out:
+        n_classes = _num_outputs(model)
+        return np.zeros((0, n_classes), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def _num_outputs(model: nn.Module) -> int:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return int(getattr(head, "out_features", 0))
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """``compute_metrics`` plus the mean (unweighted) cross-entropy ``loss`` and ``n``."""
+    probs = predict(model, images, device=device, batch_size=batch_size)
+    y = labels.cpu().numpy().astype(np.int64)
+    metrics = compute_metrics(y, probs, classes)
+    if len(y):
+        p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+        metrics["loss"] = float(-np.log(p_true).mean())
+    else:
+        metrics["loss"] = math.nan
+    metrics["n"] = len(y)
+    return metrics

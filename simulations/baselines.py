@@ -1,0 +1,136 @@
+"""Pooled and local baselines, and the FLamby-style comparison table.
+
+Baselines use the same data path (`load_site`), the same local training (`train_local`) and
+the same metrics as the federated clients, so a difference in the table is the federation's,
+not the code's. Budget: each baseline model sees as many passes over its data as a site does
+over a whole federated run (rounds × local epochs, or rounds × local steps).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from common.data.partition import read_manifest
+from common.data.site_data import SiteData, load_site, site_names
+from common.metrics import compute_metrics
+from common.models import build_model
+from common.train import TrainConfig, pick_device, predict, train_local
+
+console = Console()
+
+
+def load_all_sites(cfg: dict[str, Any]) -> list[SiteData]:
+    """Every site of the manifest, in the order simulated partition ids map to them."""
+    names = site_names(read_manifest(cfg["manifest"]))
+    return [load_site(cfg, {"partition-id": i}) for i in range(len(names))]
+
+
+def _budget(cfg: dict[str, Any]) -> TrainConfig:
+    tcfg = TrainConfig.from_run_config(cfg)
+    rounds = int(cfg["num-server-rounds"])
+    if tcfg.local_steps > 0:
+        return replace(tcfg, local_steps=tcfg.local_steps * rounds, proximal_mu=0.0)
+    return replace(tcfg, local_epochs=tcfg.local_epochs * rounds, proximal_mu=0.0)
+
+
+def _fit(cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, n_cls: int) -> torch.nn.Module:
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_model(str(cfg["model"]), n_cls, pretrained=str(cfg.get("pretrained", "")))
+    train_local(
+        model, torch.from_numpy(images), torch.from_numpy(labels), _budget(cfg),
+        num_classes=n_cls, device=pick_device(), seed=int(cfg["seed"]),
+    )
+    return model
+
+
+def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, float]:
+    """Test balanced accuracy of one model on every site's test split."""
+    out = {}
+    for s in sites:
+        probs = predict(model, torch.from_numpy(s.images["test"]), device=pick_device())
+        out[s.site] = float(compute_metrics(s.labels["test"], probs, s.classes)["balanced_accuracy"])
+    return out
+
+
+def run_baselines(cfg: dict[str, Any], local: bool = True) -> pd.DataFrame:
+    """Rows: pooled, and one local model per site; columns: per-site test bacc and the mean."""
+    sites = load_all_sites(cfg)
+    n_cls = len(sites[0].classes)
+    rows = []
+    pooled = _fit(
+        cfg,
+        np.concatenate([s.images["train"] for s in sites]),
+        np.concatenate([s.labels["train"] for s in sites]),
+        n_cls,
+    )
+    rows.append({"method": "pooled", **score_on_sites(pooled, sites)})
+    if local:
+        for s in sites:
+            model = _fit(cfg, s.images["train"], s.labels["train"], n_cls)
+            rows.append({"method": f"local ({s.site})", **score_on_sites(model, sites)})
+    return _with_mean(pd.DataFrame(rows))
+
+
+def _with_mean(df: pd.DataFrame) -> pd.DataFrame:
+    site_cols = [c for c in df.columns if c != "method"]
+    df["mean"] = df[site_cols].mean(axis=1)
+    return df
+
+
+def federated_row(metrics: dict[str, Any], label: str) -> dict[str, Any]:
+    test = metrics["test"]
+    return {"method": label, **{s: m["balanced_accuracy"] for s, m in test["sites"].items()}}
+
+
+def comparison_table(rows: pd.DataFrame) -> Table:
+    table = Table(title="Test balanced accuracy per site (FLamby-style)")
+    for col in rows.columns:
+        table.add_column(str(col), justify="left" if col == "method" else "right")
+    for _, r in rows.iterrows():
+        table.add_row(*[str(r[c]) if c == "method" else f"{r[c]:.3f}" for c in rows.columns])
+    return table
+
+
+def compare(
+    config: Path | None,
+    overrides: str | None,
+    strategies: list[str],
+    out: Path,
+    local: bool = True,
+) -> pd.DataFrame:
+    """Pooled, local and each federated strategy on the same manifest: one table."""
+    from simulations.runner import parse_overrides, prepare_data, resolve_config, simulate
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = parse_overrides(overrides)
+    rows = []
+    for strategy in strategies:
+        metrics = simulate(config, {**base, "strategy": strategy}, out=out / strategy)
+        rows.append(federated_row(metrics, strategy))
+    cfg = prepare_data(resolve_config(config, base))
+    cfg.pop("num-sites-found", None)
+    table = pd.concat([run_baselines(cfg, local=local), _with_mean(pd.DataFrame(rows))])
+    table = table[["method", *sorted(c for c in table.columns if c not in ("method", "mean")), "mean"]]
+    table.to_csv(out / "comparison.csv", index=False, float_format="%.4f")
+    (out / "comparison.md").write_text(_markdown(table))
+    (out / "comparison.json").write_text(json.dumps(table.to_dict(orient="records"), indent=1))
+    console.print(comparison_table(table))
+    return table
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    body = "".join(
+        "| " + " | ".join(str(v) if isinstance(v, str) else f"{v:.3f}" for v in r) + " |\n"
+        for r in df.itertuples(index=False)
+    )
+    return head + body

@@ -1,0 +1,340 @@
+"""`fedskin sweep privacy`: the privacy-utility trade-off as a grid of federated runs.
+
+Every cell (strategy x target epsilon x seed, epsilon "inf" = no DP) is one ordinary
+``simulate`` run in ``<out>/cells/<cell>``; a cell whose run directory already holds final
+test results is not run again, so an interrupted sweep resumes where it stopped. The
+results are collected from the cells' ``metrics.json`` (and ``audit.json`` with ``--audit``)
+into ``sweep.csv`` (one row per run), ``sweep.md`` (mean +- sd over seeds) and
+``privacy_utility.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+
+from common.data.schema import DataError
+
+console = Console()
+log = logging.getLogger("fedskin")
+
+NO_DP = {"inf", "none", "nodp", "no-dp", "off"}
+BUDGET_SPENT = "privacy budget spent"
+
+
+# ------------------------------------------------------------------------------ grid
+def parse_epsilons(text: str) -> list[float | None]:
+    """``"1,3,8,inf"`` -> [1.0, 3.0, 8.0, None]; inf/none mean "no DP"."""
+    out: list[float | None] = []
+    for item in (s.strip().lower() for s in str(text).split(",")):
+        if not item:
+            continue
+        if item in NO_DP:
+            out.append(None)
+            continue
+        try:
+            eps = float(item)
+        except ValueError:
+            raise DataError(f"--epsilons: {item!r} is not a number, inf or none") from None
+        if not (eps > 0 and math.isfinite(eps)):
+            raise DataError(f"--epsilons: {item!r} must be > 0 (use inf for no DP)")
+        out.append(eps)
+    if not out:
+        raise DataError("--epsilons is empty")
+    return out
+
+
+def parse_list(text: str, name: str, cast: type = str) -> list[Any]:
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise DataError(f"--{name} is empty")
+    try:
+        return [cast(s) for s in items]
+    except ValueError:
+        raise DataError(f"--{name}: cannot read {text!r} as a list of {cast.__name__}") from None
+
+
+def cell_name(strategy: str, epsilon: float | None, seed: int) -> str:
+    eps = "nodp" if epsilon is None else f"eps{epsilon:g}"
+    return f"{strategy}_{eps}_seed{seed}"
+
+
+def cell_overrides(
+    base: dict[str, Any], strategy: str, epsilon: float | None, seed: int
+) -> dict[str, Any]:
+    """The cell's run config on top of the sweep's ``--run-config``."""
+    cfg = dict(base)
+    cfg.update(strategy=strategy, seed=int(seed), dp=epsilon is not None)
+    if epsilon is not None:
+        cfg["target-epsilon"] = float(epsilon)
+        cfg["noise-multiplier"] = 0.0  # calibrate to the target, never a fixed sigma
+    cfg["run-name"] = cell_name(strategy, epsilon, seed)
+    return cfg
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A cell is done when its metrics.json carries final test results."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return False
+    try:
+        return "test" in json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+# ------------------------------------------------------------------------------ results
+def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One CSV row from a run's metrics.json (and its audit.json)."""
+    cfg = metrics.get("config", {})
+    dp = bool(cfg.get("dp", False))
+    rounds = metrics.get("rounds", [])
+    test = metrics["test"]
+    row: dict[str, Any] = {
+        "strategy": cfg.get("strategy"),
+        "seed": int(cfg.get("seed", 0)),
+        "dp": dp,
+        "target_epsilon": float(cfg.get("target-epsilon", math.inf)) if dp else math.inf,
+        "rounds": len(rounds),
+        "best_round": metrics.get("best_round", test.get("best_round")),
+        "test_balanced_accuracy": test["global"].get("balanced_accuracy", math.nan),
+        "test_mean_site_balanced_accuracy": test.get("mean_site_balanced_accuracy", math.nan),
+        "test_accuracy": test["global"].get("accuracy", math.nan),
+        "test_auroc": test["global"].get("auroc", math.nan),
+        "seconds": float(sum(r.get("seconds", 0.0) for r in rounds)),
+    }
+    eps: dict[str, float] = {}
+    delta: dict[str, float] = {}
+    sigma: dict[str, float] = {}
+    stopped: set[str] = set()
+    for r in rounds:  # cumulative values: the last one seen per site is the total
+        eps.update({s: float(e) for s, e in (r.get("epsilon") or {}).items()})
+        for site, m in (r.get("train") or {}).items():
+            if "delta" in m:
+                delta[site] = float(m["delta"])
+            for key in ("noise_multiplier", "noise-multiplier"):
+                if key in m:
+                    sigma[site] = float(m[key])
+        stopped |= {s for s, why in (r.get("rejected") or {}).items() if why == BUDGET_SPENT}
+    row["epsilon_max"] = max(eps.values()) if eps else (0.0 if dp else math.inf)
+    row["delta_max"] = max(delta.values()) if delta else math.nan
+    row["noise_multiplier_min"] = min(sigma.values()) if sigma else math.nan
+    row["sites_stopped_at_budget"] = len(stopped)
+    for site, m in sorted(test.get("sites", {}).items()):
+        row[f"bacc[{site}]"] = m.get("balanced_accuracy", math.nan)
+    for site in sorted(eps):
+        row[f"epsilon[{site}]"] = eps[site]
+    for site in sorted(delta):
+        row[f"delta[{site}]"] = delta[site]
+    for site in sorted(sigma):
+        row[f"noise_multiplier[{site}]"] = sigma[site]
+    if audit is not None:
+        sites = audit.get("sites", {})
+        row["mia_auc_max"] = max((s["auc"] for s in sites.values()), default=math.nan)
+        row["mia_tpr1_max"] = max((s["tpr_at_1pct_fpr"] for s in sites.values()), default=math.nan)
+        for site, s in sorted(sites.items()):
+            row[f"mia_auc[{site}]"] = s["auc"]
+            row[f"mia_tpr1[{site}]"] = s["tpr_at_1pct_fpr"]
+    return row
+
+
+def collect(cells: Sequence[tuple[str, Path]], audit: bool) -> pd.DataFrame:
+    """The table of all finished cells, in grid order."""
+    rows = []
+    for name, run_dir in cells:
+        if not is_finished(run_dir):
+            continue
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        audit_json = None
+        if audit and (run_dir / "audit.json").is_file():
+            audit_json = json.loads((run_dir / "audit.json").read_text())
+        rows.append({"cell": name, **cell_row(metrics, audit_json)})
+    return pd.DataFrame(rows)
+
+
+def _fmt(values: pd.Series, digits: int = 3) -> str:
+    v = values.dropna().astype(float)
+    if v.empty:
+        return "-"
+    if np.isinf(v).all():
+        return "∞"
+    mean = f"{v.mean():.{digits}f}"
+    return mean if len(v) < 2 else f"{mean} ± {v.std(ddof=1):.{digits}f}"
+
+
+def summary_table(df: pd.DataFrame) -> str:
+    """Markdown table: mean ± sd over seeds per (strategy, target epsilon)."""
+    cols = [
+        ("achieved ε (max site)", "epsilon_max", 2),
+        ("test bal. acc (pooled)", "test_balanced_accuracy", 3),
+        ("mean site bal. acc", "test_mean_site_balanced_accuracy", 3),
+        ("AUROC", "test_auroc", 3),
+    ]
+    if "mia_auc_max" in df:
+        cols += [("MIA AUC (max site)", "mia_auc_max", 3), ("TPR@1%FPR", "mia_tpr1_max", 3)]
+    head = ["strategy", "target ε", "seeds", *[c[0] for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if df.empty:
+        return "\n".join(lines)
+    for (strategy, eps), g in df.groupby(["strategy", "target_epsilon"], sort=True):
+        label = "no DP" if math.isinf(eps) else f"{eps:g}"
+        cells = [str(strategy), label, str(len(g))]
+        cells += [_fmt(g[c], d) if c in g else "-" for _, c, d in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
+    """Test balanced accuracy (and MIA AUC) against epsilon; "no DP" sits at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("test_balanced_accuracy", "test balanced accuracy (pooled)")]
+    if "mia_auc_max" in df and df["mia_auc_max"].notna().any():
+        panels.append(("mia_auc_max", "membership-inference AUC (max over sites)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    finite = sorted(e for e in df["target_epsilon"].unique() if math.isfinite(e))
+    x_nodp = (max(finite) * 4) if finite else 10.0
+    for ax, (col, ylabel) in zip(axes[0], panels, strict=True):
+        for i, (strategy, g) in enumerate(df.groupby("strategy", sort=True)):
+            color = f"C{i}"
+            stats = g.groupby("target_epsilon")[col].agg(["mean", "std"]).fillna({"std": 0.0})
+            fin = stats[np.isfinite(stats.index.to_numpy(dtype=float))]
+            if len(fin):
+                ax.errorbar(fin.index, fin["mean"], yerr=fin["std"], marker="o", capsize=3,
+                            color=color, label=str(strategy))
+            if (~np.isfinite(stats.index.to_numpy(dtype=float))).any():
+                nodp = stats.loc[math.inf]
+                ax.errorbar([x_nodp], [nodp["mean"]], yerr=[nodp["std"]], marker="s",
+                            mfc="white", capsize=3, color=color,
+                            label=None if len(fin) else str(strategy))
+                ax.axhline(nodp["mean"], color=color, ls=":", lw=0.8)
+        ticks = [*finite, x_nodp] if math.inf in set(df["target_epsilon"]) else finite
+        labels = [f"{e:g}" for e in finite] + (["no DP"] if len(ticks) > len(finite) else [])
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, labels)
+        ax.minorticks_off()
+        if finite and len(ticks) > len(finite):
+            ax.axvline(math.sqrt(max(finite) * x_nodp), color="grey", lw=0.6, ls="--")
+        ax.set(xlabel="target ε per site (sample-level DP)", ylabel=ylabel)
+        if col == "mia_auc_max":
+            ax.axhline(0.5, color="k", lw=0.6, ls="--")
+        ax.legend(title="strategy", fontsize=8)
+        ax.grid(alpha=0.3)
+    n_seeds = df.groupby(["strategy", "target_epsilon"]).size().max() if len(df) else 0
+    fig.suptitle(f"Privacy-utility trade-off (error bars: sd over ≤{n_seeds} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(df: pd.DataFrame, out: Path) -> str:
+    """sweep.csv, sweep.md and privacy_utility.png from the collected table."""
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "sweep.csv", index=False, float_format="%.6g")
+    table = summary_table(df)
+    (out / "sweep.md").write_text(f"# Privacy sweep\n\n{table}\n")
+    if len(df):
+        plot_privacy_utility(df, out / "privacy_utility.png")
+    return table
+
+
+# ------------------------------------------------------------------------------ sweep
+def sweep_privacy(
+    config: Path | None,
+    epsilons: Sequence[float | None],
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    overrides: str | None = None,
+    audit: bool = False,
+) -> pd.DataFrame:
+    """Run (or resume) the grid and write sweep.csv, sweep.md and privacy_utility.png."""
+    from server.strategies import STRATEGIES
+    from simulations.runner import parse_overrides, resolve_config, simulate
+
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise DataError(f"unknown strategies {bad}; choose from {list(STRATEGIES)}")
+    base = parse_overrides(overrides)
+    clash = sorted({"dp", "target-epsilon", "strategy", "seed"} & set(base))
+    if clash:
+        raise DataError(f"--run-config sets {clash}, which the sweep itself varies")
+    out = Path(out)
+    grid = [(s, e, k) for s in strategies for e in epsilons for k in seeds]
+    cells = [(cell_name(*c), out / "cells" / cell_name(*c)) for c in grid]
+    resolve_config(config, cell_overrides(base, *grid[0]))  # fail fast on config mistakes
+    failed: list[str] = []
+    for i, ((strategy, eps, seed), (name, run_dir)) in enumerate(zip(grid, cells, strict=True)):
+        tag = f"[{i + 1}/{len(grid)}] {name}"
+        if is_finished(run_dir):
+            console.print(f"{tag}: finished earlier, skipped")
+        else:
+            console.rule(tag)
+            try:
+                simulate(config, cell_overrides(base, strategy, eps, seed), out=run_dir)
+            except DataError:
+                raise
+            except Exception as err:  # one broken cell must not lose the rest of the grid
+                log.exception("cell %s failed", name)
+                failed.append(f"{name}: {err}")
+                continue
+        if audit and not (run_dir / "audit.json").is_file():
+            from common.audit import audit_run
+
+            audit_run(run_dir)
+        write_outputs(collect(cells, audit), out)  # partial results survive an interruption
+    df = collect(cells, audit)
+    write_outputs(df, out)
+    if failed:
+        console.print("[red]failed cells (re-run the same command to retry):[/]\n  "
+                      + "\n  ".join(failed))
+    return df
+
+
+def sweep_cli(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="experiment TOML (simulations/configs)")
+    ] = None,
+    epsilons: Annotated[
+        str, typer.Option(help="target epsilons per site; inf or none = no DP")
+    ] = "1,3,8,inf",
+    strategies: Annotated[str, typer.Option(help="comma-separated strategies")] = "fedavg",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+    out: Annotated[Path, typer.Option(help="sweep directory")] = Path("runs/sweep-privacy"),
+    run_config: Annotated[
+        str | None, typer.Option("--run-config", help="overrides for every cell: \"k=v k2='t'\"")
+    ] = None,
+    audit: Annotated[
+        bool, typer.Option("--audit/--no-audit", help="membership-inference audit of each run")
+    ] = False,
+) -> None:
+    """Privacy-utility sweep: strategies x target epsilons x seeds; resumes if interrupted."""
+    try:
+        df = sweep_privacy(
+            config,
+            parse_epsilons(epsilons),
+            parse_list(strategies, "strategies"),
+            parse_list(seeds, "seeds", int),
+            out,
+            overrides=run_config,
+            audit=audit,
+        )
+    except DataError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    console.print(Markdown(summary_table(df)))
+    console.print(f"{len(df)} runs: {out / 'sweep.csv'}, {out / 'sweep.md'}, "
+                  f"{out / 'privacy_utility.png'}")
