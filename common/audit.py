@@ -65,15 +65,37 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float = LOW_FPR) -> flo
 
 
 def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, Any]:
-    """ROC AUC, TPR at 1% FPR and the ROC on :data:`FPR_GRID` (higher score = member)."""
+    """ROC AUC, TPR at 1% FPR and the ROC on :data:`FPR_GRID` (higher score = member).
+
+    TPR at 1% FPR is NaN with fewer than 100 non-members: an FPR of 1% is then below the
+    resolution of the empirical ROC (one non-member is already more than 1%), and the
+    interpolated value would only reflect how many members beat *every* non-member.
+    """
     y = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
     s = np.r_[member_scores, nonmember_scores].astype(float)
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    resolvable = len(nonmember_scores) >= round(1 / LOW_FPR)
     return {
         "auc": float(roc_auc_score(y, s)),
-        "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, LOW_FPR),
+        "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, LOW_FPR) if resolvable else math.nan,
         "roc_tpr": [round(tpr_at_fpr(fpr, tpr, f), 5) for f in FPR_GRID],
     }
+
+
+def _nanmax(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN -> null, so audit.json is standard JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------ scores
@@ -254,7 +276,8 @@ def audit_model(
         }
         attacks = site_result["attacks"]
         site_result["auc"] = max(a["auc"] for a in attacks.values())
-        site_result["tpr_at_1pct_fpr"] = max(a["tpr_at_1pct_fpr"] for a in attacks.values())
+        site_result["tpr_at_1pct_fpr"] = _nanmax([a["tpr_at_1pct_fpr"] for a in attacks.values()])
+        site_result["min_resolvable_fpr"] = 1.0 / n
         results[data.site] = site_result
     return results
 
@@ -322,7 +345,7 @@ def audit_run(
         "fpr_grid": [float(f) for f in FPR_GRID],
         "sites": per_site,
     }
-    (run_dir / "audit.json").write_text(json.dumps(report, indent=1))
+    (run_dir / "audit.json").write_text(json.dumps(_json_safe(report), indent=1))
     plot_audit(per_site, run_dir / "audit.png", title=f"Membership inference: {run_dir.name}")
     return report
 
@@ -340,11 +363,14 @@ def plot_audit(per_site: Mapping[str, Mapping[str, Any]], path: Path, title: str
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
     for ax, site in zip(axes.flat, names, strict=False):
         r = per_site[site]
+        shown = FPR_GRID >= 1.0 / max(1, r["n_nonmembers"])  # below 1/n the ROC says nothing
         for attack, m in r["attacks"].items():
+            tpr1 = m["tpr_at_1pct_fpr"]
+            tpr1_txt = "n/a" if tpr1 is None or math.isnan(tpr1) else f"{tpr1:.2f}"
             ax.plot(
-                FPR_GRID,
-                m["roc_tpr"],
-                label=f"{attack} AUC {m['auc']:.2f}, TPR@1% {m['tpr_at_1pct_fpr']:.2f}",
+                FPR_GRID[shown],
+                np.asarray(m["roc_tpr"])[shown],
+                label=f"{attack} AUC {m['auc']:.2f}, TPR@1%FPR {tpr1_txt}",
             )
         ax.plot(FPR_GRID, FPR_GRID, "k--", lw=0.8, label="chance")
         ax.set(

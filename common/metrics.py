@@ -90,7 +90,5 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
 def scalar_metrics(d: dict[str, Any]) -> dict[str, float]:
     """Only the real-number entries, as floats (Flower MetricRecords hold no lists)."""
     return {
-        k: float(v)
-        for k, v in d.items()
-        if isinstance(v, numbers.Real) and not isinstance(v, bool)
+        k: float(v) for k, v in d.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
     }

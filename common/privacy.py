@@ -13,6 +13,7 @@ logical Poisson batches split into physical chunks the way Opacus' BatchMemoryMa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -32,14 +33,21 @@ log = logging.getLogger(__name__)
 
 GRAD_SAMPLE_MODES = ["auto", "hooks", "functorch", "ghost"]
 
-# What "auto" picks. Measured on CPU (2 cores, torch 2.14, opacus 1.6) with 32 px inputs,
-# physical batch 16, one DP step, dp=True models (tests/test_privacy.py::test_mode_timings
-# prints the current numbers):
-#   test_efficientnet hooks 0.05 s  functorch 0.26 s
-#   test_resnet       hooks 0.05 s  functorch 0.12 s
-# "hooks" uses Opacus' closed-form per-sample gradients for Conv/Linear/GroupNorm and falls
-# back to functorch only for layers without one (timm's GroupNormAct), so it wins for every
-# supported backbone. "ghost" (ghost clipping) saves memory on large models, not time here.
+# What "auto" picks, per backbone family. Measured on the CPU (1 thread, process CPU time,
+# torch 2.14 / opacus 1.6, dp=True models, 16 images of 32 px, logical = physical batch 16,
+# min over repeats), seconds per DP-SGD step:
+#   efficientnet_b0        hooks 7.805  functorch 0.831
+#   mobilenetv3_small_100  hooks 1.245  functorch 0.378
+#   resnet18               hooks 1.470  functorch 2.488
+#   convnext_atto          hooks 0.582  functorch 0.586
+#   test_efficientnet      hooks 0.104  functorch 0.135  ghost 0.132
+#   test_resnet            hooks 0.102  functorch 0.180  ghost 0.110
+# Opacus' closed-form conv grad sampler ("hooks") unfolds the input, which is very slow for
+# the many depthwise convolutions of EfficientNet/MobileNet: functorch wins there by 3-9x
+# (test_efficientnet is too small to show it; the family rule follows the real models).
+# ResNet (dense convs) is fastest with hooks; ConvNeXt is a tie. Ghost clipping trades a
+# second backward pass for memory: worth choosing explicitly for large batches on a GPU.
+AUTO_MODE_BY_FAMILY = {"EfficientNet": "functorch", "MobileNetV3": "functorch"}
 AUTO_MODE = "hooks"
 
 
@@ -90,6 +98,19 @@ class DPConfig:
         return cls(**kwargs)
 
 
+@functools.lru_cache(maxsize=64)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Noise multiplier reaching ``target_epsilon`` after ``steps`` (cached: the binary
+    search over RDP is slow for small sigma, and simulated sites often share n)."""
+    return get_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant="rdp",
+    )
+
+
 class DPSession:
     """Noise calibration + cumulative RDP accounting for one site across rounds."""
 
@@ -126,12 +147,8 @@ class DPSession:
         elif cfg.noise_multiplier > 0:
             self.noise_multiplier = float(cfg.noise_multiplier)
         else:
-            self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=cfg.target_epsilon,
-                target_delta=self.delta,
-                sample_rate=self.sample_rate,
-                steps=cfg.total_rounds * self.steps_per_round,
-                accountant="rdp",
+            self.noise_multiplier = _calibrate(
+                cfg.target_epsilon, self.delta, self.sample_rate, cfg.total_rounds * steps_per_round
             )
         log.info(
             "DP: noise multiplier %.4f, q=%.4g, delta=%.3g, %d steps/round, %d planned rounds",
@@ -203,8 +220,11 @@ class DPSession:
 # ---------------------------------------------------------------------- Opacus wiring
 
 
-def resolve_mode(mode: str) -> str:
-    return AUTO_MODE if mode == "auto" else mode
+def resolve_mode(mode: str, model: nn.Module | None = None) -> str:
+    """The per-sample gradient engine: ``auto`` -> the measured fastest for this family."""
+    if mode != "auto":
+        return mode
+    return AUTO_MODE_BY_FAMILY.get(type(model).__name__, AUTO_MODE)
 
 
 def make_private(
@@ -216,7 +236,7 @@ def make_private(
     generator: torch.Generator | None = None,
 ) -> tuple[GradSampleModule, DPOptimizer, nn.Module | DPLossFastGradientClipping]:
     """Wrap model/optimizer/criterion for DP-SGD with the session's noise and clipping."""
-    mode = resolve_mode(session.cfg.grad_sample_mode)
+    mode = resolve_mode(session.cfg.grad_sample_mode, model)
     kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
     if mode == "ghost":
         kwargs["max_grad_norm"] = session.cfg.max_grad_norm

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -203,9 +204,7 @@ def train_local(
     optimizer = _make_optimizer(model, cfg)
     mu = cfg.proximal_mu
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -246,8 +245,20 @@ def train_local(
                     advance()
         else:
             steps = dp.steps_per_round
-            model = _train_dp(model, optimizer, criterion, dp, forward_batch, g, steps, seed,
-                              device, global_params, mu, progress)
+            model = _train_dp(
+                model,
+                optimizer,
+                criterion,
+                dp,
+                forward_batch,
+                g,
+                steps,
+                seed,
+                device,
+                global_params,
+                mu,
+                progress,
+            )
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -297,7 +308,9 @@ def _train_dp(
     physical = dp.cfg.physical_batch
     done = 0
     try:
-        with _progress(progress, steps) as advance:
+        with _progress(progress, steps) as advance, warnings.catch_warnings():
+            # the stem conv's input needs no grad, so torch notes the hook fires on outputs
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for logical in sampler:
                 idx = torch.as_tensor(logical, dtype=torch.long)
                 if len(idx) == 0:
@@ -344,7 +357,11 @@ class _progress:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 256
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
 ) -> np.ndarray:
     """Softmax probabilities (N, C) for a uint8 N×H×W×3 tensor, in eval mode."""
     device = torch.device(device)

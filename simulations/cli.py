@@ -11,6 +11,8 @@ from common.data.partition import partition_cli
 from common.data.schema import DataError
 from common.data.synth import synth_cli
 from server.deploy import deploy_cli
+from simulations.bench import bench_cli
+from simulations.sweep import sweep_cli
 
 app = typer.Typer(
     help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus).",
@@ -26,6 +28,10 @@ app.command("synth", help="Write a synthetic data set in one of the real on-disk
 app.command("partition", help="Split a data source into hospital sites (writes a manifest).")(
     partition_cli
 )
+app.command("bench", help="Benchmarks: throughput, data pipeline, round overhead, DP cost, scaling.")(
+    bench_cli
+)
+sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x seeds.")(sweep_cli)
 app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
     deploy_cli
 )

@@ -138,14 +138,25 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
         row[f"delta[{site}]"] = delta[site]
     for site in sorted(sigma):
         row[f"noise_multiplier[{site}]"] = sigma[site]
-    if audit is not None:
+    if audit is not None:  # audit.json writes NaN (unresolvable TPR@1%FPR) as null
         sites = audit.get("sites", {})
-        row["mia_auc_max"] = max((s["auc"] for s in sites.values()), default=math.nan)
-        row["mia_tpr1_max"] = max((s["tpr_at_1pct_fpr"] for s in sites.values()), default=math.nan)
-        for site, s in sorted(sites.items()):
-            row[f"mia_auc[{site}]"] = s["auc"]
-            row[f"mia_tpr1[{site}]"] = s["tpr_at_1pct_fpr"]
+        auc = {site: _num(m.get("auc")) for site, m in sorted(sites.items())}
+        tpr = {site: _num(m.get("tpr_at_1pct_fpr")) for site, m in sorted(sites.items())}
+        row["mia_auc_max"] = _nanmax(auc.values())
+        row["mia_tpr1_max"] = _nanmax(tpr.values())
+        for site in auc:
+            row[f"mia_auc[{site}]"] = auc[site]
+            row[f"mia_tpr1[{site}]"] = tpr[site]
     return row
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _nanmax(values: Any) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
 
 
 def collect(cells: Sequence[tuple[str, Path]], audit: bool) -> pd.DataFrame:
@@ -213,13 +224,27 @@ def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
             stats = g.groupby("target_epsilon")[col].agg(["mean", "std"]).fillna({"std": 0.0})
             fin = stats[np.isfinite(stats.index.to_numpy(dtype=float))]
             if len(fin):
-                ax.errorbar(fin.index, fin["mean"], yerr=fin["std"], marker="o", capsize=3,
-                            color=color, label=str(strategy))
+                ax.errorbar(
+                    fin.index,
+                    fin["mean"],
+                    yerr=fin["std"],
+                    marker="o",
+                    capsize=3,
+                    color=color,
+                    label=str(strategy),
+                )
             if (~np.isfinite(stats.index.to_numpy(dtype=float))).any():
                 nodp = stats.loc[math.inf]
-                ax.errorbar([x_nodp], [nodp["mean"]], yerr=[nodp["std"]], marker="s",
-                            mfc="white", capsize=3, color=color,
-                            label=None if len(fin) else str(strategy))
+                ax.errorbar(
+                    [x_nodp],
+                    [nodp["mean"]],
+                    yerr=[nodp["std"]],
+                    marker="s",
+                    mfc="white",
+                    capsize=3,
+                    color=color,
+                    label=None if len(fin) else str(strategy),
+                )
                 ax.axhline(nodp["mean"], color=color, ls=":", lw=0.8)
         ticks = [*finite, x_nodp] if math.inf in set(df["target_epsilon"]) else finite
         labels = [f"{e:g}" for e in finite] + (["no DP"] if len(ticks) > len(finite) else [])
@@ -294,13 +319,18 @@ def sweep_privacy(
         if audit and not (run_dir / "audit.json").is_file():
             from common.audit import audit_run
 
-            audit_run(run_dir)
+            try:
+                audit_run(run_dir)
+            except Exception as err:  # the run itself is fine: keep it, retry the audit later
+                log.exception("audit of cell %s failed", name)
+                failed.append(f"{name} (audit): {err}")
         write_outputs(collect(cells, audit), out)  # partial results survive an interruption
     df = collect(cells, audit)
     write_outputs(df, out)
     if failed:
-        console.print("[red]failed cells (re-run the same command to retry):[/]\n  "
-                      + "\n  ".join(failed))
+        console.print(
+            "[red]failed cells (re-run the same command to retry):[/]\n  " + "\n  ".join(failed)
+        )
     return df
 
 
@@ -336,5 +366,6 @@ def sweep_cli(
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
     console.print(Markdown(summary_table(df)))
-    console.print(f"{len(df)} runs: {out / 'sweep.csv'}, {out / 'sweep.md'}, "
-                  f"{out / 'privacy_utility.png'}")
+    console.print(
+        f"{len(df)} runs: {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'privacy_utility.png'}"
+    )

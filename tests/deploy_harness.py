@@ -88,10 +88,11 @@ class Proc:
 
     def wait_exit(self, timeout: float) -> int | None:
         """Return the exit code, or None if it is still running after ``timeout``."""
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            self.remember_children()  # its SuperExec child outlives it: keep track to kill
+            time.sleep(0.2)
+        return self.popen.poll()
 
     def remember_children(self) -> None:
         """Record the process tree now: SuperExec / app processes start in their own sessions

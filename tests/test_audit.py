@@ -47,13 +47,13 @@ def run_config(**kw: object) -> dict:
 
 @pytest.fixture(scope="module")
 def overfitted():
-    """A test_resnet trained 40 epochs on site "a"'s 48 train images; site "b" never seen."""
+    """A test_resnet trained 15 epochs on site "a"'s 100 train images; site "b" never seen."""
     torch.set_num_threads(1)
-    a = random_site("a", 48, 150, seed=1)
+    a = random_site("a", 100, 150, seed=1)
     b = random_site("b", 150, 100, seed=2)
     torch.manual_seed(0)
     model = build_model("test_resnet", len(CLASSES))
-    cfg = run_config(**{"local-epochs": 40})
+    cfg = run_config(**{"local-epochs": 15})
     metrics = train_local(
         model,
         torch.from_numpy(a.images["train"]),
@@ -80,8 +80,9 @@ def test_tpr_at_fpr_hand_made() -> None:
     assert tpr_at_fpr(fpr, tpr, 1.0) == pytest.approx(1.0)
     # AUC by hand: 30 members beat all, 20 beat 99 and tie 1, 50 beat 0 (all non >= 0).
     assert m["auc"] == pytest.approx((30 * 100 + 20 * 99.5) / (100 * 100))
-    perfect = attack_metrics(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
-    assert perfect["auc"] == 1.0 and perfect["tpr_at_1pct_fpr"] == 1.0
+    # With fewer than 100 non-members 1% FPR is below the ROC's resolution: not reported.
+    few = attack_metrics(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
+    assert few["auc"] == 1.0 and np.isnan(few["tpr_at_1pct_fpr"])
 
 
 def test_memorised_members_are_detected_and_unseen_ones_are_not(overfitted, tmp_path) -> None:
@@ -90,14 +91,14 @@ def test_memorised_members_are_detected_and_unseen_ones_are_not(overfitted, tmp_
     result = audit_model(model, [a, b], seed=0)
     assert set(result) == {"a", "b"}
     # balanced by subsampling the larger group
-    assert result["a"]["n_members"] == result["a"]["n_nonmembers"] == 48
+    assert result["a"]["n_members"] == result["a"]["n_nonmembers"] == 100
     assert result["a"]["n_nonmembers_available"] == 150
     assert result["b"]["n_members"] == result["b"]["n_nonmembers"] == 100
     for attack in ("loss", "confidence"):
         assert result["a"]["attacks"][attack]["auc"] > 0.7
         assert abs(result["b"]["attacks"][attack]["auc"] - 0.5) < 0.1
-    assert result["a"]["tpr_at_1pct_fpr"] > 0.1
-    assert result["b"]["tpr_at_1pct_fpr"] < 0.1
+    assert result["a"]["tpr_at_1pct_fpr"] > 0.3
+    assert result["b"]["tpr_at_1pct_fpr"] < 0.15  # chance is 0.01, but n=100 is noisy
     # the same seed gives the same subsample and scores
     again = audit_model(model, [a, b], seed=0)
     assert again["b"]["attacks"]["loss"]["auc"] == result["b"]["attacks"]["loss"]["auc"]
@@ -116,5 +117,6 @@ def test_reference_attack(overfitted) -> None:
     assert result["a"]["n_nonmembers_available"] == 75
     assert result["b"]["n_members"] == 50
     assert result["a"]["attacks"]["reference"]["auc"] > 0.7
+    assert np.isnan(result["a"]["attacks"]["reference"]["tpr_at_1pct_fpr"])  # only 75 non-members
     assert abs(result["b"]["attacks"]["reference"]["auc"] - 0.5) < 0.15
     assert len(result["a"]["attacks"]["reference"]["roc_tpr"]) == 61

@@ -1,0 +1,212 @@
+"""Privacy sweep: grid parsing, results table/plot from metrics.json files, resume, and one
+real tiny sweep through the Simulation Engine (3 ``simulate`` calls in all)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from common.data.schema import DataError
+from simulations.sweep import (
+    cell_name,
+    cell_overrides,
+    collect,
+    is_finished,
+    parse_epsilons,
+    parse_list,
+    sweep_cli,
+    sweep_privacy,
+    write_outputs,
+)
+
+SITES = ["alpha", "beta"]
+
+
+def fake_metrics(strategy: str, eps: float | None, seed: int, bacc: float) -> dict:
+    """A metrics.json as the runner writes it (only the fields the sweep reads)."""
+    dp = eps is not None
+    cfg = {"strategy": strategy, "seed": seed, "dp": dp, "target-epsilon": eps or 8.0}
+    rounds = []
+    for r in (1, 2):
+        train = {s: {"train_loss": 1.0} for s in SITES}
+        epsilon = {}
+        if dp:
+            for i, s in enumerate(SITES):
+                epsilon[s] = eps * r / 2 * (0.9 + 0.05 * i)
+                train[s].update(epsilon=epsilon[s], delta=1e-3 * (i + 1), noise_multiplier=1 + i)
+        rounds.append(
+            {"round": r, "train": train, "epsilon": epsilon, "rejected": {}, "seconds": 1.5}
+        )
+    sites = {s: {"balanced_accuracy": bacc + 0.01 * i} for i, s in enumerate(SITES)}
+    test = {
+        "global": {"balanced_accuracy": bacc, "accuracy": 0.7, "auroc": 0.8},
+        "sites": sites,
+        "mean_site_balanced_accuracy": bacc + 0.005,
+    }
+    return {"config": cfg, "rounds": rounds, "best_round": 2, "test": test}
+
+
+def fake_sweep(out: Path, epsilons, strategies, seeds) -> list[tuple[str, Path]]:
+    cells = []
+    for s in strategies:
+        for e in epsilons:
+            for k in seeds:
+                bacc = 0.3 + 0.1 * math.log10(e if e else 100) + 0.01 * k
+                run_dir = out / "cells" / cell_name(s, e, k)
+                run_dir.mkdir(parents=True)
+                (run_dir / "metrics.json").write_text(json.dumps(fake_metrics(s, e, k, bacc)))
+                cells.append((cell_name(s, e, k), run_dir))
+    return cells
+
+
+def test_parse_grid() -> None:
+    assert parse_epsilons("1, 3,8,inf,none") == [1.0, 3.0, 8.0, None, None]
+    for bad in ("0", "-1", "abc", " , "):
+        with pytest.raises(DataError, match="epsilons"):
+            parse_epsilons(bad)
+    assert parse_list("0,1", "seeds", int) == [0, 1]
+    with pytest.raises(DataError, match="seeds"):
+        parse_list("0,x", "seeds", int)
+    assert cell_name("fedavg", 3.0, 1) == "fedavg_eps3_seed1"
+    assert cell_name("fedprox", None, 0) == "fedprox_nodp_seed0"
+    over = cell_overrides({"model": "m"}, "fedprox", 0.5, 2)
+    assert over == {
+        "model": "m",
+        "strategy": "fedprox",
+        "seed": 2,
+        "dp": True,
+        "target-epsilon": 0.5,
+        "noise-multiplier": 0.0,
+        "run-name": "fedprox_eps0.5_seed2",
+    }
+    assert cell_overrides({}, "fedavg", None, 0)["dp"] is False
+
+
+def test_table_csv_and_plot_from_metrics(tmp_path: Path) -> None:
+    cells = fake_sweep(tmp_path, [1.0, 8.0, None], ["fedavg", "fedprox"], [0, 1])
+    unfinished = tmp_path / "cells" / "fedavg_eps3_seed0"  # interrupted: no test results
+    unfinished.mkdir()
+    (unfinished / "metrics.json").write_text(json.dumps({"rounds": []}))
+    df = collect([*cells, ("fedavg_eps3_seed0", unfinished)], audit=False)
+    assert len(df) == 12 and not is_finished(unfinished)
+    table = write_outputs(df, tmp_path)
+
+    csv = pd.read_csv(tmp_path / "sweep.csv")
+    for col in (
+        "strategy",
+        "seed",
+        "target_epsilon",
+        "epsilon_max",
+        "epsilon[alpha]",
+        "epsilon[beta]",
+        "delta_max",
+        "noise_multiplier_min",
+        "test_balanced_accuracy",
+        "test_mean_site_balanced_accuracy",
+        "test_auroc",
+        "bacc[alpha]",
+        "bacc[beta]",
+    ):
+        assert col in csv.columns, col
+    row = csv[(csv.cell == "fedavg_eps8_seed1")].iloc[0]
+    assert row.epsilon_max == pytest.approx(8 * 0.95) and row["epsilon[alpha]"] == pytest.approx(
+        7.2
+    )
+    assert row.delta_max == pytest.approx(2e-3) and row.noise_multiplier_min == 1
+    nodp = csv[csv.cell == "fedprox_nodp_seed0"].iloc[0]
+    assert math.isinf(nodp.target_epsilon) and not nodp.dp and math.isinf(nodp.epsilon_max)
+
+    lines = table.splitlines()
+    assert len(lines) == 2 + 6  # header, rule, 2 strategies x 3 epsilons
+    assert (tmp_path / "sweep.md").read_text().count("\n|") == 8
+    fedavg1 = next(line for line in lines if line.startswith("| fedavg | 1 |"))
+    # bacc 0.30 and 0.31 over the two seeds -> mean 0.305, sd 0.007
+    assert "0.305 ± 0.007" in fedavg1 and "| 2 |" in fedavg1
+    assert any(line.startswith("| fedprox | no DP | 2 | ∞ |") for line in lines)
+    assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
+
+
+def test_finished_cells_are_not_rerun(tmp_path: Path) -> None:
+    """A complete grid re-run only re-collects: no simulate call (it would start Ray)."""
+    cells = fake_sweep(tmp_path, [2.0, None], ["fedavg"], [0])
+    before = {name: (d / "metrics.json").stat().st_mtime_ns for name, d in cells}
+    t0 = time.time()
+    df = sweep_privacy(None, [2.0, None], ["fedavg"], [0], tmp_path)
+    assert time.time() - t0 < 20
+    assert list(df.cell) == ["fedavg_eps2_seed0", "fedavg_nodp_seed0"]
+    assert {n: (d / "metrics.json").stat().st_mtime_ns for n, d in cells} == before
+    assert (tmp_path / "sweep.csv").is_file()
+
+
+def test_bad_sweep_arguments(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="unknown strategies"):
+        sweep_privacy(None, [1.0], ["fedsgd"], [0], tmp_path)
+    with pytest.raises(DataError, match="varies"):
+        sweep_privacy(None, [1.0], ["fedavg"], [0], tmp_path, overrides="seed=3")
+    with pytest.raises(DataError, match="unknown config keys"):
+        sweep_privacy(None, [1.0], ["fedavg"], [0], tmp_path, overrides="no-such-key=1")
+
+
+TINY = (
+    "model='test_efficientnet' image-size=16 num-server-rounds=1 builtin-images=300 "
+    "batch-size=32 augment=false"
+)
+
+
+def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
+    """Real runs: DP at epsilon 3 and no DP, with the audit; then resume after a deletion."""
+    torch.set_num_threads(1)
+    app = typer.Typer()
+    app.command()(sweep_cli)
+    out = tmp_path / "sweep"
+    args = [
+        "--epsilons",
+        "3,inf",
+        "--strategies",
+        "fedavg",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--run-config",
+        TINY,
+        "--audit",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "fedavg" in result.output and "no DP" in result.output
+
+    df = pd.read_csv(out / "sweep.csv")
+    assert list(df.cell) == ["fedavg_eps3_seed0", "fedavg_nodp_seed0"]
+    dp_row, nodp_row = df.iloc[0], df.iloc[1]
+    site_eps = [c for c in df.columns if c.startswith("epsilon[")]
+    assert len(site_eps) >= 2
+    assert 0 < dp_row.epsilon_max <= 3.0 * (1 + 1e-6)
+    assert all(0 < dp_row[c] <= 3.0 * (1 + 1e-6) for c in site_eps)
+    assert 0 < dp_row.delta_max < 0.1 and dp_row.noise_multiplier_min > 0
+    assert not nodp_row.dp and math.isinf(nodp_row.epsilon_max)
+    for row in (dp_row, nodp_row):
+        assert 0 <= row.test_balanced_accuracy <= 1 and 0 <= row.mia_auc_max <= 1
+    assert any(c.startswith("mia_auc[") for c in df.columns)
+    assert (out / "privacy_utility.png").is_file() and (out / "sweep.md").is_file()
+    assert (out / "cells" / "fedavg_eps3_seed0" / "audit.png").is_file()
+
+    # Interrupted sweep: one cell's outputs are gone; only that cell runs again.
+    kept = out / "cells" / "fedavg_eps3_seed0" / "metrics.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    shutil.rmtree(out / "cells" / "fedavg_nodp_seed0")
+    t_rerun = time.time_ns()
+    df2 = sweep_privacy(None, [3.0, None], ["fedavg"], [0], out, overrides=TINY, audit=True)
+    assert kept.stat().st_mtime_ns == kept_mtime
+    redone = out / "cells" / "fedavg_nodp_seed0" / "metrics.json"
+    assert redone.stat().st_mtime_ns >= t_rerun
+    assert len(df2) == 2 and (out / "cells" / "fedavg_nodp_seed0" / "audit.json").is_file()
