@@ -143,6 +143,10 @@ def simulate(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if "test" not in metrics:
         raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
+    if cfg.get("audit"):
+        from common.audit import audit_run
+
+        metrics["audit"] = audit_run(run_dir)
     _print_summary(metrics, time.time() - t0, run_dir)
     return metrics
 
