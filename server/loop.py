@@ -78,9 +78,7 @@ def _arrays_ok(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> str | N
 class Federation:
     """Runs the rounds of one experiment against a grid of site nodes."""
 
-    def __init__(
-        self, grid: Grid, cfg: dict[str, Any], run_dir: Path, classes: list[str]
-    ) -> None:
+    def __init__(self, grid: Grid, cfg: dict[str, Any], run_dir: Path, classes: list[str]) -> None:
         self.grid, self.cfg, self.run_dir, self.classes = grid, cfg, run_dir, classes
         self.timeout = float(cfg.get("round-timeout", 600.0))
         self.seed = int(cfg.get("seed", 0))
@@ -94,7 +92,9 @@ class Federation:
         while len(ids := list(self.grid.get_node_ids())) < expected and time.time() < deadline:
             time.sleep(0.5)
         msgs = [
-            Message(RecordDict({"config": ConfigRecord(self._base_config())}), nid, MessageType.QUERY)
+            Message(
+                RecordDict({"config": ConfigRecord(self._base_config())}), nid, MessageType.QUERY
+            )
             for nid in ids
         ]
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
@@ -127,8 +127,10 @@ class Federation:
     def sample(self, server_round: int) -> list[SiteInfo]:
         """Seeded choice over site names, so node ids (random per run) don't matter."""
         sites = self.ordered_sites()
-        k = max(int(self.cfg.get("min-train-nodes", 1)),
-                math.ceil(float(self.cfg.get("fraction-train", 1.0)) * len(sites)))
+        k = max(
+            int(self.cfg.get("min-train-nodes", 1)),
+            math.ceil(float(self.cfg.get("fraction-train", 1.0)) * len(sites)),
+        )
         k = min(k, len(sites))
         rng = np.random.default_rng([self.seed, server_round])
         idx = sorted(rng.choice(len(sites), size=k, replace=False).tolist())
@@ -153,7 +155,9 @@ class Federation:
                 state.best_score, state.best_round = score, server_round
                 self._save("best", arrays, state, strategy)
             self._save("last", arrays, state, strategy)
-            write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, None, state.best_round)
+            write_outputs(
+                self.run_dir, self.cfg, self.classes, state.rounds, None, state.best_round
+            )
             self._print_round(record)
         best = self._load_arrays("best") if state.best_round else arrays
         test = self._evaluate(best, "test", state.round + 1)
@@ -161,7 +165,9 @@ class Federation:
         write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, test, state.best_round)
         return {"rounds": state.rounds, "test": test, "best_round": state.best_round}
 
-    def _start(self, initial: dict[str, torch.Tensor], resume: bool) -> tuple[LoopState, ArrayRecord]:
+    def _start(
+        self, initial: dict[str, torch.Tensor], resume: bool
+    ) -> tuple[LoopState, ArrayRecord]:
         last = self.run_dir / "checkpoints" / "last.pt"
         if resume and last.is_file():
             ck = self._checkpoint("last")
@@ -173,7 +179,11 @@ class Federation:
         return LoopState(run_tag=uuid.uuid4().hex[:12]), ArrayRecord(initial)
 
     def _train_round(
-        self, strategy: Any, server_round: int, arrays: ArrayRecord, state: LoopState,
+        self,
+        strategy: Any,
+        server_round: int,
+        arrays: ArrayRecord,
+        state: LoopState,
         record: dict[str, Any],
     ) -> ArrayRecord:
         chosen = self.sample(server_round)
@@ -200,8 +210,12 @@ class Federation:
             if "epsilon" in metrics:
                 epsilon[name] = float(metrics["epsilon"])
             if int(metrics.get("num-examples", 0)) == 0:
-                rejected[name] = "privacy budget spent" if metrics.get("dp-budget-exhausted") else "no data"
-                log.warning("round %d: site %s did not train (%s)", server_round, name, rejected[name])
+                rejected[name] = (
+                    "privacy budget spent" if metrics.get("dp-budget-exhausted") else "no data"
+                )
+                log.warning(
+                    "round %d: site %s did not train (%s)", server_round, name, rejected[name]
+                )
                 continue
             why = _arrays_ok(reply.content.array_records["arrays"], reference)
             if why:
@@ -215,14 +229,19 @@ class Federation:
                 failures[site.site] = f"no reply within {self.timeout:.0f}s"
                 log.error("round %d: site %s did not reply in time", server_round, site.site)
         record.update(
-            sampled=[s.site for s in chosen], train=train_metrics, failures=failures,
-            rejected=rejected, epsilon=epsilon,
+            sampled=[s.site for s in chosen],
+            train=train_metrics,
+            failures=failures,
+            rejected=rejected,
+            epsilon=epsilon,
         )
         minimum = int(self.cfg.get("min-train-nodes", 1))
         if len(good) < minimum:
             log.error(
                 "round %d: only %d usable updates (< min-train-nodes=%d); global model kept",
-                server_round, len(good), minimum,
+                server_round,
+                len(good),
+                minimum,
             )
             record["aggregated"] = False
             return arrays
@@ -233,7 +252,10 @@ class Federation:
             return arrays
         # Keep integer buffers (BatchNorm counters) integer after weighted averaging.
         return ArrayRecord(
-            {k: Array(np.asarray(v.numpy()).astype(reference[k].dtype)) for k, v in new_arrays.items()}
+            {
+                k: Array(np.asarray(v.numpy()).astype(reference[k].dtype))
+                for k, v in new_arrays.items()
+            }
         )
 
     def _evaluate(self, arrays: ArrayRecord, split: str, server_round: int) -> dict[str, Any]:
@@ -259,7 +281,9 @@ class Federation:
         out: dict[str, Any] = {"sites": dict(sorted(sites.items())), "failures": failures}
         out["global"] = pooled_metrics(summaries, self.classes) if summaries else {}
         out["confusion"] = pooled_confusion(summaries, len(self.classes)).tolist()
-        baccs = [v["balanced_accuracy"] for v in sites.values() if not math.isnan(v["balanced_accuracy"])]
+        baccs = [
+            v["balanced_accuracy"] for v in sites.values() if not math.isnan(v["balanced_accuracy"])
+        ]
         out["mean_site_balanced_accuracy"] = float(np.mean(baccs)) if baccs else float("nan")
         return out
 
@@ -290,10 +314,12 @@ class Federation:
         problems = {**record.get("failures", {}), **record.get("rejected", {})}
         log.info(
             "round %d | val bal-acc %.3f acc %.3f auroc %.3f | %d sites trained%s%s | %.1fs",
-            record["round"], g.get("balanced_accuracy", float("nan")),
-            g.get("accuracy", float("nan")), g.get("auroc", float("nan")),
-            len(record.get("train", {})), eps_txt,
-            f" | problems: {sorted(problems)}" if problems else "", record["seconds"],
+            record["round"],
+            g.get("balanced_accuracy", float("nan")),
+            g.get("accuracy", float("nan")),
+            g.get("auroc", float("nan")),
+            len(record.get("train", {})),
+            eps_txt,
+            f" | problems: {sorted(problems)}" if problems else "",
+            record["seconds"],
         )
-
-

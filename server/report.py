@@ -113,8 +113,15 @@ def plot_confusion(conf: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_yticks(range(len(classes)), classes)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                int(conf[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set(xlabel="predicted", ylabel="true", title="Pooled test confusion (best round)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

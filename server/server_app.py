@@ -31,7 +31,9 @@ def initial_weights(cfg: dict[str, Any], num_classes: int) -> dict[str, torch.Te
     """Seeded initial global model, DP-compatible (GroupNorm) when sites train under DP."""
     torch.manual_seed(int(cfg.get("seed", 0)))
     model = build_model(
-        str(cfg["model"]), num_classes, pretrained=str(cfg.get("pretrained", "")),
+        str(cfg["model"]),
+        num_classes,
+        pretrained=str(cfg.get("pretrained", "")),
         dp=bool(cfg.get("dp", False)),
     )
     return get_weights(model)
@@ -44,7 +46,9 @@ def main(grid: Grid, context: Context) -> None:
     classes = classes_for(str(cfg.get("data-format", "synth-ham")))
     run_dir = run_dir_for(cfg)
     fed = Federation(grid, cfg, run_dir, classes)
-    sites = fed.discover(expected=int(cfg.get("min-nodes", 1)), wait=float(cfg.get("wait-for-nodes", 120)))
+    sites = fed.discover(
+        expected=int(cfg.get("min-nodes", 1)), wait=float(cfg.get("wait-for-nodes", 120))
+    )
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))
     result = fed.run(
         initial_weights(cfg, len(classes)),
@@ -54,6 +58,8 @@ def main(grid: Grid, context: Context) -> None:
     test = result["test"]
     log.info(
         "test (best round %d): pooled balanced accuracy %.3f, mean over sites %.3f -> %s",
-        result["best_round"], test["global"].get("balanced_accuracy", float("nan")),
-        test["mean_site_balanced_accuracy"], run_dir,
+        result["best_round"],
+        test["global"].get("balanced_accuracy", float("nan")),
+        test["mean_site_balanced_accuracy"],
+        run_dir,
     )

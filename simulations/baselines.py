@@ -42,12 +42,19 @@ def _budget(cfg: dict[str, Any]) -> TrainConfig:
     return replace(tcfg, local_epochs=tcfg.local_epochs * rounds, proximal_mu=0.0)
 
 
-def _fit(cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, n_cls: int) -> torch.nn.Module:
+def _fit(
+    cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, n_cls: int
+) -> torch.nn.Module:
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(str(cfg["model"]), n_cls, pretrained=str(cfg.get("pretrained", "")))
     train_local(
-        model, torch.from_numpy(images), torch.from_numpy(labels), _budget(cfg),
-        num_classes=n_cls, device=pick_device(), seed=int(cfg["seed"]),
+        model,
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        _budget(cfg),
+        num_classes=n_cls,
+        device=pick_device(),
+        seed=int(cfg["seed"]),
     )
     return model
 
@@ -57,7 +64,9 @@ def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, f
     out = {}
     for s in sites:
         probs = predict(model, torch.from_numpy(s.images["test"]), device=pick_device())
-        out[s.site] = float(compute_metrics(s.labels["test"], probs, s.classes)["balanced_accuracy"])
+        out[s.site] = float(
+            compute_metrics(s.labels["test"], probs, s.classes)["balanced_accuracy"]
+        )
     return out
 
 
@@ -119,7 +128,9 @@ def compare(
     cfg = prepare_data(resolve_config(config, base))
     cfg.pop("num-sites-found", None)
     table = pd.concat([run_baselines(cfg, local=local), _with_mean(pd.DataFrame(rows))])
-    table = table[["method", *sorted(c for c in table.columns if c not in ("method", "mean")), "mean"]]
+    table = table[
+        ["method", *sorted(c for c in table.columns if c not in ("method", "mean")), "mean"]
+    ]
     table.to_csv(out / "comparison.csv", index=False, float_format="%.4f")
     (out / "comparison.md").write_text(_markdown(table))
     (out / "comparison.json").write_text(json.dumps(table.to_dict(orient="records"), indent=1))

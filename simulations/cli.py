@@ -28,9 +28,9 @@ app.command("synth", help="Write a synthetic data set in one of the real on-disk
 app.command("partition", help="Split a data source into hospital sites (writes a manifest).")(
     partition_cli
 )
-app.command("bench", help="Benchmarks: throughput, data pipeline, round overhead, DP cost, scaling.")(
-    bench_cli
-)
+app.command(
+    "bench", help="Benchmarks: throughput, data pipeline, round overhead, DP cost, scaling."
+)(bench_cli)
 sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x seeds.")(sweep_cli)
 app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
     deploy_cli

@@ -184,8 +184,9 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
     run.override_config = dict(cfg)
     TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=dict(cfg))
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg)
+    )
     _run_simulation(
         num_supernodes=n_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -218,11 +219,21 @@ def _print_summary(metrics: dict[str, Any], seconds: float, run_dir: Path) -> No
     for col in ("site", "n", "balanced acc", "accuracy", "AUROC"):
         table.add_column(col, justify="right" if col != "site" else "left")
     for site, m in test["sites"].items():
-        table.add_row(site, str(int(m["num-examples"])), f"{m['balanced_accuracy']:.3f}",
-                      f"{m['accuracy']:.3f}", f"{m.get('auroc', float('nan')):.3f}")
+        table.add_row(
+            site,
+            str(int(m["num-examples"])),
+            f"{m['balanced_accuracy']:.3f}",
+            f"{m['accuracy']:.3f}",
+            f"{m.get('auroc', float('nan')):.3f}",
+        )
     g = test["global"]
     table.add_row("mean over sites", "", f"{test['mean_site_balanced_accuracy']:.3f}", "", "")
-    table.add_row("pooled", str(int(g["n"])), f"{g['balanced_accuracy']:.3f}",
-                  f"{g['accuracy']:.3f}", f"{g.get('auroc', float('nan')):.3f}")
+    table.add_row(
+        "pooled",
+        str(int(g["n"])),
+        f"{g['balanced_accuracy']:.3f}",
+        f"{g['accuracy']:.3f}",
+        f"{g.get('auroc', float('nan')):.3f}",
+    )
     console.print(table)
     console.print(f"run directory: {run_dir} (report.md, metrics.json, history.csv, plots)")

@@ -35,7 +35,9 @@ def _fed(tmp_path, cfg):
     fed.cfg, fed.seed = cfg, int(cfg["seed"])
     fed.sites = {
         nid: SiteInfo(nid, name, 10, 2, 2)
-        for nid, name in zip([901, 17, 4242, 5], ["vienna", "barcelona", "mskcc", "queensland"])
+        for nid, name in zip(
+            [901, 17, 4242, 5], ["vienna", "barcelona", "mskcc", "queensland"], strict=True
+        )
     }
     return fed
 
@@ -62,8 +64,10 @@ def _task_identity():
 
 def _reply(values, n):
     content = RecordDict(
-        {"arrays": _rec({"w": np.array(values, np.float32)}),
-         "metrics": MetricRecord({"num-examples": n})}
+        {
+            "arrays": _rec({"w": np.array(values, np.float32)}),
+            "metrics": MetricRecord({"num-examples": n}),
+        }
     )
     return Message(content, dst_node_id=1, message_type="train")
 

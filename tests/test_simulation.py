@@ -38,8 +38,16 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_run_directory_and_metrics(full_run):
     run_dir, metrics = full_run
-    for name in ("metrics.json", "history.csv", "report.md", "learning_curves.png",
-                 "confusion_test.png", "manifest.csv", "config.toml", "checkpoints/best.pt"):
+    for name in (
+        "metrics.json",
+        "history.csv",
+        "report.md",
+        "learning_curves.png",
+        "confusion_test.png",
+        "manifest.csv",
+        "config.toml",
+        "checkpoints/best.pt",
+    ):
         assert (run_dir / name).is_file(), name
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     for r in metrics["rounds"]:
@@ -56,7 +64,9 @@ def test_golden_metrics(full_run):
     got = {
         "test_pooled_balanced_accuracy": metrics["test"]["global"]["balanced_accuracy"],
         "test_mean_site_balanced_accuracy": metrics["test"]["mean_site_balanced_accuracy"],
-        "round3_val_balanced_accuracy": metrics["rounds"][2]["validation"]["global"]["balanced_accuracy"],
+        "round3_val_balanced_accuracy": metrics["rounds"][2]["validation"]["global"][
+            "balanced_accuracy"
+        ],
         "round1_train_loss_rosendahl": metrics["rounds"][0]["train"]["rosendahl"]["train_loss"],
     }
     if os.environ.get("FEDSKIN_GOLDEN") == "write":
@@ -88,7 +98,9 @@ def test_resume_ends_with_the_same_model(full_run, tmp_path):
 def test_faulty_sites_are_survived(tmp_path):
     """A NaN update is rejected, a crashing site is logged by name, the round completes."""
     metrics = simulate(
-        None, dict(TINY, **{"num-server-rounds": 1}), out=tmp_path / "faulty",
+        None,
+        dict(TINY, **{"num-server-rounds": 1}),
+        out=tmp_path / "faulty",
         client_app="tests.faulty_client:app",
     )
     r1 = metrics["rounds"][0]

@@ -184,7 +184,7 @@ def load_site(cfg: Mapping[str, Any], node_config: Mapping[str, Any] | None = No
     for split in SPLITS:
         part = rows[rows["split"] == split]
         images[split] = np.ascontiguousarray(cache.get(part["image_id"].astype(str).tolist()))
-        labels[split] = part["label"].to_numpy(dtype=np.int64)
+        labels[split] = part["label"].to_numpy(dtype=np.int64).copy()
     data = SiteData(site=site, classes=source.classes, images=images, labels=labels)
     _SITE_CACHE[key] = data
     return data
