@@ -55,6 +55,11 @@ def test_run_directory_and_metrics(full_run):
         assert sorted(r["validation"]["sites"]) == SITES
         assert not r["failures"] and not r["rejected"]
     assert sorted(metrics["test"]["sites"]) == SITES
+    from tests.test_network_keys import TRAIN_KEYS
+
+    for r in metrics["rounds"]:  # what the sites actually sent with their weights
+        for site_metrics in r["train"].values():
+            assert set(site_metrics) <= TRAIN_KEYS, sorted(set(site_metrics) - TRAIN_KEYS)
     assert (run_dir / "history.csv").read_text().count("\n") == 4
 
 
