@@ -30,7 +30,7 @@ def make_strategy(cfg: dict[str, Any], num_sampled: int) -> Strategy:
     name = str(cfg.get("strategy", "fedavg")).lower()
     common = dict(
         fraction_train=1.0,
-        fraction_evaluate=0.0,
+        fraction_evaluate=1.0,  # unused: the loop evaluates every site itself
         min_train_nodes=1,
         min_evaluate_nodes=0,
         min_available_nodes=1,
