@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(cfg, len(data.classes))
     arrays: ArrayRecord = msg.content.array_records["arrays"]
     set_weights(model, arrays.to_torch_state_dict())
-    tcfg = TrainConfig.from_run_config(cfg)
+    tcfg = train_config(cfg, msg)
     n_train = data.n("train")
 
     session = None
@@ -150,6 +151,18 @@ def train(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = n_train
     new_arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return _train_reply(msg, new_arrays, metrics, data.site)
+
+
+def train_config(cfg: dict[str, Any], msg: Message) -> TrainConfig:
+    """Local training settings; the proximal term only when the server's strategy asks.
+
+    FedProx sends ``proximal-mu`` with every train message. A ``proximal-mu`` left in the run
+    config must not turn FedAvg (or FedAdam) into FedProx behind the user's back.
+    """
+    server = msg.content.config_records.get("config", {})
+    return replace(
+        TrainConfig.from_run_config(cfg), proximal_mu=float(server.get("proximal-mu", 0.0))
+    )
 
 
 def _train_reply(msg: Message, arrays: ArrayRecord, metrics: dict, site: str) -> Message:

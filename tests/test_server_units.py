@@ -100,3 +100,16 @@ def test_fedadam_state_survives_a_restart():
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy(dict(CFG, strategy="fedfoo"), 2)
+
+
+def test_proximal_term_only_when_the_strategy_sends_it():
+    """proximal-mu in the run config must not turn FedAvg into FedProx at the client."""
+    from client.client_app import train_config
+
+    cfg = {"proximal-mu": 0.5, "lr": 0.01, "batch-size": 8}
+    grid_ids = type("G", (), {"get_node_ids": lambda self: [7]})()
+    start = _rec({"w": np.zeros(2, np.float32)})
+    for name, expected in (("fedavg", 0.0), ("fedadam", 0.0), ("fedprox", 0.5)):
+        strategy = make_strategy(dict(CFG, strategy=name, **cfg), 1)
+        (msg,) = list(strategy.configure_train(1, start, ConfigRecord(), grid_ids))
+        assert train_config(cfg, msg).proximal_mu == expected, name
