@@ -250,6 +250,14 @@ class Federation:
         record["aggregated"] = new_arrays is not None
         if new_arrays is None:
             return arrays
+        aggregate = {k: np.asarray(v.numpy()) for k, v in new_arrays.items()}
+        if any(
+            np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()
+            for a in aggregate.values()
+        ):
+            log.error("round %d: aggregate is not finite; global model kept", server_round)
+            record["aggregated"] = False
+            return arrays
         # Keep integer buffers (BatchNorm counters) integer after weighted averaging.
         return ArrayRecord(
             {

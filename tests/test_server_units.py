@@ -113,3 +113,12 @@ def test_proximal_term_only_when_the_strategy_sends_it():
         strategy = make_strategy(dict(CFG, strategy=name, **cfg), 1)
         (msg,) = list(strategy.configure_train(1, start, ConfigRecord(), grid_ids))
         assert train_config(cfg, msg).proximal_mu == expected, name
+
+
+def test_central_dp_wrappers():
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    cfg = dict(CFG, **{"central-dp": "server-fixed", "central-noise": 0.1, "central-clip": 2.0})
+    assert isinstance(make_strategy(cfg, 4), DifferentialPrivacyServerSideFixedClipping)
+    with pytest.raises(ValueError, match="clipping mod"):
+        make_strategy(dict(cfg, **{"central-dp": "client-fixed"}), 4)
