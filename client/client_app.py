@@ -23,12 +23,22 @@ from common.data.site_data import SiteData, load_site, merged_config
 from common.fedmetrics import site_summary
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import build_model, set_weights
-from common.train import TrainConfig, pick_device, predict, train_local
+from common.train import TrainConfig, pick_device, place_images, predict, train_local
 
 log = logging.getLogger("fedskin")
 app = ClientApp()
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
+_TENSORS: dict[tuple, tuple[SiteData, torch.Tensor]] = {}
+
+
+def site_images(data: SiteData, split: str) -> torch.Tensor:
+    """A split's uint8 images, moved to the training device once per process, not per round."""
+    device = pick_device()
+    key = (data.site, split, str(device))
+    if key not in _TENSORS or _TENSORS[key][0] is not data:  # same site, reloaded data
+        _TENSORS[key] = (data, place_images(torch.from_numpy(data.images[split]), device))
+    return _TENSORS[key][1]
 
 
 def _config(context: Context, msg: Message | None = None) -> dict[str, Any]:
@@ -137,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
             return _train_reply(msg, arrays, reply, data.site)
     metrics = train_local(
         model,
-        torch.from_numpy(data.images["train"]),
+        site_images(data, "train"),
         torch.from_numpy(data.labels["train"]),
         tcfg,
         num_classes=len(data.classes),
@@ -194,7 +204,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[str, Any]:
     """Site metrics (scalars) plus the poolable aggregates of :mod:`common.fedmetrics`."""
-    probs = predict(model, torch.from_numpy(data.images[split]), device=pick_device())
+    probs = predict(model, site_images(data, split), device=pick_device())
     labels = data.labels[split]
     out: dict[str, Any] = {
         k: float(v) for k, v in scalar_metrics(compute_metrics(labels, probs, data.classes)).items()

@@ -123,7 +123,7 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move the whole split to the GPU once if it takes under 30% of free memory."""
     if device.type != "cuda" or images.device == device:
         return images
@@ -196,7 +196,7 @@ def train_local(
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
-    images = _place(images, device)
+    images = place_images(images, device)
     labels_dev = labels.to(device=device, dtype=torch.long)
     counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
     criterion = make_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
