@@ -92,10 +92,7 @@ class Federation:
         while len(ids := list(self.grid.get_node_ids())) < expected and time.time() < deadline:
             time.sleep(0.5)
         msgs = [
-            Message(
-                RecordDict({"config": ConfigRecord(self._base_config())}), nid, MessageType.QUERY
-            )
-            for nid in ids
+            Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids
         ]
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             nid = reply.metadata.src_node_id
@@ -119,9 +116,6 @@ class Federation:
 
     def ordered_sites(self) -> list[SiteInfo]:
         return sorted(self.sites.values(), key=lambda s: s.site)
-
-    def _base_config(self) -> dict[str, Any]:
-        return {}
 
     # ------------------------------------------------------------------ sampling
     def sample(self, server_round: int) -> list[SiteInfo]:

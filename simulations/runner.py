@@ -8,6 +8,7 @@ the current environment (no per-run reinstall) with the resolved run config.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -85,7 +86,7 @@ def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
     source = load_source(fmt, path)
     if source.report.n_skipped() or source.report.warnings:
         console.print(source.report.summary())
-    manifest_path = ensure_manifest(cfg)
+    manifest_path = ensure_manifest(cfg, source)
     manifest = read_manifest(manifest_path)
     build_cache(source, int(cfg["image-size"]), cache_dir(cfg), progress=True)
     console.print(site_table(manifest, source.classes))
@@ -138,8 +139,6 @@ def simulate(
         f"-> {run_dir}"
     )
     _run_engine(cfg, n_sites, client_app)
-    import json
-
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if "test" not in metrics:
         raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")

@@ -21,6 +21,7 @@ from common.data.schema import (
     ISIC2019_CLASSES,
     ISIC2020_CLASSES,
     DataError,
+    SourceData,
     default_home,
 )
 
@@ -38,6 +39,17 @@ SPLITS = ("train", "validation", "test")
 
 # What a data location is made of; node config overrides run config for these keys.
 DATA_KEYS = ("data-format", "data-path", "manifest", "site", "cache-dir", "state-dir")
+
+
+# What the derived manifest depends on (besides the source itself).
+_MANIFEST_KEYS = (
+    "scheme",
+    "num-sites",
+    "dirichlet-alpha",
+    "institutions",
+    "seed",
+    "builtin-images",
+)
 
 
 def classes_for(fmt: str) -> list[str]:
@@ -80,11 +92,12 @@ def cache_dir(cfg: Mapping[str, Any]) -> Path:
     return Path(d).expanduser() if d else default_home() / "cache"
 
 
-def ensure_manifest(cfg: Mapping[str, Any]) -> Path:
+def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) -> Path:
     """The manifest named in the config, or one made deterministically from the scheme.
 
     Every process that derives it from the same config writes byte-identical content via
-    an atomic rename, so simulated clients racing on it cannot corrupt it.
+    an atomic rename, so simulated clients racing on it cannot corrupt it. Pass the
+    already-loaded ``source`` to avoid reading its metadata twice.
     """
     given = str(cfg.get("manifest", ""))
     if given:
@@ -93,14 +106,12 @@ def ensure_manifest(cfg: Mapping[str, Any]) -> Path:
             raise DataError(f"manifest file not found: {p}")
         return p
     from common.data.partition import partition, write_manifest
-    from common.data.sources import load_source
 
-    fmt, path = resolve_source(cfg)
-    source = load_source(fmt, path)
-    key = "-".join(
-        str(cfg.get(k, ""))
-        for k in ("scheme", "num-sites", "dirichlet-alpha", "institutions", "seed")
-    ).replace(",", "+")
+    if source is None:
+        from common.data.sources import load_source
+
+        source = load_source(*resolve_source(cfg))
+    key = "-".join(str(cfg.get(k, "")) for k in _MANIFEST_KEYS).replace(",", "+")
     out = cache_dir(cfg) / "manifests" / f"{source.fingerprint}-{key}.csv"
     if not out.is_file():
         manifest = partition(
@@ -169,15 +180,17 @@ def load_site(cfg: Mapping[str, Any], node_config: Mapping[str, Any] | None = No
 
     node_config = node_config or {}
     cfg = merged_config(cfg, node_config)
-    manifest_path = ensure_manifest(cfg)
-    manifest = read_manifest(manifest_path)
-    site = pick_site(manifest, cfg, node_config)
-    size = int(cfg.get("image-size", 32))
-    key = (str(manifest_path), site, size, str(cfg.get("data-path", "")))
+    # Keyed on the config alone, so a site's second message reads no file at all.
+    key = (
+        tuple(str(cfg.get(k, "")) for k in (*DATA_KEYS, *_MANIFEST_KEYS, "image-size")),
+        str(node_config.get("partition-id", "")),
+    )
     if key in _SITE_CACHE:
         return _SITE_CACHE[key]
-    fmt, path = resolve_source(cfg)
-    source = load_source(fmt, path)
+    source = load_source(*resolve_source(cfg))
+    manifest = read_manifest(ensure_manifest(cfg, source))
+    site = pick_site(manifest, cfg, node_config)
+    size = int(cfg.get("image-size", 32))
     cache = build_cache(source, size, cache_dir(cfg), progress=False)
     rows = manifest[manifest["site"].astype(str) == site]
     images, labels = {}, {}
