@@ -60,6 +60,31 @@ class _SelectedGrid:
         return getattr(self._grid, name)
 
 
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, poll: float = 0.25
+) -> tuple[dict[int, Message], list[int]]:
+    """Send messages and collect the replies by the node each was *sent to*.
+
+    ``Grid.send_and_receive`` returns bare replies and polls every 3 s; an error reply the
+    SuperLink writes for a node that went offline names the SuperLink as its source, not
+    the site. Matching ``reply_to_message_id`` against what was sent names the site either
+    way. Returns replies by node id and the node ids that did not answer within ``timeout``.
+    """
+    pending = {i for i in grid.push_messages(messages) if i}
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            if mid in sent:
+                replies[sent[mid]] = reply
+        if pending:
+            time.sleep(poll)
+    return replies, [nid for nid in sent.values() if nid not in replies]
+
+
 def _arrays_ok(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> str | None:
     """Why an update must be rejected (wrong keys/shapes, NaN/Inf), or None if it is fine."""
     keys = set(arrays.keys())
@@ -94,8 +119,10 @@ class Federation:
         msgs = [
             Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids
         ]
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            nid = reply.metadata.src_node_id
+        replies, missing = exchange(self.grid, msgs, self.timeout)
+        for nid in missing:
+            log.error("node %s did not answer the query within %.0fs", nid, self.timeout)
+        for nid, reply in replies.items():
             if reply.has_error():
                 log.error("node %s failed to load its data: %s", nid, reply.error.reason)
                 continue
@@ -188,14 +215,11 @@ class Federation:
                 server_round, arrays, config, _SelectedGrid(self.grid, list(by_node))
             )
         )
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies, missing = exchange(self.grid, messages, self.timeout)
         reference = {k: v.numpy() for k, v in arrays.items()}
         good, train_metrics, failures, rejected, epsilon = [], {}, {}, {}, {}
-        answered = set()
-        for reply in replies:
-            site = by_node.get(reply.metadata.src_node_id)
-            name = site.site if site else f"node-{reply.metadata.src_node_id}"
-            answered.add(reply.metadata.src_node_id)
+        for nid, reply in replies.items():
+            name = by_node[nid].site
             if reply.has_error():
                 failures[name] = reply.error.reason
                 log.error("round %d: site %s failed: %s", server_round, name, reply.error.reason)
@@ -218,10 +242,9 @@ class Federation:
                 continue
             train_metrics[name] = {k: float(v) for k, v in metrics.items()}
             good.append((name, reply))
-        for nid, site in by_node.items():
-            if nid not in answered:
-                failures[site.site] = f"no reply within {self.timeout:.0f}s"
-                log.error("round %d: site %s did not reply in time", server_round, site.site)
+        for nid in missing:
+            failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
+            log.error("round %d: site %s did not reply in time", server_round, by_node[nid].site)
         record.update(
             sampled=[s.site for s in chosen],
             train=train_metrics,
@@ -271,8 +294,12 @@ class Federation:
         sites: dict[str, dict[str, float]] = {}
         summaries = []
         failures = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            name = by_node[reply.metadata.src_node_id].site
+        replies, missing = exchange(self.grid, messages, self.timeout)
+        for nid in missing:
+            failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
+            log.error("%s evaluation: site %s did not reply in time", split, by_node[nid].site)
+        for nid, reply in sorted(replies.items(), key=lambda kv: by_node[kv[0]].site):
+            name = by_node[nid].site
             if reply.has_error():
                 failures[name] = reply.error.reason
                 log.error("%s evaluation failed at site %s: %s", split, name, reply.error.reason)
