@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 BINS = 50
+AGGREGATE_KEYS = ("confusion", "score-hist")  # fixed-size lists, never per image
 
 
 def site_summary(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, list[int]]:

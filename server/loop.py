@@ -7,6 +7,7 @@ and adds those, so the same loop serves simulation and a real deployment.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -108,7 +109,28 @@ class Federation:
         self.timeout = float(cfg.get("round-timeout", 600.0))
         self.seed = int(cfg.get("seed", 0))
         self.sites: dict[int, SiteInfo] = {}
+        # What the sites sent, by message type and record: names and keys, never values.
+        self.received: dict[str, dict[str, Any]] = {}
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def _exchange(self, messages: list[Message]) -> tuple[dict[int, Message], list[int]]:
+        replies, missing = exchange(self.grid, messages, self.timeout)
+        for reply in replies.values():
+            if reply.has_content():
+                seen = self.received.setdefault(reply.metadata.message_type, {})
+                for name, record in reply.content.items():
+                    if isinstance(record, ArrayRecord):
+                        seen[name] = f"ArrayRecord: model weights ({len(record)} tensors)"
+                    else:
+                        seen[name] = sorted(set(seen.get(name, [])) | set(record.keys()))
+        return replies, missing
+
+    def _write_network(self) -> None:
+        """network.json: every record name and key that crossed the network to the server."""
+        path = self.run_dir / "network.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.received, indent=1, sort_keys=True))
+        tmp.replace(path)
 
     # ------------------------------------------------------------------ discovery
     def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
@@ -119,7 +141,7 @@ class Federation:
         msgs = [
             Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids
         ]
-        replies, missing = exchange(self.grid, msgs, self.timeout)
+        replies, missing = self._exchange(msgs)
         for nid in missing:
             log.error("node %s did not answer the query within %.0fs", nid, self.timeout)
         for nid, reply in replies.items():
@@ -179,11 +201,13 @@ class Federation:
             write_outputs(
                 self.run_dir, self.cfg, self.classes, state.rounds, None, state.best_round
             )
+            self._write_network()
             self._print_round(record)
         best = self._load_arrays("best") if state.best_round else arrays
         test = self._evaluate(best, "test", state.round + 1)
         test["best_round"] = state.best_round
         write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, test, state.best_round)
+        self._write_network()
         return {"rounds": state.rounds, "test": test, "best_round": state.best_round}
 
     def _start(
@@ -215,7 +239,7 @@ class Federation:
                 server_round, arrays, config, _SelectedGrid(self.grid, list(by_node))
             )
         )
-        replies, missing = exchange(self.grid, messages, self.timeout)
+        replies, missing = self._exchange(messages)
         reference = {k: v.numpy() for k, v in arrays.items()}
         good, train_metrics, failures, rejected, epsilon = [], {}, {}, {}, {}
         for nid, reply in replies.items():
@@ -294,7 +318,7 @@ class Federation:
         sites: dict[str, dict[str, float]] = {}
         summaries = []
         failures = {}
-        replies, missing = exchange(self.grid, messages, self.timeout)
+        replies, missing = self._exchange(messages)
         for nid in missing:
             failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
             log.error("%s evaluation: site %s did not reply in time", split, by_node[nid].site)
