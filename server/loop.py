@@ -20,10 +20,17 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.fedmetrics import pooled_confusion, pooled_metrics
 from server.report import write_outputs
-from server.strategies import load_strategy_state, make_strategy, strategy_state
+from server.strategies import (
+    UNIFORM_WEIGHT_KEY,
+    central_spent,
+    load_strategy_state,
+    make_strategy,
+    strategy_state,
+)
 
 log = logging.getLogger("fedskin")
 
@@ -46,6 +53,7 @@ class LoopState:
     best_round: int = 0
     best_score: float = -1.0
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""  # why training ended before num-server-rounds, if it did
 
 
 class _SelectedGrid:
@@ -182,13 +190,20 @@ class Federation:
     # ------------------------------------------------------------------ rounds
     def run(self, initial: dict[str, torch.Tensor], num_rounds: int, resume: bool) -> dict:
         state, arrays = self._start(initial, resume)
-        strategy = make_strategy(self.cfg, len(self.sample(1)))
+        strategy = make_strategy(self.cfg, len(self.sample(1)), len(self.sites))
         if resume and (self.run_dir / "checkpoints" / "last.pt").is_file():
             load_strategy_state(strategy, self._checkpoint("last")["strategy"])
         for server_round in range(state.round + 1, num_rounds + 1):
             t0 = time.time()
-            record = {"round": server_round}
-            arrays = self._train_round(strategy, server_round, arrays, state, record)
+            record: dict[str, Any] = {"round": server_round}
+            try:
+                arrays = self._train_round(strategy, server_round, arrays, state, record)
+            except PrivacyBudgetExhausted as err:  # site-level budget: stop, keep what we have
+                log.warning(
+                    "round %d not run: site-level privacy budget spent (%s)", server_round, err
+                )
+                state.stopped = f"site-level privacy budget spent before round {server_round}"
+                break
             record["validation"] = self._evaluate(arrays, "validation", server_round)
             record["seconds"] = time.time() - t0
             state.round = server_round
@@ -206,6 +221,8 @@ class Federation:
         best = self._load_arrays("best") if state.best_round else arrays
         test = self._evaluate(best, "test", state.round + 1)
         test["best_round"] = state.best_round
+        if state.stopped:
+            test["stopped"] = state.stopped
         write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, test, state.best_round)
         self._write_network()
         return {"rounds": state.rounds, "test": test, "best_round": state.best_round}
@@ -287,9 +304,18 @@ class Federation:
             record["aggregated"] = False
             return arrays
         good.sort(key=lambda item: item[0])  # fixed order: float sums are reproducible
+        for _, reply in good:  # used as the weight under site-level DP (uniform mean)
+            reply.content.metric_records["metrics"][UNIFORM_WEIGHT_KEY] = 1
         new_arrays, _ = strategy.aggregate_train(server_round, [r for _, r in good])
         record["aggregated"] = new_arrays is not None
+        if spent := central_spent(strategy):
+            record["central"] = spent
         if new_arrays is None:
+            log.error(
+                "round %d: the strategy did not aggregate (site-level DP with accounting needs "
+                "an update from every sampled site); global model kept",
+                server_round,
+            )
             return arrays
         aggregate = {k: np.asarray(v.numpy()) for k, v in new_arrays.items()}
         if any(
@@ -364,6 +390,8 @@ class Federation:
         g = record["validation"]["global"]
         eps = record.get("epsilon") or {}
         eps_txt = f" eps max {max(eps.values()):.2f}" if eps else ""
+        if central := record.get("central"):
+            eps_txt += f" site-level eps {central['epsilon']:.2f}"
         problems = {**record.get("failures", {}), **record.get("rejected", {})}
         log.info(
             "round %d | val bal-acc %.3f acc %.3f auroc %.3f | %d sites trained%s%s | %.1fs",

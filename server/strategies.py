@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -16,14 +19,25 @@ from flwr.serverapp.strategy import (
 )
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
-CENTRAL_DP = ("", "server-fixed", "server-adaptive")
+CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+# Site-level DP bounds each site's influence on the *mean* of clipped updates by C/m; a
+# mean weighted by example counts would give a large site more and break that bound.
+UNIFORM_WEIGHT_KEY = "site-weight"
 
 
-def make_strategy(cfg: dict[str, Any], num_sampled: int) -> Strategy:
+def central_dp(cfg: dict[str, Any]) -> str:
+    kind = str(cfg.get("central-dp", "") or "")
+    if kind not in CENTRAL_DP:
+        raise ValueError(f"unknown central-dp {kind!r}; choose one of {CENTRAL_DP[1:]}")
+    return kind
+
+
+def make_strategy(cfg: dict[str, Any], num_sampled: int, num_sites: int | None = None) -> Strategy:
     """Build the aggregation strategy; client sampling is done by the loop (seeded).
 
     The strategy always sees exactly the sampled nodes (fraction 1.0, no minimum), so its own
-    unseeded ``random.sample`` cannot change who trains.
+    unseeded ``random.sample`` cannot change who trains. Under site-level DP every site's
+    update weighs the same (the loop sets ``site-weight`` = 1 on each accepted reply).
     """
     name = str(cfg.get("strategy", "fedavg")).lower()
     common = dict(
@@ -32,6 +46,7 @@ def make_strategy(cfg: dict[str, Any], num_sampled: int) -> Strategy:
         min_train_nodes=1,
         min_evaluate_nodes=0,
         min_available_nodes=1,
+        weighted_by_key=UNIFORM_WEIGHT_KEY if central_dp(cfg) else "num-examples",
     )
     if name == "fedavg":
         strategy: Strategy = FedAvg(**common)
@@ -42,30 +57,111 @@ def make_strategy(cfg: dict[str, Any], num_sampled: int) -> Strategy:
         strategy = cls(**common, eta=float(cfg.get("server-lr", 0.01)), eta_l=float(cfg["lr"]))
     else:
         raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
-    return wrap_central_dp(strategy, cfg, num_sampled)
+    return wrap_central_dp(strategy, cfg, num_sampled, num_sites or num_sampled)
 
 
-def wrap_central_dp(strategy: Strategy, cfg: dict[str, Any], num_sampled: int) -> Strategy:
-    """Site-level DP: Flower's clipping + noise wrappers around the base strategy."""
-    kind = str(cfg.get("central-dp", "") or "")
+def central_accountant(cfg: dict[str, Any], num_sites: int) -> Any:
+    """Flower's RDP accountant for site-level DP: add/remove one site, no sampling credit.
+
+    No amplification is claimed for sampling sites (Flower's fixed-clipping accounting only
+    supports that), so the figure is valid however the loop picks sites.
+    """
+    from flwr.serverapp import RdpAccountant
+
+    target = float(cfg.get("central-epsilon", 0.0))
+    config = PrivacyConfig(
+        target_delta=float(cfg.get("central-delta", 1e-3)),
+        population_size=num_sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=target if target > 0 else None,
+    )
+    return RdpAccountant(config)
+
+
+def central_epsilon(noise: float, rounds: int, delta: float) -> float:
+    """Site-level epsilon after ``rounds`` Gaussian releases with multiplier ``noise``."""
+    from flwr.serverapp import GaussianPrivacyEvent, RdpAccountant
+
+    acc = RdpAccountant(
+        PrivacyConfig(
+            delta, 1, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION
+        )
+    )
+    acc.compose(GaussianPrivacyEvent(noise, 1, 1), count=rounds)
+    return acc.get_epsilon(delta)
+
+
+def calibrate_central_noise(target: float, rounds: int, delta: float) -> float:
+    """Smallest noise multiplier (to 0.1%) whose ``rounds`` releases stay within ``target``."""
+    lo, hi = 0.05, 1.0
+    while central_epsilon(hi, rounds, delta) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"central-epsilon={target} is unreachable in {rounds} rounds")
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central_epsilon(mid, rounds, delta) > target else (lo, mid)
+    return hi
+
+
+def central_noise(cfg: dict[str, Any]) -> float:
+    """``central-noise``, or calibrated to spend ``central-epsilon`` over all planned rounds."""
+    target = float(cfg.get("central-epsilon", 0.0))
+    if target > 0:
+        rounds = int(cfg.get("num-server-rounds", 1))
+        return calibrate_central_noise(target, rounds, float(cfg.get("central-delta", 1e-3)))
+    return float(cfg.get("central-noise", 0.5))
+
+
+def wrap_central_dp(
+    strategy: Strategy, cfg: dict[str, Any], num_sampled: int, num_sites: int
+) -> Strategy:
+    """Site-level DP: Flower's clipping + noise wrappers around the base strategy.
+
+    Fixed clipping with FedAvg/FedProx gets Flower's accountant (its conditions: uniform
+    FedAvg aggregation, which ``make_strategy`` sets up); the adaptive wrappers and FedOpt
+    servers run without one, and the run says so instead of printing an epsilon.
+    """
+    kind = central_dp(cfg)
     if kind == "":
         return strategy
-    noise = float(cfg.get("central-noise", 0.5))
-    clip = float(cfg.get("central-clip", 1.0))
-    if kind == "server-fixed":
-        return DifferentialPrivacyServerSideFixedClipping(strategy, noise, clip, num_sampled)
-    if kind == "server-adaptive":
-        return DifferentialPrivacyServerSideAdaptiveClipping(
-            strategy, noise, num_sampled, initial_clipping_norm=clip
+    noise, clip = central_noise(cfg), float(cfg.get("central-clip", 1.0))
+    if kind in ("server-fixed", "client-fixed"):
+        cls = (
+            DifferentialPrivacyServerSideFixedClipping
+            if kind == "server-fixed"
+            else DifferentialPrivacyClientSideFixedClipping
         )
-    if kind in ("client-fixed", "client-adaptive"):
-        # Flower's client-side wrappers expect every site to clip with its clipping mod;
-        # without it the noised aggregate is meaningless (seen: a NaN global model).
+        accountant = None
+        if type(strategy).aggregate_train is FedAvg.aggregate_train and noise > 0:
+            accountant = central_accountant(cfg, num_sites)
+        elif float(cfg.get("central-epsilon", 0.0)) > 0:
+            raise ValueError(
+                f"central-epsilon needs Flower's accountant, which requires fixed clipping and "
+                f"FedAvg/FedProx aggregation; strategy {cfg.get('strategy')!r} aggregates "
+                "differently. Set central-noise instead (no epsilon will be reported)."
+            )
+        return cls(strategy, noise, clip, num_sampled, accountant=accountant)
+    if float(cfg.get("central-epsilon", 0.0)) > 0:
         raise ValueError(
-            f"central-dp={kind!r} needs Flower's clipping mod at every site, which the "
-            "fedskin ClientApp does not install yet; use 'server-fixed' or 'server-adaptive'"
+            f"central-epsilon needs Flower's accountant, which adaptive clipping ({kind}) "
+            "does not support; use server-fixed or client-fixed, or set central-noise"
         )
-    raise ValueError(f"unknown central-dp {kind!r}; choose one of {CENTRAL_DP}")
+    cls = (
+        DifferentialPrivacyServerSideAdaptiveClipping
+        if kind == "server-adaptive"
+        else DifferentialPrivacyClientSideAdaptiveClipping
+    )
+    return cls(strategy, noise, num_sampled, initial_clipping_norm=clip)
+
+
+def central_spent(strategy: Strategy) -> dict[str, float]:
+    """Site-level epsilon spent so far (cumulative over rounds), if the strategy accounts it."""
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is None:
+        return {}
+    return {"epsilon": float(spent.epsilon), "delta": float(spent.delta)}
 
 
 def _base(strategy: Strategy) -> Strategy:
@@ -83,6 +179,8 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     for attr in ("clipping_norm",):  # adaptive clipping moves its norm
         if hasattr(strategy, attr):
             state[attr] = float(getattr(strategy, attr))
+    if getattr(strategy, "accountant", None) is not None:  # site-level privacy spent so far
+        state["accountant"] = strategy.accountant.state_dict()
     return state
 
 
@@ -93,3 +191,7 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
             setattr(base, attr, {k: np.asarray(v) for k, v in state[attr].items()})
     if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
         strategy.clipping_norm = state["clipping_norm"]
+    if "accountant" in state:
+        if getattr(strategy, "accountant", None) is None:
+            raise ValueError("the checkpoint has site-level privacy spending but this run has none")
+        strategy.accountant.load_state_dict(state["accountant"])

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from client.client_app import evaluate_site
+from client.task import evaluate_site
 from common.data.schema import HAM_CLASSES
 from common.data.site_data import SiteData
 from common.fedmetrics import BINS

@@ -104,7 +104,7 @@ def test_unknown_strategy_is_a_clear_error():
 
 def test_proximal_term_only_when_the_strategy_sends_it():
     """proximal-mu in the run config must not turn FedAvg into FedProx at the client."""
-    from client.client_app import train_config
+    from client.task import train_config
 
     cfg = {"proximal-mu": 0.5, "lr": 0.01, "batch-size": 8}
     grid_ids = type("G", (), {"get_node_ids": lambda self: [7]})()
@@ -120,5 +120,9 @@ def test_central_dp_wrappers():
 
     cfg = dict(CFG, **{"central-dp": "server-fixed", "central-noise": 0.1, "central-clip": 2.0})
     assert isinstance(make_strategy(cfg, 4), DifferentialPrivacyServerSideFixedClipping)
-    with pytest.raises(ValueError, match="clipping mod"):
-        make_strategy(dict(cfg, **{"central-dp": "client-fixed"}), 4)
+    with pytest.raises(ValueError, match="unknown central-dp"):
+        make_strategy(dict(cfg, **{"central-dp": "client-fixd"}), 4)
+    # An epsilon target needs Flower's accountant: refused where its conditions do not hold.
+    for bad in ({"strategy": "fedadam"}, {"central-dp": "server-adaptive"}):
+        with pytest.raises(ValueError, match="central-epsilon needs Flower's accountant"):
+            make_strategy(dict(cfg, **{"central-epsilon": 8.0}, **bad), 4)
