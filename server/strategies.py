@@ -161,7 +161,11 @@ def central_spent(strategy: Strategy) -> dict[str, float]:
     spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
     if spent is None:
         return {}
-    return {"epsilon": float(spent.epsilon), "delta": float(spent.delta)}
+    return {
+        "epsilon": float(spent.epsilon),
+        "delta": float(spent.delta),
+        "noise_multiplier": float(strategy.noise_multiplier),
+    }
 
 
 def _base(strategy: Strategy) -> Strategy:

@@ -1,6 +1,6 @@
 """`fedskin sweep privacy`: the privacy-utility trade-off as a grid of federated runs.
 
-Every cell (strategy x target epsilon x seed, epsilon "inf" = no DP) is one ordinary
+Every cell (DP level x strategy x target epsilon x seed, epsilon "inf" = no DP) is one ordinary
 ``simulate`` run in ``<out>/cells/<cell>``; a cell whose run directory already holds final
 test results is not run again, so an interrupted sweep resumes where it stopped. The
 results are collected from the cells' ``metrics.json`` (and ``audit.json`` with ``--audit``)
@@ -29,6 +29,7 @@ console = Console()
 log = logging.getLogger("fedskin")
 
 NO_DP = {"inf", "none", "nodp", "no-dp", "off"}
+LEVELS = ("sample", "site")  # Opacus at each site | Flower's site-level wrappers
 BUDGET_SPENT = "privacy budget spent"
 
 
@@ -64,21 +65,33 @@ def parse_list(text: str, name: str, cast: type = str) -> list[Any]:
         raise DataError(f"--{name}: cannot read {text!r} as a list of {cast.__name__}") from None
 
 
-def cell_name(strategy: str, epsilon: float | None, seed: int) -> str:
+def cell_name(strategy: str, epsilon: float | None, seed: int, level: str = "sample") -> str:
     eps = "nodp" if epsilon is None else f"eps{epsilon:g}"
+    if level == "site" and epsilon is not None:  # the no-DP cell is shared by both levels
+        eps = f"site-{eps}"
     return f"{strategy}_{eps}_seed{seed}"
 
 
 def cell_overrides(
-    base: dict[str, Any], strategy: str, epsilon: float | None, seed: int
+    base: dict[str, Any], strategy: str, epsilon: float | None, seed: int, level: str = "sample"
 ) -> dict[str, Any]:
-    """The cell's run config on top of the sweep's ``--run-config``."""
+    """The cell's run config on top of the sweep's ``--run-config``.
+
+    Sample level: Opacus at every site, noise calibrated to ``target-epsilon``. Site level:
+    Flower's wrapper (``central-dp``, client-side clipping unless the base config names
+    another fixed-clipping variant), noise calibrated to ``central-epsilon``.
+    """
     cfg = dict(base)
-    cfg.update(strategy=strategy, seed=int(seed), dp=epsilon is not None)
-    if epsilon is not None:
+    cfg.update(strategy=strategy, seed=int(seed), dp=level == "sample" and epsilon is not None)
+    if epsilon is not None and level == "sample":
         cfg["target-epsilon"] = float(epsilon)
         cfg["noise-multiplier"] = 0.0  # calibrate to the target, never a fixed sigma
-    cfg["run-name"] = cell_name(strategy, epsilon, seed)
+    if epsilon is not None and level == "site":
+        cfg["central-dp"] = str(base.get("central-dp") or "client-fixed")
+        cfg["central-epsilon"] = float(epsilon)
+    elif "central-dp" in cfg:
+        cfg["central-dp"] = ""
+    cfg["run-name"] = cell_name(strategy, epsilon, seed, level)
     return cfg
 
 
@@ -97,14 +110,20 @@ def is_finished(run_dir: Path) -> bool:
 def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """One CSV row from a run's metrics.json (and its audit.json)."""
     cfg = metrics.get("config", {})
+    site_level = bool(cfg.get("central-dp")) and float(cfg.get("central-epsilon", 0) or 0) > 0
     dp = bool(cfg.get("dp", False))
     rounds = metrics.get("rounds", [])
     test = metrics["test"]
+    if site_level:
+        target = float(cfg["central-epsilon"])
+    else:
+        target = float(cfg.get("target-epsilon", math.inf)) if dp else math.inf
     row: dict[str, Any] = {
         "strategy": cfg.get("strategy"),
+        "level": "site" if site_level else ("sample" if dp else "none"),
         "seed": int(cfg.get("seed", 0)),
-        "dp": dp,
-        "target_epsilon": float(cfg.get("target-epsilon", math.inf)) if dp else math.inf,
+        "dp": dp or site_level,
+        "target_epsilon": target,
         "rounds": len(rounds),
         "best_round": metrics.get("best_round", test.get("best_round")),
         "test_balanced_accuracy": test["global"].get("balanced_accuracy", math.nan),
@@ -129,6 +148,13 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
     row["epsilon_max"] = max(eps.values()) if eps else (0.0 if dp else math.inf)
     row["delta_max"] = max(delta.values()) if delta else math.nan
     row["noise_multiplier_min"] = min(sigma.values()) if sigma else math.nan
+    central = [r["central"] for r in rounds if r.get("central")]
+    if site_level:  # one guarantee for the whole federation: cumulative, last round's figure
+        last = central[-1] if central else {}
+        row["epsilon_max"] = float(last.get("epsilon", 0.0))
+        row["delta_max"] = float(last.get("delta", cfg.get("central-delta", math.nan)))
+        row["noise_multiplier_min"] = float(last.get("noise_multiplier", math.nan))
+    row["stopped"] = str(test.get("stopped", ""))
     row["sites_stopped_at_budget"] = len(stopped)
     for site, m in sorted(test.get("sites", {}).items()):
         row[f"bacc[{site}]"] = m.get("balanced_accuracy", math.nan)
@@ -193,16 +219,24 @@ def summary_table(df: pd.DataFrame) -> str:
     ]
     if "mia_auc_max" in df:
         cols += [("MIA AUC (max site)", "mia_auc_max", 3), ("TPR@1%FPR", "mia_tpr1_max", 3)]
-    head = ["strategy", "target ε", "seeds", *[c[0] for c in cols]]
+    head = ["strategy", "DP level", "target ε", "seeds", *[c[0] for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if df.empty:
         return "\n".join(lines)
-    for (strategy, eps), g in df.groupby(["strategy", "target_epsilon"], sort=True):
+    df = _with_level(df)
+    for (strategy, level, eps), g in df.groupby(["strategy", "level", "target_epsilon"], sort=True):
         label = "no DP" if math.isinf(eps) else f"{eps:g}"
-        cells = [str(strategy), label, str(len(g))]
+        cells = [str(strategy), "-" if level == "none" else str(level), label, str(len(g))]
         cells += [_fmt(g[c], d) if c in g else "-" for _, c, d in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_level(df: pd.DataFrame) -> pd.DataFrame:
+    """Tables written before site-level sweeps existed have no level column."""
+    if "level" not in df:
+        df = df.assign(level=np.where(df["dp"].astype(bool), "sample", "none"))
+    return df
 
 
 def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
@@ -216,6 +250,12 @@ def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
     if "mia_auc_max" in df and df["mia_auc_max"].notna().any():
         panels.append(("mia_auc_max", "membership-inference AUC (max over sites)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    df = _with_level(df)
+    levels = sorted(set(df["level"]) - {"none"})
+    if len(levels) > 1:  # one line per strategy and level; the no-DP point joins each line
+        nodp = df[df["level"] == "none"]
+        parts = [pd.concat([df[df["level"] == lv], nodp]).assign(level=lv) for lv in levels]
+        df = pd.concat(parts).assign(strategy=lambda d: d["strategy"] + ", " + d["level"])
     finite = sorted(e for e in df["target_epsilon"].unique() if math.isfinite(e))
     x_nodp = (max(finite) * 4) if finite else 10.0
     for ax, (col, ylabel) in zip(axes[0], panels, strict=True):
@@ -253,7 +293,9 @@ def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
         ax.minorticks_off()
         if finite and len(ticks) > len(finite):
             ax.axvline(math.sqrt(max(finite) * x_nodp), color="grey", lw=0.6, ls="--")
-        ax.set(xlabel="target ε per site (sample-level DP)", ylabel=ylabel)
+        unit = {"sample": "per site (sample-level DP)", "site": "(site-level DP)"}
+        xlabel = unit[levels[0]] if len(levels) == 1 else "(per site at sample level)"
+        ax.set(xlabel=f"target ε {xlabel}", ylabel=ylabel)
         if col == "mia_auc_max":
             ax.axhline(0.5, color="k", lw=0.6, ls="--")
         ax.legend(title="strategy", fontsize=8)
@@ -285,6 +327,7 @@ def sweep_privacy(
     out: Path,
     overrides: str | None = None,
     audit: bool = False,
+    levels: Sequence[str] = ("sample",),
 ) -> pd.DataFrame:
     """Run (or resume) the grid and write sweep.csv, sweep.md and privacy_utility.png."""
     from server.strategies import STRATEGIES
@@ -294,22 +337,36 @@ def sweep_privacy(
     if bad:
         raise DataError(f"unknown strategies {bad}; choose from {list(STRATEGIES)}")
     base = parse_overrides(overrides)
-    clash = sorted({"dp", "target-epsilon", "strategy", "seed"} & set(base))
+    clash = sorted({"dp", "target-epsilon", "central-epsilon", "strategy", "seed"} & set(base))
     if clash:
         raise DataError(f"--run-config sets {clash}, which the sweep itself varies")
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad or not levels:
+        raise DataError(f"unknown DP levels {bad}; choose from {list(LEVELS)}")
     out = Path(out)
-    grid = [(s, e, k) for s in strategies for e in epsilons for k in seeds]
+    grid = list(
+        dict.fromkeys(  # the no-DP cell is one cell, whatever the level
+            (s, e, k, "sample" if e is None else lv)
+            for lv in levels
+            for s in strategies
+            for e in epsilons
+            for k in seeds
+        )
+    )
     cells = [(cell_name(*c), out / "cells" / cell_name(*c)) for c in grid]
-    resolve_config(config, cell_overrides(base, *grid[0]))  # fail fast on config mistakes
+    for cell in grid:  # fail fast on config mistakes (each level's own checks)
+        resolve_config(config, cell_overrides(base, *cell))
     failed: list[str] = []
-    for i, ((strategy, eps, seed), (name, run_dir)) in enumerate(zip(grid, cells, strict=True)):
+    for i, ((strategy, eps, seed, level), (name, run_dir)) in enumerate(
+        zip(grid, cells, strict=True)
+    ):
         tag = f"[{i + 1}/{len(grid)}] {name}"
         if is_finished(run_dir):
             console.print(f"{tag}: finished earlier, skipped")
         else:
             console.rule(tag)
             try:
-                simulate(config, cell_overrides(base, strategy, eps, seed), out=run_dir)
+                simulate(config, cell_overrides(base, strategy, eps, seed, level), out=run_dir)
             except DataError:
                 raise
             except Exception as err:  # one broken cell must not lose the rest of the grid
@@ -350,6 +407,13 @@ def sweep_cli(
     audit: Annotated[
         bool, typer.Option("--audit/--no-audit", help="membership-inference audit of each run")
     ] = False,
+    levels: Annotated[
+        str,
+        typer.Option(
+            help="DP levels: sample (Opacus at each site), site (Flower's site-level "
+            "wrappers, noise calibrated to the epsilon), or both: sample,site"
+        ),
+    ] = "sample",
 ) -> None:
     """Privacy-utility sweep: strategies x target epsilons x seeds; resumes if interrupted."""
     try:
@@ -361,6 +425,7 @@ def sweep_cli(
             out,
             overrides=run_config,
             audit=audit,
+            levels=parse_list(levels, "levels"),
         )
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

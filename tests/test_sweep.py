@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from common.data.schema import DataError
 from simulations.sweep import (
+    LEVELS,
     cell_name,
     cell_overrides,
     collect,
@@ -89,6 +90,11 @@ def test_parse_grid() -> None:
         "run-name": "fedprox_eps0.5_seed2",
     }
     assert cell_overrides({}, "fedavg", None, 0)["dp"] is False
+    site = cell_overrides({"central-dp": "server-fixed"}, "fedavg", 8.0, 0, "site")
+    assert site["dp"] is False and site["central-epsilon"] == 8.0
+    assert site["central-dp"] == "server-fixed" and site["run-name"] == "fedavg_site-eps8_seed0"
+    assert cell_overrides({}, "fedavg", 8.0, 0, "site")["central-dp"] == "client-fixed"
+    assert cell_overrides({"central-dp": "client-fixed"}, "fedavg", None, 0)["central-dp"] == ""
 
 
 def test_table_csv_and_plot_from_metrics(tmp_path: Path) -> None:
@@ -128,10 +134,10 @@ def test_table_csv_and_plot_from_metrics(tmp_path: Path) -> None:
     lines = table.splitlines()
     assert len(lines) == 2 + 6  # header, rule, 2 strategies x 3 epsilons
     assert (tmp_path / "sweep.md").read_text().count("\n|") == 8
-    fedavg1 = next(line for line in lines if line.startswith("| fedavg | 1 |"))
+    fedavg1 = next(line for line in lines if line.startswith("| fedavg | sample | 1 |"))
     # bacc 0.30 and 0.31 over the two seeds -> mean 0.305, sd 0.007
     assert "0.305 ± 0.007" in fedavg1 and "| 2 |" in fedavg1
-    assert any(line.startswith("| fedprox | no DP | 2 | ∞ |") for line in lines)
+    assert any(line.startswith("| fedprox | - | no DP | 2 | ∞ |") for line in lines)
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
 
 
@@ -180,14 +186,21 @@ def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
         "--run-config",
         TINY,
         "--audit",
+        "--levels",
+        "sample,site",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "fedavg" in result.output and "no DP" in result.output
 
     df = pd.read_csv(out / "sweep.csv")
-    assert list(df.cell) == ["fedavg_eps3_seed0", "fedavg_nodp_seed0"]
-    dp_row, nodp_row = df.iloc[0], df.iloc[1]
+    assert list(df.cell) == ["fedavg_eps3_seed0", "fedavg_nodp_seed0", "fedavg_site-eps3_seed0"]
+    dp_row, nodp_row, site_row = df.iloc[0], df.iloc[1], df.iloc[2]
+    # Site level: one federation-wide epsilon from Flower's accountant, spent to the target.
+    assert site_row.level == "site" and site_row.dp
+    assert 3.0 * 0.99 <= site_row.epsilon_max <= 3.0 * (1 + 1e-6)
+    assert site_row.delta_max == 1e-3 and site_row.noise_multiplier_min > 0
+    assert "| fedavg | site | 3 | 1 |" in (out / "sweep.md").read_text()
     site_eps = [c for c in df.columns if c.startswith("epsilon[")]
     assert len(site_eps) >= 2
     assert 0 < dp_row.epsilon_max <= 3.0 * (1 + 1e-6)
@@ -205,8 +218,10 @@ def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
     kept_mtime = kept.stat().st_mtime_ns
     shutil.rmtree(out / "cells" / "fedavg_nodp_seed0")
     t_rerun = time.time_ns()
-    df2 = sweep_privacy(None, [3.0, None], ["fedavg"], [0], out, overrides=TINY, audit=True)
+    df2 = sweep_privacy(
+        None, [3.0, None], ["fedavg"], [0], out, overrides=TINY, audit=True, levels=LEVELS
+    )
     assert kept.stat().st_mtime_ns == kept_mtime
     redone = out / "cells" / "fedavg_nodp_seed0" / "metrics.json"
     assert redone.stat().st_mtime_ns >= t_rerun
-    assert len(df2) == 2 and (out / "cells" / "fedavg_nodp_seed0" / "audit.json").is_file()
+    assert len(df2) == 3 and (out / "cells" / "fedavg_nodp_seed0" / "audit.json").is_file()
