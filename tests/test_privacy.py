@@ -172,3 +172,35 @@ def test_auto_mode_picks_measured_fastest_engine_per_family() -> None:
     assert resolve_mode("auto", build_model("test_efficientnet", 3, dp=True)) == "functorch"
     assert resolve_mode("auto", build_model("test_resnet", 3, dp=True)) == "hooks"
     assert resolve_mode("ghost", build_model("test_resnet", 3, dp=True)) == "ghost"
+
+
+def test_crash_before_the_server_checkpoint_never_overspends(tmp_path) -> None:
+    """The sites trained round 2 (their accountant files say so) but the server died before
+    checkpointing it. The resumed server re-runs round 2: the sites count the lost round's
+    spending, refuse to train beyond their budget, and the run still ends with test results.
+    """
+    import shutil
+
+    from simulations.runner import simulate
+    from tests.test_simulation import SITES, TINY
+
+    state, out = tmp_path / "site-state", tmp_path / "run"
+    cfg = dict(
+        TINY,
+        **{"num-server-rounds": 2, "dp": True, "target-epsilon": 4.0, "state-dir": str(state)},
+    )
+    simulate(None, dict(cfg, **{"num-server-rounds": 1}), out=out)
+    round1 = tmp_path / "round1.pt"
+    shutil.copy(out / "checkpoints" / "last.pt", round1)
+    full = simulate(None, cfg, out=out, resume=True)
+    eps2 = full["rounds"][1]["epsilon"]
+    assert sorted(eps2) == SITES and all(e <= 4.0 for e in eps2.values())
+
+    shutil.copy(round1, out / "checkpoints" / "last.pt")  # the server lost round 2
+    again = simulate(None, cfg, out=out, resume=True)
+    redo = again["rounds"][1]
+    assert redo["round"] == 2
+    # Every site has already spent round 2: a third round's worth would exceed 4.0.
+    assert redo["rejected"] == {site: "privacy budget spent" for site in SITES}
+    assert redo["epsilon"] == pytest.approx(eps2)  # counted once, never reset, never above
+    assert not redo["aggregated"] and sorted(again["test"]["sites"]) == SITES
