@@ -41,9 +41,30 @@ def _nchw01(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+# Small constant tensors per (device, dtype). Building them with ``torch.tensor(..., device=
+# "cuda")`` for every batch is a host-to-device copy that blocks the host until the GPU has
+# caught up, i.e. a pipeline stall per batch; cached, they are created once per process.
+_CONSTANTS: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+_CONSTANT_VALUES = {
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "gray": (0.299, 0.587, 0.114),  # luma weights for contrast / saturation
+}
+
+
+def _constant(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A (1,3,1,1) constant on ``device``: same values as a fresh ``torch.tensor`` each time."""
+    key = (name, device, dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.tensor(_CONSTANT_VALUES[name], device=device, dtype=dtype).view(1, 3, 1, 1)
+        _CONSTANTS[key] = t
+    return t
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = _constant("mean", x.device, x.dtype)
+    std = _constant("std", x.device, x.dtype)
     return (x - mean) / std
 
 
@@ -83,6 +104,25 @@ def _affine_thetas(b: int, g: torch.Generator | None) -> torch.Tensor:
     return theta
 
 
+def _to_device(
+    theta: torch.Tensor, factors: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the CPU-drawn parameters to ``device`` in one non-blocking copy.
+
+    Separate synchronous ``.to("cuda")`` calls would stall the host once per tensor per batch;
+    one pinned buffer copied with ``non_blocking=True`` lets the host queue the next kernels.
+    On the CPU the tensors are returned as they are.
+    """
+    if device.type == "cpu":
+        return theta, factors
+    b = theta.shape[0]
+    packed = torch.cat([theta.reshape(b, 6), factors], 1)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    return packed[:, :6].reshape(b, 2, 3), packed[:, 6:]
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random geometric + colour augmentation of a batch; returns normalised float NCHW."""
     x = _nchw01(x)
@@ -90,18 +130,25 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     if b == 0:
         return _normalise(x)
     dev = x.device
-    theta = _affine_thetas(b, generator).to(device=dev, dtype=x.dtype)
+    # All random numbers come from the CPU generator, in a fixed order (geometry, then
+    # brightness, contrast, saturation), so results do not depend on the device.
+    theta = _affine_thetas(b, generator)
+    factors = torch.stack(
+        [_uniform(b, 1 - s, 1 + s, generator) for s in (BRIGHTNESS, CONTRAST, SATURATION)], 1
+    )
+    theta, factors = _to_device(theta, factors, dev)
+    theta = theta.to(dtype=x.dtype)
+    factors = factors.to(dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def factor(strength: float) -> torch.Tensor:
-        f = _uniform(b, 1 - strength, 1 + strength, generator)
-        return f.to(device=dev, dtype=x.dtype).view(b, 1, 1, 1)
+    def factor(i: int) -> torch.Tensor:
+        return factors[:, i].reshape(b, 1, 1, 1)
 
-    gray_w = torch.tensor([0.299, 0.587, 0.114], device=dev, dtype=x.dtype).view(1, 3, 1, 1)
-    x = x * factor(BRIGHTNESS)
+    gray_w = _constant("gray", dev, x.dtype)
+    x = x * factor(0)
     mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = (x - mean) * factor(CONTRAST) + mean
+    x = (x - mean) * factor(1) + mean
     gray = (x * gray_w).sum(1, keepdim=True)
-    x = (x - gray) * factor(SATURATION) + gray
+    x = (x - gray) * factor(2) + gray
     return _normalise(x.clamp(0.0, 1.0))

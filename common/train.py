@@ -134,11 +134,28 @@ def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.pin_memory() if not images.is_pinned() else images
 
 
-def _epoch_batches(n: int, batch_size: int, steps: int, g: torch.Generator) -> Iterator[Any]:
-    """``steps`` index batches from successive seeded permutations (epochs) of 0..n-1."""
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t.to(device)`` without blocking the host (pinned staging for CPU -> CUDA)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _epoch_batches(
+    n: int, batch_size: int, steps: int, g: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """``steps`` index batches from successive seeded permutations (epochs) of 0..n-1.
+
+    Each epoch's permutation is drawn on the CPU from ``g`` (the same random stream on every
+    device, interleaved with the augmentation draws exactly as before) and moved to
+    ``device`` in one non-blocking copy; the batches are slices of it, so no step pays a
+    host-to-device copy of its indices.
+    """
     done = 0
     while done < steps:
-        perm = torch.randperm(n, generator=g)
+        perm = _to(torch.randperm(n, generator=g), device)
         for idx in perm.split(batch_size):
             yield idx
             done += 1
@@ -178,10 +195,35 @@ def train_local(
     """
     _check_inputs(images, labels, num_classes)
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        return _train_local(model, images, labels, cfg, num_classes, device, dp, seed, progress)
+    # cuDNN autotuning pays off when shapes repeat: without DP every step has the full batch
+    # shape except one smaller last batch per epoch, and cuDNN caches its choice per shape, so
+    # that batch is tuned once per process (per distinct size), not every epoch. DP-SGD's
+    # Poisson batches change size at every step and would be re-tuned for each new size, so
+    # autotuning is off there. The previous setting is restored afterwards.
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = dp is None
+    try:
+        return _train_local(model, images, labels, cfg, num_classes, device, dp, seed, progress)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    dp: DPSession | None,
+    seed: int | None,
+    progress: bool,
+) -> dict[str, float]:
     seed = cfg.seed if seed is None else seed
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     model.train()
     if dp is not None:
         errors = ModuleValidator.validate(model, strict=False)
@@ -197,31 +239,46 @@ def train_local(
         model.to(memory_format=torch.channels_last)
     model.train()
     images = place_images(images, device)
-    labels_dev = labels.to(device=device, dtype=torch.long)
+    # Indices and labels live where the images are (the GPU, unless the split did not fit):
+    # a batch is then gathered without any per-step copy of its indices.
+    index_device = images.device
+    labels_src = _to(labels.to(dtype=torch.long), index_device)
     counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
     criterion = make_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
-    data_loss = criterion
     optimizer = _make_optimizer(model, cfg)
     mu = cfg.proximal_mu
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
 
+    # Running sums stay on the device: nothing in the loop waits for the GPU; they are read
+    # once, after the last step.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
 
-    def forward_batch(net: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tally(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch's (data) loss and correct count to the device-side running sums."""
         nonlocal loss_sum, correct, seen
-        x = images[idx.to(images.device)].to(device, non_blocking=True)
-        y = labels_dev[idx.to(device)]
+        with torch.no_grad():
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+
+    def forward_batch(
+        net: nn.Module, idx: torch.Tensor, recompute_loss: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather, augment and forward one batch; ``recompute_loss`` tallies it here (DP)."""
+        idx = _to(idx, index_device)
+        x = images[idx].to(device, non_blocking=True)
+        y = labels_src[idx].to(device, non_blocking=True)
         x = augment_batch(x, g) if cfg.augment else to_float(x)
         x = x.contiguous(memory_format=memory_format)
         with autocast:
             logits = net(x)
-        with torch.no_grad():
-            loss_sum += data_loss(logits.detach(), y) * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
+        logits = logits.float()  # the loss in fp32 under bf16 autocast (a no-op otherwise)
+        if recompute_loss:  # Opacus' criterion wraps its loss: tally a plain one
+            with torch.no_grad():
+                tally(criterion(logits.detach(), y), logits, y)
         return logits, y
 
     t0 = time.perf_counter()
@@ -232,11 +289,12 @@ def train_local(
         if dp is None:
             steps = cfg.steps_per_round(n)
             net = torch.compile(model) if cfg.compile and cuda else model
-            batches = _epoch_batches(n, cfg.batch_size, steps, g)
+            batches = _epoch_batches(n, cfg.batch_size, steps, g, index_device)
             with _progress(progress, steps) as advance:
                 for idx in batches:
                     logits, y = forward_batch(net, idx)
                     loss = criterion(logits, y)
+                    tally(loss, logits, y)  # the data loss, before the FedProx term
                     if global_params is not None:
                         loss = loss + proximal_term(model, global_params, mu)
                     optimizer.zero_grad(set_to_none=True)
@@ -322,7 +380,7 @@ def _train_dp(
                     chunks = idx.split(physical)
                     for i, chunk in enumerate(chunks):
                         dp_opt.signal_skip_step(do_skip=i < len(chunks) - 1)
-                        logits, y = forward_batch(gsm, chunk)
+                        logits, y = forward_batch(gsm, chunk, recompute_loss=True)
                         loss = dp_criterion(logits, y)
                         loss.backward()
                         dp_opt.step()
@@ -376,12 +434,12 @@ def predict(
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(x)
-        out.append(F.softmax(logits.float(), dim=1).cpu())
+        out.append(F.softmax(logits.float(), dim=1))  # stays on the device: no sync per batch
     model.train(was_training)
     if not out:
         n_classes = _num_outputs(model)
         return np.zeros((0, n_classes), dtype=np.float32)
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 def _num_outputs(model: nn.Module) -> int:

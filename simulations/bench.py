@@ -56,6 +56,7 @@ SIGNED_FIGURES = {
     "peak_gpu_growth_mb",
     "fit_ms_per_site",
     "fit_ms_per_image",
+    "plots_seconds",
 }
 
 # Targets of the performance issue (quoted in every report so the figures can be judged).
@@ -634,6 +635,8 @@ def bench_round(
         )
     if not rounds:
         raise RuntimeError("the simulation recorded no client training times")
+    console.log("[3] timing the server's per-round writes (report, plots, checkpoint)")
+    writes = bench_server_writes(workdir / "sim", metrics, max(s.repeats, 3))
     last = rounds[-1]
     peaks_mb = [v / 1024 for v in sampler.peaks.values()]
     result: dict[str, Any] = {
@@ -643,6 +646,7 @@ def bench_round(
         "overhead_seconds": last["overhead_seconds"],
         "overhead_fraction": last["overhead_fraction"],
         "cpu_count": os.cpu_count() or 1,
+        "server_writes": writes,
     }
     if peaks_mb:
         result["client_actor_peak_rss_mb"] = max(peaks_mb)
@@ -677,6 +681,14 @@ def bench_round(
         "time also includes the validation pass at every site and the FedAvg aggregation; "
         f"target <= {TARGETS['round_overhead_fraction']:.0%} for efficientnet_b0 at 224 px"
     )
+    table.notes.append(
+        "not in the round time above: the server's writes after each round, timed on this "
+        f"run's metrics (median of {writes['repeats']}): write_outputs "
+        f"{_fmt(writes['write_outputs_seconds'], 3)} s with PNG plots, "
+        f"{_fmt(writes['write_outputs_no_plots_seconds'], 3)} s with plots=False; checkpoint "
+        f"write {_fmt(writes.get('checkpoint_write_seconds', math.nan), 3)} s (twice when "
+        "the best round improves)"
+    )
     if (os.cpu_count() or 1) < s.sim_sites and not s.device.startswith("cuda"):
         table.notes.append(
             f"{os.cpu_count()} CPU cores for {s.sim_sites} clients of 1 CPU each: clients "
@@ -689,6 +701,49 @@ def bench_round(
             f"{result.get('driver_peak_rss_mb', math.nan):,.0f} MB"
         )
     return result, table
+
+
+def bench_server_writes(run_dir: Path, metrics: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """The server's per-round writes, which the recorded round time does not include.
+
+    After every round the loop saves ``checkpoints/last.pt`` (and ``best.pt`` when the
+    validation score improves) and calls ``write_outputs``. Both are re-run here on the
+    finished run's own data, into a scratch folder: ``write_outputs`` with and without its
+    PNG plots (interleaved), and a re-save of the run's ``last.pt`` (same size and contents).
+    """
+    from server.report import write_outputs
+
+    scratch = run_dir / "bench-writes"
+    args = (metrics["config"], metrics["classes"], metrics["rounds"], None, metrics["best_round"])
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() else None
+
+    def save_checkpoint() -> None:
+        tmp = scratch / "last.tmp"
+        torch.save(ckpt, tmp)
+        tmp.replace(scratch / "last.pt")
+
+    cpu = torch.device("cpu")
+    write_outputs(scratch, *args, plots=True)  # warm-up: matplotlib's first figure
+    runs: dict[str, list[float]] = {"plots": [], "no_plots": [], "checkpoint": []}
+    for r in range(repeats):
+        for plots in (True, False) if r % 2 == 0 else (False, True):
+            secs, _ = _timed(lambda p=plots: write_outputs(scratch, *args, plots=p), cpu)
+            runs["plots" if plots else "no_plots"].append(secs)
+        if ckpt is not None:
+            runs["checkpoint"].append(_timed(save_checkpoint, cpu)[0])
+    with_plots, without = _median(runs["plots"]), _median(runs["no_plots"])
+    out: dict[str, Any] = {
+        "repeats": repeats,
+        "write_outputs_seconds": with_plots,
+        "write_outputs_no_plots_seconds": without,
+        "plots_seconds": with_plots - without,
+        "runs": runs,
+    }
+    if runs["checkpoint"]:
+        out["checkpoint_write_seconds"] = _median(runs["checkpoint"])
+        out["checkpoint_mb"] = ckpt_path.stat().st_size / 1e6
+    return out
 
 
 # ----------------------------------------------------------------------------- 4. DP

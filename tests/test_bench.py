@@ -174,3 +174,71 @@ def test_bad_options_are_refused() -> None:
         make_settings("cpu", model="vit_huge")
     with pytest.raises(typer.BadParameter):
         make_settings("cpu", batch_size=0)
+
+
+def _tiny_run(run_dir: Path) -> dict[str, Any]:
+    """A run directory as the server loop leaves it: metrics of two rounds and last.pt."""
+    import torch
+
+    site = {"balanced_accuracy": 0.5, "accuracy": 0.6, "auroc": 0.7}
+    rounds = [
+        {
+            "round": r,
+            "seconds": 1.0,
+            "train": {"a": {"train_loss": 1.0 / r}, "b": {"train_loss": 1.2 / r}},
+            "validation": {
+                "global": site,
+                "sites": {"a": site, "b": site},
+                "mean_site_balanced_accuracy": 0.5,
+            },
+        }
+        for r in (1, 2)
+    ]
+    metrics = {"config": {"run-name": "t"}, "classes": ["x", "y"], "rounds": rounds}
+    metrics["best_round"] = 2
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"arrays": {"w": torch.ones(64, 64)}, "state": {}}, run_dir / "checkpoints/last.pt")
+    return metrics
+
+
+def test_write_outputs_plots_flag_and_redraw(tmp_path: Path) -> None:
+    from server.report import redraw_plots, write_outputs
+
+    metrics = _tiny_run(tmp_path)
+    args = (metrics["config"], metrics["classes"], metrics["rounds"])
+    write_outputs(tmp_path, *args, None, 2, plots=False)  # what a per-round write needs
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "history.csv").is_file()
+    assert not list(tmp_path.glob("*.png"))
+    test = {
+        "global": {"n": 4, "balanced_accuracy": 0.5},
+        "sites": {"a": {"num-examples": 4}},
+        "confusion": [[1, 1], [0, 2]],
+        "best_round": 2,
+    }
+    write_outputs(tmp_path, *args, test, 2, plots=False)
+    assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))
+    written = redraw_plots(tmp_path)  # an interrupted or plots=False run gets its PNGs later
+    assert sorted(p.name for p in written) == ["confusion_test.png", "learning_curves.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    write_outputs(tmp_path / "default", *args, test, 2)  # default unchanged: plots drawn
+    assert {p.name for p in (tmp_path / "default").glob("*.png")} == {
+        "confusion_test.png",
+        "learning_curves.png",
+    }
+
+
+def test_server_writes_are_timed_with_and_without_plots(tmp_path: Path) -> None:
+    from simulations.bench import bench_server_writes
+
+    metrics = _tiny_run(tmp_path)
+    writes = bench_server_writes(tmp_path, metrics, repeats=2)
+    _check_figures(writes)
+    assert len(writes["runs"]["plots"]) == len(writes["runs"]["no_plots"]) == 2
+    assert writes["write_outputs_seconds"] == pytest.approx(
+        statistics.median(writes["runs"]["plots"])
+    )
+    assert writes["plots_seconds"] == pytest.approx(
+        writes["write_outputs_seconds"] - writes["write_outputs_no_plots_seconds"]
+    )
+    assert writes["checkpoint_mb"] > 0.016  # 64 x 64 float32
+    assert (tmp_path / "bench-writes" / "learning_curves.png").is_file()

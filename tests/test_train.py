@@ -157,3 +157,100 @@ def test_losses_weights_and_focal_reduces_to_ce() -> None:
     assert focal < ce  # down-weights easy examples
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("dice", counts, 2.0)
+
+
+def test_epoch_batches_are_slices_of_one_seeded_permutation_per_epoch() -> None:
+    from common.train import _epoch_batches
+
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    batches = list(_epoch_batches(10, 4, 5, g, torch.device("cpu")))
+    first, second = torch.randperm(10, generator=ref), torch.randperm(10, generator=ref)
+    expected = [*first.split(4), *second.split(4)][:5]  # 3 batches per epoch, 5 steps
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4]
+    assert all(torch.equal(a, b) for a, b in zip(batches, expected, strict=True))
+    assert torch.equal(g.get_state(), ref.get_state())  # no extra draws from the stream
+
+
+def test_train_loss_is_the_batch_weighted_data_loss_without_the_prox_term() -> None:
+    """train_loss is the mean data loss of the steps taken (tallied from the step's own loss)."""
+    x, y = colour_task(12)
+    torch.manual_seed(0)
+    init = get_weights(build_model("test_resnet", 3))
+    mu = 50.0  # large enough that including the FedProx term would show (mu * lr < 1: stable)
+    cfg = TrainConfig(
+        local_steps=2, batch_size=12, proximal_mu=mu, optimizer="sgd", lr=0.01, augment=False
+    )
+    model = build_model("test_resnet", 3)
+    set_weights(model, init)
+    benchmark_before = torch.backends.cudnn.benchmark
+    out = train_local(model, x, y, cfg, num_classes=3)
+    assert torch.backends.cudnn.benchmark == benchmark_before  # global flag left alone on CPU
+
+    # The same two full-batch steps by hand: record the data loss before each step. (Two
+    # steps: ReLU + max-pool on 12 tiny images make longer runs sensitive to rounding.)
+    ref = build_model("test_resnet", 3)
+    set_weights(ref, init)
+    ref.train()
+    w0 = [p.detach().clone() for p in ref.parameters()]
+    criterion = make_loss("weighted-ce", np.bincount(y.numpy(), minlength=3), 2.0)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    losses, with_prox, correct = [], [], 0
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(2):
+        idx = torch.randperm(12, generator=g)
+        logits = ref(to_float(x[idx]))
+        data = criterion(logits, y[idx])
+        loss = data + proximal_term(ref, w0, mu)
+        losses.append(float(data.detach()))
+        with_prox.append(float(loss.detach()))
+        correct += int((logits.argmax(1) == y[idx]).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert out["train_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    assert abs(np.mean(with_prox) - np.mean(losses)) > 1e-2  # the check can tell them apart
+    assert out["train_accuracy"] == pytest.approx(correct / 24)
+    w = get_weights(model)
+    assert all(torch.allclose(w[k], v, atol=1e-5) for k, v in get_weights(ref).items())
+
+
+def test_normalisation_constants_are_built_once_per_device() -> None:
+    from common.augment import IMAGENET_MEAN, IMAGENET_STD, _constant
+
+    x, _ = colour_task(4)
+    a = _constant("mean", torch.device("cpu"), torch.float32)
+    assert _constant("mean", torch.device("cpu"), torch.float32) is a  # cached, not rebuilt
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    assert torch.equal(to_float(x), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("augment", [False, True])
+def test_no_host_sync_per_step_on_cuda(augment: bool) -> None:
+    """The number of synchronizing CUDA calls does not grow with the number of steps.
+
+    Per-call syncs (loss weights to the device, reading the running sums at the end) are
+    fine; a ``.item()`` or a blocking index copy per step would scale with the steps.
+    """
+    import warnings
+
+    x, y = colour_task(64)
+    device = torch.device("cuda")
+    x, y = x.to(device), y.to(device)
+    model = build_model("test_efficientnet", 3)
+
+    def syncs(steps: int) -> int:
+        cfg = TrainConfig(local_steps=steps, batch_size=16, augment=augment)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_local(model, x, y, cfg, num_classes=3, device=device)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(2)  # warm-up: cached constants, cuDNN autotuning
+    assert syncs(12) == syncs(2)  # 3 epochs of 4 steps against half an epoch
