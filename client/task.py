@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
 from common.metrics import compute_metrics, scalar_metrics
-from common.models import build_model, set_weights
+from common.models import model_for_run, set_weights
 from common.train import TrainConfig, pick_device, place_images, predict, train_local
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
@@ -36,11 +36,10 @@ def site_images(data: SiteData, split: str) -> torch.Tensor:
 
 def model_for(cfg: dict[str, Any], num_classes: int, arrays: ArrayRecord) -> torch.nn.Module:
     """The run's architecture (built once per process) holding the received weights."""
-    key = (cfg["model"], num_classes, bool(cfg.get("dp", False)), str(cfg.get("pretrained", "")))
+    keys = ("model", "dp", "central-dp", "pretrained")
+    key = (num_classes, *(str(cfg.get(k, "")) for k in keys))
     if key not in _MODELS:
-        _MODELS[key] = build_model(
-            cfg["model"], num_classes, pretrained=str(cfg.get("pretrained", "")), dp=key[2]
-        )
+        _MODELS[key] = model_for_run(cfg, num_classes)
     set_weights(_MODELS[key], arrays.to_torch_state_dict())
     return _MODELS[key]
 
@@ -92,6 +91,12 @@ def train_site(
 def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[str, Any]:
     """Site metrics (scalars) plus the poolable aggregates of :mod:`common.fedmetrics`."""
     probs = predict(model, site_images(data, split), device=pick_device())
+    bad = int((~np.isfinite(np.asarray(probs)).all(axis=1)).sum())
+    if bad:
+        raise ValueError(
+            f"site {data.site}: the received model gives non-finite scores for {bad} of "
+            f"{len(probs)} {split} images (a diverged or over-noised global model)"
+        )
     labels = data.labels[split]
     out: dict[str, Any] = {
         k: float(v) for k, v in scalar_metrics(compute_metrics(labels, probs, data.classes)).items()

@@ -149,7 +149,7 @@ def _train_references(
     Each reference sees a different seeded half of the pool (as LiRA's shadow models do), so
     their mean is a per-example estimate of "how hard is this image for an OUT model".
     """
-    from common.models import build_model
+    from common.models import model_for_run
     from common.train import TrainConfig, train_local
 
     cfg = dict(run_config)
@@ -169,12 +169,7 @@ def _train_references(
         subset = np.sort(
             rng.choice(len(pool_labels), size=max(1, len(pool_labels) // 2), replace=False)
         )
-        model = build_model(
-            str(cfg["model"]),
-            num_classes,
-            pretrained=str(cfg.get("pretrained", "")),
-            dp=bool(run_config.get("dp", False)),
-        )
+        model = model_for_run(run_config, num_classes)  # the target's architecture
         train_local(
             model,
             torch.from_numpy(np.ascontiguousarray(pool_images[subset])),
@@ -295,7 +290,7 @@ def audit_run(
     """
     from common.data.partition import read_manifest
     from common.data.site_data import load_site, site_names
-    from common.models import build_model, set_weights
+    from common.models import model_for_run, set_weights
     from common.train import pick_device
 
     run_dir = Path(run_dir)
@@ -322,9 +317,7 @@ def audit_run(
         for i in range(len(site_names(read_manifest(Path(cfg["manifest"])))))
     ]
     classes = sites[0].classes
-    model = build_model(
-        str(cfg["model"]), len(classes), pretrained="", dp=bool(cfg.get("dp", False))
-    )
+    model = model_for_run({**cfg, "pretrained": ""}, len(classes))
     set_weights(model, torch.load(ckpt, weights_only=False)["arrays"])
     if reference is None:
         reference = bool(cfg.get("audit-reference", True))

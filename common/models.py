@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -36,6 +37,18 @@ SUPPORTED_MODELS: list[str] = [
 
 
 # ----------------------------------------------------------------------------- build
+
+
+def model_for_run(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The run's backbone, GroupNorm instead of BatchNorm under either kind of DP.
+
+    Sample-level DP needs it for Opacus; site-level DP adds noise to every tensor the sites
+    send, and noised BatchNorm running variances go negative (NaN predictions).
+    """
+    private = bool(cfg.get("dp", False)) or bool(cfg.get("central-dp", ""))
+    return build_model(
+        str(cfg["model"]), num_classes, pretrained=str(cfg.get("pretrained", "")), dp=private
+    )
 
 
 def build_model(

@@ -15,7 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.data.site_data import classes_for
-from common.models import build_model, get_weights
+from common.models import get_weights, model_for_run
 from server.loop import Federation
 
 log = logging.getLogger("fedskin")
@@ -30,13 +30,7 @@ def run_dir_for(cfg: dict[str, Any]) -> Path:
 def initial_weights(cfg: dict[str, Any], num_classes: int) -> dict[str, torch.Tensor]:
     """Seeded initial global model, DP-compatible (GroupNorm) when sites train under DP."""
     torch.manual_seed(int(cfg.get("seed", 0)))
-    model = build_model(
-        str(cfg["model"]),
-        num_classes,
-        pretrained=str(cfg.get("pretrained", "")),
-        dp=bool(cfg.get("dp", False)),
-    )
-    return get_weights(model)
+    return get_weights(model_for_run(cfg, num_classes))
 
 
 @app.main()

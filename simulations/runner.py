@@ -225,14 +225,14 @@ def _print_summary(metrics: dict[str, Any], seconds: float, run_dir: Path) -> No
             f"{m['accuracy']:.3f}",
             f"{m.get('auroc', float('nan')):.3f}",
         )
-    g = test["global"]
+    g, nan = test["global"], float("nan")
     table.add_row("mean over sites", "", f"{test['mean_site_balanced_accuracy']:.3f}", "", "")
-    table.add_row(
+    table.add_row(  # empty when no site could score the model (its failures are logged)
         "pooled",
-        str(int(g["n"])),
-        f"{g['balanced_accuracy']:.3f}",
-        f"{g['accuracy']:.3f}",
-        f"{g.get('auroc', float('nan')):.3f}",
+        str(int(g.get("n", 0))),
+        f"{g.get('balanced_accuracy', nan):.3f}",
+        f"{g.get('accuracy', nan):.3f}",
+        f"{g.get('auroc', nan):.3f}",
     )
     console.print(table)
     console.print(f"run directory: {run_dir} (report.md, metrics.json, history.csv, plots)")

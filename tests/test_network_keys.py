@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from client.task import evaluate_site
@@ -70,3 +71,11 @@ def test_train_metrics_keys_are_known_aggregates():
     )
     assert set(out) | {"num-examples"} <= TRAIN_KEYS, sorted(set(out) - TRAIN_KEYS)
     assert all(isinstance(v, (int, float)) for v in out.values())
+
+
+def test_a_model_with_nan_outputs_is_reported_by_site_not_crashed_on():
+    model = build_model("test_efficientnet", len(HAM_CLASSES))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "classifier" in n).fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"site x: .*non-finite scores for 9 of 9 validation"):
+        evaluate_site(model, _site(9), "validation")
