@@ -69,6 +69,34 @@ class _SelectedGrid:
         return getattr(self._grid, name)
 
 
+def _transient(err: Exception) -> bool:
+    """A SuperLink error worth retrying: a 5xx answer (e.g. its SQLite state was locked
+    for longer than Flower's 5 s busy timeout on a loaded server) or a dropped connection.
+    The SuperLink rolls such a request back, so asking again loses nothing."""
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - flwr depends on httpx
+        return False
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code >= 500
+    return isinstance(err, httpx.TransportError)
+
+
+def with_retries(call: Any, what: str, patience: float = 120.0) -> Any:
+    """``call()``, retried with back-off while the SuperLink answers with transient errors,
+    so one busy moment at the server does not fail a whole federated run."""
+    deadline, wait = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not _transient(err) or time.monotonic() + wait > deadline:
+                raise
+            log.warning("SuperLink error while %s (retrying in %.1f s): %s", what, wait, err)
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
+
+
 def exchange(
     grid: Grid, messages: list[Message], timeout: float, poll: float = 0.25
 ) -> tuple[dict[int, Message], list[int]]:
@@ -78,19 +106,24 @@ def exchange(
     SuperLink writes for a node that went offline names the SuperLink as its source, not
     the site. Matching ``reply_to_message_id`` against what was sent names the site either
     way. Returns replies by node id and the node ids that did not answer within ``timeout``.
+    Polling backs off from ``poll`` to 2 s while nothing arrives, to spare the SuperLink.
     """
-    pending = {i for i in grid.push_messages(messages) if i}
+    pending = {i for i in with_retries(lambda: grid.push_messages(messages), "sending") if i}
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     replies: dict[int, Message] = {}
     deadline = time.monotonic() + timeout
+    wait = poll
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(pending):
+        ids = set(pending)
+        got = list(with_retries(lambda ids=ids: list(grid.pull_messages(ids)), "collecting"))
+        for reply in got:
             mid = reply.metadata.reply_to_message_id
             pending.discard(mid)
             if mid in sent:
                 replies[sent[mid]] = reply
         if pending:
-            time.sleep(poll)
+            wait = poll if got else min(wait * 1.5, 2.0)
+            time.sleep(wait)
     return replies, [nid for nid in sent.values() if nid not in replies]
 
 
@@ -133,6 +166,9 @@ class Federation:
                         seen[name] = sorted(set(seen.get(name, [])) | set(record.keys()))
         return replies, missing
 
+    def _node_ids(self) -> list[int]:
+        return list(with_retries(lambda: list(self.grid.get_node_ids()), "listing the sites"))
+
     def _write_network(self) -> None:
         """network.json: every record name and key that crossed the network to the server."""
         path = self.run_dir / "network.json"
@@ -144,7 +180,7 @@ class Federation:
     def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
         """Wait for the sites, then ask each which site it is and what it holds."""
         deadline = time.time() + wait
-        while len(ids := list(self.grid.get_node_ids())) < expected and time.time() < deadline:
+        while len(ids := self._node_ids()) < expected and time.time() < deadline:
             time.sleep(0.5)
         msgs = [
             Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids

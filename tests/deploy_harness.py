@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,8 +69,11 @@ class Proc:
         """Block until ``pattern`` appears ``count`` times in the log; fail early if it died."""
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
+        polls = 0
         while time.monotonic() < deadline:
-            self.remember_children()
+            if polls % 10 == 0:  # a /proc scan every ~2 s is enough to track the tree
+                self.remember_children()
+            polls += 1
             found = list(rx.finditer(self.text()))
             if len(found) >= count:
                 return found
@@ -101,6 +104,10 @@ class Proc:
             start = _start_time(pid)
             if start is not None:
                 self.children.setdefault(pid, start)
+
+    def processes(self, name: str) -> list[int]:
+        """Live descendants whose command line contains ``name`` (e.g. ``flwr-clientapp``)."""
+        return [pid for pid in descendants(self.popen.pid) if name in cmdline(pid)]
 
     def signal_all(self, sig: int) -> None:
         """Send ``sig`` to the process and every child seen (only if the pid is not reused)."""
@@ -153,6 +160,22 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive_since(pid: int, start: int) -> bool:
+    """Whether ``pid`` is still the live process that started at ``start``."""
+    return _start_time(pid) == start
+
+
+def start_time(pid: int) -> int | None:
+    return _start_time(pid)
+
+
 def _signal(pid: int, start: int | None, sig: int) -> None:
     """Signal ``pid`` only if it is still the process we saw (pids get reused)."""
     if start is not None and _start_time(pid) != start:
@@ -189,8 +212,15 @@ class Harness:
     procs: list[Proc] = field(default_factory=list)
 
     def start(
-        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path | None = None,
+        priority: int = 0,
     ) -> Proc:
+        """Start ``argv`` logging to ``logs/<name>.log``; ``priority`` is its nice value
+        (negative needs root, otherwise ignored), inherited by what it starts."""
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log, "wb")  # noqa: SIM115 - the child owns it; closed with the process
@@ -206,6 +236,11 @@ class Harness:
             )
         finally:
             fh.close()
+        if priority:
+            try:  # before it has imported anything, so before it starts children
+                os.setpriority(os.PRIO_PROCESS, popen.pid, priority)
+            except OSError:
+                pass
         proc = Proc(name=name, popen=popen, log=log)
         self.procs.append(proc)
         return proc
@@ -288,3 +323,23 @@ def wait_run_finished(
             return runs[0]  # type: ignore[return-value]
         time.sleep(every)
     raise TimeoutError(f"run {run_id} not finished after {timeout}s: {last}")
+
+
+def poll_until(
+    what: str,
+    check: Callable[[], object],
+    timeout: float,
+    every: float = 0.5,
+    alive: Callable[[], bool] = lambda: True,
+) -> object:
+    """Call ``check`` until it returns something truthy; give up early once ``alive`` is false
+    (e.g. the SuperLink was stopped in teardown) or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if not alive():
+            raise RuntimeError(f"gave up waiting for {what}: the deployment is gone")
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not within {timeout}s")

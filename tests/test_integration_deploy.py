@@ -3,16 +3,20 @@
 Real processes, exactly the commands of docs/deployment.md: ``flower-superlink`` (TLS,
 ``--enable-supernode-auth``, ``--database``, no runtime dependency installation),
 ``flwr supernode register`` for each site's public key, one ``flower-supernode`` per site
-with the CA certificate, its private key and its own ``--node-config``, then ``flwr run``.
-One SuperLink and three SuperNodes serve every test of this module (like a real federation
-serving several runs); every process is killed in teardown, also on failure.
+with the CA certificate, its private key and its own ``--node-config``, then ``flwr run``,
+``flwr stop`` and ``flwr log``. One SuperLink and three SuperNodes serve every test of this
+module, like a real federation serving several runs: an uninterrupted run, the same run
+stopped mid-round and resumed, and a run during which a site is killed. Every process is
+killed in teardown, also on failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +29,13 @@ from tests.deploy_harness import (
     BIN,
     Harness,
     Proc,
+    alive_since,
     base_env,
     flwr_cli,
     flwr_json,
     free_port,
+    poll_until,
+    start_time,
     write_flwr_config,
 )
 
@@ -38,6 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 SITES = ["site-a", "site-b", "site-c"]
 CONNECTION = "fedskin-test"
 STARTUP_S = 120.0  # generous: the machine is shared and has 2 cores
+# The coordinating server (SuperLink, and the ServerApp it starts) gets CPU first, as on a
+# machine of its own. Starved by the sites' ClientApps and other jobs on this 2-core box,
+# Flower 1.41's SQLite state was seen locked for over its 5 s busy timeout: HTTP 500s that
+# failed the ServerApp and made SuperNodes exit.
+SERVER_PRIORITY = -5
 
 
 # ----------------------------------------------------------------------------- toy app
@@ -232,27 +244,33 @@ def register_sites(dep: Deployment, sites: list[str]) -> None:
         assert proc.returncode == 0, f"registering {site} failed:\n{out}"
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    work = tmp_path_factory.mktemp("deploy")
-    keys = make_federation(work / "keys", sites=[*SITES, "rogue"], days=1)
-    other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
-    harness = Harness(work)
-    try:
-        port = free_port()
-        superlink = harness.start(
-            "superlink",
-            superlink_argv(keys, port, work / "superlink" / "state.db"),
-            base_env(work / "superlink" / "flwr-home"),
-        )
-        superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", STARTUP_S)
-        admin_env = base_env(work / "admin" / "flwr-home")
-        write_flwr_config(
-            work / "admin" / "flwr-home", CONNECTION, f"127.0.0.1:{port}", keys.ca_cert
-        )
-        dep = Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
-        # Intruders start now so their (slow, CPU-bound) start-up overlaps the set-up.
-        a_key = keys.sites["site-a"].private_key  # a registered key: only TLS can stop them
+def start_federation(
+    harness: Harness,
+    work: Path,
+    sites: list[str],
+    *,
+    intruders: bool = False,
+) -> Deployment:
+    """A SuperLink (TLS + SuperNode auth) and one registered SuperNode per site, all online.
+
+    ``intruders`` also starts the three nodes that must be refused (unregistered key, no CA,
+    another federation's CA), early, so their slow start-up overlaps the set-up.
+    """
+    keys = make_federation(work / "keys", sites=[*sites, *(["rogue"] if intruders else [])], days=1)
+    port = free_port()
+    superlink = harness.start(
+        "superlink",
+        superlink_argv(keys, port, work / "superlink" / "state.db"),
+        base_env(work / "superlink" / "flwr-home"),
+        priority=SERVER_PRIORITY,
+    )
+    superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", STARTUP_S)
+    admin_env = base_env(work / "admin" / "flwr-home")
+    write_flwr_config(work / "admin" / "flwr-home", CONNECTION, f"127.0.0.1:{port}", keys.ca_cert)
+    dep = Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
+    if intruders:
+        other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
+        a_key = keys.sites[sites[0]].private_key  # a registered key: only TLS can stop them
         for name, ca, key in (
             ("rogue", keys.sites["rogue"].ca_cert, keys.sites["rogue"].private_key),
             ("no-ca", None, a_key),
@@ -260,25 +278,34 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         ):
             argv = supernode_argv(
                 dep.address, root_certificates=ca, private_key=key,
-                node_config="site='site-a' value=100.0", extra=("--max-retries", "1"),
+                node_config=f"site='{sites[0]}' value=100.0", extra=("--max-retries", "1"),
             )  # fmt: skip
             dep.intruders[name] = harness.start(
                 f"supernode-{name}", argv, base_env(work / "intruders" / name / "flwr-home")
             )
-        register_sites(dep, SITES)
-        for i, site in enumerate(SITES):
-            argv = supernode_argv(
-                dep.address,
-                root_certificates=keys.sites[site].ca_cert,
-                private_key=keys.sites[site].private_key,
-                node_config=site_node_config(work, site, float(i + 1)),
-            )
-            env = base_env(dep.site_dir(site) / "flwr-home")
-            # Three sites share 2 cores here: one torch thread each avoids oversubscription.
-            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-            dep.supernodes[site] = harness.start(f"supernode-{site}", argv, env)
-        superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(SITES))
-        yield dep
+    register_sites(dep, sites)
+    for i, site in enumerate(sites):
+        argv = supernode_argv(
+            dep.address,
+            root_certificates=keys.sites[site].ca_cert,
+            private_key=keys.sites[site].private_key,
+            node_config=site_node_config(work, site, float(i + 1)),
+        )
+        env = base_env(dep.site_dir(site) / "flwr-home")
+        # Several sites share 2 cores here: one torch thread each avoids oversubscription
+        # (and keeps every site's arithmetic identical from run to run).
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        dep.supernodes[site] = harness.start(f"supernode-{site}", argv, env)
+    superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(sites))
+    return dep
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    work = tmp_path_factory.mktemp("deploy")
+    harness = Harness(work)
+    try:
+        yield start_federation(harness, work, SITES, intruders=True)
     finally:
         survivors = harness.stop_all()
     assert not survivors, f"processes survived teardown: {survivors}"
@@ -297,16 +324,27 @@ def launch(dep: Deployment, app_dir: Path, run_config: str) -> int:
     return int(out["run-id"])
 
 
+def run_info(dep: Deployment, run_id: int) -> dict:
+    """The run's entry in ``flwr list`` (``status`` is e.g. ``finished:completed``)."""
+    listing = flwr_json(["list", CONNECTION, "--run-id", str(run_id)], dep.admin_env, dep.work)
+    return listing["runs"][0]  # type: ignore[index,return-value]
+
+
 def finish(dep: Deployment, run_id: int, timeout: float) -> dict:
     """Wait for the SuperLink to log the run's end, then check its status via the CLI."""
     try:
-        dep.superlink.wait_for(rf"Finished task \d+ of run {run_id}", timeout)
+        dep.superlink.wait_for(rf"Finished task \d+ of run {run_id}\b", timeout)
     except TimeoutError as err:
         raise AssertionError(f"{err}\n{dep.harness.logs()}") from err
-    listing = flwr_json(["list", CONNECTION, "--run-id", str(run_id)], dep.admin_env, dep.work)
-    run = listing["runs"][0]
+    run = run_info(dep, run_id)
     assert run["status"] == "finished:completed", f"{run}\n{dep.harness.logs()}"
     return run
+
+
+def server_log(dep: Deployment, run_id: int) -> str:
+    """The ServerApp's output: it goes to the SuperLink's log store, read with ``flwr log``."""
+    res = dep.flwr("log", str(run_id), CONNECTION, "--show")
+    return res.stdout + res.stderr
 
 
 # ------------------------------------------------------------------------------ tests
@@ -376,6 +414,41 @@ def test_admin_cli_needs_the_federation_ca(deployment: Deployment, tmp_path: Pat
 
 
 # ------------------------------------------------------------------------ the real app
+# Smallest configuration that still learns: the cost of a run is Flower starting one
+# ClientApp process per message (~5-13 CPU-s each), not the training itself.
+RUN_CONFIG: dict[str, object] = {
+    "model": "test_efficientnet",
+    "image-size": 16,
+    "num-server-rounds": 2,
+    "batch-size": 16,
+    "local-epochs": 2,
+    "loss": "ce",
+    "augment": False,
+    "amp": False,
+    "channels-last": False,
+    "data-format": "ham-dataverse",
+    "min-nodes": 3,  # wait for every site before round 1 ...
+    "min-train-nodes": 3,  # ... and aggregate only when all of them trained
+    "run-name": "deploy-test",
+}
+RUN_TIMEOUT = 900.0  # one run on a loaded 2-core machine
+VICTIM = "site-c"  # the site killed mid-round in test_supernode_killed_mid_round
+TRAIN_MSG = r"\[RUN {run}[^\]]*\][^\n]*\n(?:[^\n]*\n){{0,2}}?[^\n]*Receiving: train message"
+SENT_MSG = r"\[RUN {run}[^\]]*\][^\n]*\n(?:[^\n]*\n){{0,2}}?[^\n]*Sending: train message"
+
+
+def run_config(out: Path, **overrides: object) -> str:
+    """``--run-config`` text: the test configuration, ``out-dir`` and any overrides."""
+    cfg = {**RUN_CONFIG, **overrides, "out-dir": str(out)}
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f"'{v}'" if isinstance(v, str) else str(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in cfg.items())
+
+
 def copy_project(dest: Path) -> Path:
     """The fedskin app as a site would have it installed, minus ``[tool.flwr.federations]``.
 
@@ -396,53 +469,186 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def make_site_data(dep: Deployment, tmp_path: Path) -> None:
-    """One synthetic HAM10000 folder per site holding only that site's images + manifest."""
-    import pandas as pd
+@dataclass
+class Pooled:
+    """A synthetic HAM10000 folder split into one part per site (the sites' own images)."""
 
-    from common.data.partition import partition, write_manifest
+    root: Path
+    rows: dict[str, object]  # site -> its manifest rows (pandas DataFrame)
+
+
+def make_pooled_data(root: Path) -> Pooled:
+    from common.data.partition import partition
     from common.data.sources import load_source
     from common.data.synth import synthesize
 
-    pooled = synthesize("ham-dataverse", tmp_path / "pooled", n_images=300, image_size=16)
+    pooled = synthesize("ham-dataverse", root, n_images=300, image_size=16)
     source = load_source("ham-dataverse", pooled)
     manifest = partition(source.meta, "iid", classes=source.classes, num_sites=3, seed=0)
     names = sorted(manifest["site"].astype(str).unique())
     assert len(names) == 3, names
-    meta = pd.read_csv(pooled / "HAM10000_metadata.csv", dtype=str)
-    images = {p.stem: p for p in pooled.rglob("*.jpg")}
+    rows = {}
     for name, site in zip(names, SITES, strict=True):
-        rows = manifest[manifest["site"].astype(str) == name].copy()
-        rows["site"] = site
+        part = manifest[manifest["site"].astype(str) == name].copy()
+        part["site"] = site
+        rows[site] = part
+    return Pooled(pooled, rows)
+
+
+def write_site_data(dep: Deployment, pooled: Pooled) -> None:
+    """One HAM10000 folder per site holding only that site's images, plus its manifest."""
+    import pandas as pd
+
+    from common.data.partition import write_manifest
+
+    meta = pd.read_csv(pooled.root / "HAM10000_metadata.csv", dtype=str)
+    images = {p.stem: p for p in pooled.root.rglob("*.jpg")}
+    for site in dep.supernodes:
+        rows = pooled.rows[site]
         data = dep.site_dir(site) / "data"
         (data / "images").mkdir(parents=True, exist_ok=True)
-        meta[meta["image_id"].isin(rows["image_id"])].to_csv(
+        meta[meta["image_id"].isin(rows["image_id"])].to_csv(  # type: ignore[index]
             data / "HAM10000_metadata.csv", index=False
         )
-        for image_id in rows["image_id"]:
+        for image_id in rows["image_id"]:  # type: ignore[index]
             shutil.copy(images[image_id], data / "images" / f"{image_id}.jpg")
         write_manifest(rows, dep.site_dir(site) / "manifest.csv")
 
 
-@pytest.mark.skipif(not _real_apps_present(), reason="fedskin ServerApp/ClientApp not written yet")
-def test_fedskin_apps_two_rounds_three_sites(deployment: Deployment, tmp_path: Path) -> None:
-    dep = deployment
-    make_site_data(dep, tmp_path)
-    app = copy_project(tmp_path / "app")
-    out = tmp_path / "run"
-    run_config = (
-        f"model='test_efficientnet' image-size=16 num-server-rounds=2 batch-size=16 "
-        f"local-epochs=2 loss='ce' augment=false amp=false channels-last=false "
-        f"data-format='ham-dataverse' min-train-nodes=3 out-dir='{out}' run-name='deploy-test'"
-    )
-    run_id = launch(dep, app, run_config)
-    # 18 ClientApp processes (query + 2 x (train, evaluate) + test at 3 sites), each importing
-    # torch + timm (~10 CPU-s): ~2 min on an idle 2-core box, much longer on a loaded one.
-    finish(dep, run_id, timeout=900)
+def checkpoint(run_dir: Path) -> dict | None:
+    """``last.pt`` of a run, or None while there is none (or it cannot be read yet)."""
+    import torch
 
+    try:
+        return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    except Exception:  # noqa: BLE001 - absent, or caught mid-write: ask again later
+        return None
+
+
+def checkpoint_round(run_dir: Path) -> int | None:
+    ck = checkpoint(run_dir)
+    return int(ck["state"]["round"]) if ck else None
+
+
+def metrics_rounds(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.json"
+    return [r["round"] for r in json.loads(path.read_text())["rounds"]] if path.is_file() else []
+
+
+# ------------------------------------------------------------------- the three runs
+# One after the other on the module's federation, as a real consortium serves its runs:
+# the uninterrupted run, the same run stopped and resumed (compared with the first), and
+# last a run during which a site is killed (the module's federation then has one site less).
+@dataclass
+class Apps:
+    work: Path
+    app: Path  # the fedskin project as every machine has it installed
+
+
+@pytest.fixture(scope="module")
+def apps(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Apps:
+    """The sites' own data folders and the project the admin launches runs from."""
+    if not _real_apps_present():
+        pytest.skip("fedskin ServerApp/ClientApp not written yet")
+    work = tmp_path_factory.mktemp("fedskin")
+    write_site_data(deployment, make_pooled_data(work / "pooled"))
+    return Apps(work, copy_project(work / "app"))
+
+
+@pytest.fixture(scope="module")
+def full_run(deployment: Deployment, apps: Apps) -> Path:
+    """Two rounds, three sites, nothing goes wrong; the reference for the resumed run."""
+    out = apps.work / "full"
+    finish(deployment, launch(deployment, apps.app, run_config(out)), RUN_TIMEOUT)
+    return out
+
+
+def resume_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
+    """The same run: launch, ``flwr stop`` while round 2 trains, relaunch with ``resume=true``."""
+    alive = dep.superlink.alive
+    run_a = launch(dep, app, run_config(out))
+    # Its ServerApp creates out/checkpoints first thing; it is the SuperLink's only one.
+    poll_until("the ServerApp", (out / "checkpoints").is_dir, STARTUP_S, alive=alive)
+    (server_pid,) = poll_until(
+        "the ServerApp process", lambda: dep.superlink.processes("flwr-serverapp"), 30, 0.2
+    )  # type: ignore[misc]
+    server_start = start_time(server_pid)
+    assert server_start is not None
+
+    poll_until("last.pt of round 1", lambda: checkpoint_round(out) == 1, RUN_TIMEOUT, 0.5, alive)
+    # Round 2 is under way once a site received the run's second train message.
+    round2 = re.compile(TRAIN_MSG.format(run=run_a))
+    poll_until(
+        "round 2's train message at a site",
+        lambda: any(len(round2.findall(p.text())) >= 2 for p in dep.supernodes.values()),
+        RUN_TIMEOUT,
+        0.2,
+        alive,
+    )
+    round_at_stop = checkpoint_round(out)
+    stop = dep.flwr("stop", str(run_a), CONNECTION, "--format", "json")
+
+    def finished() -> str:
+        status = str(run_info(dep, run_a)["status"])
+        return status if status.startswith("finished") else ""
+
+    status = poll_until("the stopped status", finished, 60, 1.0, alive)
+    poll_until(
+        "the stopped ServerApp to exit",
+        lambda: not alive_since(server_pid, server_start),
+        120,
+        0.2,
+        alive,
+    )
+    after_stop = {"round": checkpoint_round(out), "metrics_rounds": metrics_rounds(out)}
+    log_a = server_log(dep, run_a)
+    # The sites may still be training the stopped run's round 2: the new run queues behind.
+    run_b = launch(dep, app, run_config(out, resume=True))
+    finish(dep, run_b, RUN_TIMEOUT)
+    return {
+        "stop": stop,
+        "status": status,
+        "round_at_stop": round_at_stop,
+        "after_stop": after_stop,
+        "log_a": log_a,
+        "log_b": server_log(dep, run_b),
+    }
+
+
+def kill_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
+    """SIGKILL a SuperNode while its ClientApp trains; the round must finish with the others."""
+    cfg = {"num-server-rounds": 1, "min-train-nodes": 2, "round-timeout": 300.0}
+    run_id = launch(dep, app, run_config(out, **cfg))
+    victim = dep.supernodes[VICTIM]
+    # Mid-round: the victim has received the train message and runs a ClientApp for it.
+    victim.wait_for(
+        TRAIN_MSG.format(run=run_id) + r"[^\n]*\n(?:[^\n]*\n){0,4}?[^\n]*Received successfully",
+        RUN_TIMEOUT,
+    )
+    clientapps = poll_until(
+        "the victim's ClientApp", lambda: victim.processes("flwr-clientapp"), 60, 0.1
+    )
+    replied = re.compile(SENT_MSG.format(run=run_id))
+    replied_before = len(replied.findall(victim.text()))
+    victim.signal_all(signal.SIGKILL)
+    poll_until("the victim to die", victim.done, 30, 0.1)
+    run = finish(dep, run_id, RUN_TIMEOUT)
+    return {
+        "status": run["status"],
+        "clientapps": clientapps,
+        "replies_before_kill": replied_before,
+        "replies_after_kill": len(replied.findall(victim.text())),
+        "log": server_log(dep, run_id),
+    }
+
+
+def test_fedskin_apps_two_rounds_three_sites(
+    full_run: Path, apps: Apps, deployment: Deployment
+) -> None:
+    out = full_run
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = metrics["rounds"]
-    assert len(rounds) == 2
+    assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
         assert sorted(record["train"]) == SITES, record  # every site trained every round
         assert sorted(record["validation"]["sites"]) == SITES
@@ -450,11 +656,89 @@ def test_fedskin_apps_two_rounds_three_sites(deployment: Deployment, tmp_path: P
     assert sorted(metrics["test"]["sites"]) == SITES
     # The global model improved: the final model (last checkpoint, written on the server)
     # has a lower cross-entropy than the seeded initial model on the sites' training images.
-    initial, final = _pooled_train_loss(dep, out)
+    initial, final = _pooled_train_loss(deployment, out, apps.work / "loss-cache")
     assert final < initial, (initial, final)
+    _check_network_keys(out)
 
 
-def _pooled_train_loss(dep: Deployment, run_dir: Path) -> tuple[float, float]:
+def _check_network_keys(run_dir: Path) -> None:
+    """network.json lists every record and key the sites sent; all are on the allow-list."""
+    from common.fedmetrics import AGGREGATE_KEYS
+    from tests.test_network_keys import SCALAR, TRAIN_KEYS
+
+    seen = json.loads((run_dir / "network.json").read_text())
+    assert sorted(seen) == ["evaluate", "query", "train"]
+    assert sorted(seen["query"]) == ["info"]
+    assert set(seen["query"]["info"]) == {"site", "classes", "n-train", "n-validation", "n-test"}
+    assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
+    assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
+    assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
+    assert seen["train"]["site"] == ["site"] and seen["evaluate"]["site"] == ["site"]
+    assert sorted(seen["evaluate"]) == ["metrics", "site"]  # no arrays back from evaluation
+    scalars = set(seen["evaluate"]["metrics"]) - set(AGGREGATE_KEYS)
+    assert scalars and all(SCALAR.match(k) for k in scalars), sorted(scalars)
+
+
+def test_stopped_server_resumes_to_the_same_model(
+    full_run: Path, apps: Apps, deployment: Deployment
+) -> None:
+    """``flwr stop`` mid-round 2, relaunch with ``resume=true``: the uninterrupted result."""
+    out = apps.work / "resumed"
+    r = resume_scenario(deployment, apps.app, out)
+    logs = f"{r['log_a']}\n----- resumed run -----\n{r['log_b']}"
+    assert r["stop"].returncode == 0, r["stop"]  # type: ignore[attr-defined]
+    assert r["status"] == "finished:stopped", r["status"]
+    # Stopped while round 2 was in progress: round 1 was saved, round 2 never was.
+    assert r["round_at_stop"] == 1
+    assert r["after_stop"] == {"round": 1, "metrics_rounds": [1]}, (r["after_stop"], logs)
+    assert "resuming after round 1" in str(r["log_b"]), logs
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [rec["round"] for rec in metrics["rounds"]] == [1, 2]
+    assert all(sorted(rec["train"]) == SITES for rec in metrics["rounds"])
+    assert sorted(metrics["test"]["sites"]) == SITES
+
+    reference = checkpoint(full_run)["arrays"]  # type: ignore[index]
+    resumed = checkpoint(out)["arrays"]  # type: ignore[index]
+    assert reference.keys() == resumed.keys()
+    differ = [k for k in reference if not torch_equal(reference[k], resumed[k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run: {differ[:5]}"
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))  # type: ignore[arg-type]
+
+
+def test_supernode_killed_mid_round(apps: Apps, deployment: Deployment) -> None:
+    """SIGKILL a site's SuperNode while it trains: the round completes with the others.
+
+    Last in the module: the federation has one site less afterwards."""
+    import torch
+
+    out = apps.work / "killed"
+    r = kill_scenario(deployment, apps.app, out)
+    survivors = [s for s in SITES if s != VICTIM]
+    assert r["clientapps"], "the victim's ClientApp was not running when it was killed"
+    assert r["replies_before_kill"] == r["replies_after_kill"] == 0, r
+    assert r["status"] == "finished:completed"
+    metrics = json.loads((out / "metrics.json").read_text())  # type: ignore[operator]
+    (round1,) = metrics["rounds"]
+    assert round1["aggregated"] and sorted(round1["train"]) == survivors, round1
+    assert list(round1["failures"]) == [VICTIM], round1
+    # The SuperLink answered for the dead node (missed heartbeats) and the failure still
+    # names the site, not the SuperLink that sent the error.
+    assert "Node Unavailable" in round1["failures"][VICTIM], round1["failures"]
+    assert sorted(round1["validation"]["sites"]) == survivors
+    assert list(round1["validation"]["failures"]) == [VICTIM]
+    assert sorted(metrics["test"]["sites"]) == survivors
+    weights = checkpoint(out)["arrays"]  # type: ignore[index]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    log = str(r["log"])
+    assert any(VICTIM in line and "round 1" in line for line in log.splitlines()), log
+
+
+def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[float, float]:
     """Cross-entropy of the initial and the final global model over all sites' train split."""
     import numpy as np
     import torch
@@ -472,17 +756,14 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path) -> tuple[float, float]:
             {
                 "data-format": "ham-dataverse", "data-path": str(root / "data"),
                 "manifest": str(root / "manifest.csv"), "site": site,
-                "cache-dir": str(root / "cache"), "image-size": 16,
+                "cache-dir": str(cache / site), "image-size": 16,
             }
         )  # fmt: skip
         images.append(data.images["train"])
         labels.append(data.labels["train"])
     x, y = torch.from_numpy(np.concatenate(images)), np.concatenate(labels)
     losses = []
-    for state in (
-        initial_weights(cfg, 7),
-        torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["arrays"],
-    ):
+    for state in (initial_weights(cfg, 7), checkpoint(run_dir)["arrays"]):  # type: ignore[index]
         model = build_model("test_efficientnet", 7)
         set_weights(model, state)
         probs = np.asarray(predict(model, x, device=torch.device("cpu")))

@@ -126,3 +126,38 @@ def test_central_dp_wrappers():
     for bad in ({"strategy": "fedadam"}, {"central-dp": "server-adaptive"}):
         with pytest.raises(ValueError, match="central-epsilon needs Flower's accountant"):
             make_strategy(dict(cfg, **{"central-epsilon": 8.0}, **bad), 4)
+
+
+def test_superlink_5xx_is_retried_and_4xx_is_not() -> None:
+    """A SuperLink whose state is briefly locked answers 500: the server asks again instead
+    of failing the whole run; a client error (4xx) is a bug and surfaces at once."""
+    import httpx
+    import pytest
+
+    from server.loop import with_retries
+
+    request = httpx.Request("POST", "https://superlink/v1/runtime/pull-messages")
+
+    def failing(status: int, times: int) -> object:
+        calls = {"n": 0}
+
+        def call() -> str:
+            calls["n"] += 1
+            if calls["n"] <= times:
+                response = httpx.Response(status, request=request)
+                raise httpx.HTTPStatusError("err", request=request, response=response)
+            return "replies"
+
+        call.calls = calls  # type: ignore[attr-defined]
+        return call
+
+    flaky = failing(500, 2)
+    assert with_retries(flaky, "collecting", patience=30) == "replies"
+    assert flaky.calls["n"] == 3  # type: ignore[attr-defined]
+    broken = failing(400, 1)
+    with pytest.raises(httpx.HTTPStatusError):
+        with_retries(broken, "collecting", patience=30)
+    assert broken.calls["n"] == 1  # type: ignore[attr-defined]
+    down = failing(503, 100)
+    with pytest.raises(httpx.HTTPStatusError):  # gives up once its patience is spent
+        with_retries(down, "collecting", patience=1.0)
