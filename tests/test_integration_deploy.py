@@ -37,6 +37,7 @@ from tests.deploy_harness import (
     start_time,
     write_flwr_config,
 )
+from tests.test_network_keys import check_network_json
 
 pytestmark = pytest.mark.integration
 
@@ -532,25 +533,7 @@ def test_fedskin_apps_two_rounds_three_sites(
     # has a lower cross-entropy than the seeded initial model on the sites' training images.
     initial, final = _pooled_train_loss(deployment, out, apps.work / "loss-cache")
     assert final < initial, (initial, final)
-    _check_network_keys(out)
-
-
-def _check_network_keys(run_dir: Path) -> None:
-    """network.json lists every record and key the sites sent; all are on the allow-list."""
-    from common.fedmetrics import AGGREGATE_KEYS
-    from tests.test_network_keys import SCALAR, TRAIN_KEYS
-
-    seen = json.loads((run_dir / "network.json").read_text())
-    assert sorted(seen) == ["evaluate", "query", "train"]
-    assert sorted(seen["query"]) == ["info"]
-    assert set(seen["query"]["info"]) == {"site", "classes", "n-train", "n-validation", "n-test"}
-    assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
-    assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
-    assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
-    assert seen["train"]["site"] == ["site"] and seen["evaluate"]["site"] == ["site"]
-    assert sorted(seen["evaluate"]) == ["metrics", "site"]  # no arrays back from evaluation
-    scalars = set(seen["evaluate"]["metrics"]) - set(AGGREGATE_KEYS)
-    assert scalars and all(SCALAR.match(k) for k in scalars), sorted(scalars)
+    check_network_json(out)
 
 
 def test_stopped_server_resumes_to_the_same_model(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,25 @@ TRAIN_KEYS = {
     "noise_multiplier",
     "dp-budget-exhausted",
 }
+
+
+def check_network_json(run_dir: Path) -> None:
+    """network.json lists every record and key the sites sent; all are on the allow-list.
+
+    Shared by the simulation and the real-process deployment tests."""
+    from common.fedmetrics import AGGREGATE_KEYS
+
+    seen = json.loads((run_dir / "network.json").read_text())
+    assert sorted(seen) == ["evaluate", "query", "train"]
+    assert sorted(seen["query"]) == ["info"]
+    assert set(seen["query"]["info"]) == {"site", "classes", "n-train", "n-validation", "n-test"}
+    assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
+    assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
+    assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
+    assert seen["train"]["site"] == ["site"] and seen["evaluate"]["site"] == ["site"]
+    assert sorted(seen["evaluate"]) == ["metrics", "site"]  # no arrays back from evaluation
+    scalars = set(seen["evaluate"]["metrics"]) - set(AGGREGATE_KEYS)
+    assert scalars and all(SCALAR.match(k) for k in scalars), sorted(scalars)
 
 
 def _site(n: int) -> SiteData:

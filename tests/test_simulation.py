@@ -65,21 +65,9 @@ def test_run_directory_and_metrics(full_run):
 
 def test_only_allowed_keys_crossed_the_network(full_run):
     """network.json lists every record and key the sites sent; all are on the allow-list."""
-    from common.fedmetrics import AGGREGATE_KEYS
-    from tests.test_network_keys import SCALAR, TRAIN_KEYS
+    from tests.test_network_keys import check_network_json
 
-    run_dir, _ = full_run
-    seen = json.loads((run_dir / "network.json").read_text())
-    assert sorted(seen) == ["evaluate", "query", "train"]
-    assert sorted(seen["query"]) == ["info"]
-    assert set(seen["query"]["info"]) == {"site", "classes", "n-train", "n-validation", "n-test"}
-    assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
-    assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
-    assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
-    assert seen["train"]["site"] == ["site"] and seen["evaluate"]["site"] == ["site"]
-    assert sorted(seen["evaluate"]) == ["metrics", "site"]  # no arrays back from evaluation
-    scalars = set(seen["evaluate"]["metrics"]) - set(AGGREGATE_KEYS)
-    assert all(SCALAR.match(k) for k in scalars), sorted(scalars)
+    check_network_json(full_run[0])
 
 
 def test_golden_metrics(full_run):
