@@ -1,7 +1,7 @@
 """A ClientApp with two misbehaving sites, for the server's robustness tests.
 
-`vienna_dias` sends NaN weights every round; `rosendahl` crashes in round 1. Everything else
-is the real fedskin ClientApp.
+`vienna_dias` sends NaN weights every round; `rosendahl` crashes in round 1; `vidir_modern`
+sends one tensor of the wrong shape. Everything else is the real fedskin ClientApp.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from client import client_app as real
 
 app = ClientApp()
-NAN_SITE, CRASH_SITE = "vienna_dias", "rosendahl"
+NAN_SITE, CRASH_SITE, SHAPE_SITE = "vienna_dias", "rosendahl", "vidir_modern"
 
 
 @app.query()
@@ -37,6 +37,12 @@ def train(msg: Message, context: Context) -> Message:
                 a[...] = np.nan
             poisoned[k] = Array(a)
         reply.content.array_records["arrays"] = ArrayRecord(poisoned)
+    if site == SHAPE_SITE:  # e.g. a site running another version of the model
+        arrays = reply.content.array_records["arrays"]
+        wrong = {k: Array(np.array(v.numpy())) for k, v in arrays.items()}
+        key = next(k for k, v in wrong.items() if v.numpy().ndim >= 1 and v.numpy().shape[0] > 1)
+        wrong[key] = Array(np.array(wrong[key].numpy()[:-1]))
+        reply.content.array_records["arrays"] = ArrayRecord(wrong)
     return reply
 
 

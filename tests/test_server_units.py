@@ -161,3 +161,38 @@ def test_superlink_5xx_is_retried_and_4xx_is_not() -> None:
     down = failing(503, 100)
     with pytest.raises(httpx.HTTPStatusError):  # gives up once its patience is spent
         with_retries(down, "collecting", patience=1.0)
+
+
+def test_a_site_that_never_answers_is_reported_after_the_timeout() -> None:
+    """A hanging site: ``exchange`` returns the others' replies and names the silent node
+    once ``round-timeout`` has passed, instead of waiting for ever."""
+    import time
+
+    from flwr.app import Message, MessageType, RecordDict
+
+    from server.loop import exchange
+
+    class HangingGrid:
+        """Node 1 answers at once, node 2 never does."""
+
+        def __init__(self) -> None:
+            self.sent: list[Message] = []
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent = list(messages)
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            return [
+                Message(RecordDict(), reply_to=m)
+                for m in self.sent
+                if m.metadata.dst_node_id == 1 and m.metadata.message_id in ids
+            ]
+
+    msgs = [Message(RecordDict(), nid, MessageType.TRAIN) for nid in (1, 2)]
+    t0 = time.monotonic()
+    replies, missing = exchange(HangingGrid(), msgs, timeout=1.0, poll=0.05)  # type: ignore[arg-type]
+    assert sorted(replies) == [1] and missing == [2]
+    assert 1.0 <= time.monotonic() - t0 < 5.0
