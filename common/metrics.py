@@ -12,13 +12,9 @@ import warnings
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    recall_score,
-    roc_auc_score,
-)
+
+# sklearn is imported inside the functions: it costs ~1.7 s of CPU, and Flower starts a fresh
+# ClientApp process for every message, most of which (query, train) compute no metrics.
 
 # Names of the "melanoma vs rest" class in each label set (HAM "mel", ISIC 2019 "MEL",
 # ISIC 2020 "malignant"): its AUROC is the ISIC 2020 challenge metric.
@@ -38,6 +34,8 @@ def _binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
     """AUROC of one class vs rest; NaN when only one of the two outcomes occurs."""
     if positive.all() or not positive.any():
         return math.nan
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(positive, score))
 
 
@@ -47,6 +45,13 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
     ``auroc`` averages one-vs-rest AUROC over the classes present in ``y_true`` (NaN with
     fewer than two); ``auroc_mel`` is the melanoma-vs-rest AUROC (NaN if undefined).
     """
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        recall_score,
+    )
+
     y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(classes)
