@@ -20,6 +20,7 @@ from common.fedmetrics import site_summary
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
 from common.train import TrainConfig, pick_device, place_images, predict, train_local
+from common.wire import is_packed, layout_of, pack, unpack
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 _TENSORS: dict[tuple, tuple[SiteData, torch.Tensor]] = {}
@@ -34,14 +35,18 @@ def site_images(data: SiteData, split: str) -> torch.Tensor:
     return _TENSORS[key][1]
 
 
-def model_for(cfg: dict[str, Any], num_classes: int, arrays: ArrayRecord) -> torch.nn.Module:
-    """The run's architecture (built once per process) holding the received weights."""
+def model_for(
+    cfg: dict[str, Any], num_classes: int, arrays: ArrayRecord
+) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+    """The run's architecture (built once per process) holding the received weights, and
+    those weights as a state dict (they arrive packed, see :mod:`common.wire`)."""
     keys = ("model", "dp", "central-dp", "pretrained")
     key = (num_classes, *(str(cfg.get(k, "")) for k in keys))
     if key not in _MODELS:
         _MODELS[key] = model_for_run(cfg, num_classes)
-    set_weights(_MODELS[key], arrays.to_torch_state_dict())
-    return _MODELS[key]
+    state = unpack(arrays, layout_of(_MODELS[key].state_dict()))
+    set_weights(_MODELS[key], state)
+    return _MODELS[key], state
 
 
 def site_seed(cfg: dict[str, Any], site: str, server_round: int) -> int:
@@ -70,7 +75,7 @@ def train_site(
     model's output, and under site-level DP they would dominate the norm that is clipped.
     """
     received: ArrayRecord = msg.content.array_records["arrays"]
-    model = model_for(cfg, len(data.classes), received)
+    model, start = model_for(cfg, len(data.classes), received)
     metrics = train_local(
         model,
         site_images(data, "train"),
@@ -84,8 +89,9 @@ def train_site(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k, v in state.items():
         if not v.is_floating_point():
-            state[k] = torch.from_numpy(np.array(received[k].numpy()))
-    return ArrayRecord(state), metrics
+            state[k] = torch.from_numpy(np.array(start[k]))
+    # The reply travels the way the weights came: packed from the fedskin server.
+    return (pack(state) if is_packed(received) else ArrayRecord(state)), metrics
 
 
 def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[str, Any]:
@@ -107,5 +113,5 @@ def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[st
 
 
 def evaluate_received(cfg: dict[str, Any], msg: Message, data: SiteData, split: str) -> dict:
-    model = model_for(cfg, len(data.classes), msg.content.array_records["arrays"])
+    model, _ = model_for(cfg, len(data.classes), msg.content.array_records["arrays"])
     return evaluate_site(model, data, split)

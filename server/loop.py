@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.fedmetrics import pooled_confusion, pooled_metrics
+from common.wire import layout_of, pack, unpack
 from server.report import write_outputs
 from server.strategies import (
     UNIFORM_WEIGHT_KEY,
@@ -161,7 +162,7 @@ class Federation:
                 seen = self.received.setdefault(reply.metadata.message_type, {})
                 for name, record in reply.content.items():
                     if isinstance(record, ArrayRecord):
-                        seen[name] = f"ArrayRecord: model weights ({len(record)} tensors)"
+                        seen[name] = f"ArrayRecord: model weights ({len(record)} packed arrays)"
                     else:
                         seen[name] = sorted(set(seen.get(name, [])) | set(record.keys()))
         return replies, missing
@@ -293,13 +294,15 @@ class Federation:
         chosen = self.sample(server_round)
         by_node = {s.node_id: s for s in chosen}
         config = ConfigRecord({"run-tag": state.run_tag})
+        # The strategy configures, clips and aggregates the packed form (common/wire.py).
+        layout, wire = layout_of(arrays), pack(arrays)
         messages = list(
             strategy.configure_train(
-                server_round, arrays, config, _SelectedGrid(self.grid, list(by_node))
+                server_round, wire, config, _SelectedGrid(self.grid, list(by_node))
             )
         )
         replies, missing = self._exchange(messages)
-        reference = {k: v.numpy() for k, v in arrays.items()}
+        reference = {k: v.numpy() for k, v in wire.items()}
         good, train_metrics, failures, rejected, epsilon = [], {}, {}, {}, {}
         for nid, reply in replies.items():
             name = by_node[nid].site
@@ -368,19 +371,21 @@ class Federation:
             record["aggregated"] = False
             return arrays
         # Keep integer buffers (BatchNorm counters) integer after weighted averaging.
-        return ArrayRecord(
+        packed = ArrayRecord(
             {
                 k: Array(np.asarray(v.numpy()).astype(reference[k].dtype))
                 for k, v in new_arrays.items()
             }
         )
+        return ArrayRecord({k: Array(np.array(v)) for k, v in unpack(packed, layout).items()})
 
     def _evaluate(self, arrays: ArrayRecord, split: str, server_round: int) -> dict[str, Any]:
         """Every site scores the model; pooled metrics come from their aggregates."""
         by_node = {s.node_id: s for s in self.ordered_sites()}
         config = ConfigRecord({"split": split, "server-round": server_round})
+        wire = pack(arrays)
         messages = [
-            Message(RecordDict({"arrays": arrays, "config": config}), nid, MessageType.EVALUATE)
+            Message(RecordDict({"arrays": wire, "config": config}), nid, MessageType.EVALUATE)
             for nid in by_node
         ]
         sites: dict[str, dict[str, float]] = {}
