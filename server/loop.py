@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -74,10 +75,6 @@ def _transient(err: Exception) -> bool:
     """A SuperLink error worth retrying: a 5xx answer (e.g. its SQLite state was locked
     for longer than Flower's 5 s busy timeout on a loaded server) or a dropped connection.
     The SuperLink rolls such a request back, so asking again loses nothing."""
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - flwr depends on httpx
-        return False
     if isinstance(err, httpx.HTTPStatusError):
         return err.response.status_code >= 500
     return isinstance(err, httpx.TransportError)
@@ -370,14 +367,9 @@ class Federation:
             log.error("round %d: aggregate is not finite; global model kept", server_round)
             record["aggregated"] = False
             return arrays
-        # Keep integer buffers (BatchNorm counters) integer after weighted averaging.
-        packed = ArrayRecord(
-            {
-                k: Array(np.asarray(v.numpy()).astype(reference[k].dtype))
-                for k, v in new_arrays.items()
-            }
-        )
-        return ArrayRecord({k: Array(np.array(v)) for k, v in unpack(packed, layout).items()})
+        # Back to tensors; integer buffers (BatchNorm counters) integer after averaging.
+        state = unpack(new_arrays, layout)
+        return ArrayRecord({k: Array(np.asarray(v).astype(layout[k][1])) for k, v in state.items()})
 
     def _evaluate(self, arrays: ArrayRecord, split: str, server_round: int) -> dict[str, Any]:
         """Every site scores the model; pooled metrics come from their aggregates."""

@@ -101,7 +101,7 @@ class Proc:
         """Record the process tree now: SuperExec / app processes start in their own sessions
         and are re-parented when their parent exits, so they are tracked while visible."""
         for pid in descendants(self.popen.pid):
-            start = _start_time(pid)
+            start = start_time(pid)
             if start is not None:
                 self.children.setdefault(pid, start)
 
@@ -126,7 +126,7 @@ class Proc:
 
     def leftovers(self) -> list[int]:
         """Spawned processes (same pid *and* start time) still running."""
-        return [pid for pid, start in self.children.items() if _start_time(pid) == start]
+        return [pid for pid, start in self.children.items() if start_time(pid) == start]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -139,7 +139,7 @@ def _stat(pid: int) -> list[str] | None:
     return None if fields[0] in ("Z", "X") else fields
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     fields = _stat(pid)
     return int(fields[19]) if fields else None  # stat(5) field 22: starttime
 
@@ -169,16 +169,12 @@ def cmdline(pid: int) -> str:
 
 def alive_since(pid: int, start: int) -> bool:
     """Whether ``pid`` is still the live process that started at ``start``."""
-    return _start_time(pid) == start
-
-
-def start_time(pid: int) -> int | None:
-    return _start_time(pid)
+    return start_time(pid) == start
 
 
 def _signal(pid: int, start: int | None, sig: int) -> None:
     """Signal ``pid`` only if it is still the process we saw (pids get reused)."""
-    if start is not None and _start_time(pid) != start:
+    if start is not None and start_time(pid) != start:
         return
     try:
         os.kill(pid, sig)

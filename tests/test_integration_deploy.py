@@ -147,19 +147,13 @@ def register_sites(dep: Deployment, sites: list[str]) -> None:
         assert proc.returncode == 0, f"registering {site} failed:\n{out}"
 
 
-def start_federation(
-    harness: Harness,
-    work: Path,
-    sites: list[str],
-    *,
-    intruders: bool = False,
-) -> Deployment:
+def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployment:
     """A SuperLink (TLS + SuperNode auth) and one registered SuperNode per site, all online.
 
-    ``intruders`` also starts the three nodes that must be refused (unregistered key, no CA,
-    another federation's CA), early, so their slow start-up overlaps the set-up.
+    It also starts the three nodes that must be refused (unregistered key, no CA, another
+    federation's CA), early, so their slow start-up overlaps the set-up.
     """
-    keys = make_federation(work / "keys", sites=[*sites, *(["rogue"] if intruders else [])], days=1)
+    keys = make_federation(work / "keys", sites=[*sites, "rogue"], days=1)
     port = free_port()
     superlink = harness.start(
         "superlink",
@@ -171,21 +165,20 @@ def start_federation(
     admin_env = base_env(work / "admin" / "flwr-home")
     write_flwr_config(work / "admin" / "flwr-home", CONNECTION, f"127.0.0.1:{port}", keys.ca_cert)
     dep = Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
-    if intruders:
-        other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
-        a_key = keys.sites[sites[0]].private_key  # a registered key: only TLS can stop them
-        for name, ca, key in (
-            ("rogue", keys.sites["rogue"].ca_cert, keys.sites["rogue"].private_key),
-            ("no-ca", None, a_key),
-            ("wrong-ca", other_ca, a_key),
-        ):
-            argv = supernode_argv(
-                dep.address, root_certificates=ca, private_key=key,
-                node_config=f"site='{sites[0]}' value=100.0", extra=("--max-retries", "1"),
-            )  # fmt: skip
-            dep.intruders[name] = harness.start(
-                f"supernode-{name}", argv, base_env(work / "intruders" / name / "flwr-home")
-            )
+    other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
+    a_key = keys.sites[sites[0]].private_key  # a registered key: only TLS can stop them
+    for name, ca, key in (
+        ("rogue", keys.sites["rogue"].ca_cert, keys.sites["rogue"].private_key),
+        ("no-ca", None, a_key),
+        ("wrong-ca", other_ca, a_key),
+    ):
+        argv = supernode_argv(
+            dep.address, root_certificates=ca, private_key=key,
+            node_config=f"site='{sites[0]}' value=100.0", extra=("--max-retries", "1"),
+        )  # fmt: skip
+        dep.intruders[name] = harness.start(
+            f"supernode-{name}", argv, base_env(work / "intruders" / name / "flwr-home")
+        )
     register_sites(dep, sites)
     for i, site in enumerate(sites):
         argv = supernode_argv(
@@ -208,7 +201,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     work = tmp_path_factory.mktemp("deploy")
     harness = Harness(work)
     try:
-        yield start_federation(harness, work, SITES, intruders=True)
+        yield start_federation(harness, work, SITES)
     finally:
         survivors = harness.stop_all()
     assert not survivors, f"processes survived teardown: {survivors}"
