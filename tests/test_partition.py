@@ -149,14 +149,62 @@ def test_natural_partly_missing_sites_names_rows(meta: pd.DataFrame) -> None:
     assert m.loc[3, "image_id"] in str(e.value) or m.loc[7, "image_id"] in str(e.value)
 
 
-def test_natural_group_at_two_sites_rejected(meta: pd.DataFrame) -> None:
+def _span_two_sources(meta: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Like HAM10000 (9 lesions in two ``dataset`` values): a few lesions at two sources.
+
+    Returns the edited frame and, per edited lesion, the site the rule must choose.
+    """
     m = meta.copy()
-    g = m["group_id"].value_counts().index[0]  # a multi-image group
-    idx = m.index[m["group_id"] == g]
-    m.loc[idx[0], "source_site"] = "vidir_modern"
-    m.loc[idx[1:], "source_site"] = "rosendahl"
-    with pytest.raises(DataError, match=g):
-        partition(m, "natural", classes=HAM_CLASSES)
+    size = m["group_id"].value_counts().sort_index()
+    three = size[size == 3].index[:2].tolist()
+    two = size[size == 2].index[:2].tolist()
+    plan = {  # group: recorded sources in image_id order -> expected site
+        three[0]: (["rosendahl", "vienna_dias", "vienna_dias"], "vienna_dias"),  # majority wins
+        three[1]: (["vidir_modern", "vidir_modern", "rosendahl"], "vidir_modern"),
+        two[0]: (["vienna_dias", "rosendahl"], "rosendahl"),  # tie: alphabetically first
+        two[1]: (["vidir_molemax", "vidir_modern"], "vidir_modern"),  # tie ('d' < 'l')
+    }
+    for g, (sources, _) in plan.items():
+        idx = m[m["group_id"] == g].sort_values("image_id").index
+        m.loc[idx, "source_site"] = sources
+    return m, {g: site for g, (_, site) in plan.items()}
+
+
+def test_natural_group_at_two_sites_kept_whole_at_its_main_source(meta: pd.DataFrame) -> None:
+    m, expected = _span_two_sources(meta)
+    man = partition(m, "natural", classes=HAM_CLASSES)
+    assert sorted(man["image_id"]) == sorted(m["image_id"])
+    assert (man.groupby("group_id")["site"].nunique() == 1).all()
+    site_of = man.drop_duplicates("group_id").set_index("group_id")["site"]
+    assert {g: site_of[g] for g in expected} == expected
+    recorded = m.set_index("image_id")["source_site"]
+    kept = ~man["group_id"].isin(expected)  # every other lesion stays where it was recorded
+    assert (man.loc[kept, "site"].to_numpy() == recorded[man.loc[kept, "image_id"]]).all()
+    moved = pd.DataFrame(man.attrs["moved"])
+    want = man[man["site"].to_numpy() != recorded[man["image_id"]].to_numpy()]
+    assert sorted(moved["image_id"]) == sorted(want["image_id"])
+    assert (moved["to_site"] == moved["group_id"].map(expected)).all()
+    assert (moved["from_site"] == moved["image_id"].map(recorded)).all()
+    note = man.attrs["notes"][0]
+    assert note == man.attrs["moves_note"]
+    assert note.startswith("4 groups (lesion or patient) recorded at two sources")
+    assert f": {len(moved)} images moved (" in note
+    for g, site in expected.items():
+        assert f"{g}: " in note and f"-> {site} (" in note
+    # same rule whatever the row order
+    again = partition(m.sample(frac=1.0, random_state=5), "natural", classes=HAM_CLASSES)
+    pd.testing.assert_frame_equal(man, again)
+    assert again.attrs["moved"] == man.attrs["moved"]
+
+
+def test_natural_without_split_groups_moves_nothing(meta: pd.DataFrame, tmp_path: Path) -> None:
+    from common.data.partition import moves_report_path, write_moves_report
+
+    man = partition(meta, "natural", classes=HAM_CLASSES)
+    assert man.attrs["moved"] == [] and not any("kept whole" in n for n in man.attrs["notes"])
+    stale = moves_report_path(tmp_path / "m.csv")
+    stale.write_text("{}")
+    assert write_moves_report(man, tmp_path / "m.csv") is None and not stale.exists()
 
 
 @pytest.mark.parametrize(
@@ -418,3 +466,105 @@ def test_cli_writes_manifest_and_plot(synth_ham_dataverse: Path, tmp_path: Path)
         ],
     )
     assert bad.exit_code == 1 and "unknown institution" in bad.output
+
+
+@pytest.fixture(scope="module")
+def ham_split_lesions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict, dict]:
+    """Real Dataverse layout where 3 lesions have images in two ``dataset`` values.
+
+    Returns (folder, the second source per lesion, the site the rule must choose per lesion,
+    {image_id: (lesion, from, to)} of the images that must move). Read-only once written.
+    """
+    from common.data.synth import synthesize
+
+    data = synthesize(
+        "ham-dataverse", tmp_path_factory.mktemp("split") / "ham", n_images=400, image_size=16
+    )
+    csv = data / "HAM10000_metadata.csv"
+    df = pd.read_csv(csv)
+    size = df["lesion_id"].value_counts().sort_index()
+    first = {
+        src: size[size.index.isin(df.loc[df["dataset"] == src, "lesion_id"])]
+        for src in ("vidir_modern", "rosendahl")
+    }
+    big = first["vidir_modern"][first["vidir_modern"] >= 3].index[0]  # majority stays
+    tie_a = first["rosendahl"][first["rosendahl"] == 2].index[0]  # 1 + 1: alphabetical
+    tie_b = first["vidir_modern"][first["vidir_modern"] == 2].index[0]
+    other = {big: "vidir_molemax", tie_a: "vienna_dias", tie_b: "vidir_molemax"}
+    expected = {big: "vidir_modern", tie_a: "rosendahl", tie_b: "vidir_modern"}
+    moved_ids = {}
+    for lesion, src in other.items():
+        row = df.index[df["lesion_id"] == lesion][-1]
+        df.loc[row, "dataset"] = src
+        moved_ids[df.loc[row, "image_id"]] = (lesion, src, expected[lesion])
+    df.to_csv(csv, index=False, lineterminator="\n")
+    return data, other, expected, moved_ids
+
+
+def test_cli_natural_keeps_lesions_at_two_sources_whole(
+    ham_split_lesions: tuple[Path, dict, dict, dict], tmp_path: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    data, other, expected, moved_ids = ham_split_lesions
+    out = tmp_path / "run" / "sites.csv"
+    args = ["partition", "ham-dataverse", "--data-path", str(data), "--scheme", "natural"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert "note: 3 groups (lesion or patient) recorded at two sources were each kept whole" in text
+    assert "3 images moved (" in text
+    assert all(f"{g}: {other[g]} -> {site} (1 of" in text for g, site in expected.items())
+    report = out.with_name("sites.moves.json")
+    assert f"moves:{report}" in "".join(res.output.split())
+
+    man = read_manifest(out)
+    assert (man.groupby("group_id")["site"].nunique() == 1).all()
+    site_of = man.drop_duplicates("group_id").set_index("group_id")["site"]
+    assert {g: site_of[g] for g in expected} == expected
+    doc = json.loads(report.read_text())
+    assert doc["n_groups"] == 3 and doc["n_images"] == 3 and "alphabetically first" in doc["rule"]
+    assert doc["note"] in text
+    got = {r["image_id"]: (r["group_id"], r["from_site"], r["to_site"]) for r in doc["moved"]}
+    assert got == moved_ids
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "sites.csv",
+        "sites.moves.json",
+        "sites.png",
+    ]
+
+
+def test_runner_manifest_logs_moved_lesions(
+    ham_split_lesions: tuple[Path, dict, dict, dict], tmp_path: Path
+) -> None:
+    """`fedskin simulate` builds its manifest with ensure_manifest: same rule, notes logged."""
+    import logging
+
+    from common.data.site_data import ensure_manifest
+
+    data, _, expected, _ = ham_split_lesions
+    cfg = {"data-format": "ham-dataverse", "data-path": str(data), "cache-dir": str(tmp_path)}
+    cfg |= {"scheme": "natural", "seed": 0}
+    logger, records = logging.getLogger("fedskin"), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        path = ensure_manifest(cfg)
+        built = [r.getMessage() for r in records]
+        records.clear()
+        assert ensure_manifest(cfg) == path  # cached: the note is repeated from the report
+        cached = [r.getMessage() for r in records]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    site_of = read_manifest(path).drop_duplicates("group_id").set_index("group_id")["site"]
+    assert {g: site_of[g] for g in expected} == expected
+    assert any("kept whole" in m and "3 images moved" in m for m in built), built
+    assert any("kept whole" in m and path.stem + ".moves.json" in m for m in cached), cached

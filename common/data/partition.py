@@ -8,7 +8,9 @@ every image in exactly one (site, split), and the same seed gives a byte-identic
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS: list[str] = ["image_id", "group_id", "label", "label_name", "site", "split"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SCHEMES: tuple[str, ...] = ("natural", "institutions", "dirichlet", "iid")
+MOVE_COLUMNS: list[str] = ["image_id", "group_id", "from_site", "to_site"]
 NO_SITE_MSG = "this source records no site; use scheme=institutions, dirichlet or iid"
 _MAX_DIRICHLET_DRAWS = 200
 _STREAMS = {"natural": 0, "institutions": 1, "dirichlet": 2, "iid": 3}
@@ -42,8 +45,16 @@ def _site_names(n: int) -> list[str]:
     return [f"site{i:0{width}d}" for i in range(n)]
 
 
-def _natural_sites(meta: pd.DataFrame) -> pd.Series:
-    """The hospital the data itself records; a group recorded at two sites is an error."""
+def _natural_sites(meta: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
+    """The hospital the data itself records, with each group kept whole at one of its sites.
+
+    A group (lesion/patient) recorded at more than one ``source_site`` (HAM10000 has 9
+    lesions with images in two ``dataset`` values) cannot be split across sites without
+    leaking it, so all its images go to ONE site: the source holding most of that group's
+    images, ties broken by taking the alphabetically first source name. The rule depends
+    only on the metadata (not on row order or seed). Returns the site per row and the moved
+    images (``image_id, group_id, from_site, to_site``, sorted by group then image).
+    """
     site = meta["source_site"].fillna("").astype(str).str.strip()
     empty = site == ""
     if empty.all():
@@ -55,14 +66,48 @@ def _natural_sites(meta: pd.DataFrame) -> pd.Series:
             "scheme=natural needs a site for every image — use scheme=institutions, "
             "dirichlet or iid, or drop those rows"
         )
-    n_sites = site.groupby(meta["group_id"]).nunique()
-    split_groups = n_sites[n_sites > 1].index[:_FIRST].tolist()
-    if split_groups:
-        raise DataError(
-            f"{int((n_sites > 1).sum())} groups are recorded at more than one source_site "
-            f"(first: {split_groups}); scheme=natural would leak them across sites"
-        )
-    return site.rename("site")
+    rows = pd.DataFrame({"image_id": meta["image_id"], "group_id": meta["group_id"], "site": site})
+    n_sites = rows.groupby("group_id")["site"].nunique()
+    spanning = rows[rows["group_id"].isin(n_sites.index[n_sites > 1])]
+    tally = spanning.groupby(["group_id", "site"]).size().rename("n").reset_index()
+    chosen = (
+        tally.sort_values(["group_id", "n", "site"], ascending=[True, False, True], kind="stable")
+        .drop_duplicates("group_id")
+        .set_index("group_id")["site"]
+    )
+    to_site = rows["site"].copy()
+    spans = rows["group_id"].isin(chosen.index)
+    to_site[spans] = rows.loc[spans, "group_id"].map(chosen)
+    moved = (
+        rows.loc[to_site != rows["site"], ["image_id", "group_id", "site"]]
+        .rename(columns={"site": "from_site"})
+        .assign(to_site=to_site[to_site != rows["site"]])
+        .sort_values(["group_id", "image_id"], kind="stable")
+        .reset_index(drop=True)
+    )
+    return to_site.rename("site"), moved
+
+
+def _moves_note(moved: pd.DataFrame, meta: pd.DataFrame, listed: int = 10) -> str:
+    """One line: how many groups and images were moved, and the first ``listed`` groups."""
+    size = meta["group_id"].value_counts()
+    recorded = meta["source_site"].astype(str).str.strip()
+    n_sources = recorded.groupby(meta["group_id"]).nunique()
+    groups = moved.groupby("group_id", sort=True)
+    spans = {int(n_sources[g]) for g in groups.groups}
+    at = "two sources" if spans == {2} else "more than one source"
+    parts = [
+        f"{g}: {', '.join(sorted(d['from_site'].unique()))} -> {d['to_site'].iloc[0]} "
+        f"({len(d)} of {int(size[g])} images)"
+        for g, d in groups
+    ]
+    more = f", ... and {len(parts) - listed} more" if len(parts) > listed else ""
+    n_img = len(moved)
+    return (
+        f"{len(parts)} groups (lesion or patient) recorded at {at} were each kept whole at "
+        f"the source holding most of their images (ties: alphabetically first source): "
+        f"{n_img} image{'s' if n_img != 1 else ''} moved ({'; '.join(parts[:listed])}{more})"
+    )
 
 
 def _dirichlet_sites(
@@ -218,11 +263,15 @@ def partition(
 ) -> pd.DataFrame:
     """Manifest (MANIFEST_COLUMNS) assigning every image one site and one split by group.
 
-    Schemes: ``natural`` (the recorded ``source_site``), ``institutions`` (simulated ISIC
-    hospitals, see institutions.py), ``dirichlet`` (label skew, Dirichlet(alpha) per class at
-    group level) and ``iid`` (balanced random groups). Each site is then split by group,
+    Schemes: ``natural`` (the recorded ``source_site``; a group recorded at several sites
+    goes wholly to the one holding most of its images, ties to the alphabetically first,
+    see :func:`_natural_sites`), ``institutions`` (simulated ISIC hospitals, see
+    institutions.py), ``dirichlet`` (label skew, Dirichlet(alpha) per class at group level)
+    and ``iid`` (balanced random groups). Each site is then split by group,
     stratified by the group's label where counts allow (fractions are of groups). Any
-    fallback is listed in ``manifest.attrs["notes"]`` and logged.
+    fallback, and any group moved to keep it at one site, is listed in
+    ``manifest.attrs["notes"]`` and logged; the moved images themselves are in
+    ``manifest.attrs["moved"]`` (dicts of MOVE_COLUMNS, see :func:`write_moves_report`).
     """
     if scheme not in SCHEMES:
         raise DataError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -237,11 +286,17 @@ def partition(
         raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     m = _validate_meta(meta, classes)
     rng = np.random.default_rng([seed, _STREAMS[scheme]])  # not the bare seed: see institutions
+    notes: list[str] = []
+    moved, moves_note = pd.DataFrame(columns=MOVE_COLUMNS), ""
 
     if scheme == "natural":
         if "source_site" not in m.columns:
             raise DataError(NO_SITE_MSG)
-        m["site"] = _natural_sites(m).to_numpy()
+        site, moved = _natural_sites(m)
+        m["site"] = site.to_numpy()
+        if len(moved):
+            moves_note = _moves_note(moved, m)
+            notes.append(moves_note)
     elif scheme == "institutions":
         m["site"] = assign_institutions(m, classes, resolve_names(institutions), seed).to_numpy()
     else:
@@ -274,7 +329,6 @@ def partition(
             f"images{hint}"
         )
 
-    notes: list[str] = []
     groups = group_table(m[["image_id", "group_id", "label"]], classes)
     site_of_group = m.drop_duplicates("group_id").set_index("group_id")["site"]
     groups["site"] = site_of_group.reindex(groups.index).to_numpy()
@@ -294,6 +348,8 @@ def partition(
     _check_invariants(out, "partition result")
     out.attrs["notes"] = notes
     out.attrs["scheme"] = scheme
+    out.attrs["moved"] = moved[MOVE_COLUMNS].to_dict("records")
+    out.attrs["moves_note"] = moves_note
     return out
 
 
@@ -351,6 +407,40 @@ def write_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
     _sorted(manifest[MANIFEST_COLUMNS]).to_csv(
         path, index=False, lineterminator="\n", float_format="%.6g"
     )
+    return path
+
+
+def moves_report_path(manifest_path: str | Path) -> Path:
+    """Where the moved-images report of a manifest lives: ``<stem>.moves.json`` beside it."""
+    path = Path(manifest_path)
+    return path.with_name(f"{path.stem}.moves.json")
+
+
+def write_moves_report(manifest: pd.DataFrame, manifest_path: str | Path) -> Path | None:
+    """JSON beside the manifest listing every image moved to keep its group at one site.
+
+    Written only when ``scheme=natural`` moved images (a stale report at that path is
+    removed otherwise), via a temporary file and an atomic rename; same manifest -> same
+    bytes. Returns its path, or None when nothing was moved.
+    """
+    path = moves_report_path(manifest_path)
+    moved = list(manifest.attrs.get("moved", []))
+    if not moved:
+        path.unlink(missing_ok=True)
+        return None
+    report = {
+        "manifest": Path(manifest_path).name,
+        "rule": "a group recorded at several source_site values goes wholly to the source "
+        "holding most of its images; ties go to the alphabetically first source name",
+        "note": str(manifest.attrs.get("moves_note", "")),
+        "n_groups": len({r["group_id"] for r in moved}),
+        "n_images": len(moved),
+        "moved": [{k: str(r[k]) for k in MOVE_COLUMNS} for r in moved],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -536,7 +626,10 @@ def partition_cli(
         raise typer.Exit(1) from None
     csv = write_manifest(manifest, out)
     png = plot_sites(manifest, src.classes, csv.with_suffix(".png"))
+    moves = write_moves_report(manifest, csv)
     console.print(site_table(manifest, src.classes, meta=src.meta))
     for note in manifest.attrs.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"manifest: {csv}\nplot:     {png}")
+    if moves is not None:
+        console.print(f"moves:    {moves}")

@@ -7,6 +7,7 @@ site and its local files. Both end in :func:`load_site`, so there is one code pa
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,7 +106,12 @@ def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) ->
         if not p.is_file():
             raise DataError(f"manifest file not found: {p}")
         return p
-    from common.data.partition import partition, write_manifest
+    from common.data.partition import (
+        moves_report_path,
+        partition,
+        write_manifest,
+        write_moves_report,
+    )
 
     if source is None:
         from common.data.sources import load_source
@@ -123,8 +129,17 @@ def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) ->
             institutions=_split_list(cfg.get("institutions", "")),
             seed=int(cfg.get("seed", 0)),
         )
+        for note in manifest.attrs.get("notes", []):
+            log.info("manifest: %s", note)
         out.parent.mkdir(parents=True, exist_ok=True)
+        write_moves_report(manifest, out)  # before the manifest: a cached one has its report
         write_manifest(manifest, out)
+    elif moves_report_path(out).is_file():  # cached: repeat what was moved to keep groups whole
+        moves = moves_report_path(out)
+        try:
+            log.info("manifest: %s (%s)", json.loads(moves.read_text())["note"], moves)
+        except (OSError, ValueError, KeyError):  # only a log line: never fail the run over it
+            log.info("manifest: images were moved to keep groups at one site; see %s", moves)
     return out
 
 
