@@ -77,6 +77,14 @@ def compare(
         raise typer.Exit(2) from err
 
 
+# External validation: score a trained checkpoint on a data set (simulations/evaluate.py).
+from simulations.evaluate import evaluate_cli  # noqa: E402
+
+app.command("evaluate", help="Score a trained checkpoint on a data set, without training.")(
+    evaluate_cli
+)
+
+
 def main() -> None:
     app()
 

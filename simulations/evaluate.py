@@ -1,0 +1,359 @@
+"""`fedskin evaluate`: score a trained checkpoint on any supported data set, no training.
+
+External validation: a hospital checks the consortium's model on its own images. The run
+directory the checkpoint came from (``RUN/checkpoints/best.pt`` beside ``RUN/config.toml``)
+says which backbone, image size and label set the model has; the data may be in any
+supported on-disk format as long as it has the same classes. Outputs (``metrics.json``,
+``confusion.png``, ``report.md``) go to ``RUN/external/<data-format>`` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from common.data.schema import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from torch import nn
+
+    from common.data.schema import SourceData
+
+SPLITS = ("all", "train", "validation", "test")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_config_of(checkpoint: Path) -> dict[str, Any]:
+    """The resolved run config written beside ``checkpoints/`` (``RUN/config.toml``)."""
+    if not checkpoint.is_file():
+        raise DataError(f"checkpoint not found: {checkpoint}")
+    path = checkpoint.resolve().parent.parent / "config.toml"
+    if not path.is_file():
+        raise DataError(
+            f"run config not found: {path} (the checkpoint must lie in RUN/checkpoints/ "
+            "of the run directory that holds config.toml)"
+        )
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot parse run config {path}: {err}") from err
+
+
+def _numpy_globals() -> list[Any]:
+    """What torch's weights-only unpickler needs to rebuild plain numpy arrays and scalars."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type)]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: Path, console: Console | None = None) -> dict[str, Any]:
+    """A checkpoint dict, read without running code from the file whenever possible.
+
+    ``server/loop.py`` saves tensors ("arrays") plus plain Python state, which the
+    weights-only unpickler reads; FedAdam/FedYogi runs add numpy moments to "strategy",
+    which it reads once numpy's array types are allowed. Only a file holding other objects
+    is unpickled in full, with a warning, since that can run code stored in the file.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except (RuntimeError, OSError, EOFError) as err:
+        raise DataError(f"cannot read checkpoint {path}: {err}") from err
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = f"e.g. {found[0]}" if found else "non-tensor objects"
+    if console is not None:
+        console.print(
+            f"[yellow]warning: {path} holds objects the weights-only loader refuses "
+            f"({reason}); loading it with full unpickling, which can run code stored in "
+            "the file: evaluate only checkpoints you trust"
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(
+    cfg: dict[str, Any], checkpoint: dict[str, Any], classes: list[str], path: Path
+) -> nn.Module:
+    """The run's backbone (GroupNorm under DP) with the checkpoint's weights, in eval mode."""
+    from common.models import model_for_run, set_weights
+
+    arrays = checkpoint.get("arrays") if isinstance(checkpoint, dict) else None
+    if not isinstance(arrays, dict) or not arrays:
+        raise DataError(f"{path} is not a fedskin checkpoint (no 'arrays' entry)")
+    # The weights all come from the checkpoint: no pretrained file is needed here.
+    model = model_for_run({**cfg, "pretrained": ""}, len(classes))
+    try:
+        set_weights(model, arrays)
+    except ValueError as err:
+        raise DataError(f"{path} does not fit model {cfg.get('model')!r}: {err}") from err
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def check_classes(
+    model_classes: list[str], model_format: str, data_classes: list[str], data_format: str
+) -> None:
+    """Refuse data whose label set differs from the one the model was trained on."""
+    if list(model_classes) != list(data_classes):
+        raise DataError(
+            f"class mismatch: the checkpoint predicts {list(model_classes)} "
+            f"(data-format {model_format!r}) but the {data_format!r} data has classes "
+            f"{list(data_classes)}"
+        )
+
+
+def select_split(source: SourceData, split: str) -> Any:
+    """Rows of the metadata to score: all, or one of the publisher's splits."""
+    meta = source.meta
+    if split == "all":
+        return meta
+    part = meta[meta["source_split"] == split]
+    if part.empty:
+        found = sorted(s for s in meta["source_split"].unique() if s) or ["none recorded"]
+        raise DataError(
+            f"no images in split {split!r} of this {source.format} data set "
+            f"(publisher's splits: {', '.join(found)}); use --split all"
+        )
+    return part
+
+
+def load_images(
+    data_format: str, data_path: Path, size: int, split: str
+) -> tuple[SourceData, np.ndarray, np.ndarray, np.ndarray]:
+    """(source, uint8 image cache, row numbers into it, labels) of the images to score."""
+    from common.data.cache import build_cache
+    from common.data.sources import load_source
+
+    source = load_source(data_format, data_path)
+    cache = build_cache(source, size, progress=True)  # drops unreadable rows from meta
+    part = select_split(source, split)
+    rows = cache.rows(part["image_id"].astype(str).tolist())
+    return source, cache.images, rows, part["label"].to_numpy(dtype="int64")
+
+
+def predict_all(
+    model: nn.Module,
+    images: np.ndarray,
+    rows: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    progress: bool = True,
+) -> np.ndarray:
+    """Softmax probabilities, batch by batch from the (memory-mapped) cache, with a bar."""
+    import numpy as np
+    import torch
+    from rich.progress import track
+
+    from common.train import predict
+
+    starts = range(0, len(rows), batch_size)
+    out = [np.zeros((0, _num_classes(model)), dtype=np.float32)]
+    for start in track(
+        starts, description=f"scoring {len(rows)} images", transient=True, disable=not progress
+    ):
+        batch = torch.from_numpy(np.ascontiguousarray(images[rows[start : start + batch_size]]))
+        out.append(predict(model, batch, device=device, batch_size=batch_size))
+    return np.concatenate(out)
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int(model.get_classifier().out_features)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN (undefined metric, e.g. AUROC with one class present) becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def summarize(
+    labels: np.ndarray, probs: np.ndarray, classes: list[str], info: dict[str, Any]
+) -> dict[str, Any]:
+    """metrics.json content: what was scored, and the pooled metrics of compute_metrics."""
+    import numpy as np
+
+    from common.metrics import compute_metrics
+
+    m = compute_metrics(labels, probs, classes)
+    counts = np.bincount(labels, minlength=len(classes))
+    return {
+        **info,
+        "classes": list(classes),
+        "n": len(labels),
+        "balanced_accuracy": _clean(m["balanced_accuracy"]),
+        "accuracy": _clean(m["accuracy"]),
+        "auroc": _clean(m["auroc"]),
+        "auroc_mel": _clean(m["auroc_mel"]),
+        "per_class_recall": {c: _clean(m[f"recall_{c}"]) for c in classes},
+        "per_class_auroc": {c: _clean(m[f"auroc_{c}"]) for c in classes},
+        "class_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
+        "confusion": m["confusion"],
+    }
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def markdown(metrics: dict[str, Any]) -> str:
+    lines = [
+        f"# External validation on `{metrics['data_format']}`",
+        "",
+        f"Checkpoint `{metrics['checkpoint']}` (model **{metrics['model']}**, trained on "
+        f"`{metrics['trained_on']}`), scored at {metrics['image_size']} px on "
+        f"{metrics['n']} images of `{metrics['data_path']}` (split: {metrics['split']}), "
+        "without any training.",
+        "",
+        "| balanced accuracy | accuracy | AUROC | AUROC mel |",
+        "|---|---|---|---|",
+        f"| {_fmt(metrics['balanced_accuracy'])} | {_fmt(metrics['accuracy'])} | "
+        f"{_fmt(metrics['auroc'])} | {_fmt(metrics['auroc_mel'])} |",
+        "",
+        "| class | n | recall |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {metrics['class_counts'][c]} | {_fmt(r)} |"
+        for c, r in metrics["per_class_recall"].items()
+    ]
+    lines += ["", "n/a: undefined (no image of that class).", "", "![confusion](confusion.png)", ""]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, metrics: dict[str, Any]) -> list[Path]:
+    """metrics.json, confusion.png (the run report's plot) and report.md under ``out``."""
+    import numpy as np
+
+    from server.report import plot_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png")
+    (out / "report.md").write_text(markdown(metrics))
+    return [out / "metrics.json", out / "confusion.png", out / "report.md"]
+
+
+def print_table(console: Console, metrics: dict[str, Any], out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"{metrics['model']} on {metrics['data_format']} "
+        f"({metrics['n']} images, split {metrics['split']})"
+    )
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    table.add_column("value", justify="right")
+    for key in ("balanced_accuracy", "accuracy", "auroc"):
+        table.add_row(key.replace("_", " "), str(metrics["n"]), _fmt(metrics[key]))
+    for c, r in metrics["per_class_recall"].items():
+        table.add_row(f"recall {c}", str(metrics["class_counts"][c]), _fmt(r))
+    console.print(table)
+    console.print(f"results: {out} (metrics.json, confusion.png, report.md)")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_format: str,
+    data_path: Path,
+    out: Path | None = None,
+    image_size: int | None = None,
+    split: str = "all",
+    batch_size: int = 256,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Score ``checkpoint`` on a data set and write the results; returns metrics.json's dict."""
+    from common.data.site_data import classes_for
+    from common.train import pick_device
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    checkpoint = Path(checkpoint).expanduser()
+    cfg = run_config_of(checkpoint)
+    trained_on = str(cfg.get("data-format", "synth-ham"))
+    classes = classes_for(trained_on)
+    check_classes(classes, trained_on, classes_for(data_format), data_format)
+    size = int(image_size or cfg.get("image-size", 32))
+    model = model_from_checkpoint(cfg, load_checkpoint(checkpoint, console), classes, checkpoint)
+    source, images, rows, labels = load_images(
+        data_format, Path(data_path).expanduser(), size, split
+    )
+    check_classes(classes, trained_on, source.classes, data_format)
+    device = pick_device()
+    probs = predict_all(model, images, rows, device, batch_size, progress=console is not None)
+    info = {
+        "checkpoint": str(checkpoint.resolve()),
+        "model": str(cfg.get("model")),
+        "trained_on": trained_on,
+        "data_format": data_format,
+        "data_path": str(Path(data_path).expanduser().resolve()),
+        "split": split,
+        "image_size": size,
+        "skipped": source.report.n_skipped(),
+    }
+    metrics = summarize(labels, probs, classes, info)
+    out = Path(out) if out else checkpoint.resolve().parent.parent / "external" / data_format
+    write_results(out, metrics)
+    if console is not None:
+        print_table(console, metrics, out)
+    return metrics
+
+
+def evaluate_cli(
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", help="RUN/checkpoints/best.pt of a finished run")
+    ],
+    data_format: Annotated[
+        str,
+        typer.Option("--data-format", help="ham-hf | ham-dataverse | isic2020 | fedisic2019"),
+    ],
+    data_path: Annotated[Path, typer.Option("--data-path", help="folder of the data set")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="results folder (default RUN/external/FORMAT)")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="default: the run's image size")
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="all | train | validation | test (publisher's split)")
+    ] = "all",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+) -> None:
+    """Score a trained model on a data set without training (external validation)."""
+    from rich.console import Console
+
+    try:
+        evaluate_checkpoint(
+            checkpoint, data_format, data_path, out, image_size, split, batch_size, Console()
+        )
+    except DataError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err

@@ -1,0 +1,101 @@
+"""`fedskin evaluate`: a trained checkpoint scored on another data set, without training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from common.data.sources import load_source
+from common.data.synth import synthesize
+from simulations.cli import app
+from simulations.runner import simulate
+
+# One tiny but real federated run (built-in synthetic HAM10000-like set, 16 px images).
+TINY = {
+    "builtin-images": 300,
+    "image-size": 16,
+    "model": "test_efficientnet",
+    "num-server-rounds": 1,
+    "local-epochs": 1,
+}
+HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+@pytest.fixture(scope="module")
+def best_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    simulate(None, dict(TINY), out=out)
+    return out / "checkpoints" / "best.pt"
+
+
+def _evaluate(*args: str):
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def test_evaluate_on_another_layout(best_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSKIN_HOME", str(tmp_path / "home"))  # the evaluation's image cache
+    data = synthesize("ham-hf", tmp_path / "ham-hf", n_images=80, image_size=32, seed=1)
+    n_images = len(load_source("ham-hf", data).meta)
+
+    result = _evaluate(
+        "--checkpoint", str(best_checkpoint), "--data-format", "ham-hf", "--data-path", str(data)
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "balanced accuracy" in result.output  # the summary table
+    out = best_checkpoint.parent.parent / "external" / "ham-hf"  # default --out
+    for name in ("metrics.json", "confusion.png", "report.md"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == HAM and m["split"] == "all" and m["image_size"] == TINY["image-size"]
+    assert m["n"] == n_images == 80
+    conf = np.asarray(m["confusion"])
+    assert conf.shape == (7, 7) and conf.sum() == m["n"]
+    assert conf.sum(axis=1).tolist() == [m["class_counts"][c] for c in HAM]
+    assert m["accuracy"] == pytest.approx(np.trace(conf) / m["n"])
+    for i, c in enumerate(HAM):
+        recall = m["per_class_recall"][c]
+        if conf[i].sum():
+            assert recall == pytest.approx(conf[i, i] / conf[i].sum())
+        else:
+            assert recall is None
+    present = [m["per_class_recall"][c] for c in HAM if m["class_counts"][c]]
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(present))
+    for key in ("balanced_accuracy", "accuracy", "auroc"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert "External validation" in (out / "report.md").read_text()
+
+
+def test_evaluate_refuses_other_classes(best_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSKIN_HOME", str(tmp_path / "home"))
+    data = synthesize("isic2020", tmp_path / "isic2020", n_images=40, image_size=32, seed=1)
+
+    result = _evaluate(
+        "--checkpoint", str(best_checkpoint), "--data-format", "isic2020", "--data-path", str(data)
+    )
+
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:") and "Traceback" not in result.output
+    assert "benign" in lines[0] and "akiec" in lines[0]  # both class lists named
+    assert not (best_checkpoint.parent.parent / "external" / "isic2020").exists()
+
+
+def test_evaluate_needs_the_run_config(best_checkpoint, tmp_path):
+    lonely = tmp_path / "copied" / "checkpoints" / "best.pt"
+    lonely.parent.mkdir(parents=True)
+    shutil.copy(best_checkpoint, lonely)
+
+    result = _evaluate(
+        "--checkpoint", str(lonely), "--data-format", "ham-hf", "--data-path", str(tmp_path)
+    )
+
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "config.toml" in lines[0], result.output
