@@ -118,8 +118,10 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from client.task import train_site
+    from common.personal import personalize_mode
 
     cfg = _config(context, msg)
+    personalize_mode(cfg)  # refused before any DP step is taken (see common/personal.py)
     data = load_site(cfg, context.node_config)
     n_train = data.n("train")
     session = None
@@ -133,7 +135,8 @@ def train(msg: Message, context: Context) -> Message:
                 "epsilon": float(session.epsilon()),
             }
             return _train_reply(msg, msg.content.array_records["arrays"], reply, data.site)
-    arrays, metrics = train_site(cfg, msg, data, session)
+    # context.state keeps the personal entries of personalize=fedbn|ditto; never sent
+    arrays, metrics = train_site(cfg, msg, data, session, context.state)
     if session is not None:
         _save_dp(cfg, context, data.site, session)
         metrics["dp-budget-exhausted"] = 0
@@ -155,12 +158,14 @@ def _num(v: Any) -> int | float:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received model on this site's validation (or, at the end, test) split."""
+    """Score the received model on this site's validation (or, at the end, test) split;
+    with ``personalize``, the site's personalised model (see :mod:`common.personal`)."""
     from client.task import evaluate_received
 
     cfg = _config(context, msg)
     data = load_site(cfg, context.node_config)
-    reply = evaluate_received(cfg, msg, data, str(cfg.get("split", "validation")))
+    split = str(cfg.get("split", "validation"))
+    reply = evaluate_received(cfg, msg, data, split, context.state)
     content = RecordDict(
         {"metrics": MetricRecord(reply), "site": ConfigRecord({"site": data.site})}
     )

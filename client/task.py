@@ -8,19 +8,24 @@ message runs in a fresh ClientApp process.
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
+from common.personal import ditto_step, finetune, norm_state, overwrite, personalize_mode
 from common.train import TrainConfig, pick_device, place_images, predict, train_local
 from common.wire import is_packed, layout_of, pack, unpack
+
+log = logging.getLogger("fedskin")
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 _TENSORS: dict[tuple, tuple[SiteData, torch.Tensor]] = {}
@@ -67,31 +72,134 @@ def train_config(cfg: dict[str, Any], msg: Message) -> TrainConfig:
 
 
 def train_site(
-    cfg: dict[str, Any], msg: Message, data: SiteData, session: Any
+    cfg: dict[str, Any],
+    msg: Message,
+    data: SiteData,
+    session: Any,
+    state: RecordDict | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Train the received model on the site's train split; return new weights and metrics.
 
     Integer buffers (BatchNorm step counters) go back as received: they do not change the
     model's output, and under site-level DP they would dominate the norm that is clipped.
+
+    With ``personalize`` (``state`` is the node's ``context.state``): ``fedbn`` trains the
+    received model with the site's own normalisation entries in place and keeps the trained
+    ones; ``ditto`` then also trains the site's personal model (see :func:`personal_step`).
+    What is sent back is, either way, the full trained model as FedAvg sends it.
     """
+    mode = personalize_mode(cfg)
     received: ArrayRecord = msg.content.array_records["arrays"]
     model, start = model_for(cfg, len(data.classes), received)
+    kept = kept_personal(state, None) if mode and state is not None else None
+    if mode == "fedbn" and kept:
+        set_weights(model, overwrite(start, kept))
+    images, labels = site_images(data, "train"), torch.from_numpy(data.labels["train"])
+    seed = site_seed(cfg, data.site, int(cfg.get("server-round", 0)))
     metrics = train_local(
         model,
-        site_images(data, "train"),
-        torch.from_numpy(data.labels["train"]),
+        images,
+        labels,
         train_config(cfg, msg),
         num_classes=len(data.classes),
         device=pick_device(),
         dp=session,
-        seed=site_seed(cfg, data.site, int(cfg.get("server-round", 0))),
+        seed=seed,
     )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for k, v in state.items():
+    sent = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for k, v in sent.items():
         if not v.is_floating_point():
-            state[k] = torch.from_numpy(np.array(start[k]))
-    # The reply travels the way the weights came: packed from the fedskin server.
-    return (pack(state) if is_packed(received) else ArrayRecord(state)), metrics
+            sent[k] = torch.from_numpy(np.array(start[k]))
+    # The reply travels the way the weights came: packed from the fedskin server. Packing
+    # copies, so the model may be trained on below without touching the reply.
+    reply = pack(sent) if is_packed(received) else ArrayRecord(sent)
+    if mode and state is not None:
+        if mode == "fedbn":
+            keep_personal(state, norm_state(model), cfg)
+        elif mode == "ditto":
+            personal = overwrite(start, kept or {})  # v starts as the first received global
+            keep_personal(state, personal_step(cfg, model, personal, start, data, seed), cfg)
+    return reply, metrics
+
+
+def personal_step(
+    cfg: dict[str, Any],
+    model: torch.nn.Module,
+    personal: Mapping[str, Any],
+    received: Mapping[str, Any],
+    data: SiteData,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """Ditto: the personal model ``v`` trained as many steps as the global was, with
+    ``(ditto-lambda/2) ||v - w||^2`` against the received global ``w``; its new state."""
+    set_weights(model, personal)
+    anchor = {n: torch.from_numpy(np.asarray(received[n])) for n, _ in model.named_parameters()}
+    ditto_step(
+        model,
+        anchor,
+        float(cfg.get("ditto-lambda", 0.1)),
+        site_images(data, "train"),
+        torch.from_numpy(data.labels["train"]),
+        TrainConfig.from_run_config(cfg),
+        num_classes=len(data.classes),
+        device=pick_device(),
+        seed=seed,  # the same batches and augmentations as the global model's step
+    )
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------- personal state at a site
+# context.state keeps the site's personal entries (FedBN: its normalisation layers; Ditto:
+# its whole personal model) across rounds; none of it is ever put in a reply. The live
+# entries date from the site's last training round ("since"). The server picks its best
+# round on validation scores, which a personalised site computed with the entries live at
+# that round; so that the test scores those same entries, the site keeps one snapshot: the
+# entries live from "best-from" to "best-until" (exclusive), no array meaning "none yet".
+# (One RecordDict holds all three: its keys are shared across record types.)
+PERSONAL, PERSONAL_BEST, PERSONAL_META = "personal", "personal-best", "personal-meta"
+
+
+def kept_personal(state: RecordDict | None, best_round: int | None) -> dict[str, np.ndarray]:
+    """The site's personal entries: the live ones, or those it held at ``best_round``."""
+    if state is None or PERSONAL not in state.array_records:
+        return {}
+    meta = state.config_records[PERSONAL_META]
+    record = state.array_records[PERSONAL]
+    if best_round is not None and best_round < int(meta["since"]):
+        if int(meta["best-from"]) <= best_round < int(meta["best-until"]):
+            record = state.array_records.get(PERSONAL_BEST)
+            if record is None:
+                return {}  # the site had not trained yet at the best round
+        else:
+            log.warning("no personal entries kept for round %d: the latest ones used", best_round)
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def keep_personal(state: RecordDict, entries: Mapping[str, Any], cfg: dict[str, Any]) -> None:
+    """Make ``entries`` the live personal entries (after training in this round).
+
+    The server's best round so far (``best-round`` in the train config) is earlier than this
+    round; if the entries being replaced are the ones it was scored with, they become the
+    snapshot. (The best round at the end is that one or later, so one snapshot suffices.)
+    """
+    server_round = int(cfg.get("server-round", 0))
+    best_so_far = int(cfg.get("best-round", 0))
+    if PERSONAL in state.array_records:
+        meta = dict(state.config_records[PERSONAL_META])
+        if best_so_far >= int(meta["since"]):
+            state.array_records[PERSONAL_BEST] = state.array_records[PERSONAL]
+            meta.update({"best-from": meta["since"], "best-until": server_round})
+    else:
+        meta = {"best-from": 0, "best-until": server_round}
+    meta["since"] = server_round
+    state.array_records[PERSONAL] = ArrayRecord(
+        {k: Array(np.array(_numpy(v))) for k, v in entries.items()}  # 0-d kept 0-d
+    )
+    state.config_records[PERSONAL_META] = ConfigRecord(meta)
+
+
+def _numpy(v: Any) -> np.ndarray:
+    return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
 
 
 def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[str, Any]:
@@ -112,6 +220,35 @@ def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[st
     return out
 
 
-def evaluate_received(cfg: dict[str, Any], msg: Message, data: SiteData, split: str) -> dict:
-    model, _ = model_for(cfg, len(data.classes), msg.content.array_records["arrays"])
+def evaluate_received(
+    cfg: dict[str, Any],
+    msg: Message,
+    data: SiteData,
+    split: str,
+    state: RecordDict | None = None,
+) -> dict:
+    """Score the received model, or this site's personalised model, on one split.
+
+    ``fedbn``: the received model with the site's normalisation entries; ``ditto``: the
+    site's personal model; ``finetune``: for the test only, the received model fine-tuned on
+    the site's train split. At the test, the entries kept at the server's best round.
+    """
+    mode = personalize_mode(cfg)
+    model, received = model_for(cfg, len(data.classes), msg.content.array_records["arrays"])
+    if mode in ("fedbn", "ditto"):
+        best = int(cfg.get("best-round", 0)) if split == "test" else None
+        kept = kept_personal(state, best or None)
+        if kept:
+            set_weights(model, overwrite(received, kept))
+    elif mode == "finetune" and split == "test":
+        finetune(
+            model,
+            site_images(data, "train"),
+            torch.from_numpy(data.labels["train"]),
+            TrainConfig.from_run_config(cfg),
+            int(cfg.get("finetune-steps", 100)),
+            num_classes=len(data.classes),
+            device=pick_device(),
+            seed=site_seed(cfg, data.site, int(cfg.get("server-round", 0))),
+        )
     return evaluate_site(model, data, split)

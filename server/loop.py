@@ -259,7 +259,7 @@ class Federation:
             self._write_network()
             self._print_round(record)
         best = self._load_arrays("best") if state.best_round else arrays
-        test = self._evaluate(best, "test", state.round + 1)
+        test = self._evaluate(best, "test", state.round + 1, state.best_round or state.round)
         test["best_round"] = state.best_round
         if state.stopped:
             test["stopped"] = state.stopped
@@ -290,7 +290,8 @@ class Federation:
     ) -> ArrayRecord:
         chosen = self.sample(server_round)
         by_node = {s.node_id: s for s in chosen}
-        config = ConfigRecord({"run-tag": state.run_tag})
+        # best-round: the best round so far, for sites that keep personal state (client/task.py)
+        config = ConfigRecord({"run-tag": state.run_tag, "best-round": state.best_round})
         # The strategy configures, clips and aggregates the packed form (common/wire.py).
         layout, wire = layout_of(arrays), pack(arrays)
         messages = list(
@@ -371,10 +372,17 @@ class Federation:
         state = unpack(new_arrays, layout)
         return ArrayRecord({k: Array(np.asarray(v).astype(layout[k][1])) for k, v in state.items()})
 
-    def _evaluate(self, arrays: ArrayRecord, split: str, server_round: int) -> dict[str, Any]:
-        """Every site scores the model; pooled metrics come from their aggregates."""
+    def _evaluate(
+        self, arrays: ArrayRecord, split: str, server_round: int, best_round: int = 0
+    ) -> dict[str, Any]:
+        """Every site scores the model; pooled metrics come from their aggregates.
+
+        At the test, ``best_round`` is the round ``arrays`` come from: a personalising site
+        scores the personal state it held then (client/task.py)."""
         by_node = {s.node_id: s for s in self.ordered_sites()}
         config = ConfigRecord({"split": split, "server-round": server_round})
+        if best_round:
+            config["best-round"] = best_round
         wire = pack(arrays)
         messages = [
             Message(RecordDict({"arrays": wire, "config": config}), nid, MessageType.EVALUATE)

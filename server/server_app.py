@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.data.site_data import classes_for
 from common.models import get_weights, model_for_run
+from common.personal import personalize_mode
 from server.loop import Federation
 
 log = logging.getLogger("fedskin")
@@ -37,6 +38,7 @@ def initial_weights(cfg: dict[str, Any], num_classes: int) -> dict[str, torch.Te
 def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
     logging.getLogger("fedskin").setLevel(logging.INFO)
+    personalize_mode(cfg)  # an unknown value, or ditto/finetune under dp=true: fail now
     classes = classes_for(str(cfg.get("data-format", "synth-ham")))
     run_dir = run_dir_for(cfg)
     fed = Federation(grid, cfg, run_dir, classes)

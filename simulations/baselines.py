@@ -116,15 +116,25 @@ def compare(
     out: Path,
     local: bool = True,
 ) -> pd.DataFrame:
-    """Pooled, local and each federated strategy on the same manifest: one table."""
+    """Pooled, local and each federated method on the same manifest: one table.
+
+    A method is a strategy (fedavg, fedprox, ...) or a personalised method (fedbn, finetune,
+    ditto: FedAvg with ``personalize=<method>``, scored by the sites' personalised models).
+    """
+    from common.personal import PERSONALIZE
     from simulations.runner import parse_overrides, prepare_data, resolve_config, simulate
 
     out.mkdir(parents=True, exist_ok=True)
     base = parse_overrides(overrides)
+    personal = str(base.get("personalize", ""))
     rows = []
-    for strategy in strategies:
-        metrics = simulate(config, {**base, "strategy": strategy}, out=out / strategy)
-        rows.append(federated_row(metrics, strategy))
+    for method in dict.fromkeys(strategies):  # one row per method
+        if method in PERSONALIZE[1:]:
+            run, label = {**base, "strategy": "fedavg", "personalize": method}, method
+        else:  # a personalize= given in --run-config applies, and shows in the label
+            run, label = {**base, "strategy": method}, "+".join(filter(None, [method, personal]))
+        metrics = simulate(config, run, out=out / method)
+        rows.append(federated_row(metrics, label))
     cfg = prepare_data(resolve_config(config, base))
     cfg.pop("num-sites-found", None)
     table = pd.concat([run_baselines(cfg, local=local), _with_mean(pd.DataFrame(rows))])

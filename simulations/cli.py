@@ -62,7 +62,9 @@ def simulate(
 @app.command()
 def compare(
     config: Annotated[Path | None, typer.Option("--config", "-c")] = None,
-    strategies: Annotated[str, typer.Option(help="comma-separated")] = "fedavg,fedprox",
+    strategies: Annotated[
+        str, typer.Option(help="comma-separated strategies and personalised methods")
+    ] = "fedavg,fedprox",
     run_config: Annotated[str | None, typer.Option("--run-config")] = None,
     out: Annotated[Path, typer.Option("--out")] = Path("runs/compare"),
     local: Annotated[bool, typer.Option(help="train one local model per site")] = True,

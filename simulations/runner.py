@@ -53,8 +53,10 @@ def resolve_config(
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_path:
         path = Path(config_path)
-        if not path.is_file() and (CONFIG_DIR / f"{path.name}").is_file():
-            path = CONFIG_DIR / path.name
+        # a name from simulations/configs, with or without .toml ("-c default")
+        for known in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.toml"):
+            if not path.is_file() and known.is_file():
+                path = known
         if not path.is_file():
             raise DataError(f"config file not found: {config_path}")
         with open(path, "rb") as f:
@@ -111,6 +113,12 @@ def simulate(
     """
     _setup_logging(verbose)
     cfg = resolve_config(config_path, overrides)
+    from common.personal import personalize_mode
+
+    try:  # the ServerApp and every site would refuse it too: say so once, before starting
+        personalize_mode(cfg)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     if out:
         cfg["out-dir"] = str(out)
     if not cfg["out-dir"]:
