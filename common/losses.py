@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ["ce", "weighted-ce", "focal", "weighted-focal"]
+LOSSES = ["ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax"]
 
 
 def class_weights(class_counts: np.ndarray) -> np.ndarray:
@@ -64,10 +64,36 @@ class FocalLoss(nn.Module):
         return loss
 
 
+class BalancedSoftmax(nn.Module):
+    """Cross-entropy on ``logits + log(prior)``, the site's own class prior (Ren et al. 2020).
+
+    The network then learns class scores free of the site's label distribution, and its raw
+    logits are balanced at test time (what balanced accuracy rewards). In a federation this
+    is what keeps the sites' updates compatible (FedLC, Zhang et al. 2022): a site that has
+    no akiec does not push akiec's score down for everyone, and a site of 94% nv does not
+    teach the shared model that everything is nv. Unlike inverse-frequency weights it
+    never multiplies a loss by 100 because a class has 2 images at a site. Per-sample (see
+    the module docstring), so it is DP-compatible.
+    """
+
+    def __init__(self, class_counts: np.ndarray, reduction: str = "mean") -> None:
+        super().__init__()
+        counts = np.asarray(class_counts, dtype=np.float64)
+        # An absent class gets a prior far below any present one: its logit is left alone.
+        prior = np.maximum(counts, 1e-3) / max(counts.sum(), 1.0)
+        self.register_buffer("log_prior", torch.as_tensor(np.log(prior), dtype=torch.float32))
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float() + self.log_prior, target, reduction=self.reduction)
+
+
 def make_loss(name: str, class_counts: np.ndarray, gamma: float = 2.0) -> nn.Module:
-    """Build ``ce | weighted-ce | focal | weighted-focal`` (weights from ``class_counts``)."""
+    """Build a loss of :data:`LOSSES` (weights or prior from the site's ``class_counts``)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    if name == "balanced-softmax":
+        return BalancedSoftmax(class_counts)
     weight = None
     if name.startswith("weighted-"):
         weight = torch.as_tensor(class_weights(class_counts), dtype=torch.float32)

@@ -13,14 +13,26 @@ import torch
 from simulations.runner import simulate
 
 # Tiny but real: 4 natural sites of the built-in synthetic HAM10000-like set, 16 px images.
+# Enough rounds that the model learns clearly (val balanced accuracy 0.55-0.6, chance 0.14):
+# a run at chance is chaotic, and its figures differ between CPU kernels (AVX2, AVX-512).
 TINY = {
     "builtin-images": 600,
     "image-size": 16,
     "model": "test_efficientnet",
-    "num-server-rounds": 3,
-    "local-epochs": 2,
+    "num-server-rounds": 6,
+    "local-epochs": 3,
     "batch-size": 32,
     "lr": 0.003,
+}
+# Golden tolerances, from the spread measured between torch's CPU kernels on one machine
+# (ATEN_CPU_CAPABILITY=default vs avx2; see the issue note): round-1 figures agree to 0.005,
+# mean-over-sites test balanced accuracy to 0.03. Pooled test figures depend on which round
+# the validation picks as best (rounds 5 and 6 differ by up to 0.25 on 90 validation
+# images), so they are checked against a floor, not a golden value.
+GOLDEN_TOL = {
+    "round1_train_loss_rosendahl": 0.05,
+    "round2_val_balanced_accuracy": 0.1,
+    "test_mean_site_balanced_accuracy": 0.12,
 }
 GOLDEN = Path(__file__).parent / "golden" / "simulation_tiny.json"
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
@@ -49,7 +61,7 @@ def test_run_directory_and_metrics(full_run):
         "checkpoints/best.pt",
     ):
         assert (run_dir / name).is_file(), name
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, 7))
     for r in metrics["rounds"]:
         assert sorted(r["train"]) == SITES  # every site contributed
         assert sorted(r["validation"]["sites"]) == SITES
@@ -60,7 +72,7 @@ def test_run_directory_and_metrics(full_run):
     for r in metrics["rounds"]:  # what the sites actually sent with their weights
         for site_metrics in r["train"].values():
             assert set(site_metrics) <= TRAIN_KEYS, sorted(set(site_metrics) - TRAIN_KEYS)
-    assert (run_dir / "history.csv").read_text().count("\n") == 4
+    assert (run_dir / "history.csv").read_text().count("\n") == 7
 
 
 def test_only_allowed_keys_crossed_the_network(full_run):
@@ -73,20 +85,21 @@ def test_only_allowed_keys_crossed_the_network(full_run):
 def test_golden_metrics(full_run):
     """Metrics land within a tolerance of committed values (regenerate: FEDSKIN_GOLDEN=write)."""
     _, metrics = full_run
+    val = [r["validation"]["global"]["balanced_accuracy"] for r in metrics["rounds"]]
     got = {
-        "test_pooled_balanced_accuracy": metrics["test"]["global"]["balanced_accuracy"],
         "test_mean_site_balanced_accuracy": metrics["test"]["mean_site_balanced_accuracy"],
-        "round3_val_balanced_accuracy": metrics["rounds"][2]["validation"]["global"][
-            "balanced_accuracy"
-        ],
+        "round2_val_balanced_accuracy": val[1],
         "round1_train_loss_rosendahl": metrics["rounds"][0]["train"]["rosendahl"]["train_loss"],
     }
     if os.environ.get("FEDSKIN_GOLDEN") == "write":
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
+    assert set(golden) == set(GOLDEN_TOL)
     for key, value in golden.items():
-        assert math.isclose(got[key], value, abs_tol=0.05), (key, got[key], value)
-    assert got["test_pooled_balanced_accuracy"] > 1 / 7  # learns something beyond chance
+        assert math.isclose(got[key], value, abs_tol=GOLDEN_TOL[key]), (key, got[key], value)
+    # It learns clearly, on any kernel: well above chance (1/7), and better late than early.
+    assert metrics["test"]["global"]["balanced_accuracy"] > 0.35
+    assert max(val) > 0.45 and max(val[3:]) > val[0] + 0.2
 
 
 def test_resume_ends_with_the_same_model(full_run, tmp_path):
@@ -100,7 +113,7 @@ def test_resume_ends_with_the_same_model(full_run, tmp_path):
     first = simulate(None, dict(TINY, **{"num-server-rounds": 1}), out=out)
     assert [r["round"] for r in first["rounds"]] == [1]
     resumed = simulate(None, dict(TINY), out=out, resume=True)
-    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in resumed["rounds"]] == list(range(1, 7))
     a, b = _final_weights(full_dir), _final_weights(out)
     assert a.keys() == b.keys()
     for k in a:

@@ -254,3 +254,22 @@ def test_no_host_sync_per_step_on_cuda(augment: bool) -> None:
 
     syncs(2)  # warm-up: cached constants, cuDNN autotuning
     assert syncs(12) == syncs(2)  # 3 epochs of 4 steps against half an epoch
+
+
+def test_balanced_softmax_is_ce_on_prior_shifted_logits() -> None:
+    """Balanced softmax: CE of logits + log(site prior); an absent class is left alone."""
+    counts = np.array([10, 30, 0, 60])
+    logits = torch.randn(12, 4, requires_grad=True)
+    target = torch.tensor([0, 1, 3] * 4)
+    loss = make_loss("balanced-softmax", counts)(logits, target)
+    prior = torch.tensor([0.1, 0.3, 1e-5, 0.6])
+    torch.testing.assert_close(loss, F.cross_entropy(logits + prior.log(), target))
+    loss.backward()
+    # Plain CE pushes every absent class's score down; here its gradient is ~0, so a site
+    # without akiec does not teach the shared model that akiec never happens.
+    assert logits.grad[:, 2].abs().max() < 1e-4
+    assert logits.grad[:, [0, 1, 3]].abs().max() > 1e-2
+    # The per-sample form Opacus needs: reduction="none" gives one loss per sample.
+    per = make_loss("balanced-softmax", counts)
+    per.reduction = "none"
+    assert per(logits.detach(), target).shape == (12,)
