@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
-from rich.progress import Progress
+from rich.progress import (
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from common.augment import augment_batch, to_float
@@ -185,7 +191,7 @@ def train_local(
     device: torch.device | str = "cpu",
     dp: DPSession | None = None,
     seed: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> dict[str, float]:
     """Train ``model`` in place on this site's split; return training metrics.
 
@@ -220,7 +226,7 @@ def _train_local(
     device: torch.device,
     dp: DPSession | None,
     seed: int | None,
-    progress: bool,
+    progress: bool | str,
 ) -> dict[str, float]:
     seed = cfg.seed if seed is None else seed
     cuda = device.type == "cuda"
@@ -345,7 +351,7 @@ def _train_dp(
     device: torch.device,
     global_params: list[torch.Tensor] | None,
     mu: float,
-    progress: bool,
+    progress: bool | str,
 ) -> nn.Module:
     """DP-SGD: Poisson logical batches, split into physical chunks (as BatchMemoryManager)."""
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -395,17 +401,23 @@ def _train_dp(
 
 
 class _progress:
-    """A rich progress bar when asked, else a no-op; yields an ``advance()`` callable."""
+    """A rich progress bar when asked (``progress`` True or a label), else a no-op; yields an
+    ``advance()`` callable. Shows steps done, elapsed time and the ETA."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = Progress(transient=True) if enabled else None
+    def __init__(self, enabled: bool | str, total: int) -> None:
+        self.bar = None
+        if enabled:
+            columns = [*Progress.get_default_columns()[:-1], MofNCompleteColumn()]
+            columns += [TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA")]
+            self.bar = Progress(*columns, TimeRemainingColumn(), transient=True)
+        self.label = enabled if isinstance(enabled, str) else "local training"
         self.total = total
 
     def __enter__(self) -> Any:
         if self.bar is None:
             return lambda: None
         self.bar.start()
-        task = self.bar.add_task("local training", total=self.total)
+        task = self.bar.add_task(self.label, total=self.total)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc: object) -> None:

@@ -96,7 +96,11 @@ def with_retries(call: Any, what: str, patience: float = 120.0) -> Any:
 
 
 def exchange(
-    grid: Grid, messages: list[Message], timeout: float, poll: float = 0.25
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    poll: float = 0.25,
+    on_reply: Any = None,
 ) -> tuple[dict[int, Message], list[int]]:
     """Send messages and collect the replies by the node each was *sent to*.
 
@@ -105,6 +109,7 @@ def exchange(
     the site. Matching ``reply_to_message_id`` against what was sent names the site either
     way. Returns replies by node id and the node ids that did not answer within ``timeout``.
     Polling backs off from ``poll`` to 2 s while nothing arrives, to spare the SuperLink.
+    ``on_reply(node_id, done, total)`` is called as each reply arrives (progress).
     """
     pending = {i for i in with_retries(lambda: grid.push_messages(messages), "sending") if i}
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -119,6 +124,8 @@ def exchange(
             pending.discard(mid)
             if mid in sent:
                 replies[sent[mid]] = reply
+                if on_reply is not None:
+                    on_reply(sent[mid], len(replies), len(sent))
         if pending:
             wait = poll if got else min(wait * 1.5, 2.0)
             time.sleep(wait)
@@ -152,8 +159,26 @@ class Federation:
         self.received: dict[str, dict[str, Any]] = {}
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
-    def _exchange(self, messages: list[Message]) -> tuple[dict[int, Message], list[int]]:
-        replies, missing = exchange(self.grid, messages, self.timeout)
+    def _exchange(
+        self, messages: list[Message], what: str = ""
+    ) -> tuple[dict[int, Message], list[int]]:
+        t0 = time.monotonic()
+
+        def progress(nid: int, done: int, total: int) -> None:
+            """A long round is never silent: one line per site as its reply arrives."""
+            site = self.sites[nid].site if nid in self.sites else str(nid)
+            log.info(
+                "%s: %s replied (%d/%d sites, %.0fs)",
+                what,
+                site,
+                done,
+                total,
+                time.monotonic() - t0,
+            )
+
+        replies, missing = exchange(
+            self.grid, messages, self.timeout, on_reply=progress if what else None
+        )
         for reply in replies.values():
             if reply.has_content():
                 seen = self.received.setdefault(reply.metadata.message_type, {})
@@ -299,7 +324,7 @@ class Federation:
                 server_round, wire, config, _SelectedGrid(self.grid, list(by_node))
             )
         )
-        replies, missing = self._exchange(messages)
+        replies, missing = self._exchange(messages, f"round {server_round} training")
         reference = {k: v.numpy() for k, v in wire.items()}
         good, train_metrics, failures, rejected, epsilon = [], {}, {}, {}, {}
         for nid, reply in replies.items():
@@ -391,7 +416,9 @@ class Federation:
         sites: dict[str, dict[str, float]] = {}
         summaries = []
         failures = {}
-        replies, missing = self._exchange(messages)
+        replies, missing = self._exchange(
+            messages, "test" if split == "test" else f"round {server_round} {split}"
+        )
         for nid in missing:
             failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
             log.error("%s evaluation: site %s did not reply in time", split, by_node[nid].site)

@@ -43,7 +43,7 @@ def _budget(cfg: dict[str, Any]) -> TrainConfig:
 
 
 def _fit(
-    cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, n_cls: int
+    cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, n_cls: int, label: str
 ) -> torch.nn.Module:
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(str(cfg["model"]), n_cls, pretrained=str(cfg.get("pretrained", "")))
@@ -55,6 +55,7 @@ def _fit(
         num_classes=n_cls,
         device=pick_device(),
         seed=int(cfg["seed"]),
+        progress=f"{label} ({len(labels)} images)",
     )
     return model
 
@@ -80,11 +81,12 @@ def run_baselines(cfg: dict[str, Any], local: bool = True) -> pd.DataFrame:
         np.concatenate([s.images["train"] for s in sites]),
         np.concatenate([s.labels["train"] for s in sites]),
         n_cls,
+        "pooled baseline",
     )
     rows.append({"method": "pooled", **score_on_sites(pooled, sites)})
     if local:
         for s in sites:
-            model = _fit(cfg, s.images["train"], s.labels["train"], n_cls)
+            model = _fit(cfg, s.images["train"], s.labels["train"], n_cls, f"local {s.site}")
             rows.append({"method": f"local ({s.site})", **score_on_sites(model, sites)})
     return _with_mean(pd.DataFrame(rows))
 
