@@ -135,7 +135,12 @@ def plot_learning_curves(hist: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(conf: np.ndarray, classes: list[str], path: Path) -> None:
+def plot_confusion(
+    conf: np.ndarray,
+    classes: list[str],
+    path: Path,
+    title: str = "Pooled test confusion (best round)",
+) -> None:
     norm = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -152,7 +157,7 @@ def plot_confusion(conf: np.ndarray, classes: list[str], path: Path) -> None:
                 fontsize=7,
                 color="white" if norm[i, j] > 0.5 else "black",
             )
-    ax.set(xlabel="predicted", ylabel="true", title="Pooled test confusion (best round)")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

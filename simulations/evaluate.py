@@ -254,7 +254,10 @@ def write_results(out: Path, metrics: dict[str, Any]) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png")
+    title = f"External validation on {metrics.get('data_format', 'external data')}"
+    plot_confusion(
+        np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png", title
+    )
     (out / "report.md").write_text(markdown(metrics))
     return [out / "metrics.json", out / "confusion.png", out / "report.md"]
 
