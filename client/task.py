@@ -44,11 +44,14 @@ def model_for(
     cfg: dict[str, Any], num_classes: int, arrays: ArrayRecord
 ) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     """The run's architecture (built once per process) holding the received weights, and
-    those weights as a state dict (they arrive packed, see :mod:`common.wire`)."""
-    keys = ("model", "dp", "central-dp", "pretrained")
+    those weights as a state dict (they arrive packed, see :mod:`common.wire`).
+
+    No pretrained weights are loaded here: the server's initial model carries them, so a
+    site never downloads or needs the ``pretrained`` file."""
+    keys = ("model", "dp", "central-dp")
     key = (num_classes, *(str(cfg.get(k, "")) for k in keys))
     if key not in _MODELS:
-        _MODELS[key] = model_for_run(cfg, num_classes)
+        _MODELS[key] = model_for_run(cfg, num_classes, pretrained=False)
     state = unpack(arrays, layout_of(_MODELS[key].state_dict()))
     set_weights(_MODELS[key], state)
     return _MODELS[key], state

@@ -1,7 +1,8 @@
 """Backbones (timm), weight exchange with Flower, and the DP-compatible model surgery.
 
-Nothing here downloads: pretrained weights come from a local file or, with ``"cache"``, from
-the local Hugging Face / torch hub caches only.
+Pretrained weights come from a local file, from the local Hugging Face / torch hub caches
+(``"cache"``) or, only with ``"hub"``, from timm's download. Only the server (the initial
+global model) and the centralised baselines load them: the sites receive them in round 1.
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ SUPPORTED_MODELS: list[str] = [
 # ----------------------------------------------------------------------------- build
 
 
-def model_for_run(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def model_for_run(
+    cfg: Mapping[str, Any], num_classes: int, *, pretrained: bool = True
+) -> nn.Module:
     """The run's backbone, GroupNorm instead of BatchNorm under either kind of DP.
 
     Sample-level DP needs it for Opacus; site-level DP adds noise to every tensor the sites
     send, and noised BatchNorm running variances go negative (NaN predictions).
+    ``pretrained=False`` builds the architecture only (the run's ``pretrained`` key is not
+    read): for sites and evaluation, whose weights all arrive from the server or a checkpoint.
     """
     private = bool(cfg.get("dp", False)) or bool(cfg.get("central-dp", ""))
-    return build_model(
-        str(cfg["model"]), num_classes, pretrained=str(cfg.get("pretrained", "")), dp=private
-    )
+    source = str(cfg.get("pretrained", "")) if pretrained else ""
+    return build_model(str(cfg["model"]), num_classes, pretrained=source, dp=private)
 
 
 def build_model(
@@ -56,33 +60,72 @@ def build_model(
 ) -> nn.Module:
     """Create a timm backbone with a fresh ``num_classes`` head.
 
-    ``pretrained`` is a local ``.pth``/``.safetensors`` file, ``"cache"`` (use the local hub
-    cache if it holds the weights) or ``""`` (random init). With ``dp=True`` the model is
-    made Opacus-compatible *before* the weights are loaded, so affine norm parameters carry
-    over from BatchNorm to GroupNorm while BN running statistics are ignored.
+    ``pretrained`` is a local ``.pth``/``.safetensors``/``.bin`` file, ``"cache"`` (use the
+    local hub cache if it holds the weights), ``"hub"`` (timm's download; needs internet) or
+    ``""`` (random init). With ``dp=True`` the model is made Opacus-compatible *before* the
+    weights are loaded, so affine norm parameters carry over from BatchNorm to GroupNorm while
+    BN running statistics are ignored.
     """
-    if name not in SUPPORTED_MODELS:
-        raise ValueError(f"unknown model {name!r}; supported: {', '.join(SUPPORTED_MODELS)}")
+    _check_name(name)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     if dp:
         model = make_dp_compatible(model)
-
-    weights: Path | None = None
-    if pretrained == "cache":
-        weights = _cached_weights(name)
-        if weights is None:
-            log.info("no cached pretrained weights for %s: random init (nothing downloaded)", name)
-    elif pretrained:
-        weights = Path(pretrained).expanduser()
-        if not weights.is_file():
-            raise FileNotFoundError(f"pretrained weights file not found: {weights}")
-    else:
+    if not pretrained:
         log.info("%s: random init (no pretrained weights given)", name)
-    if weights is not None:
-        load_pretrained(model, weights)
+        return model
+    state = pretrained_state(name, pretrained)
+    if state is None:
+        log.info("no cached pretrained weights for %s: random init (nothing downloaded)", name)
+    else:
+        load_pretrained(model, state, label=pretrained)
     return model
+
+
+def _check_name(name: str) -> None:
+    if name not in SUPPORTED_MODELS:
+        raise ValueError(f"unknown model {name!r}; supported: {', '.join(SUPPORTED_MODELS)}")
+
+
+def pretrained_state(name: str, source: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``source`` for model ``name``: ``"hub"``, ``"cache"`` or a local file.
+
+    None when ``"cache"`` finds nothing in the local caches (nothing is downloaded then).
+    """
+    if source == "hub":
+        return _hub_state(name)
+    if source == "cache":
+        cached = _cached_weights(name)
+        return None if cached is None else _read_state(cached)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    return _read_state(path)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's state_dict (.safetensors by extension, else torch; EMA preferred)."""
+    return timm.models.load_state_dict(str(path), use_ema=True, device="cpu")
+
+
+def _hub_state(name: str) -> dict[str, torch.Tensor]:
+    """timm's own pretrained weights for ``name`` (its HF hub / URL download, cache first).
+
+    Any failure (no network, offline mode, missing file) becomes one line saying what to do.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ValueError(f"timm has no pretrained weights for {name}")
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as err:  # any download failure gets the same advice
+        raise ValueError(
+            f"could not download timm's pretrained weights for {name} "
+            f"({type(err).__name__}); on a machine with internet run `fedskin weights save "
+            f"{name} --source hub --out {name}.safetensors`, copy the file here and use "
+            f"pretrained=FILE"
+        ) from None
 
 
 def _cached_weights(name: str) -> Path | None:
@@ -105,13 +148,24 @@ def _cached_weights(name: str) -> Path | None:
     return None
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load matching tensors from a checkpoint; the classifier (shape mismatch) is skipped.
+def load_pretrained(
+    model: nn.Module,
+    source: str | Path | Mapping[str, torch.Tensor],
+    *,
+    label: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load matching tensors from a checkpoint file or state_dict; returns those loaded.
 
-    Raises ValueError when almost nothing matches, which means the file is for another
-    architecture: silently training from scratch would be a nasty surprise.
+    The classifier (shape mismatch) is skipped. Raises ValueError when almost nothing
+    matches, which means the weights are for another architecture: silently training from
+    scratch would be a nasty surprise.
     """
-    state = timm.models.load_state_dict(str(path), use_ema=True, device="cpu")
+    if isinstance(source, (str, Path)):
+        label = label or str(source)
+        state: Mapping[str, torch.Tensor] = _read_state(Path(source))
+    else:
+        state = source
+    label = label or "state_dict"
     own = model.state_dict()
     keep: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -124,7 +178,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     n_loaded_params = sum(1 for k, _ in model.named_parameters() if k in keep)
     if n_loaded_params < 0.5 * n_params:
         raise ValueError(
-            f"{path}: only {n_loaded_params}/{n_params} parameters match this model "
+            f"{label}: only {n_loaded_params}/{n_params} parameters match this model "
             f"({type(model).__name__}); wrong architecture?"
         )
     model.load_state_dict(keep, strict=False)
@@ -132,9 +186,39 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         "loaded %d/%d tensors from %s (skipped shape mismatches: %s)",
         len(keep),
         len(own),
-        path,
+        label,
         ", ".join(skipped) or "none",
     )
+    return keep
+
+
+def export_weights(name: str, source: str, out: str | Path) -> int:
+    """Save model ``name``'s pretrained weights from ``source`` (hub, cache or a file) to
+    ``out`` as a timm state_dict (.safetensors, else torch .pth/.pt/.bin); returns the count.
+
+    The weights are checked against the architecture (its default head) first; a file's
+    tensors that do not fit (another head) are left out.
+    """
+    _check_name(name)
+    out = Path(out).expanduser()
+    if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+        raise ValueError(f"{out}: use a .safetensors, .pth, .pt or .bin file name")
+    state = pretrained_state(name, source)
+    if state is None:
+        raise ValueError(
+            f"no weights for {name} in the local Hugging Face / torch hub caches; "
+            "use --source hub on a machine with internet"
+        )
+    kept = load_pretrained(timm.create_model(name, pretrained=False), state, label=source)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in kept.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(out))
+    else:
+        torch.save(tensors, out)
+    return len(tensors)
 
 
 # ----------------------------------------------------------------------------- weights

@@ -13,6 +13,7 @@ from common.data.synth import synth_cli
 from server.deploy import deploy_cli
 from simulations.bench import bench_cli
 from simulations.sweep import sweep_cli
+from simulations.weights import weights_save_cli
 
 app = typer.Typer(
     help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus).",
@@ -34,6 +35,11 @@ app.command(
 sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x seeds.")(sweep_cli)
 app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
     deploy_cli
+)
+weights_app = typer.Typer(help="Pretrained backbone weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+weights_app.command("save", help="Save a backbone's pretrained weights for an offline server.")(
+    weights_save_cli
 )
 
 
