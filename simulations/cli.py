@@ -15,6 +15,10 @@ from simulations.bench import bench_cli
 from simulations.sweep import sweep_cli
 from simulations.weights import weights_save_cli
 
+SHIPPED = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.toml")))
+CONFIG_HELP = f"experiment TOML file, or the name of a shipped one: {SHIPPED}"
+RUN_CONFIG_HELP = "overrides of any config key: \"key=value key2='text'\" (as flwr run)"
+
 app = typer.Typer(
     help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus).",
     no_args_is_help=True,
@@ -45,15 +49,15 @@ weights_app.command("save", help="Save a backbone's pretrained weights for an of
 
 @app.command()
 def simulate(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="experiment TOML (simulations/configs)")
-    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help=CONFIG_HELP)] = None,
     run_config: Annotated[
         str | None, typer.Option("--run-config", help="overrides: \"key=value key2='text'\"")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logging, Flower's included")
+    ] = False,
 ) -> None:
     """Run a federated experiment on this machine (no arguments: the built-in default)."""
     from simulations.runner import simulate as run
@@ -67,12 +71,14 @@ def simulate(
 
 @app.command()
 def compare(
-    config: Annotated[Path | None, typer.Option("--config", "-c")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help=CONFIG_HELP)] = None,
     strategies: Annotated[
         str, typer.Option(help="comma-separated strategies and personalised methods")
     ] = "fedavg,fedprox",
-    run_config: Annotated[str | None, typer.Option("--run-config")] = None,
-    out: Annotated[Path, typer.Option("--out")] = Path("runs/compare"),
+    run_config: Annotated[str | None, typer.Option("--run-config", help=RUN_CONFIG_HELP)] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for every run and the table")] = Path(
+        "runs/compare"
+    ),
     local: Annotated[bool, typer.Option(help="train one local model per site")] = True,
 ) -> None:
     """Pooled, local and federated models on the same sites: FLamby's per-site table."""
