@@ -161,7 +161,8 @@ def _train_references(
             epochs = max(1, round(steps / per_epoch))
         else:
             epochs = rounds * int(cfg.get("local-epochs", 1))
-    cfg.update({"local-epochs": int(epochs), "local-steps": 0, "dp": False})
+    # plain local training: no DP, and no FedProx term (proximal-mu is the server's to send)
+    cfg.update({"local-epochs": int(epochs), "local-steps": 0, "dp": False, "proximal-mu": 0.0})
     tcfg = TrainConfig.from_run_config(cfg)
     models = []
     rng = np.random.default_rng([seed, 7])

@@ -14,6 +14,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.config import ConfigError, RunConfig
 from common.data.site_data import classes_for
 from common.models import get_weights, model_for_run
 from common.personal import personalize_mode
@@ -36,20 +37,26 @@ def initial_weights(cfg: dict[str, Any], num_classes: int) -> dict[str, torch.Te
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = dict(context.run_config)
     logging.getLogger("fedskin").setLevel(logging.INFO)
+    # Checked before any site is contacted: `flwr run` and a deployment do not go through
+    # fedskin's runner. The error propagates so that Flower marks the run as failed (with
+    # this one line as its reason); SystemExit would escape Flower's handlers.
+    try:
+        run = RunConfig.from_mapping(context.run_config)
+    except ConfigError as err:
+        log.error("invalid run config: %s", err)
+        raise
+    cfg = run.to_flat()
     personalize_mode(cfg)  # an unknown value, or ditto/finetune under dp=true: fail now
-    classes = classes_for(str(cfg.get("data-format", "synth-ham")))
+    classes = classes_for(run.data_format)
     run_dir = run_dir_for(cfg)
     fed = Federation(grid, cfg, run_dir, classes)
-    sites = fed.discover(
-        expected=int(cfg.get("min-nodes", 1)), wait=float(cfg.get("wait-for-nodes", 120))
-    )
+    sites = fed.discover(expected=run.min_nodes, wait=run.wait_for_nodes)
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))
     result = fed.run(
         initial_weights(cfg, len(classes)),
-        int(cfg.get("num-server-rounds", 3)),
-        resume=bool(cfg.get("resume", False)),
+        run.num_server_rounds,
+        resume=run.resume,
     )
     test = result["test"]
     log.info(

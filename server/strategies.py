@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from common.config import RunConfig, as_run_config
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 # Site-level DP bounds each site's influence on the *mean* of clipped updates by C/m; a
@@ -25,42 +28,39 @@ CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-ada
 UNIFORM_WEIGHT_KEY = "site-weight"
 
 
-def central_dp(cfg: dict[str, Any]) -> str:
-    kind = str(cfg.get("central-dp", "") or "")
-    if kind not in CENTRAL_DP:
-        raise ValueError(f"unknown central-dp {kind!r}; choose one of {CENTRAL_DP[1:]}")
-    return kind
-
-
-def make_strategy(cfg: dict[str, Any], num_sampled: int, num_sites: int | None = None) -> Strategy:
+def make_strategy(
+    cfg: RunConfig | Mapping[str, Any], num_sampled: int, num_sites: int | None = None
+) -> Strategy:
     """Build the aggregation strategy; client sampling is done by the loop (seeded).
 
     The strategy always sees exactly the sampled nodes (fraction 1.0, no minimum), so its own
     unseeded ``random.sample`` cannot change who trains. Under site-level DP every site's
     update weighs the same (the loop sets ``site-weight`` = 1 on each accepted reply).
+    Its parameters come from the checked config (missing keys: the packaged defaults), so
+    FedProx always gets a ``proximal-mu`` > 0 (common/config.py refuses 0).
     """
-    name = str(cfg.get("strategy", "fedavg")).lower()
+    run = as_run_config(cfg)
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,  # unused: the loop evaluates every site itself
         min_train_nodes=1,
         min_evaluate_nodes=0,
         min_available_nodes=1,
-        weighted_by_key=UNIFORM_WEIGHT_KEY if central_dp(cfg) else "num-examples",
+        weighted_by_key=UNIFORM_WEIGHT_KEY if run.central_dp else "num-examples",
     )
-    if name == "fedavg":
+    if run.strategy == "fedavg":
         strategy: Strategy = FedAvg(**common)
-    elif name == "fedprox":
-        strategy = FedProx(**common, proximal_mu=float(cfg.get("proximal-mu", 0.01)))
-    elif name in ("fedadam", "fedyogi"):
-        cls = FedAdam if name == "fedadam" else FedYogi
-        strategy = cls(**common, eta=float(cfg.get("server-lr", 0.01)), eta_l=float(cfg["lr"]))
-    else:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
-    return wrap_central_dp(strategy, cfg, num_sampled, num_sites or num_sampled)
+    elif run.strategy == "fedprox":
+        strategy = FedProx(**common, proximal_mu=run.proximal_mu)
+    elif run.strategy in ("fedadam", "fedyogi"):
+        cls = FedAdam if run.strategy == "fedadam" else FedYogi
+        strategy = cls(**common, eta=run.server_lr, eta_l=run.lr)
+    else:  # RunConfig allows only STRATEGIES
+        raise ValueError(f"unknown strategy {run.strategy!r}; choose one of {STRATEGIES}")
+    return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
 
 
-def central_accountant(cfg: dict[str, Any], num_sites: int) -> Any:
+def central_accountant(cfg: RunConfig | Mapping[str, Any], num_sites: int) -> Any:
     """Flower's RDP accountant for site-level DP: add/remove one site, no sampling credit.
 
     No amplification is claimed for sampling sites (Flower's fixed-clipping accounting only
@@ -68,9 +68,10 @@ def central_accountant(cfg: dict[str, Any], num_sites: int) -> Any:
     """
     from flwr.serverapp import RdpAccountant
 
-    target = float(cfg.get("central-epsilon", 0.0))
+    run = as_run_config(cfg)
+    target = run.central_epsilon
     config = PrivacyConfig(
-        target_delta=float(cfg.get("central-delta", 1e-3)),
+        target_delta=run.central_delta,
         population_size=num_sites,
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.NO_AMPLIFICATION,
@@ -105,17 +106,18 @@ def calibrate_central_noise(target: float, rounds: int, delta: float) -> float:
     return hi
 
 
-def central_noise(cfg: dict[str, Any]) -> float:
+def central_noise(cfg: RunConfig | Mapping[str, Any]) -> float:
     """``central-noise``, or calibrated to spend ``central-epsilon`` over all planned rounds."""
-    target = float(cfg.get("central-epsilon", 0.0))
-    if target > 0:
-        rounds = int(cfg.get("num-server-rounds", 1))
-        return calibrate_central_noise(target, rounds, float(cfg.get("central-delta", 1e-3)))
-    return float(cfg.get("central-noise", 0.5))
+    run = as_run_config(cfg)
+    if run.central_epsilon > 0:
+        return calibrate_central_noise(
+            run.central_epsilon, run.num_server_rounds, run.central_delta
+        )
+    return run.central_noise
 
 
 def wrap_central_dp(
-    strategy: Strategy, cfg: dict[str, Any], num_sampled: int, num_sites: int
+    strategy: Strategy, cfg: RunConfig | Mapping[str, Any], num_sampled: int, num_sites: int
 ) -> Strategy:
     """Site-level DP: Flower's clipping + noise wrappers around the base strategy.
 
@@ -123,10 +125,11 @@ def wrap_central_dp(
     FedAvg aggregation, which ``make_strategy`` sets up); the adaptive wrappers and FedOpt
     servers run without one, and the run says so instead of printing an epsilon.
     """
-    kind = central_dp(cfg)
+    run = as_run_config(cfg)
+    kind = run.central_dp
     if kind == "":
         return strategy
-    noise, clip = central_noise(cfg), float(cfg.get("central-clip", 1.0))
+    noise, clip = central_noise(run), run.central_clip
     if kind in ("server-fixed", "client-fixed"):
         cls = (
             DifferentialPrivacyServerSideFixedClipping
@@ -135,15 +138,15 @@ def wrap_central_dp(
         )
         accountant = None
         if type(strategy).aggregate_train is FedAvg.aggregate_train and noise > 0:
-            accountant = central_accountant(cfg, num_sites)
-        elif float(cfg.get("central-epsilon", 0.0)) > 0:
+            accountant = central_accountant(run, num_sites)
+        elif run.central_epsilon > 0:
             raise ValueError(
                 f"central-epsilon needs Flower's accountant, which requires fixed clipping and "
-                f"FedAvg/FedProx aggregation; strategy {cfg.get('strategy')!r} aggregates "
+                f"FedAvg/FedProx aggregation; strategy {run.strategy!r} aggregates "
                 "differently. Set central-noise instead (no epsilon will be reported)."
             )
         return cls(strategy, noise, clip, num_sampled, accountant=accountant)
-    if float(cfg.get("central-epsilon", 0.0)) > 0:
+    if run.central_epsilon > 0:
         raise ValueError(
             f"central-epsilon needs Flower's accountant, which adaptive clipping ({kind}) "
             "does not support; use server-fixed or client-fixed, or set central-noise"

@@ -21,6 +21,7 @@ import tomli_w
 from rich.console import Console
 from rich.logging import RichHandler
 
+from common.config import ConfigError, RunConfig, check_keys
 from common.data.schema import DataError
 
 console = Console()
@@ -31,9 +32,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def default_config() -> dict[str, Any]:
-    """The app's run config defaults: ``[tool.flwr.app.config]`` of pyproject.toml."""
-    with open(APP_DIR / "pyproject.toml", "rb") as f:
-        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    """The app's run config defaults (``common/defaults.toml``, shipped with the package)."""
+    return RunConfig.defaults().to_flat()
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -48,7 +48,11 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 def resolve_config(
     config_path: str | Path | None = None, overrides: str | dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Defaults, then the experiment file, then command-line overrides; unknown keys fail."""
+    """Defaults, then the experiment file, then command-line overrides, checked once.
+
+    An unknown key names its origin; a bad value (type, range, allowed values) is a
+    :class:`ConfigError` naming the key: both are one-line ``DataError``s for the CLI.
+    """
     cfg = default_config()
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_path:
@@ -66,14 +70,12 @@ def resolve_config(
         parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         layers.append(("--run-config", parsed))
     for origin, layer in layers:
-        unknown = sorted(set(layer) - set(cfg))
-        if unknown:
-            raise DataError(f"{origin}: unknown config keys {unknown}; valid keys: {sorted(cfg)}")
-        for key, value in layer.items():
-            if type(cfg[key]) is float and type(value) is int:
-                value = float(value)
-            cfg[key] = value
-    return cfg
+        try:
+            check_keys(layer)
+        except ConfigError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+        cfg.update(layer)
+    return RunConfig.from_mapping(cfg).to_flat()
 
 
 def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:

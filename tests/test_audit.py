@@ -41,6 +41,7 @@ def random_site(name: str, n_train: int, n_heldout: int, seed: int) -> SiteData:
 def run_config(**kw: object) -> dict:
     cfg = dict(default_config())
     cfg.update({"model": "test_resnet", "augment": False, "loss": "ce", "amp": False})
+    cfg["proximal-mu"] = 0.0  # plain local training (the default mu is FedProx's, 0.001)
     cfg.update({"batch-size": 16, "lr": 0.003}, **kw)
     return cfg
 

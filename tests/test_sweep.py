@@ -158,7 +158,7 @@ def test_bad_sweep_arguments(tmp_path: Path) -> None:
         sweep_privacy(None, [1.0], ["fedsgd"], [0], tmp_path)
     with pytest.raises(DataError, match="varies"):
         sweep_privacy(None, [1.0], ["fedavg"], [0], tmp_path, overrides="seed=3")
-    with pytest.raises(DataError, match="unknown config keys"):
+    with pytest.raises(DataError, match="no-such-key=1: unknown key"):
         sweep_privacy(None, [1.0], ["fedavg"], [0], tmp_path, overrides="no-such-key=1")
 
 

@@ -1,0 +1,246 @@
+"""One typed run config, validated once where a run enters fedskin.
+
+Flower passes the run config around as a flat dict of kebab-case keys (``num-server-rounds``,
+``proximal-mu``, ...). :class:`RunConfig` is that dict with one typed field per key, built
+from the packaged defaults (``common/defaults.toml``, a copy of pyproject.toml's
+``[tool.flwr.app.config]``) plus whatever a run sets, and checked once: type, range,
+allowed values and the few rules that tie keys together. A bad value is a
+:class:`ConfigError` whose message is one line naming the key, the value and what is
+allowed, e.g. ``num-server-rounds=-1: must be >= 1``. :meth:`RunConfig.to_flat` gives the
+kebab-case dict back for Flower.
+
+The rules are declared beside each field (``choices``, ``ge``, ``gt``, ``le``, ``lt``,
+``nonempty``); the defaults live only in the TOML file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from common.data.partition import SCHEMES
+from common.data.schema import DataError
+from common.data.site_data import FORMAT_CLASSES
+
+# Allowed values owned by modules that import torch or flwr: copied here so that checking a
+# config stays light; tests/test_config.py checks each equals the code's own constant.
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # server/strategies.py
+CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")  # idem
+OPTIMIZERS = ("adam", "adamw", "sgd")  # common/train.py
+LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
+PERSONALIZE = ("", "fedbn", "finetune", "ditto")  # common/personal.py
+
+FLAMBY_PROXIMAL_MU = 0.001  # FedProx's mu in FLamby's benchmarks (the packaged default)
+DEFAULTS_FILE = "defaults.toml"  # package data of ``common``
+
+
+class ConfigError(DataError):
+    """A run config that is not allowed; the message is one line naming the key at fault."""
+
+
+def _rule(
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    nonempty: bool = False,
+) -> Any:
+    """A field without a default (defaults come from the TOML file) and its rule."""
+    rule = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "nonempty": nonempty}
+    return field(metadata={k: v for k, v in rule.items() if v is not None and v is not False})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every key of the run config, typed; constructing one checks it (see module doc)."""
+
+    # data
+    data_format: str = _rule(choices=tuple(FORMAT_CLASSES))
+    data_path: str = _rule()
+    manifest: str = _rule()
+    scheme: str = _rule(choices=SCHEMES)
+    institutions: str = _rule()
+    num_sites: int = _rule(ge=1)
+    dirichlet_alpha: float = _rule(gt=0)
+    image_size: int = _rule(ge=8)
+    cache_dir: str = _rule()
+    seed: int = _rule(ge=0)
+    builtin_images: int = _rule(ge=1)
+    state_dir: str = _rule()
+    # model and local training
+    model: str = _rule(nonempty=True)
+    pretrained: str = _rule()
+    optimizer: str = _rule(choices=OPTIMIZERS)
+    lr: float = _rule(gt=0)
+    momentum: float = _rule(ge=0, lt=1)
+    weight_decay: float = _rule(ge=0)
+    batch_size: int = _rule(ge=1)
+    local_epochs: int = _rule(ge=0)
+    local_steps: int = _rule(ge=0)
+    loss: str = _rule(choices=LOSSES)
+    focal_gamma: float = _rule(ge=0)
+    augment: bool = _rule()
+    amp: bool = _rule()
+    channels_last: bool = _rule()
+    compile: bool = _rule()
+    # federation
+    strategy: str = _rule(choices=STRATEGIES)
+    proximal_mu: float = _rule(ge=0)
+    personalize: str = _rule(choices=PERSONALIZE)
+    finetune_steps: int = _rule(ge=1)
+    ditto_lambda: float = _rule(ge=0)
+    server_lr: float = _rule(gt=0)
+    num_server_rounds: int = _rule(ge=1)
+    fraction_train: float = _rule(gt=0, le=1)
+    min_train_nodes: int = _rule(ge=1)
+    round_timeout: float = _rule(gt=0)
+    min_nodes: int = _rule(ge=1)
+    wait_for_nodes: float = _rule(ge=0)
+    resume: bool = _rule()
+    out_dir: str = _rule()
+    run_name: str = _rule(nonempty=True)
+    # sample-level DP (Opacus)
+    dp: bool = _rule()
+    target_epsilon: float = _rule(gt=0)
+    target_delta: float = _rule(ge=0, lt=1)
+    noise_multiplier: float = _rule(ge=0)
+    max_grad_norm: float = _rule(gt=0)
+    dp_physical_batch: int = _rule(ge=1)
+    grad_sample_mode: str = _rule(choices=GRAD_SAMPLE_MODES)
+    # site-level DP (Flower's wrappers)
+    central_dp: str = _rule(choices=CENTRAL_DP)
+    central_noise: float = _rule(ge=0)
+    central_clip: float = _rule(gt=0)
+    central_epsilon: float = _rule(ge=0)
+    central_delta: float = _rule(gt=0, lt=1)
+    # membership-inference audit
+    audit: bool = _rule()
+    audit_reference: bool = _rule()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ConfigError(
+                f"strategy=fedprox needs proximal-mu > 0 (FLamby uses {FLAMBY_PROXIMAL_MU}); "
+                f"got proximal-mu={self.proximal_mu!r}"
+            )
+        if self.local_epochs < 1 and self.local_steps < 1:
+            raise ConfigError(
+                f"local-epochs={self.local_epochs} and local-steps={self.local_steps}: "
+                "set local-epochs >= 1 or local-steps >= 1"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """The packaged defaults, overridden by ``values`` (kebab-case keys), checked."""
+        check_keys(values)
+        merged = {**packaged_defaults(), **values}
+        return cls(**{_name(k): v for k, v in merged.items()})
+
+    @classmethod
+    def defaults(cls) -> RunConfig:
+        return cls.from_mapping({})
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat kebab-case dict Flower carries as the run config."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def config_keys() -> list[str]:
+    """Every run config key, kebab-case, in declaration order."""
+    return [_key(f.name) for f in fields(RunConfig)]
+
+
+def check_keys(values: Mapping[str, Any]) -> None:
+    """Refuse the first unknown key, by name (and the nearest known one, if any)."""
+    known = config_keys()
+    for key, value in values.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{key}={value!r}: unknown key{hint}")
+
+
+def as_run_config(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
+    """``cfg`` itself, or the checked config of a flat dict (missing keys: the defaults)."""
+    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_mapping(cfg)
+
+
+@cache
+def _defaults_text() -> str:
+    return files("common").joinpath(DEFAULTS_FILE).read_text(encoding="utf-8")
+
+
+def packaged_defaults() -> dict[str, Any]:
+    """The raw defaults table shipped with the package (``common/defaults.toml``)."""
+    return tomllib.loads(_defaults_text())
+
+
+def _name(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _fail(key: str, value: Any, rule: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _check(f: Any, value: Any) -> Any:
+    """``value`` coerced exactly to the field's type and checked against its rule."""
+    key, kind, rule = _key(f.name), f.type, f.metadata
+    if kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise _fail(key, value, "must be true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _fail(key, value, "must be a string")
+        if "choices" in rule:
+            choice = value.strip().lower()
+            if choice not in rule["choices"]:
+                shown = ", ".join(c or "''" for c in rule["choices"])
+                raise _fail(key, value, f"must be one of {shown}")
+            return choice
+        if rule.get("nonempty") and not value.strip():
+            raise _fail(key, value, "must not be empty")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(key, value, "must be an integer")
+        number: int | float = value
+    else:  # float: an int is fine and becomes a float
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(key, value, "must be a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise _fail(key, value, "must be a finite number")
+    bounds = [
+        (op, rule[op], test)
+        for op, test in (
+            ("ge", number >= rule.get("ge", 0)),
+            ("gt", number > rule.get("gt", 0)),
+            ("le", number <= rule.get("le", 0)),
+            ("lt", number < rule.get("lt", 0)),
+        )
+        if op in rule
+    ]
+    if not all(ok for _, _, ok in bounds):
+        symbol = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        allowed = " and ".join(f"{symbol[op]} {bound:g}" for op, bound, _ in bounds)
+        raise _fail(key, value, f"must be {allowed}")
+    return number
