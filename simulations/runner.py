@@ -121,6 +121,13 @@ def simulate(
         personalize_mode(cfg)
     except ValueError as err:
         raise DataError(str(err)) from None
+    if cfg["pretrained"]:  # the ServerApp loads them: a missing file or failed download, here
+        from common.models import pretrained_state
+
+        try:
+            pretrained_state(str(cfg["model"]), str(cfg["pretrained"]))
+        except (OSError, ValueError) as err:
+            raise DataError(str(err).splitlines()[0]) from None
     if out:
         cfg["out-dir"] = str(out)
     if not cfg["out-dir"]:

@@ -121,3 +121,16 @@ def test_unknown_model_refused(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "unknown model 'vit_huge'" in res.output and "efficientnet_b0" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_simulate_names_a_missing_weights_file_in_one_line(tmp_path) -> None:
+    """`fedskin simulate` refuses a missing pretrained file before any data or Ray work."""
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    missing = tmp_path / "nope.safetensors"
+    result = CliRunner().invoke(app, ["simulate", "--run-config", f"pretrained='{missing}'"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nope.safetensors" in lines[0] and "Traceback" not in result.output
