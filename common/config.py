@@ -30,7 +30,18 @@ from common.data.site_data import FORMAT_CLASSES
 
 # Allowed values owned by modules that import torch or flwr: copied here so that checking a
 # config stays light; tests/test_config.py checks each equals the code's own constant.
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # server/strategies.py
+STRATEGIES = (  # server/strategies.py
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")  # idem
 OPTIMIZERS = ("adam", "adamw", "sgd")  # common/train.py
 LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
@@ -99,6 +110,10 @@ class RunConfig:
     finetune_steps: int = _rule(ge=1)
     ditto_lambda: float = _rule(ge=0)
     server_lr: float = _rule(gt=0)
+    server_momentum: float = _rule(ge=0, lt=1)
+    robust_malicious: int = _rule(ge=0)
+    trim_beta: float = _rule(ge=0, lt=0.5)
+    multikrum_select: int = _rule(ge=0)
     num_server_rounds: int = _rule(ge=1)
     fraction_train: float = _rule(gt=0, le=1)
     min_train_nodes: int = _rule(ge=1)

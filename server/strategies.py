@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import (
+    Bulyan,
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
+    MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from common.config import RunConfig, as_run_config
+from common.config import ConfigError, RunConfig, as_run_config
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
+FEDAVGM_SERVER_LR = 1.0  # FedAvgM's server learning rate: fixed (server-lr is FedAdam's 0.01)
 CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 # Site-level DP bounds each site's influence on the *mean* of clipped updates by C/m; a
 # mean weighted by example counts would give a large site more and break that bound.
@@ -38,6 +58,11 @@ def make_strategy(
     update weighs the same (the loop sets ``site-weight`` = 1 on each accepted reply).
     Its parameters come from the checked config (missing keys: the packaged defaults), so
     FedProx always gets a ``proximal-mu`` > 0 (common/config.py refuses 0).
+
+    The robust strategies aggregate the packed weights (common/wire.py) as they are: the
+    median and trimmed mean are element-wise, and Krum's squared distances do not depend on
+    the order of the coordinates. Their conditions on the number of sites (Krum: n > 2f+2,
+    Bulyan: n >= 4f+3) are checked here against ``num_sampled``, the sites per round.
     """
     run = as_run_config(cfg)
     common = dict(
@@ -48,6 +73,7 @@ def make_strategy(
         min_available_nodes=1,
         weighted_by_key=UNIFORM_WEIGHT_KEY if run.central_dp else "num-examples",
     )
+    n, f = num_sampled, run.robust_malicious
     if run.strategy == "fedavg":
         strategy: Strategy = FedAvg(**common)
     elif run.strategy == "fedprox":
@@ -55,9 +81,99 @@ def make_strategy(
     elif run.strategy in ("fedadam", "fedyogi"):
         cls = FedAdam if run.strategy == "fedadam" else FedYogi
         strategy = cls(**common, eta=run.server_lr, eta_l=run.lr)
+    elif run.strategy == "fedavgm":
+        strategy = SyncedFedAvgM(
+            **common, server_learning_rate=FEDAVGM_SERVER_LR, server_momentum=run.server_momentum
+        )
+    elif run.strategy == "fedmedian":
+        strategy = FedMedian(**common)
+    elif run.strategy == "fedtrimmedavg":
+        if run.trim_beta > 0 and int(run.trim_beta * n) == 0:
+            raise ConfigError(
+                f"trim-beta={run.trim_beta:g} cuts int({run.trim_beta:g}*{n})=0 updates at each "
+                f"end with {n} sampled sites: use trim-beta >= {math.ceil(100 / n) / 100:g}"
+            )
+        strategy = FedTrimmedAvg(**common, beta=run.trim_beta)
+    elif run.strategy in ("krum", "multikrum"):
+        if n <= 2 * f + 2:
+            raise ConfigError(
+                f"strategy={run.strategy} with robust-malicious={f} needs more than 2*{f}+2="
+                f"{2 * f + 2} sampled sites; {n} are sampled per round"
+            )
+        select = 1 if run.strategy == "krum" else run.multikrum_select
+        if select > n - f:
+            raise ConfigError(
+                f"multikrum-select={select} is more than the {n} sampled sites less "
+                f"robust-malicious={f}: use multikrum-select <= {n - f} (or 0)"
+            )
+        strategy = WeightKrum(**common, num_malicious_nodes=f, num_nodes_to_select=select)
+    elif run.strategy == "bulyan":
+        if n < 4 * f + 3:
+            raise ConfigError(
+                f"strategy=bulyan with robust-malicious={f} needs at least 4*{f}+3={4 * f + 3} "
+                f"sampled sites; {n} are sampled per round"
+            )
+        strategy = Bulyan(**common, num_malicious_nodes=f, selection_rule=select_on_weights)
     else:  # RunConfig allows only STRATEGIES
         raise ValueError(f"unknown strategy {run.strategy!r}; choose one of {STRATEGIES}")
     return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
+
+
+def select_on_weights(
+    contents: list[RecordDict], num_malicious: int, num_select: int
+) -> list[RecordDict]:
+    """Flower's (Multi-)Krum selection, with distances over the floating-point arrays only.
+
+    The int64 BatchNorm counters (``num_batches_tracked``) count each site's local steps; in
+    the squared distances they would outweigh the weights themselves, so Krum would pick
+    the sites with a typical amount of data rather than typical weights.
+    """
+    key = next(iter(contents[0].array_records))
+    proxies = []
+    for content in contents:
+        arrays = content.array_records[key]
+        floats = {k: a for k, a in arrays.items() if np.issubdtype(np.dtype(a.dtype), np.floating)}
+        proxies.append(RecordDict({key: ArrayRecord(floats) if floats else arrays}))
+    index = {id(p): i for i, p in enumerate(proxies)}
+    return [contents[index[id(p)]] for p in select_multikrum(proxies, num_malicious, num_select)]
+
+
+class WeightKrum(MultiKrum):
+    """Flower's MultiKrum (Krum when ``num_nodes_to_select`` is 1) for fedskin's loop.
+
+    Distances are over the weights only (:func:`select_on_weights`), and
+    ``num_nodes_to_select`` = 0 means all but ``num_malicious_nodes`` of *this round's*
+    replies, so a site that drops out does not let a poisoned update into the average.
+    The selected updates are averaged as FedAvg does (weighted by ``weighted_by_key``).
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [r for r in replies if not r.has_error()]
+        if not replies:
+            return None, None
+        select = self.num_nodes_to_select or max(1, len(replies) - self.num_malicious_nodes)
+        contents = select_on_weights([r.content for r in replies], self.num_malicious_nodes, select)
+        chosen = {id(c) for c in contents}
+        return FedAvg.aggregate_train(
+            self, server_round, [r for r in replies if id(r.content) in chosen]
+        )
+
+
+class SyncedFedAvgM(FedAvgM):
+    """Flower's FedAvgM, its momentum applied to the global model the loop actually holds.
+
+    Flower's keeps its own copy from round 1 on; the loop may keep the previous model
+    instead of an aggregate (a non-finite one) and resumes from checkpoints, so, as FedAdam
+    does, the strategy takes the model it is given each round.
+    """
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
 
 
 def central_accountant(cfg: RunConfig | Mapping[str, Any], num_sites: int) -> Any:
@@ -183,6 +299,8 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
         value = getattr(base, attr, None)
         if value:
             state[attr] = {k: np.asarray(v) for k, v in value.items()}
+    if getattr(base, "momentum_vector", None) is not None:  # FedAvgM's server momentum
+        state["momentum_vector"] = [np.asarray(v) for v in base.momentum_vector]
     for attr in ("clipping_norm",):  # adaptive clipping moves its norm
         if hasattr(strategy, attr):
             state[attr] = float(getattr(strategy, attr))
@@ -196,6 +314,8 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     for attr in ("m_t", "v_t"):
         if attr in state:
             setattr(base, attr, {k: np.asarray(v) for k, v in state[attr].items()})
+    if "momentum_vector" in state and hasattr(base, "momentum_vector"):
+        base.momentum_vector = [np.asarray(v) for v in state["momentum_vector"]]
     if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
         strategy.clipping_norm = state["clipping_norm"]
     if "accountant" in state:

@@ -1,0 +1,179 @@
+"""Robust aggregation (strategy=fedmedian/fedtrimmedavg/krum/multikrum/bulyan, fedavgm).
+
+Replies are built as the server loop receives them: the weights packed one array per dtype
+(common/wire.py) in an ArrayRecord "arrays", the site's metrics (with "num-examples") in a
+MetricRecord "metrics".
+"""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import ConfigError, RunConfig
+from common.wire import pack, unpack
+from server.strategies import load_strategy_state, make_strategy, strategy_state
+
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+POISON = 1e3
+SHAPES = {"conv.weight": (4, 3, 3, 3), "bn.weight": (4,), "fc.weight": (2, 16)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages need a task identity, as inside a running ServerApp."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def state_dict(rng: np.random.Generator, shift: float = 0.0, steps: int = 10) -> dict:
+    """A model's state: float32 weights and an int64 BatchNorm counter (packed separately)."""
+    out = {k: (rng.normal(size=s) + shift).astype(np.float32) for k, s in SHAPES.items()}
+    out["bn.num_batches_tracked"] = np.array(steps, np.int64)
+    return out
+
+
+def reply(state: dict, num_examples: int) -> Message:
+    content = RecordDict(
+        {"arrays": pack(state), "metrics": MetricRecord({"num-examples": num_examples})}
+    )
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def flat(record_or_state) -> np.ndarray:
+    """The floating-point weights as one vector (the unpacked model, counters left out)."""
+    layout = {k: (s, np.dtype(np.float32)) for k, s in SHAPES.items()}
+    layout["bn.num_batches_tracked"] = ((), np.dtype(np.int64))
+    state = record_or_state
+    if not isinstance(state, dict):
+        state = unpack(record_or_state, layout)
+    return np.concatenate([np.asarray(state[k], np.float64).ravel() for k in SHAPES])
+
+
+def sites(n: int = 5, poison_examples: int = 100):
+    """``n - 1`` honest updates (base + small noise, different step counts), one poisoned
+    (base + 1e3) that may claim more examples; and the honest sites' mean."""
+    rng = np.random.default_rng(0)
+    base = state_dict(rng)
+    honest = []
+    for i in range(n - 1):
+        noisy = {k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+        noisy["bn.num_batches_tracked"] = np.array(10 + 40 * i, np.int64)
+        honest.append(noisy)
+    poisoned = {k: v + np.float32(POISON) for k, v in base.items() if k in SHAPES}
+    poisoned["bn.num_batches_tracked"] = np.array(70, np.int64)
+    honest_mean = np.mean([flat(s) for s in honest], axis=0)
+    # the poisoned site in the middle: no strategy may rely on the order of the replies
+    states = [*honest[:2], poisoned, *honest[2:]]
+    counts = [100, 100, poison_examples] + [100] * (n - 3)
+    return [reply(s, c) for s, c in zip(states, counts, strict=True)], honest_mean
+
+
+def aggregate(name: str, replies: list[Message]) -> np.ndarray:
+    n = len(replies)
+    strategy = make_strategy({"strategy": name}, n, n)  # robust-malicious: 1 by default
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None, name
+    return flat(arrays)
+
+
+@pytest.mark.parametrize("poison_examples", [100, 1000])
+def test_one_poisoned_site_of_five_pulls_fedavg_but_not_the_robust_strategies(poison_examples):
+    replies, honest = sites(5, poison_examples)
+    moved = np.linalg.norm(aggregate("fedavg", replies) - honest)
+    assert moved > 100, moved
+    for name in ROBUST:
+        # Bulyan needs 4f+3 = 7 sites for f = 1 (5 are refused: see below); each strategy
+        # gets fresh replies, as FedMedian and Bulyan take the arrays out of them.
+        replies, honest = sites(7 if name == "bulyan" else 5, poison_examples)
+        dist = np.linalg.norm(aggregate(name, replies) - honest)
+        assert dist < 0.01 * POISON, (name, dist)
+
+
+def test_krum_picks_by_weights_not_by_batchnorm_step_counts():
+    """Three sites agree on the weights, two others on the step count; Krum sides with the
+    three. Over all packed arrays the int64 counters (steps 0/100/200 vs 100/100) would
+    outweigh the weights and Krum would pick one of the two."""
+    rng = np.random.default_rng(2)
+    base = state_dict(rng)
+    states = []
+    for i, (shift, steps) in enumerate([(0, 0), (0, 100), (0, 200), (1, 100), (1, 100)]):
+        s = {
+            k: v + shift + 0.01 * np.random.default_rng(i).normal(size=v.shape)
+            for k, v in base.items()
+            if k in SHAPES
+        }
+        states.append(
+            {
+                **{k: v.astype(np.float32) for k, v in s.items()},
+                "bn.num_batches_tracked": np.array(steps, np.int64),
+            }
+        )
+    chosen = aggregate("krum", [reply(s, 100) for s in states])
+    assert min(np.linalg.norm(chosen - flat(s)) for s in states[:3]) < 1e-6
+    assert np.linalg.norm(chosen - flat(base)) < 1
+
+
+def test_multikrum_averages_all_but_f_of_this_rounds_replies():
+    replies, honest = sites(5)
+    del replies[0]  # a site dropped out: 4 replies, 1 of them poisoned
+    strategy = make_strategy({"strategy": "multikrum"}, 5, 5)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.linalg.norm(flat(arrays) - honest) < 0.01 * POISON
+
+
+def test_site_count_conditions_are_one_line_errors():
+    with pytest.raises(ValueError) as err:
+        make_strategy({"strategy": "bulyan", "robust-malicious": 1}, 5, 5)
+    assert str(err.value) == (
+        "strategy=bulyan with robust-malicious=1 needs at least 4*1+3=7 sampled sites; "
+        "5 are sampled per round"
+    )
+    assert make_strategy({"strategy": "bulyan", "robust-malicious": 1}, 7)
+    for name in ("krum", "multikrum"):
+        with pytest.raises(ValueError, match=r"^strategy=\w+ with robust-malicious=1 needs more"):
+            make_strategy({"strategy": name}, 4)
+        assert make_strategy({"strategy": name}, 5)
+    with pytest.raises(ValueError, match=r"^multikrum-select=5 is more than"):
+        make_strategy({"strategy": "multikrum", "multikrum-select": 5}, 5)
+    with pytest.raises(ValueError, match=r"^trim-beta=0.2 cuts int\(0.2\*4\)=0 .* >= 0.25$"):
+        make_strategy({"strategy": "fedtrimmedavg"}, 4)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"trim-beta": 0.6}, "trim-beta=0.6: must be >= 0 and < 0.5"),
+        ({"robust-malicious": -1}, "robust-malicious=-1: must be >= 0"),
+        ({"server-momentum": 1.0}, "server-momentum=1.0: must be >= 0 and < 1"),
+        ({"multikrum-select": -2}, "multikrum-select=-2: must be >= 0"),
+    ],
+)
+def test_config_refuses_bad_robust_values(values, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping(values)
+    assert str(err.value) == message
+
+
+def test_fedavgm_momentum_follows_the_loops_model_and_survives_a_restart():
+    grid = type("G", (), {"get_node_ids": lambda self: [1, 2]})()
+    rng = np.random.default_rng(1)
+    start = state_dict(rng)
+    step = {k: np.full_like(v, 0.5) for k, v in start.items()}
+    updated = {k: v - step[k] for k, v in start.items()}
+    s1 = make_strategy({"strategy": "fedavgm", "server-momentum": 0.9}, 2)
+    list(s1.configure_train(1, pack(start), ConfigRecord(), grid))
+    arrays, _ = s1.aggregate_train(1, [reply(updated, 5), reply(updated, 5)])
+    np.testing.assert_allclose(flat(arrays), flat(updated), rtol=1e-6)  # lr 1, 1st round
+    saved = strategy_state(s1)
+    assert "momentum_vector" in saved
+    s2 = make_strategy({"strategy": "fedavgm", "server-momentum": 0.9}, 2)
+    load_strategy_state(s2, saved)
+    # round 2 from the loop's model: step 0.5 again plus 0.9 * the first step
+    for s in (s1, s2):
+        list(s.configure_train(2, pack(updated), ConfigRecord(), grid))
+        twice = {k: v - step[k] for k, v in updated.items()}
+        arrays, _ = s.aggregate_train(2, [reply(twice, 5), reply(twice, 5)])
+        expected = {k: v - 1.9 * step[k] for k, v in updated.items()}
+        np.testing.assert_allclose(flat(arrays), flat(expected), rtol=1e-5)
