@@ -2,12 +2,14 @@
 
 Baselines use the same data path (`load_site`), the same local training (`train_local`) and
 the same metrics as the federated clients, so a difference in the table is the federation's,
-not the code's. Budget: each baseline model sees as many passes over its data as a site does
-over a whole federated run (rounds × local epochs, or rounds × local steps).
+not the code's. Budget: each baseline model trains as a site does over a whole federated
+run (rounds × local epochs, or rounds × local steps), and keeps its best round on
+validation, as the federation keeps its best round.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -34,29 +36,48 @@ def load_all_sites(cfg: dict[str, Any]) -> list[SiteData]:
     return [load_site(cfg, {"partition-id": i}) for i in range(len(names))]
 
 
-def _budget(cfg: dict[str, Any]) -> TrainConfig:
-    tcfg = TrainConfig.from_run_config(cfg)
-    rounds = int(cfg["num-server-rounds"])
-    if tcfg.local_steps > 0:
-        return replace(tcfg, local_steps=tcfg.local_steps * rounds, proximal_mu=0.0)
-    return replace(tcfg, local_epochs=tcfg.local_epochs * rounds, proximal_mu=0.0)
-
-
-def _fit(
-    cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, n_cls: int, label: str
-) -> torch.nn.Module:
-    torch.manual_seed(int(cfg["seed"]))
-    model = build_model(str(cfg["model"]), n_cls, pretrained=str(cfg.get("pretrained", "")))
-    train_local(
-        model,
-        torch.from_numpy(images),
-        torch.from_numpy(labels),
-        _budget(cfg),
-        num_classes=n_cls,
-        device=pick_device(),
-        seed=int(cfg["seed"]),
-        progress=f"{label} ({len(labels)} images)",
+def _split(sites: list[SiteData], split: str) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.concatenate([s.images[split] for s in sites]),
+        np.concatenate([s.labels[split] for s in sites]),
     )
+
+
+def _val_score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, classes) -> float:
+    probs = predict(model, torch.from_numpy(images), device=pick_device())
+    return float(compute_metrics(labels, probs, classes)["balanced_accuracy"])
+
+
+def _fit(cfg: dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Module:
+    """A model trained on these sites' train splits with the federation's budget and rules.
+
+    One round's worth of local training at a time (the run's local steps or epochs, a fresh
+    optimizer each round, as at a site), ``num-server-rounds`` times, keeping the model that
+    scores best on these sites' validation split: the federation picks its best round the
+    same way, so the table compares methods, not model selection.
+    """
+    (x, y), (vx, vy) = _split(sites, "train"), _split(sites, "validation")
+    classes, seed = sites[0].classes, int(cfg["seed"])
+    tcfg = replace(TrainConfig.from_run_config(cfg), proximal_mu=0.0)
+    rounds = int(cfg["num-server-rounds"])
+    torch.manual_seed(seed)
+    model = build_model(str(cfg["model"]), len(classes), pretrained=str(cfg.get("pretrained", "")))
+    best, best_score = None, -1.0
+    for r in range(1, rounds + 1):
+        train_local(
+            model,
+            torch.from_numpy(x),
+            torch.from_numpy(y),
+            tcfg,
+            num_classes=len(classes),
+            device=pick_device(),
+            seed=seed + r,  # a new batch order each round
+            progress=f"{label}: round {r}/{rounds} ({len(y)} images)",
+        )
+        score = _val_score(model, vx, vy, classes) if len(vy) else 0.0
+        if score > best_score:  # NaN (no scorable class) never wins
+            best, best_score = copy.deepcopy(model.state_dict()), score
+    model.load_state_dict(best)
     return model
 
 
@@ -74,19 +95,10 @@ def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, f
 def run_baselines(cfg: dict[str, Any], local: bool = True) -> pd.DataFrame:
     """Rows: pooled, and one local model per site; columns: per-site test bacc and the mean."""
     sites = load_all_sites(cfg)
-    n_cls = len(sites[0].classes)
-    rows = []
-    pooled = _fit(
-        cfg,
-        np.concatenate([s.images["train"] for s in sites]),
-        np.concatenate([s.labels["train"] for s in sites]),
-        n_cls,
-        "pooled baseline",
-    )
-    rows.append({"method": "pooled", **score_on_sites(pooled, sites)})
+    rows = [{"method": "pooled", **score_on_sites(_fit(cfg, sites, "pooled baseline"), sites)}]
     if local:
         for s in sites:
-            model = _fit(cfg, s.images["train"], s.labels["train"], n_cls, f"local {s.site}")
+            model = _fit(cfg, [s], f"local {s.site}")
             rows.append({"method": f"local ({s.site})", **score_on_sites(model, sites)})
     return _with_mean(pd.DataFrame(rows))
 

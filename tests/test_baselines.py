@@ -31,3 +31,32 @@ def test_pooled_and_local_table():
     )
     md = _markdown(pd.concat([table, pd.DataFrame([{**fed, "mean": 0.5}])]))
     assert "| fedavg |" in md and md.count("\n") == 2 + len(SITES) + 2
+
+
+def test_baseline_keeps_its_best_validation_round(monkeypatch):
+    """Like the federation's best round: the model returned is the round validation liked."""
+    import torch
+
+    import simulations.baselines as baselines
+    from simulations.baselines import _fit, load_all_sites
+
+    cfg = prepare_data(
+        resolve_config(
+            None,
+            {"builtin-images": 300, "image-size": 16, "num-server-rounds": 3, "local-steps": 2},
+        )
+    )
+    sites = load_all_sites(cfg)
+    scores, states = iter([0.5, 0.9, 0.1]), []
+
+    def fake_score(model, *args):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(baselines, "_val_score", fake_score)
+    model = _fit(cfg, sites[:1], "local")
+    assert len(states) == 3 and not torch.equal(
+        states[1]["conv_stem.weight"], states[2]["conv_stem.weight"]
+    )
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[1][k]), k
