@@ -30,7 +30,7 @@ from common.data.site_data import FORMAT_CLASSES
 
 # Allowed values owned by modules that import torch or flwr: copied here so that checking a
 # config stays light; tests/test_config.py checks each equals the code's own constant.
-STRATEGIES = (  # server/strategies.py
+STRATEGIES = (  # owned here; server/strategies.py builds each of them
     "fedavg",
     "fedprox",
     "fedadam",
