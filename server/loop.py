@@ -109,7 +109,7 @@ def exchange(
     the site. Matching ``reply_to_message_id`` against what was sent names the site either
     way. Returns replies by node id and the node ids that did not answer within ``timeout``.
     Polling backs off from ``poll`` to 2 s while nothing arrives, to spare the SuperLink.
-    ``on_reply(node_id, done, total)`` is called as each reply arrives (progress).
+    ``on_reply(node_id, reply, done, total)`` is called as each reply arrives (progress).
     """
     pending = {i for i in with_retries(lambda: grid.push_messages(messages), "sending") if i}
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -125,7 +125,7 @@ def exchange(
             if mid in sent:
                 replies[sent[mid]] = reply
                 if on_reply is not None:
-                    on_reply(sent[mid], len(replies), len(sent))
+                    on_reply(sent[mid], reply, len(replies), len(sent))
         if pending:
             wait = poll if got else min(wait * 1.5, 2.0)
             time.sleep(wait)
@@ -164,16 +164,22 @@ class Federation:
     ) -> tuple[dict[int, Message], list[int]]:
         t0 = time.monotonic()
 
-        def progress(nid: int, done: int, total: int) -> None:
-            """A long round is never silent: one line per site as its reply arrives."""
+        def progress(nid: int, reply: Message, done: int, total: int) -> None:
+            """A long round is never silent: one line per site as its reply arrives, with
+            the site's training speed when it reports one."""
             site = self.sites[nid].site if nid in self.sites else str(nid)
+            speed = ""
+            if reply.has_content() and "metrics" in reply.content.metric_records:
+                ips = reply.content.metric_records["metrics"].get("images_per_second")
+                speed = f", {float(ips):.0f} images/s" if isinstance(ips, (int, float)) else ""
             log.info(
-                "%s: %s replied (%d/%d sites, %.0fs)",
+                "%s: %s replied (%d/%d sites, %.0fs%s)",
                 what,
                 site,
                 done,
                 total,
                 time.monotonic() - t0,
+                speed,
             )
 
         replies, missing = exchange(

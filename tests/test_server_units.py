@@ -196,3 +196,45 @@ def test_a_site_that_never_answers_is_reported_after_the_timeout() -> None:
     replies, missing = exchange(HangingGrid(), msgs, timeout=1.0, poll=0.05)  # type: ignore[arg-type]
     assert sorted(replies) == [1] and missing == [2]
     assert 1.0 <= time.monotonic() - t0 < 5.0
+
+
+def test_each_reply_is_reported_as_it_arrives(tmp_path):
+    """A long round is never silent: one log line per site reply, with its training speed."""
+    import logging
+
+    from flwr.app import MessageType
+
+    class AnsweringGrid:
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent = list(messages)
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            speed = MetricRecord({"images_per_second": 123.4})
+            return [
+                Message(RecordDict({"metrics": speed}), reply_to=m)
+                for m in self.sent
+                if m.metadata.message_id in ids
+            ]
+
+    fed = _fed(tmp_path, {"seed": 0})
+    fed.grid, fed.timeout, fed.received = AnsweringGrid(), 5.0, {}
+    msgs = [Message(RecordDict(), nid, MessageType.TRAIN) for nid in (901, 17)]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("fedskin")  # the runner may have stopped its propagation
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        replies, missing = fed._exchange(msgs, "round 3 training")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert sorted(replies) == [17, 901] and missing == []
+    lines = [r.getMessage() for r in records if "replied" in r.getMessage()]
+    assert len(lines) == 2 and "(2/2 sites" in lines[-1], lines
+    assert all(line.startswith("round 3 training: ") and "123 images/s" in line for line in lines)
+    assert {line.split(": ")[1].split()[0] for line in lines} == {"vienna", "barcelona"}
