@@ -318,7 +318,7 @@ def audit_run(
         for i in range(len(site_names(read_manifest(Path(cfg["manifest"])))))
     ]
     classes = sites[0].classes
-    model = model_for_run({**cfg, "pretrained": ""}, len(classes))
+    model = model_for_run(cfg, len(classes), pretrained=False)
     set_weights(model, torch.load(ckpt, weights_only=False)["arrays"])
     if reference is None:
         reference = bool(cfg.get("audit-reference", True))

@@ -43,7 +43,8 @@ def _split(sites: list[SiteData], split: str) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _val_score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, classes) -> float:
+def _score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, classes) -> float:
+    """Balanced accuracy of ``model`` on one split."""
     probs = predict(model, torch.from_numpy(images), device=pick_device())
     return float(compute_metrics(labels, probs, classes)["balanced_accuracy"])
 
@@ -74,7 +75,7 @@ def _fit(cfg: dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Mod
             seed=seed + r,  # a new batch order each round
             progress=f"{label}: round {r}/{rounds} ({len(y)} images)",
         )
-        score = _val_score(model, vx, vy, classes) if len(vy) else 0.0
+        score = _score(model, vx, vy, classes) if len(vy) else 0.0
         if score > best_score:  # NaN (no scorable class) never wins
             best, best_score = copy.deepcopy(model.state_dict()), score
     model.load_state_dict(best)
@@ -83,13 +84,7 @@ def _fit(cfg: dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Mod
 
 def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, float]:
     """Test balanced accuracy of one model on every site's test split."""
-    out = {}
-    for s in sites:
-        probs = predict(model, torch.from_numpy(s.images["test"]), device=pick_device())
-        out[s.site] = float(
-            compute_metrics(s.labels["test"], probs, s.classes)["balanced_accuracy"]
-        )
-    return out
+    return {s.site: _score(model, s.images["test"], s.labels["test"], s.classes) for s in sites}
 
 
 def run_baselines(cfg: dict[str, Any], local: bool = True) -> pd.DataFrame:

@@ -101,7 +101,7 @@ def model_from_checkpoint(
     if not isinstance(arrays, dict) or not arrays:
         raise DataError(f"{path} is not a fedskin checkpoint (no 'arrays' entry)")
     # The weights all come from the checkpoint: no pretrained file is needed here.
-    model = model_for_run({**cfg, "pretrained": ""}, len(classes))
+    model = model_for_run(cfg, len(classes), pretrained=False)
     try:
         set_weights(model, arrays)
     except ValueError as err:

@@ -53,7 +53,7 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch):
         states.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scores)
 
-    monkeypatch.setattr(baselines, "_val_score", fake_score)
+    monkeypatch.setattr(baselines, "_score", fake_score)
     model = _fit(cfg, sites[:1], "local")
     assert len(states) == 3 and not torch.equal(
         states[1]["conv_stem.weight"], states[2]["conv_stem.weight"]

@@ -30,6 +30,18 @@ def test_update_checks_reject_nan_inf_and_shapes():
     assert "keys" in _arrays_ok(_rec({"w": _ref()["w"]}), _ref())
 
 
+class _RecordingGrid:
+    """A fake grid that numbers and keeps what is pushed; subclasses decide who answers."""
+
+    sent: list = []
+
+    def push_messages(self, messages: list) -> list[str]:
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+        self.sent = list(messages)
+        return [m.metadata.message_id for m in messages]
+
+
 def _fed(tmp_path, cfg):
     fed = Federation.__new__(Federation)
     fed.cfg, fed.seed = cfg, int(cfg["seed"])
@@ -172,17 +184,8 @@ def test_a_site_that_never_answers_is_reported_after_the_timeout() -> None:
 
     from server.loop import exchange
 
-    class HangingGrid:
+    class HangingGrid(_RecordingGrid):
         """Node 1 answers at once, node 2 never does."""
-
-        def __init__(self) -> None:
-            self.sent: list[Message] = []
-
-        def push_messages(self, messages: list[Message]) -> list[str]:
-            for i, m in enumerate(messages):
-                m.metadata.__dict__["_message_id"] = f"m{i}"
-            self.sent = list(messages)
-            return [m.metadata.message_id for m in messages]
 
         def pull_messages(self, ids: set[str]) -> list[Message]:
             return [
@@ -204,13 +207,7 @@ def test_each_reply_is_reported_as_it_arrives(tmp_path):
 
     from flwr.app import MessageType
 
-    class AnsweringGrid:
-        def push_messages(self, messages: list[Message]) -> list[str]:
-            for i, m in enumerate(messages):
-                m.metadata.__dict__["_message_id"] = f"m{i}"
-            self.sent = list(messages)
-            return [m.metadata.message_id for m in messages]
-
+    class AnsweringGrid(_RecordingGrid):
         def pull_messages(self, ids: set[str]) -> list[Message]:
             speed = MetricRecord({"images_per_second": 123.4})
             return [
