@@ -122,15 +122,39 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
-    """Write a file; private keys are created 0600 so they are never briefly world-readable."""
+    """Write a file; private keys are created 0600 so they are never briefly world-readable.
+
+    The bytes go to a new temporary file beside ``path`` (``O_EXCL | O_NOFOLLOW``: never an
+    existing file or a link's target), renamed over ``path``: a symbolic link there is
+    replaced, never followed (:func:`_refuse_links` refuses one before anything is written).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = 0o600 if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
     try:
-        os.fchmod(fd, mode)  # O_CREAT's mode does not apply to an existing file
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
         os.write(fd, data)
-    finally:
+        os.fsync(fd)
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def _refuse_links(out_dir: Path, targets: list[Path]) -> None:
+    """No output file, and no folder between ``out_dir`` and it, may be a symbolic link:
+    a (dangling) link would put a private key wherever it points."""
+    for target in targets:
+        rel = target.relative_to(out_dir)
+        p = out_dir
+        for part in rel.parts:
+            p = p / part
+            if p.is_symlink():
+                raise ValueError(f"refusing to write through a symbolic link: {p}")
 
 
 def _make_ca(days: int, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -299,7 +323,8 @@ def make_federation(
 
     files = _plan(out_dir, list(sites))
     targets = [out_dir / r[0] for r in files.rows()] + [files.readme]
-    existing = [str(p) for p in targets if p is not None and p.exists()]
+    _refuse_links(out_dir, [p for p in targets if p is not None])
+    existing = [str(p) for p in targets if p is not None and os.path.lexists(p)]
     if existing and not overwrite:
         raise FileExistsError(
             "refusing to overwrite existing key material (pass overwrite=True / --overwrite "
@@ -339,12 +364,9 @@ def add_site_keys(
             f"{ca_cert} not found: create the federation first (make_federation / fedskin deploy)"
         )
     planned = _plan(out_dir, list(sites)).sites
-    clash = [
-        str(p)
-        for k in planned.values()
-        for p in (k.private_key, k.public_key, k.ca_cert)
-        if p.exists()
-    ]
+    outputs = [p for k in planned.values() for p in (k.private_key, k.public_key, k.ca_cert)]
+    _refuse_links(out_dir, outputs)
+    clash = [str(p) for p in outputs if os.path.lexists(p)]
     if clash and not overwrite:
         raise FileExistsError(
             f"refusing to overwrite existing site keys (pass overwrite=True): {clash}"

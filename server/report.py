@@ -42,7 +42,8 @@ def history_frame(rounds: list[dict[str, Any]]) -> pd.DataFrame:
             "val_mean_site_balanced_accuracy": r["validation"].get("mean_site_balanced_accuracy"),
             "sites_trained": len(r.get("train", {})),
         }
-        losses = [m.get("train_loss", float("nan")) for m in r.get("train", {}).values()]
+        # Sites under sample-level DP publish no train loss (client/client_app.py)
+        losses = [m["train_loss"] for m in r.get("train", {}).values() if "train_loss" in m]
         row["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
         for site, m in r["validation"]["sites"].items():
             row[f"val_bacc[{site}]"] = m.get("balanced_accuracy")

@@ -118,7 +118,9 @@ def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) ->
 
         source = load_source(*resolve_source(cfg))
     key = "-".join(str(cfg.get(k, "")) for k in _MANIFEST_KEYS).replace(",", "+")
-    out = cache_dir(cfg) / "manifests" / f"{source.fingerprint}-{key}.csv"
+    from common.siteconfig import confined  # config values are in the name: stay inside
+
+    out = confined(cache_dir(cfg) / "manifests", f"{source.fingerprint}-{key}.csv")
     if not out.is_file():
         manifest = partition(
             source.meta,

@@ -1,0 +1,191 @@
+"""What a site decides for itself, whatever the server's messages or the run config say.
+
+A site's ClientApp sees three layers of settings: the run config (written by whoever starts
+the run), the SuperNode's ``--node-config`` (written by the hospital) and the per-message
+config the server sends with every query, train and evaluate message. Keys that describe the
+site's data, its privacy budget, its state directory and its identity (:data:`SITE_KEYS`)
+come only from the node config, or where the node config is silent from the run config's
+defaults; a message that names one of them is ignored for that key, with a warning naming it.
+Two rules make the server able to ask for *less* exposure but never more:
+
+* ``dp`` is on when the node config or the run config turns it on (a site cannot be talked
+  out of DP); a site's own ``target-epsilon`` can be lowered by the run config, never raised;
+* evaluation runs on ``validation`` or ``test`` only (:func:`eval_split`): scores on the
+  train split would publish what DP-SGD protects, without its noise.
+
+In a real deployment (not ``fedskin simulate``: Flower's simulation gives every node a
+``partition-id`` and ``num-partitions``) the paths a site reads and writes
+(:data:`PATH_KEYS`) come from its node config only, and ``dp=true`` needs a ``state-dir``
+there, so that a restarted SuperNode still knows the budget it spent (:func:`require_state_dir`).
+Paths are resolved, folders the site writes to may not go up with ``..``, and names joined
+onto them (site, run tag) must stay inside (:func:`confined`). Each refusal is a
+:class:`SiteConfigError` whose message is one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.data.schema import DataError
+from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
+from common.data.site_data import DATA_KEYS
+
+log = logging.getLogger("fedskin")
+
+# Where the site's data is (DATA_KEYS) and how its manifest is derived (MANIFEST_KEYS): both
+# from common/data/site_data.py.
+IDENTITY_KEYS = ("partition-id", "num-partitions")
+DP_KEYS = ("dp", "target-epsilon", "target-delta", "noise-multiplier", "max-grad-norm")
+SITE_KEYS = frozenset((*DATA_KEYS, *MANIFEST_KEYS, *IDENTITY_KEYS, *DP_KEYS))
+# Folders and files at the site: a deployed site names them itself, in its node config.
+PATH_KEYS = ("data-path", "manifest", "cache-dir", "state-dir")
+WRITTEN_DIRS = ("cache-dir", "state-dir")  # the site writes below these
+EVAL_SPLITS = ("validation", "test")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+class SiteConfigError(DataError):
+    """A setting the site refuses; the message is one line."""
+
+
+def is_simulation(node_config: Mapping[str, Any]) -> bool:
+    """Flower's simulation gives each node ``partition-id`` and ``num-partitions``."""
+    return "partition-id" in node_config and "num-partitions" in node_config
+
+
+def _given(cfg: Mapping[str, Any], key: str) -> bool:
+    return key in cfg and cfg[key] is not None and cfg[key] != ""
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def site_config(
+    run_config: Mapping[str, Any],
+    node_config: Mapping[str, Any],
+    message_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings a site acts on: run config, the site's node config, the server's message.
+
+    The node config wins for :data:`SITE_KEYS`; the message may set anything else (the round,
+    the split, FedProx's mu, the run tag) but none of :data:`SITE_KEYS`. Paths are checked
+    and resolved (:func:`check_paths`).
+    """
+    cfg = dict(run_config)
+    deployed = not is_simulation(node_config)
+    if deployed:  # a deployed site's folders are its own: never chosen by the run config
+        for key in PATH_KEYS:
+            if _given(cfg, key) and not _given(node_config, key):
+                log.warning(
+                    "site: ignored the run config's %s=%r: a site's paths come from its "
+                    "--node-config",
+                    key,
+                    cfg[key],
+                )
+            cfg[key] = ""
+    run_dp, run_eps = _flag(cfg.get("dp", False)), float(cfg.get("target-epsilon", 0) or 0)
+    for key in SITE_KEYS:
+        if _given(node_config, key):
+            cfg[key] = node_config[key]
+    # The server may ask for more privacy, never less: DP if either side asks for it, and
+    # the smaller of two positive budgets.
+    cfg["dp"] = run_dp or _flag(cfg.get("dp", False))
+    if _given(node_config, "target-epsilon") and run_eps > 0:
+        site_eps = float(node_config["target-epsilon"])
+        if site_eps <= 0 or run_eps < site_eps:
+            cfg["target-epsilon"] = run_eps if site_eps > 0 else site_eps
+    for key, value in (message_config or {}).items():
+        if key in SITE_KEYS:
+            if str(value) != str(cfg.get(key, "")):
+                log.warning(
+                    "site: ignored the server's %s=%r: the site's own setting (%r) stays",
+                    key,
+                    value,
+                    cfg.get(key, ""),
+                )
+            continue
+        cfg[key] = value
+    return check_paths(cfg)
+
+
+def check_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the path keys in place; a folder the site writes to may not contain ``..``."""
+    for key in PATH_KEYS:
+        value = str(cfg.get(key, "") or "")
+        if not value:
+            continue
+        if key in WRITTEN_DIRS and ".." in Path(value).parts:
+            raise SiteConfigError(
+                f"{key}={value!r}: must not contain '..' (name the folder itself)"
+            )
+        cfg[key] = str(Path(value).expanduser().resolve())
+    return cfg
+
+
+def safe_name(value: Any, what: str) -> str:
+    """A file-name part (site name, run tag): no separators, no '..', nothing hidden."""
+    name = str(value)
+    if (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in ("/", "\\", "\0"))
+    ):
+        raise SiteConfigError(f"{what}={name!r}: not allowed in a file name")
+    return name
+
+
+def run_tag(value: Any) -> str:
+    """The run's tag (the server makes it: 12 hex digits), as a file-name part."""
+    tag = str(value)
+    if not _TAG.match(tag) or ".." in tag:
+        raise SiteConfigError(
+            f"run-tag={tag!r}: must be 1-64 letters, digits, '_', '-' or '.', without '..'"
+        )
+    return tag
+
+
+def confined(folder: str | Path, name: str) -> Path:
+    """``folder / name``, refused unless it resolves to an entry directly in ``folder``."""
+    base = Path(folder).expanduser().resolve()
+    path = (base / name).resolve()
+    if path.parent != base:
+        raise SiteConfigError(f"{name!r} would leave the folder {base}")
+    return path
+
+
+def eval_split(cfg: Mapping[str, Any]) -> str:
+    """The split the server asks a site to score: validation or test, never train."""
+    split = str(cfg.get("split", "validation"))
+    if split not in EVAL_SPLITS:
+        log.warning("site: refused the server's split=%r", split)
+        raise SiteConfigError(
+            f"split={split!r}: a site evaluates on {' or '.join(EVAL_SPLITS)} only"
+        )
+    return split
+
+
+def require_run_dp(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> None:
+    """A site that keeps DP on refuses a run whose model is built without it."""
+    if _flag(cfg.get("dp", False)) and not _flag(run_config.get("dp", False)):
+        raise SiteConfigError(
+            "dp=true at this site (its --node-config) but the run is configured without "
+            "sample-level DP (dp=false): refusing to train or score its model"
+        )
+
+
+def require_state_dir(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+    """A deployed site under DP keeps its accountant on disk, or does not train."""
+    if _flag(cfg.get("dp", False)) and not is_simulation(node_config) and not cfg.get("state-dir"):
+        site = node_config.get("site", "") or "this site"
+        raise SiteConfigError(
+            f"{site}: dp=true needs state-dir in the site's --node-config (where its privacy "
+            "accountant survives a restart); refusing to train"
+        )

@@ -1,0 +1,369 @@
+"""A site keeps control of its own data and privacy budget, whatever the server sends.
+
+The real ClientApp handlers (``client/client_app.py``) are driven with real Flower
+``Message`` and ``Context`` objects, as a SuperNode would call them: a deployed site
+(``--node-config`` naming its files, no ``partition-id``) on its own images and manifest.
+A fresh ``Context`` stands for a restarted SuperNode (Flower keeps ``context.state`` in
+memory only), so the restart test is at this level rather than with real processes: a real
+restart of a DP run would add minutes to the deployment suite.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client import client_app
+from client.client_app import TRAIN_KEYS, TRAIN_KEYS_DP
+from common.models import model_for_run
+from common.siteconfig import (
+    SiteConfigError,
+    confined,
+    require_state_dir,
+    run_tag,
+    safe_name,
+    site_config,
+)
+from simulations.runner import default_config
+
+SITES = ["hospital-a", "hospital-b"]
+RUN = {
+    "model": "test_efficientnet",
+    "image-size": 16,
+    "batch-size": 16,
+    "local-steps": 2,
+    "augment": False,
+    "amp": False,
+    "channels-last": False,
+    "loss": "ce",
+    "data-format": "ham-dataverse",
+    "num-server-rounds": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def sites(synth_ham_dataverse: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two hospitals' manifests over the shared synthetic HAM10000 folder."""
+    from common.data.partition import partition, write_manifest
+    from common.data.sources import load_source
+
+    root = tmp_path_factory.mktemp("sites")
+    source = load_source("ham-dataverse", synth_ham_dataverse)
+    manifest = partition(source.meta, "iid", classes=source.classes, num_sites=2, seed=0)
+    out = {}
+    for name, site in zip(sorted(manifest["site"].astype(str).unique()), SITES, strict=True):
+        part = manifest[manifest["site"].astype(str) == name].copy()
+        part["site"] = site
+        write_manifest(part, root / site / "manifest.csv")
+        out[site] = {"rows": part, "data": synth_ham_dataverse, "root": root / site}
+    return out
+
+
+def node_config(sites: dict, site: str, state: Path | None, **extra: object) -> dict:
+    """What the hospital writes in ``--node-config``."""
+    s = sites[site]
+    cfg = {
+        "site": site,
+        "data-format": "ham-dataverse",
+        "data-path": str(s["data"]),
+        "manifest": str(s["root"] / "manifest.csv"),
+        "cache-dir": str(s["root"] / "cache"),
+    }
+    if state is not None:
+        cfg["state-dir"] = str(state)
+    return {**cfg, **extra}
+
+
+def run_config(**overrides: object) -> dict:
+    return {**default_config(), **RUN, **overrides}
+
+
+def context(node: dict, run: dict) -> Context:
+    """A SuperNode's context for one run; a new one is what a restarted SuperNode has."""
+    return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=run)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Replies take their run from the process' task identity, set by Flower in a run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
+
+
+def global_model(run: dict) -> ArrayRecord:
+    torch.manual_seed(0)
+    model = model_for_run(run, 7, pretrained=False)
+    return ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def message(kind: str, config: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"config": ConfigRecord(config)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    msg = Message(content, dst_node_id=1, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = f"m-{kind}"
+    return msg
+
+
+def metrics_of(reply: Message) -> dict:
+    return dict(reply.content.metric_records["metrics"])
+
+
+# Everything a hostile server might put in its per-round config to take over a site.
+HOSTILE = {
+    "site": "hospital-b",
+    "data-path": "/nonexistent/elsewhere",
+    "manifest": "/nonexistent/manifest.csv",
+    "cache-dir": "/nonexistent/cache",
+    "dp": False,
+    "target-epsilon": 1000.0,
+    "target-delta": 0.5,
+    "noise-multiplier": 0.001,
+    "max-grad-norm": 1000.0,
+    "partition-id": 1,
+    "seed": 99,
+}
+
+
+# ------------------------------------------------------------------ the merge, as a unit
+def test_node_config_wins_and_messages_cannot_touch_site_keys(caplog, tmp_path) -> None:
+    run = {"dp": False, "target-epsilon": 8.0, "lr": 0.1, "state-dir": "/srv/server-picked"}
+    node = {"site": "a", "state-dir": str(tmp_path), "target-epsilon": 4.0}
+    with caplog.at_level(logging.WARNING, logger="fedskin"):
+        cfg = site_config(run, node, {"state-dir": "/tmp/x", "dp": False, "lr": 0.5})
+    assert cfg["state-dir"] == str(tmp_path.resolve()) and cfg["site"] == "a"
+    assert cfg["lr"] == 0.5  # the server's business: training hyperparameters
+    assert cfg["target-epsilon"] == 4.0 and cfg["dp"] is False
+    assert "ignored the server's state-dir='/tmp/x'" in caplog.text
+    # The server may ask for more privacy, never less.
+    assert site_config({"dp": True}, {"site": "a", "dp": False})["dp"] is True
+    assert site_config({"dp": False}, {"site": "a", "dp": True})["dp"] is True
+    assert site_config({"target-epsilon": 2.0}, {"target-epsilon": 4.0})["target-epsilon"] == 2.0
+    assert site_config({"target-epsilon": 9.0}, {"target-epsilon": 4.0})["target-epsilon"] == 4.0
+
+
+def test_deployed_site_paths_never_come_from_the_run_config(caplog, tmp_path) -> None:
+    run = {"state-dir": "/srv/server-picked", "cache-dir": "/srv/c", "data-path": "/srv/d"}
+    with caplog.at_level(logging.WARNING, logger="fedskin"):
+        cfg = site_config(run, {"site": "a"})
+    assert cfg["state-dir"] == cfg["cache-dir"] == cfg["data-path"] == ""
+    assert "ignored the run config's state-dir='/srv/server-picked'" in caplog.text
+    # In simulation the run config is the user's own and names every site's folders.
+    sim = site_config(run, {"partition-id": 0, "num-partitions": 2})
+    assert sim["state-dir"] == "/srv/server-picked"
+
+
+def test_paths_are_confined(tmp_path) -> None:
+    for bad in ("../../../tmp/x", "state/../../x"):
+        with pytest.raises(SiteConfigError, match=r"^state-dir=.*must not contain '\.\.'"):
+            site_config({}, {"site": "a", "state-dir": bad})
+    with pytest.raises(SiteConfigError, match="cache-dir"):
+        site_config({"cache-dir": "x/../../y"}, {"partition-id": 0, "num-partitions": 1})
+    for tag in ("../x", "a/b", "..", "", ".hidden", "x" * 65):
+        with pytest.raises(SiteConfigError, match=r"^run-tag="):
+            run_tag(tag)
+    assert run_tag("3f9a0c1d2e4b") == "3f9a0c1d2e4b"
+    for name in ("../a", "a/b", "..", "a\\b"):
+        with pytest.raises(SiteConfigError):
+            safe_name(name, "site")
+    assert confined(tmp_path, "a-b.json") == tmp_path.resolve() / "a-b.json"
+    with pytest.raises(SiteConfigError, match="would leave"):
+        confined(tmp_path, "../escape.json")
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path.parent / "elsewhere.json")
+    with pytest.raises(SiteConfigError, match="would leave"):
+        confined(tmp_path, "link.json")  # resolved: a link pointing out is refused too
+
+
+def test_derived_manifest_name_stays_in_the_cache(tmp_path, synth_ham_dataverse) -> None:
+    """Run-config values are part of a derived manifest's file name: no '/' may escape."""
+    from common.data.site_data import ensure_manifest
+
+    cfg = {
+        "data-format": "ham-dataverse",
+        "data-path": str(synth_ham_dataverse),
+        "cache-dir": str(tmp_path / "cache"),
+        "scheme": "natural",
+        "institutions": "../../../../escaped",
+    }
+    with pytest.raises(SiteConfigError, match="would leave the folder"):
+        ensure_manifest(cfg)
+    assert not list(tmp_path.parent.rglob("escaped*"))
+
+
+def test_dp_needs_a_state_dir_in_deployment_only() -> None:
+    with pytest.raises(SiteConfigError) as err:
+        require_state_dir({"dp": True, "state-dir": ""}, {"site": "hospital-a"})
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("hospital-a: dp=true needs state-dir")
+    require_state_dir({"dp": True}, {"partition-id": 0, "num-partitions": 4})  # simulation
+    require_state_dir({"dp": False}, {"site": "hospital-a"})
+
+
+# ----------------------------------------------------------------- the real handlers
+@pytest.mark.usefixtures("task_identity")
+def test_query_reports_the_sites_own_data_whatever_the_server_sends(sites, caplog) -> None:
+    node = node_config(sites, "hospital-a", None)
+    with caplog.at_level(logging.WARNING, logger="fedskin"):
+        reply = client_app.query(message(MessageType.QUERY, HOSTILE), context(node, run_config()))
+    info = reply.content.config_records["info"]
+    rows = sites["hospital-a"]["rows"]
+    assert info["site"] == "hospital-a"
+    assert info["n-train"] == int((rows["split"] == "train").sum())
+    for key in ("site", "data-path", "manifest", "cache-dir", "partition-id", "seed"):
+        assert f"ignored the server's {key}=" in caplog.text, key
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_server_cannot_change_dp_settings_or_state_dir(sites, tmp_path, caplog) -> None:
+    """DP stays on at the site's budget, the accountant goes to the site's state-dir, and the
+    reply carries no train loss or accuracy; a restarted SuperNode keeps the spent budget."""
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    node = node_config(sites, "hospital-a", state)
+    run = run_config(dp=True, **{"target-epsilon": 3.0})
+    arrays = global_model(run)
+    sent = {**HOSTILE, "state-dir": str(elsewhere), "run-tag": "run1", "server-round": 1}
+    ctx = context(node, run)
+    with caplog.at_level(logging.WARNING, logger="fedskin"):
+        first = client_app.train(message(MessageType.TRAIN, sent, arrays), ctx)
+    m1 = metrics_of(first)
+    assert set(m1) == TRAIN_KEYS_DP, sorted(m1)
+    assert "train_loss" not in m1 and "train_accuracy" not in m1
+    assert 0 < m1["epsilon"] <= 3.0 and m1["dp-budget-exhausted"] == 0
+    assert m1["noise_multiplier"] > 0.1  # calibrated to the site's 3.0, not the server's 0.001
+    n_train = int((sites["hospital-a"]["rows"]["split"] == "train").sum())
+    assert m1["delta"] == pytest.approx(1 / (10 * n_train))  # not the server's 0.5
+    assert (state / "hospital-a-run1-privacy.json").is_file()
+    assert not elsewhere.exists()
+    for key in ("state-dir", "dp", "target-epsilon", "noise-multiplier", "max-grad-norm"):
+        assert f"ignored the server's {key}=" in caplog.text, key
+
+    # Round 2 in a restarted SuperNode: a new Context, nothing in memory. The accountant
+    # comes back from state-dir: epsilon continues from round 1 and the budget is spent.
+    sent["server-round"] = 2
+    second = client_app.train(message(MessageType.TRAIN, sent, arrays), context(node, run))
+    m2 = metrics_of(second)
+    assert m2["epsilon"] > m1["epsilon"] and m2["dp-budget-exhausted"] == 0
+    sent["server-round"] = 3  # beyond the 2 planned rounds: over budget, after a restart too
+    third = client_app.train(message(MessageType.TRAIN, sent, arrays), context(node, run))
+    m3 = metrics_of(third)
+    assert m3["dp-budget-exhausted"] == 1 and m3["num-examples"] == 0
+    assert m3["epsilon"] == pytest.approx(m2["epsilon"])
+    assert set(m3) == TRAIN_KEYS_DP  # the same keys as a round that trained
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_without_dp_the_train_metrics_include_loss_and_accuracy(sites) -> None:
+    run = run_config()
+    node = node_config(sites, "hospital-b", None)
+    msg = message(MessageType.TRAIN, {"server-round": 1, "run-tag": "r"}, global_model(run))
+    reply = client_app.train(msg, context(node, run))
+    assert set(metrics_of(reply)) == TRAIN_KEYS
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_deployed_site_with_dp_and_no_state_dir_refuses_to_train(sites, caplog) -> None:
+    run = run_config(dp=True, **{"state-dir": "/srv/server-picked"})  # not the site's choice
+    node = node_config(sites, "hospital-a", None)
+    msg = message(MessageType.TRAIN, {"server-round": 1, "run-tag": "r"}, global_model(run))
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        with pytest.raises(SiteConfigError, match="dp=true needs state-dir") as err:
+            client_app.train(msg, context(node, run))
+    assert "\n" not in str(err.value)
+    assert "site refuses: hospital-a: dp=true needs state-dir" in caplog.text
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_site_pinned_dp_refuses_a_run_without_dp(sites, tmp_path) -> None:
+    run = run_config(dp=False)
+    node = node_config(sites, "hospital-a", tmp_path, dp=True)
+    msg = message(MessageType.TRAIN, {"server-round": 1, "run-tag": "r"}, global_model(run))
+    with pytest.raises(SiteConfigError, match="configured without sample-level DP"):
+        client_app.train(msg, context(node, run))
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("tag", ["../../escaped", "a/b"])
+def test_run_tag_cannot_write_outside_state_dir(sites, tmp_path, tag) -> None:
+    state = tmp_path / "site" / "state"
+    run = run_config(dp=True)
+    node = node_config(sites, "hospital-a", state)
+    msg = message(MessageType.TRAIN, {"server-round": 1, "run-tag": tag}, global_model(run))
+    with pytest.raises(SiteConfigError, match=r"^run-tag="):
+        client_app.train(msg, context(node, run))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_evaluation_only_on_validation_or_test(sites, caplog) -> None:
+    run = run_config()
+    node = node_config(sites, "hospital-a", None)
+    arrays = global_model(run)
+    rows = sites["hospital-a"]["rows"]
+    for split in ("validation", "test"):
+        msg = message(MessageType.EVALUATE, {"split": split, "server-round": 1}, arrays)
+        reply = client_app.evaluate(msg, context(node, run))
+        assert metrics_of(reply)["num-examples"] == int((rows["split"] == split).sum())
+    with caplog.at_level(logging.WARNING, logger="fedskin"):
+        for split in ("train", "../train", ""):
+            msg = message(MessageType.EVALUATE, {"split": split, "server-round": 1}, arrays)
+            with pytest.raises(SiteConfigError, match=r"^split=.*validation or test only$"):
+                client_app.evaluate(msg, context(node, run))
+    assert "refused the server's split='train'" in caplog.text
+
+
+# ----------------------------------------------------------------------- fedskin deploy
+@pytest.mark.parametrize("where", ["ca/ca.key", "sites/a/supernode.key", "sites/a"])
+def test_deploy_refuses_symlinks_at_output_paths(tmp_path, where) -> None:
+    from server.deploy import make_federation
+
+    out, outside = tmp_path / "keys", tmp_path / "outside"
+    outside.mkdir()
+    link = out / where
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside / "planted")  # dangling: exists() is False, lexists() True
+    with pytest.raises(ValueError, match=r"^refusing to write through a symbolic link: "):
+        make_federation(out, sites=["a"], days=1)
+    with pytest.raises(ValueError, match="symbolic link"):
+        make_federation(out, sites=["a"], days=1, overwrite=True)
+    assert not list(outside.iterdir())
+    assert not [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def test_deploy_cli_symlink_is_one_line(tmp_path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from server.deploy import deploy_cli
+
+    app = typer.Typer()
+    app.command()(deploy_cli)
+    out = tmp_path / "keys"
+    (out / "superlink").mkdir(parents=True)
+    (out / "superlink" / "server.key").symlink_to(tmp_path / "stolen.key")
+    res = CliRunner().invoke(app, [str(out), "--site", "a"], env={"COLUMNS": "300"})
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "refusing to write through a symbolic link" in lines[0], lines
+    assert not (tmp_path / "stolen.key").exists()
+
+
+def test_deploy_overwrite_replaces_files_with_fresh_0600_keys(tmp_path) -> None:
+    from server.deploy import make_federation
+
+    out = tmp_path / "keys"
+    first = make_federation(out, sites=["a"], days=1)
+    os.chmod(first.sites["a"].private_key, 0o644)
+    old = first.sites["a"].private_key.read_bytes()
+    again = make_federation(out, sites=["a"], days=1, overwrite=True)
+    key = again.sites["a"].private_key
+    assert key.read_bytes() != old and (key.stat().st_mode & 0o777) == 0o600
+    assert not list(out.rglob(".*.tmp-*"))  # no temporary file left behind
