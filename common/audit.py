@@ -23,10 +23,8 @@ the ROC AUC is not skewed by the class ratio and 0.5 means "no better than guess
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from common.data.schema import DataError
+from common.rundir import RunDir, atomic_savefig, atomic_write_json, load_checkpoint, read_toml
 
 log = logging.getLogger("fedskin")
 
@@ -295,22 +294,18 @@ def audit_run(
     from common.train import pick_device
 
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
+    paths = RunDir(run_dir)
+    cfg_path = paths.config
     if not cfg_path.is_file():
         raise DataError(f"{cfg_path}: not found; is {run_dir} a run directory?")
-    with open(cfg_path, "rb") as f:
-        cfg = tomllib.load(f)
+    cfg = read_toml(cfg_path)  # malformed: one line naming the file
     ckpt = next(
-        (
-            run_dir / "checkpoints" / f"{n}.pt"
-            for n in ("best", "last")
-            if (run_dir / "checkpoints" / f"{n}.pt").is_file()
-        ),
+        (paths.checkpoint(n) for n in ("best", "last") if paths.checkpoint(n).is_file()),
         None,
     )
     if ckpt is None:
-        raise DataError(f"{run_dir / 'checkpoints'}: no best.pt or last.pt to audit")
-    manifest_path = run_dir / "manifest.csv"
+        raise DataError(f"{paths.checkpoints}: no best.pt or last.pt to audit")
+    manifest_path = paths.manifest
     if manifest_path.is_file():
         cfg["manifest"] = str(manifest_path.resolve())
     sites = [
@@ -319,7 +314,7 @@ def audit_run(
     ]
     classes = sites[0].classes
     model = model_for_run(cfg, len(classes), pretrained=False)
-    set_weights(model, torch.load(ckpt, weights_only=False)["arrays"])
+    set_weights(model, load_checkpoint(ckpt)["arrays"])  # weights only: no code runs
     if reference is None:
         reference = bool(cfg.get("audit-reference", True))
     seed = int(cfg.get("seed", 0)) if seed is None else seed
@@ -339,8 +334,8 @@ def audit_run(
         "fpr_grid": [float(f) for f in FPR_GRID],
         "sites": per_site,
     }
-    (run_dir / "audit.json").write_text(json.dumps(_json_safe(report), indent=1))
-    plot_audit(per_site, run_dir / "audit.png", title=f"Membership inference: {run_dir.name}")
+    atomic_write_json(paths.audit_json, _json_safe(report), indent=1)
+    plot_audit(per_site, paths.audit_png, title=f"Membership inference: {run_dir.name}")
     return report
 
 
@@ -382,5 +377,5 @@ def plot_audit(per_site: Mapping[str, Mapping[str, Any]], path: Path, title: str
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)

@@ -121,6 +121,7 @@ class RunConfig:
     min_nodes: int = _rule(ge=1)
     wait_for_nodes: float = _rule(ge=0)
     resume: bool = _rule()
+    force_resume: bool = _rule()  # common/rundir.py: resume despite a changed config
     out_dir: str = _rule()
     run_name: str = _rule(nonempty=True)
     # sample-level DP (Opacus)

@@ -7,7 +7,6 @@ and adds those, so the same loop serves simulation and a real deployment.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -24,6 +23,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.fedmetrics import pooled_confusion, pooled_metrics
+from common.rundir import (
+    RunDir,
+    atomic_write_json,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from common.wire import layout_of, pack, unpack
 from server.report import write_outputs
 from server.strategies import (
@@ -157,7 +163,9 @@ class Federation:
         self.sites: dict[int, SiteInfo] = {}
         # What the sites sent, by message type and record: names and keys, never values.
         self.received: dict[str, dict[str, Any]] = {}
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.paths = RunDir(run_dir)  # every file of the run directory (common/rundir.py)
+        self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._resumed: dict[str, Any] | None = None  # the checkpoint a resumed run started from
 
     def _exchange(
         self, messages: list[Message], what: str = ""
@@ -200,10 +208,7 @@ class Federation:
 
     def _write_network(self) -> None:
         """network.json: every record name and key that crossed the network to the server."""
-        path = self.run_dir / "network.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.received, indent=1, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_json(self.paths.network, self.received, indent=1, sort_keys=True)
 
     # ------------------------------------------------------------------ discovery
     def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
@@ -256,8 +261,8 @@ class Federation:
     def run(self, initial: dict[str, torch.Tensor], num_rounds: int, resume: bool) -> dict:
         state, arrays = self._start(initial, resume)
         strategy = make_strategy(self.cfg, len(self.sample(1)), len(self.sites))
-        if resume and (self.run_dir / "checkpoints" / "last.pt").is_file():
-            load_strategy_state(strategy, self._checkpoint("last")["strategy"])
+        if self._resumed is not None:
+            load_strategy_state(strategy, self._resumed["strategy"])
         for server_round in range(state.round + 1, num_rounds + 1):
             t0 = time.time()
             record: dict[str, Any] = {"round": server_round}
@@ -301,9 +306,12 @@ class Federation:
     def _start(
         self, initial: dict[str, torch.Tensor], resume: bool
     ) -> tuple[LoopState, ArrayRecord]:
-        last = self.run_dir / "checkpoints" / "last.pt"
-        if resume and last.is_file():
-            ck = self._checkpoint("last")
+        last = self.paths.checkpoint("last")
+        # weights only (no code runs from the file); a changed config is refused unless forced
+        force = bool(self.cfg.get("force-resume"))
+        ck = resume_checkpoint(self.run_dir, self.cfg, force) if resume else None
+        if ck is not None:
+            self._resumed = ck
             st = LoopState(**ck["state"])
             log.info("resuming after round %d from %s", st.round, last)
             return st, ArrayRecord(ck["arrays"])
@@ -448,20 +456,16 @@ class Federation:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:
-        path = self.run_dir / "checkpoints" / f"{name}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "arrays": {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
-                "state": state.__dict__,
-                "strategy": strategy_state(strategy),
-            },
-            tmp,
+        save_checkpoint(  # atomic: a crash mid-write never corrupts the last checkpoint
+            self.paths.checkpoint(name),
+            {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
+            state.__dict__,
+            strategy_state(strategy),
+            self.cfg,
         )
-        tmp.replace(path)  # atomic: a crash mid-write never corrupts the last checkpoint
 
     def _checkpoint(self, name: str) -> dict[str, Any]:
-        return torch.load(self.run_dir / "checkpoints" / f"{name}.pt", weights_only=False)
+        return load_checkpoint(self.paths.checkpoint(name))  # weights only: no code runs
 
     def _load_arrays(self, name: str) -> ArrayRecord:
         return ArrayRecord(self._checkpoint(name)["arrays"])

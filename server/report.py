@@ -21,11 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+from common.rundir import RunDir, atomic_savefig, atomic_write_text  # noqa: E402
 
 
 def history_frame(rounds: list[dict[str, Any]]) -> pd.DataFrame:
@@ -72,15 +68,16 @@ def write_outputs(
     metrics = {"config": cfg, "classes": classes, "rounds": rounds, "best_round": best_round}
     if test is not None:
         metrics["test"] = test
-    _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=_json_default))
+    paths = RunDir(run_dir)
+    atomic_write_text(paths.metrics, json.dumps(metrics, indent=1, default=_json_default))
     hist = history_frame(rounds)
-    _atomic_write(run_dir / "history.csv", hist.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(paths.history, hist.to_csv(index=False, float_format="%.6g"))
     if plots and len(hist):
-        plot_learning_curves(hist, run_dir / "learning_curves.png")
+        plot_learning_curves(hist, paths.learning_curves)
     if test is not None:
         if plots:
-            plot_confusion(np.asarray(test["confusion"]), classes, run_dir / "confusion_test.png")
-        _atomic_write(run_dir / "report.md", markdown_report(cfg, hist, test, classes))
+            plot_confusion(np.asarray(test["confusion"]), classes, paths.confusion)
+        atomic_write_text(paths.report, markdown_report(cfg, hist, test, classes))
 
 
 def redraw_plots(run_dir: Path) -> list[Path]:
@@ -88,14 +85,15 @@ def redraw_plots(run_dir: Path) -> list[Path]:
 
     Returns the files written.
     """
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    paths = RunDir(run_dir)
+    metrics = json.loads(paths.metrics.read_text())
     written: list[Path] = []
     hist = history_frame(metrics["rounds"])
     if len(hist):
-        plot_learning_curves(hist, Path(run_dir) / "learning_curves.png")
-        written.append(Path(run_dir) / "learning_curves.png")
+        plot_learning_curves(hist, paths.learning_curves)
+        written.append(paths.learning_curves)
     if "test" in metrics:
-        path = Path(run_dir) / "confusion_test.png"
+        path = paths.confusion
         plot_confusion(np.asarray(metrics["test"]["confusion"]), metrics["classes"], path)
         written.append(path)
     return written
@@ -132,7 +130,7 @@ def plot_learning_curves(hist: pd.DataFrame, path: Path) -> None:
         ax2.set_ylabel("cumulative ε per site")
         ax2.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -160,7 +158,7 @@ def plot_confusion(
             )
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -7,7 +7,6 @@ Deployment Engine (a TLS SuperLink with real SuperNodes at the sites).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,18 +14,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig
+from common.data.schema import DataError
 from common.data.site_data import classes_for
 from common.models import get_weights, model_for_run
 from common.personal import personalize_mode
+from common.rundir import resume_checkpoint, run_dir_for
 from server.loop import Federation
 
 log = logging.getLogger("fedskin")
 app = ServerApp()
-
-
-def run_dir_for(cfg: dict[str, Any]) -> Path:
-    out = str(cfg.get("out-dir", ""))
-    return Path(out).expanduser() if out else Path("runs") / str(cfg.get("run-name", "default"))
 
 
 def initial_weights(cfg: dict[str, Any], num_classes: int) -> dict[str, torch.Tensor]:
@@ -50,6 +46,12 @@ def main(grid: Grid, context: Context) -> None:
     personalize_mode(cfg)  # an unknown value, or ditto/finetune under dp=true: fail now
     classes = classes_for(run.data_format)
     run_dir = run_dir_for(cfg)
+    if run.resume:  # a planted, truncated or differently configured checkpoint: before any
+        try:  # site is contacted, with one line (common/rundir.py)
+            resume_checkpoint(run_dir, cfg, run.force_resume)
+        except DataError as err:
+            log.error("cannot resume: %s", err)
+            raise
     fed = Federation(grid, cfg, run_dir, classes)
     sites = fed.discover(expected=run.min_nodes, wait=run.wait_for_nodes)
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))

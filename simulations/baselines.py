@@ -10,7 +10,6 @@ validation, as the federation keeps its best round.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from common.data.partition import read_manifest
 from common.data.site_data import SiteData, load_site, site_names
 from common.metrics import compute_metrics
 from common.models import build_model
+from common.rundir import atomic_write_json, atomic_write_text
 from common.train import TrainConfig, pick_device, predict, train_local
 
 console = Console()
@@ -150,9 +150,9 @@ def compare(
     table = table[
         ["method", *sorted(c for c in table.columns if c not in ("method", "mean")), "mean"]
     ]
-    table.to_csv(out / "comparison.csv", index=False, float_format="%.4f")
-    (out / "comparison.md").write_text(_markdown(table))
-    (out / "comparison.json").write_text(json.dumps(table.to_dict(orient="records"), indent=1))
+    atomic_write_text(out / "comparison.csv", table.to_csv(index=False, float_format="%.4f"))
+    atomic_write_text(out / "comparison.md", _markdown(table))
+    atomic_write_json(out / "comparison.json", table.to_dict(orient="records"), indent=1)
     console.print(comparison_table(table))
     return table
 

@@ -45,6 +45,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from common.rundir import RunDir, atomic_torch_save, atomic_write_json, read_checkpoint
+
 NUM_CLASSES = 7  # HAM10000's classes
 SECTION_NAMES = {1: "train", 2: "pipeline", 3: "round", 4: "dp", 5: "scaling"}
 DP_MODES = ["hooks", "functorch", "ghost"]
@@ -713,15 +715,14 @@ def bench_server_writes(run_dir: Path, metrics: dict[str, Any], repeats: int) ->
     """
     from server.report import write_outputs
 
-    scratch = run_dir / "bench-writes"
+    paths = RunDir(run_dir)
+    scratch = paths.bench_writes
     args = (metrics["config"], metrics["classes"], metrics["rounds"], None, metrics["best_round"])
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() else None
+    ckpt_path = paths.checkpoint("last")
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path.is_file() else None  # weights only
 
-    def save_checkpoint() -> None:
-        tmp = scratch / "last.tmp"
-        torch.save(ckpt, tmp)
-        tmp.replace(scratch / "last.pt")
+    def save_checkpoint() -> None:  # as the loop does: atomically (common/rundir.py)
+        atomic_torch_save(scratch / "last.pt", ckpt)
 
     cpu = torch.device("cpu")
     write_outputs(scratch, *args, plots=True)  # warm-up: matplotlib's first figure
@@ -1112,8 +1113,7 @@ def bench_cli(
     )
     results, tables = run_bench(s, picked)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+        atomic_write_json(out, results, indent=2)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         with markdown.open("a") as f:

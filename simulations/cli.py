@@ -54,7 +54,19 @@ def simulate(
         str | None, typer.Option("--run-config", help="overrides: \"key=value key2='text'\"")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue from the last checkpoint (refused if the config changes the result)"
+        ),
+    ] = False,
+    force_resume: Annotated[
+        bool,
+        typer.Option(
+            "--force-resume",
+            help="resume even though the config differs from the checkpoint's",
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="debug logging, Flower's included")
     ] = False,
@@ -63,7 +75,7 @@ def simulate(
     from simulations.runner import simulate as run
 
     try:
-        run(config, run_config, out, resume=resume, verbose=verbose)
+        run(config, run_config, out, resume=resume, verbose=verbose, force_resume=force_resume)
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err

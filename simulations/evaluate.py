@@ -9,17 +9,22 @@ supported on-disk format as long as it has the same classes. Outputs (``metrics.
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
-import re
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from common.data.schema import DataError
+from common.rundir import (
+    METRICS,
+    REPORT,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    read_checkpoint,
+    read_toml,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,56 +44,24 @@ def run_config_of(checkpoint: Path) -> dict[str, Any]:
     """The resolved run config written beside ``checkpoints/`` (``RUN/config.toml``)."""
     if not checkpoint.is_file():
         raise DataError(f"checkpoint not found: {checkpoint}")
-    path = checkpoint.resolve().parent.parent / "config.toml"
+    path = RunDir(checkpoint.resolve().parent.parent).config
     if not path.is_file():
         raise DataError(
             f"run config not found: {path} (the checkpoint must lie in RUN/checkpoints/ "
             "of the run directory that holds config.toml)"
         )
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot parse run config {path}: {err}") from err
-
-
-def _numpy_globals() -> list[Any]:
-    """What torch's weights-only unpickler needs to rebuild plain numpy arrays and scalars."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type)]
-    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+    return read_toml(path, "run config")  # malformed: one line naming the file
 
 
 def load_checkpoint(path: Path, console: Console | None = None) -> dict[str, Any]:
-    """A checkpoint dict, read without running code from the file whenever possible.
+    """A checkpoint dict, read with ``torch.load(..., weights_only=True)`` (common/rundir.py).
 
-    ``server/loop.py`` saves tensors ("arrays") plus plain Python state, which the
-    weights-only unpickler reads; FedAdam/FedYogi runs add numpy moments to "strategy",
-    which it reads once numpy's array types are allowed. Only a file holding other objects
-    is unpickled in full, with a warning, since that can run code stored in the file.
+    ``server/loop.py`` saves tensors ("arrays") plus plain Python state; older FedAdam/FedYogi
+    checkpoints add plain numpy moments, which are read too. A file holding any other object
+    is refused with one line naming it: nothing stored in a checkpoint ever runs. ``console``
+    is accepted for compatibility and unused.
     """
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except (RuntimeError, OSError, EOFError) as err:
-        raise DataError(f"cannot read checkpoint {path}: {err}") from err
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
-        reason = f"e.g. {found[0]}" if found else "non-tensor objects"
-    if console is not None:
-        console.print(
-            f"[yellow]warning: {path} holds objects the weights-only loader refuses "
-            f"({reason}); loading it with full unpickling, which can run code stored in "
-            "the file: evaluate only checkpoints you trust"
-        )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint(path)
 
 
 def model_from_checkpoint(
@@ -253,13 +226,13 @@ def write_results(out: Path, metrics: dict[str, Any]) -> list[Path]:
     from server.report import plot_confusion
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_json(out / METRICS, metrics, indent=1)
     title = f"External validation on {metrics.get('data_format', 'external data')}"
     plot_confusion(
         np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png", title
     )
-    (out / "report.md").write_text(markdown(metrics))
-    return [out / "metrics.json", out / "confusion.png", out / "report.md"]
+    atomic_write_text(out / REPORT, markdown(metrics))
+    return [out / METRICS, out / "confusion.png", out / REPORT]
 
 
 def print_table(console: Console, metrics: dict[str, Any], out: Path) -> None:
@@ -323,7 +296,7 @@ def evaluate_checkpoint(
         "skipped": source.report.n_skipped(),
     }
     metrics = summarize(labels, probs, classes, info)
-    out = Path(out) if out else checkpoint.resolve().parent.parent / "external" / data_format
+    out = Path(out) if out else RunDir(checkpoint.resolve().parent.parent).external(data_format)
     write_results(out, metrics)
     if console is not None:
         print_table(console, metrics, out)

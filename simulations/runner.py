@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,14 @@ from rich.logging import RichHandler
 
 from common.config import ConfigError, RunConfig, check_keys
 from common.data.schema import DataError
+from common.rundir import (
+    RunDir,
+    atomic_copy,
+    atomic_write_text,
+    read_toml,
+    resume_checkpoint,
+    run_dir_for,
+)
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -63,8 +70,7 @@ def resolve_config(
                 path = known
         if not path.is_file():
             raise DataError(f"config file not found: {config_path}")
-        with open(path, "rb") as f:
-            layers.append((str(path), tomllib.load(f)))
+        layers.append((str(path), read_toml(path)))  # malformed: one line naming the file
         cfg["run-name"] = path.stem
     if overrides:
         parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
@@ -107,11 +113,14 @@ def simulate(
     resume: bool = False,
     verbose: bool = False,
     client_app: str | None = None,
+    force_resume: bool = False,
 ) -> dict[str, Any]:
     """Run one experiment end to end; returns the final metrics (also in the run dir).
 
     ``client_app`` ("module:attr", importable from the project root) swaps the ClientApp,
-    which tests use to inject failing sites.
+    which tests use to inject failing sites. ``resume`` continues from the run directory's
+    last checkpoint, refused (one line with the difference) when the config changes the
+    result (common/rundir.py); ``force_resume`` resumes even then.
     """
     _setup_logging(verbose)
     cfg = resolve_config(config_path, overrides)
@@ -130,33 +139,36 @@ def simulate(
             raise DataError(str(err).splitlines()[0]) from None
     if out:
         cfg["out-dir"] = str(out)
-    if not cfg["out-dir"]:
-        cfg["out-dir"] = str(Path("runs") / str(cfg["run-name"]))
-    run_dir = Path(cfg["out-dir"]).expanduser().resolve()
+    run_dir = run_dir_for(cfg).expanduser().resolve()  # out-dir, or runs/<run-name>
+    paths = RunDir(run_dir)
     cfg["out-dir"] = str(run_dir)
-    if resume:
+    if resume or force_resume:
         cfg["resume"] = True
-    if run_dir.exists() and not cfg["resume"] and (run_dir / "metrics.json").exists():
+    if force_resume:
+        cfg["force-resume"] = True
+    if run_dir.exists() and not cfg["resume"] and paths.metrics.exists():
         console.print(f"[yellow]{run_dir} holds an earlier run; its results will be replaced")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg["state-dir"]:
-        cfg["state-dir"] = str(run_dir / "site-state")
+        cfg["state-dir"] = str(paths.site_state)
 
     t0 = time.time()
     resolved = prepare_data(cfg)
     n_sites = resolved.pop("num-sites-found")
     cfg.update(resolved)
     cfg["min-nodes"] = n_sites
-    shutil.copy(cfg["manifest"], run_dir / "manifest.csv")
-    (run_dir / "config.toml").write_text(tomli_w.dumps(cfg))
+    if cfg["resume"]:  # a planted, truncated or differently configured checkpoint: here
+        resume_checkpoint(run_dir, cfg, bool(cfg["force-resume"]))
+    atomic_copy(cfg["manifest"], paths.manifest)
+    atomic_write_text(paths.config, tomli_w.dumps(cfg))
     console.print(
         f"[bold]{cfg['run-name']}[/]: {n_sites} sites, strategy {cfg['strategy']}, model "
         f"{cfg['model']} at {cfg['image-size']} px, {cfg['num-server-rounds']} rounds "
         f"-> {run_dir}"
     )
     _run_engine(cfg, n_sites, client_app)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(paths.metrics.read_text())
     if "test" not in metrics:
         raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
     if cfg.get("audit"):

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from common.data.schema import DataError
+from common.rundir import RunDir, atomic_savefig, atomic_write_text
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -97,7 +98,7 @@ def cell_overrides(
 
 def is_finished(run_dir: Path) -> bool:
     """A cell is done when its metrics.json carries final test results."""
-    path = run_dir / "metrics.json"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return False
     try:
@@ -191,10 +192,11 @@ def collect(cells: Sequence[tuple[str, Path]], audit: bool) -> pd.DataFrame:
     for name, run_dir in cells:
         if not is_finished(run_dir):
             continue
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        paths = RunDir(run_dir)
+        metrics = json.loads(paths.metrics.read_text())
         audit_json = None
-        if audit and (run_dir / "audit.json").is_file():
-            audit_json = json.loads((run_dir / "audit.json").read_text())
+        if audit and paths.audit_json.is_file():
+            audit_json = json.loads(paths.audit_json.read_text())
         rows.append({"cell": name, **cell_row(metrics, audit_json)})
     return pd.DataFrame(rows)
 
@@ -303,16 +305,16 @@ def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
     n_seeds = df.groupby(["strategy", "target_epsilon"]).size().max() if len(df) else 0
     fig.suptitle(f"Privacy-utility trade-off (error bars: sd over ≤{n_seeds} seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> str:
     """sweep.csv, sweep.md and privacy_utility.png from the collected table."""
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "sweep.csv", index=False, float_format="%.6g")
+    atomic_write_text(out / "sweep.csv", df.to_csv(index=False, float_format="%.6g"))
     table = summary_table(df)
-    (out / "sweep.md").write_text(f"# Privacy sweep\n\n{table}\n")
+    atomic_write_text(out / "sweep.md", f"# Privacy sweep\n\n{table}\n")
     if len(df):
         plot_privacy_utility(df, out / "privacy_utility.png")
     return table
@@ -373,7 +375,7 @@ def sweep_privacy(
                 log.exception("cell %s failed", name)
                 failed.append(f"{name}: {err}")
                 continue
-        if audit and not (run_dir / "audit.json").is_file():
+        if audit and not RunDir(run_dir).audit_json.is_file():
             from common.audit import audit_run
 
             try:

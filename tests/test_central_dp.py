@@ -133,7 +133,7 @@ def test_site_level_epsilon_is_reported_and_exact(site_level_run):
 
 def test_site_level_model_stays_finite(site_level_run):
     out, _, _ = site_level_run
-    weights = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["arrays"]
+    weights = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["arrays"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     # GroupNorm, no BatchNorm statistics: noised running variances would go negative.
     assert not any("running_var" in k for k in weights), sorted(weights)[:5]

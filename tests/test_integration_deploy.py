@@ -390,7 +390,7 @@ def checkpoint(run_dir: Path) -> dict | None:
     import torch
 
     try:
-        return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+        return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     except Exception:  # noqa: BLE001 - absent, or caught mid-write: ask again later
         return None
 

@@ -224,7 +224,7 @@ def test_fedbn_run_keeps_norms_at_sites_and_averages_what_was_sent(tmp_path):
     w = keys[1]  # a norm layer's bias
     assert len({records[s][2][w].tobytes() for s in SITES}) == len(SITES)
     # the server's global is the plain FedAvg of what the sites sent (the packed floats)
-    final = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["arrays"]
+    final = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["arrays"]
     n = np.array([records[s][0]["num-examples"] for s in SITES], np.float64)
     sent = np.stack([records[s][1]["packed/<f4"] for s in SITES]).astype(np.float64)
     mean = (n[:, None] * sent).sum(0) / n.sum()

@@ -45,7 +45,7 @@ def full_run(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["arrays"]
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["arrays"]
 
 
 def test_run_directory_and_metrics(full_run):

@@ -25,6 +25,7 @@ import numpy as np
 
 from common.data.imaging import fit_square
 from common.data.schema import DataError, SourceData, default_home
+from common.rundir import atomic_write_text
 
 
 @dataclass
@@ -106,9 +107,7 @@ def _drop_from_source(source: SourceData, skipped: list[str]) -> None:
 
 
 def _atomic_text(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def build_cache(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,14 @@ from sklearn.model_selection import train_test_split
 
 from common.data.institutions import assign_institutions, group_table, resolve_names
 from common.data.schema import DataError
+from common.rundir import (
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    check_seal,
+    manifest_seal,
+    seal_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -399,14 +406,22 @@ def _check_invariants(manifest: pd.DataFrame, where: str) -> None:
             raise DataError(f"{where}: group in two {what}: {_rows(manifest, n > 1)}")
 
 
-def write_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
-    """CSV, no index, '\\n' line ends, rows sorted: same manifest -> same bytes."""
+def write_manifest(manifest: pd.DataFrame, path: str | Path, seal: bool = False) -> Path:
+    """CSV, no index, '\\n' line ends, rows sorted: same manifest -> same bytes.
+
+    Written atomically (common/rundir.py). ``seal`` also writes ``<stem>.check.json``
+    beside it (row count, sites, SHA-256), which :func:`read_manifest` checks, so a derived
+    manifest that was truncated or changed since is refused instead of silently reused.
+    """
     path = Path(path)
     _check_invariants(manifest, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sorted(manifest[MANIFEST_COLUMNS]).to_csv(
-        path, index=False, lineterminator="\n", float_format="%.6g"
+    text = _sorted(manifest[MANIFEST_COLUMNS]).to_csv(
+        index=False, lineterminator="\n", float_format="%.6g"
     )
+    if seal:  # first: a crash between the two leaves no manifest, so it is made again
+        rows, sites = len(manifest), int(manifest["site"].nunique())
+        atomic_write_json(seal_path(path), manifest_seal(text, rows, sites), indent=1)
+    atomic_write_text(path, text)
     return path
 
 
@@ -437,10 +452,7 @@ def write_moves_report(manifest: pd.DataFrame, manifest_path: str | Path) -> Pat
         "n_images": len(moved),
         "moved": [{k: str(r[k]) for k in MOVE_COLUMNS} for r in moved],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=1) + "\n")
     return path
 
 
@@ -456,6 +468,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {MANIFEST_COLUMNS}")
+    check_seal(path, len(df), int(df["site"].nunique()))  # a derived manifest, truncated?
     label = pd.to_numeric(df["label"], errors="coerce")
     bad = label.isna() | (label % 1 != 0) | (label < 0)
     if bad.any():
@@ -566,7 +579,7 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

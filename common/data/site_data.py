@@ -135,7 +135,7 @@ def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) ->
             log.info("manifest: %s", note)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_moves_report(manifest, out)  # before the manifest: a cached one has its report
-        write_manifest(manifest, out)
+        write_manifest(manifest, out, seal=True)  # atomic; reuse checks its seal
     elif moves_report_path(out).is_file():  # cached: repeat what was moved to keep groups whole
         moves = moves_report_path(out)
         try:

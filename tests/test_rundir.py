@@ -1,0 +1,300 @@
+"""The run directory (common/rundir.py): atomic writes, safe checkpoints, checked resumes,
+and one-line errors naming the file for a truncated checkpoint, manifest or TOML config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from typer.testing import CliRunner
+
+from common import rundir
+from common.config import ConfigError, RunConfig
+from common.data.partition import read_manifest, write_manifest
+from common.data.schema import DataError
+from common.rundir import RunDir, atomic_write, atomic_write_text
+from server.loop import Federation
+from server.strategies import load_strategy_state, make_strategy, strategy_state
+
+CLASSES = ["a", "b"]
+
+
+def _one_line_naming(err: BaseException, path: Path) -> str:
+    text = str(err)
+    assert "\n" not in text, text
+    assert str(path) in text, text
+    return text
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_a_failure_mid_write_leaves_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, "old")
+
+    def half_then_crash(f) -> None:
+        f.write(b"new but only ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_crash)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temp left
+
+
+def test_a_failed_rename_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "history.csv"
+    atomic_write_text(path, "old")
+
+    def refuse(src, dst) -> None:
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(rundir.os, "replace", refuse)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic_write_text(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]
+
+
+def test_atomic_writes_of_each_kind(tmp_path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    rundir.atomic_write_json(tmp_path / "sub" / "a.json", {"x": 1}, indent=1)
+    rundir.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    rundir.atomic_torch_save(tmp_path / "c.pt", {"w": torch.ones(2)})
+    rundir.atomic_copy(tmp_path / "b.bin", tmp_path / "d.bin")
+    assert (tmp_path / "sub" / "a.json").read_text() == '{\n "x": 1\n}'
+    assert (tmp_path / "d.bin").read_bytes() == b"\x00\x01"
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["w"], torch.ones(2))
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_run_directory_paths() -> None:
+    paths = RunDir(Path("runs/x"))
+    assert paths.checkpoint("best") == Path("runs/x/checkpoints/best.pt")
+    assert paths.config.name == "config.toml" and paths.metrics.name == "metrics.json"
+    assert rundir.run_dir_for({"out-dir": "", "run-name": "r"}) == Path("runs/r")
+    assert rundir.run_dir_for({"out-dir": "/tmp/o", "run-name": "r"}) == Path("/tmp/o")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _cfg(**changes) -> dict:
+    return RunConfig.from_mapping({"strategy": "fedavg", **changes}).to_flat()
+
+
+def _federation(run_dir: Path, cfg: dict) -> Federation:
+    return Federation(None, cfg, run_dir, CLASSES)  # type: ignore[arg-type]
+
+
+def _initial() -> dict[str, torch.Tensor]:
+    return {"w": torch.zeros(3)}
+
+
+def _checkpoint(run_dir: Path, cfg: dict, rounds: int = 1) -> Path:
+    state = {"run_tag": "t", "round": rounds, "best_round": 1, "best_score": 0.5, "rounds": []}
+    return rundir.save_checkpoint(
+        RunDir(run_dir).checkpoint("last"), {"w": torch.ones(3)}, state, {}, cfg
+    )
+
+
+class _Planted:
+    """Unpickling this runs ``open(marker, 'w')``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_pickle_does_not_run_on_resume(tmp_path: Path) -> None:
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    last = RunDir(run_dir).checkpoint("last")
+    last.parent.mkdir(parents=True)
+    torch.save({"arrays": {"w": torch.ones(3)}, "state": _Planted(marker)}, last)
+    with pytest.raises(DataError) as err:
+        _federation(run_dir, _cfg())._start(_initial(), resume=True)
+    assert "refused" in _one_line_naming(err.value, last)
+    assert not marker.exists()
+    for load in (rundir.load_checkpoint, rundir.read_checkpoint):  # audit, bench, evaluate
+        with pytest.raises(DataError):
+            load(last)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    last = _checkpoint(run_dir, _cfg())
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(DataError) as err:
+        _federation(run_dir, _cfg())._start(_initial(), resume=True)
+    assert "truncated" in _one_line_naming(err.value, last)
+
+
+def test_loop_checkpoints_load_weights_only_and_resume(tmp_path: Path) -> None:
+    cfg = _cfg()
+    fed = _federation(tmp_path, cfg)
+    state, _ = fed._start(_initial(), resume=False)
+    state.round, state.rounds = 2, [{"round": 1, "validation": {"global": {"x": np.float64(1)}}}]
+    arrays = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
+    fed._save("last", arrays, state, make_strategy(cfg, 1))
+    ck = torch.load(RunDir(tmp_path).checkpoint("last"), weights_only=True)
+    assert ck["config"] == cfg and ck["state"]["round"] == 2
+    again = _federation(tmp_path, dict(cfg, **{"num-server-rounds": 9, "resume": True}))
+    resumed, weights = again._start(_initial(), resume=True)
+    assert resumed.round == 2 and resumed.rounds == state.rounds
+    np.testing.assert_array_equal(weights["w"].numpy(), np.arange(3, dtype=np.float32))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages need a task identity, as inside a running ServerApp."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def _reply(values: list[float], n: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.array(values, np.float32))}),
+            "metrics": MetricRecord({"num-examples": n}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_moments_round_trip_bit_exactly(tmp_path: Path, name: str) -> None:
+    """FedAdam/FedYogi moments and FedAvgM momentum: stored as tensors, read weights-only,
+    restored with the same dtype and bytes."""
+    grid = type("G", (), {"get_node_ids": lambda self: [1, 2]})()
+    cfg = _cfg(strategy=name, **{"server-lr": 0.1})
+    s1 = make_strategy(cfg, 2)
+    start = ArrayRecord({"w": Array(np.array([0.1, -0.2, 0.3], np.float32))})
+    list(s1.configure_train(1, start, ConfigRecord(), grid))
+    s1.aggregate_train(1, [_reply([1.0, 1.0, 0.5], 5), _reply([1.0, 3.0, -2.0], 7)])
+    saved = strategy_state(s1)
+    assert saved, name
+    path = rundir.save_checkpoint(tmp_path / "last.pt", {"w": torch.ones(3)}, {}, saved, cfg)
+    s2 = make_strategy(cfg, 2)
+    load_strategy_state(s2, torch.load(path, weights_only=True)["strategy"])
+    for attr in ("m_t", "v_t"):
+        for k, v in (getattr(s1, attr, None) or {}).items():
+            got = np.asarray(getattr(s2, attr)[k])
+            assert got.dtype == np.asarray(v).dtype and got.tobytes() == np.asarray(v).tobytes()
+    if name == "fedavgm":
+        for a, b in zip(s1.momentum_vector, s2.momentum_vector, strict=True):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+# ----------------------------------------------------------------------------- resume config
+
+
+def test_a_changed_config_is_refused_with_a_one_line_diff(tmp_path: Path) -> None:
+    last = _checkpoint(tmp_path, _cfg())
+    changed = _cfg(lr=0.01, strategy="fedprox", **{"num-server-rounds": 50, "resume": True})
+    with pytest.raises(ConfigError) as err:
+        _federation(tmp_path, changed)._start(_initial(), resume=True)
+    text = _one_line_naming(err.value, last)
+    assert "lr: 0.003 -> 0.01" in text and "strategy: 'fedavg' -> 'fedprox'" in text
+    assert "num-server-rounds" not in text  # more rounds: allowed
+    assert "--force-resume" in text
+
+
+def test_the_override_accepts_a_changed_config(tmp_path: Path) -> None:
+    _checkpoint(tmp_path, _cfg(), rounds=3)
+    forced = _cfg(lr=0.01, **{"force-resume": True})
+    state, _ = _federation(tmp_path, forced)._start(_initial(), resume=True)
+    assert state.round == 3
+
+
+def test_only_run_length_waiting_and_outputs_may_change() -> None:
+    saved = _cfg()
+    same = dict(saved, **{"num-server-rounds": 40, "round-timeout": 5.0, "out-dir": "/x"})
+    assert rundir.config_changes(saved, same) == []
+    assert rundir.config_changes(saved, dict(saved, seed=1)) == ["seed: 0 -> 1"]
+    assert rundir.config_changes(saved, dict(saved, extra=1)) == ["extra: (absent) -> 1"]
+
+
+def test_cli_resume_with_a_changed_config_is_one_error_line(tmp_path: Path, monkeypatch) -> None:
+    """`fedskin simulate --resume` refuses before any site starts, and --force-resume
+    gets past the check (to the engine, stubbed here)."""
+    from simulations import runner
+    from simulations.cli import app
+
+    out = tmp_path / "run"
+    tiny = "builtin-images=600 image-size=16 num-server-rounds=2"
+    cfg = runner.resolve_config(None, tiny)
+    cfg["out-dir"] = str(out)
+    started = []
+    monkeypatch.setattr(runner, "_run_engine", lambda *a, **k: started.append(1) or 1 / 0)
+    _checkpoint(out, dict(cfg, lr=0.5))  # written under another lr
+    args = ["simulate", "--run-config", tiny, "--out", str(out), "--resume"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "lr: 0.5 -> 0.003" in lines[0], result.output
+    assert not started
+    result = CliRunner().invoke(app, [*args, "--force-resume"])
+    assert started and isinstance(result.exception, ZeroDivisionError)
+
+
+# ----------------------------------------------------------------------------- manifest, TOML
+
+
+def _manifest(n: int = 40) -> pd.DataFrame:
+    sites = ["a", "b", "c", "d"]
+    return pd.DataFrame(
+        {
+            "image_id": [f"img{i:03d}" for i in range(n)],
+            "group_id": [f"g{i:03d}" for i in range(n)],
+            "label": [i % 2 for i in range(n)],
+            "label_name": [CLASSES[i % 2] for i in range(n)],
+            "site": [sites[i % 4] for i in range(n)],
+            "split": [("train", "validation", "test")[i % 3] for i in range(n)],
+        }
+    )
+
+
+def test_a_truncated_derived_manifest_is_refused(tmp_path: Path) -> None:
+    path = write_manifest(_manifest(), tmp_path / "m.csv", seal=True)
+    assert len(read_manifest(path)) == 40
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:15]))  # whole rows: a valid CSV of 14 rows instead of 40
+    with pytest.raises(DataError) as err:
+        read_manifest(path)
+    text = _one_line_naming(err.value, path)
+    assert "truncated" in text and "14 rows" in text and "40" in text
+
+
+def test_a_manifest_without_a_seal_is_read_as_before(tmp_path: Path) -> None:
+    path = write_manifest(_manifest(), tmp_path / "m.csv")
+    assert not rundir.seal_path(path).exists()
+    assert len(read_manifest(path)) == 40
+
+
+def test_a_malformed_toml_config_is_one_line_naming_it(tmp_path: Path) -> None:
+    from simulations.cli import app
+    from simulations.runner import resolve_config
+
+    bad = tmp_path / "exp.toml"
+    bad.write_text('strategy = "fedavg"\nlr = \n')
+    with pytest.raises(DataError) as err:
+        resolve_config(bad)
+    _one_line_naming(err.value, bad)
+    result = CliRunner().invoke(app, ["simulate", "-c", str(bad)])
+    assert result.exit_code == 2 and str(bad) in result.output, result.output
+    with pytest.raises(DataError) as err:  # a run directory's config.toml (evaluate, audit)
+        rundir.read_toml(bad)
+    _one_line_naming(err.value, bad)
