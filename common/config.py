@@ -117,6 +117,8 @@ class RunConfig:
     num_server_rounds: int = _rule(ge=1)
     fraction_train: float = _rule(gt=0, le=1)
     min_train_nodes: int = _rule(ge=1)
+    update_norm_factor: float = _rule(ge=0)  # server/replies.py: 0 = off
+    update_norm_cap: float = _rule(ge=0)  # idem: 0 = no cap
     round_timeout: float = _rule(gt=0)
     min_nodes: int = _rule(ge=1)
     wait_for_nodes: float = _rule(ge=0)

@@ -18,7 +18,15 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -31,6 +39,17 @@ from common.rundir import (
     save_checkpoint,
 )
 from common.wire import layout_of, pack, unpack
+from server.replies import (
+    arrays_error,
+    discovery_error,
+    evaluate_reply_error,
+    guarded,
+    local_steps,
+    norm_bound_errors,
+    skipped_reason,
+    train_reply_error,
+    update_norm,
+)
 from server.report import write_outputs
 from server.strategies import (
     UNIFORM_WEIGHT_KEY,
@@ -138,19 +157,16 @@ def exchange(
     return replies, [nid for nid in sent.values() if nid not in replies]
 
 
-def _arrays_ok(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> str | None:
-    """Why an update must be rejected (wrong keys/shapes, NaN/Inf), or None if it is fine."""
-    keys = set(arrays.keys())
-    if keys != set(reference):
-        missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
-        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
-    for k, ref in reference.items():
-        a = arrays[k].numpy()
-        if a.shape != ref.shape:
-            return f"wrong shape for {k}: {a.shape} instead of {ref.shape}"
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            return f"non-finite values (NaN/Inf) in {k}"
-    return None
+def _claimed(reply: Message) -> str | None:
+    """The site name a reply claims, for the log, when there is a readable one."""
+    try:
+        name = reply.content.config_records["info"]["site"]
+    except Exception:
+        return None
+    return name[:80] if isinstance(name, str) and name.strip() else None
+
+
+_arrays_ok = arrays_error  # the update checks live in server/replies.py
 
 
 class Federation:
@@ -161,6 +177,7 @@ class Federation:
         self.timeout = float(cfg.get("round-timeout", 600.0))
         self.seed = int(cfg.get("seed", 0))
         self.sites: dict[int, SiteInfo] = {}
+        self.discovery_rejected: dict[str, str] = {}  # node (and claimed site) -> why
         # What the sites sent, by message type and record: names and keys, never values.
         self.received: dict[str, dict[str, Any]] = {}
         self.paths = RunDir(run_dir)  # every file of the run directory (common/rundir.py)
@@ -212,34 +229,56 @@ class Federation:
 
     # ------------------------------------------------------------------ discovery
     def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
-        """Wait for the sites, then ask each which site it is and what it holds."""
+        """Wait for the sites, then ask each which site it is and what it holds.
+
+        ``expected`` is ``min-nodes``: fewer usable sites after ``wait`` seconds (nodes that
+        connected, answered and sent a valid reply; see server/replies.py) is a RuntimeError
+        with the numbers. A reply that fails its checks, or names a site that an earlier
+        reply already claimed, rejects that node (logged, and kept in ``discovery_rejected``).
+        """
         deadline = time.time() + wait
         while len(ids := self._node_ids()) < expected and time.time() < deadline:
             time.sleep(0.5)
+        if len(ids) < expected:
+            raise RuntimeError(
+                f"only {len(ids)} site(s) connected within wait-for-nodes={wait:g}s; "
+                f"min-nodes={expected} are needed"
+            )
         msgs = [
             Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids
         ]
         replies, missing = self._exchange(msgs)
         for nid in missing:
             log.error("node %s did not answer the query within %.0fs", nid, self.timeout)
-        for nid, reply in replies.items():
+        for nid, reply in replies.items():  # in the order they arrived
             if reply.has_error():
                 log.error("node %s failed to load its data: %s", nid, reply.error.reason)
                 continue
-            info = reply.content.config_records["info"]
-            self.sites[nid] = SiteInfo(
-                nid,
-                str(info["site"]),
-                int(info["n-train"]),
-                int(info["n-validation"]),
-                int(info["n-test"]),
-            )
+            if why := guarded(self._keep_site, nid, reply.content):
+                who = f"node {nid}" + (f" (site {name!r})" if (name := _claimed(reply)) else "")
+                self.discovery_rejected[who] = why
+                log.error("%s rejected at discovery: %s", who, why)
         if not self.sites:
             raise RuntimeError("no site answered; check the SuperNodes' logs")
-        names = [s.site for s in self.sites.values()]
-        if len(set(names)) != len(names):
-            raise RuntimeError(f"two nodes claim the same site: {sorted(names)}")
+        if len(self.sites) < expected:
+            raise RuntimeError(
+                f"only {len(self.sites)} usable site(s) of the {len(ids)} connected "
+                f"(min-nodes={expected}); see the errors above"
+            )
         return self.ordered_sites()
+
+    def _keep_site(self, nid: int, content: RecordDict) -> str | None:
+        """Check a query reply and keep its site; why it is rejected, or None."""
+        if why := discovery_error(content):
+            return why
+        info = content.config_records["info"]
+        name = str(info["site"])
+        if any(s.site == name for s in self.sites.values()):
+            return f"site {name!r} is already claimed by another node"
+        self.sites[nid] = SiteInfo(
+            nid, name, int(info["n-train"]), int(info["n-validation"]), int(info["n-test"])
+        )
+        return None
 
     def ordered_sites(self) -> list[SiteInfo]:
         return sorted(self.sites.values(), key=lambda s: s.site)
@@ -297,6 +336,8 @@ class Federation:
         best = self._load_arrays("best") if state.best_round else arrays
         test = self._evaluate(best, "test", state.round + 1, state.best_round or state.round)
         test["best_round"] = state.best_round
+        if self.discovery_rejected:
+            test["rejected-at-discovery"] = dict(self.discovery_rejected)
         if state.stopped:
             test["stopped"] = state.stopped
         write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, test, state.best_round)
@@ -340,31 +381,59 @@ class Federation:
         )
         replies, missing = self._exchange(messages, f"round {server_round} training")
         reference = {k: v.numpy() for k, v in wire.items()}
-        good, train_metrics, failures, rejected, epsilon = [], {}, {}, {}, {}
+        good: dict[str, tuple[Message, ArrayRecord, MetricRecord]] = {}
+        failures: dict[str, str] = {}
+        rejected: dict[str, str] = {}
+        epsilon: dict[str, float] = {}
+        norms: dict[str, float] = {}
+
+        def take(site: SiteInfo, reply: Message) -> str | None:
+            """One reply, checked (server/replies.py) before anything of it is kept."""
+            if why := train_reply_error(reply.content, reference, site.n_train):
+                return why
+            metrics = reply.content.metric_records["metrics"]
+            eps = float(metrics["epsilon"]) if "epsilon" in metrics else None
+            if skipped := skipped_reason(reply.content):
+                rejected[site.site] = skipped
+                log.warning(
+                    "round %d: site %s did not train (%s)", server_round, site.site, skipped
+                )
+            else:
+                update = reply.content.array_records["arrays"]
+                norm = update_norm(update, reference)
+                good[site.site], norms[site.site] = (reply, update, metrics), norm
+            if eps is not None:
+                epsilon[site.site] = eps
+            return None
+
         for nid, reply in replies.items():
             name = by_node[nid].site
             if reply.has_error():
                 failures[name] = reply.error.reason
                 log.error("round %d: site %s failed: %s", server_round, name, reply.error.reason)
                 continue
-            metrics = dict(reply.content.metric_records["metrics"])
-            if "epsilon" in metrics:
-                epsilon[name] = float(metrics["epsilon"])
-            if int(metrics.get("num-examples", 0)) == 0:
-                rejected[name] = (
-                    "privacy budget spent" if metrics.get("dp-budget-exhausted") else "no data"
-                )
-                log.warning(
-                    "round %d: site %s did not train (%s)", server_round, name, rejected[name]
-                )
-                continue
-            why = _arrays_ok(reply.content.array_records["arrays"], reference)
-            if why:
+            if why := guarded(take, by_node[nid], reply):  # any defect rejects this site only
                 rejected[name] = why
                 log.error("round %d: update from site %s rejected: %s", server_round, name, why)
-                continue
-            train_metrics[name] = {k: float(v) for k, v in metrics.items()}
-            good.append((name, reply))
+        sizes = {s.site: s.n_train for s in chosen}
+        steps = {
+            name: local_steps(
+                sizes[name],
+                int(self.cfg.get("batch-size", 32)),
+                int(self.cfg.get("local-epochs", 1)),
+                int(self.cfg.get("local-steps", 0)),
+            )
+            for name in norms
+        }
+        factor = float(self.cfg.get("update-norm-factor", 10.0))
+        cap = float(self.cfg.get("update-norm-cap", 1e4))
+        for name, why in sorted(norm_bound_errors(norms, factor, cap, steps).items()):
+            del good[name]
+            rejected[name] = why
+            log.error("round %d: update from site %s rejected: %s", server_round, name, why)
+        train_metrics = {
+            name: {k: float(v) for k, v in good[name][2].items()} for name in sorted(good)
+        }
         for nid in missing:
             failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
             log.error("round %d: site %s did not reply in time", server_round, by_node[nid].site)
@@ -385,10 +454,18 @@ class Federation:
             )
             record["aggregated"] = False
             return arrays
-        good.sort(key=lambda item: item[0])  # fixed order: float sums are reproducible
-        for _, reply in good:  # used as the weight under site-level DP (uniform mean)
-            reply.content.metric_records["metrics"][UNIFORM_WEIGHT_KEY] = 1
-        new_arrays, _ = strategy.aggregate_train(server_round, [r for _, r in good])
+        # The strategy sees only checked records: the update and the metric keys every
+        # usable reply has (Flower refuses replies whose key sets differ), in a fixed order
+        # (float sums are reproducible), plus the weight used under site-level DP.
+        shared = set.intersection(*(set(metrics.keys()) for _, _, metrics in good.values()))
+        checked = []
+        for name in sorted(good):
+            reply, update, metrics = good[name]
+            kept = MetricRecord({k: metrics[k] for k in sorted(shared)})
+            kept[UNIFORM_WEIGHT_KEY] = 1
+            reply.content = RecordDict({"arrays": update, "metrics": kept})
+            checked.append(reply)
+        new_arrays, _ = strategy.aggregate_train(server_round, checked)
         record["aggregated"] = new_arrays is not None
         if spent := central_spent(strategy):
             record["central"] = spent
@@ -436,16 +513,37 @@ class Federation:
         for nid in missing:
             failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
             log.error("%s evaluation: site %s did not reply in time", split, by_node[nid].site)
+        rejected: dict[str, str] = {}
+
+        def take(site: SiteInfo, reply: Message) -> str | None:
+            """One reply, checked (server/replies.py) before anything of it is kept."""
+            size = site.n_test if split == "test" else site.n_validation
+            if why := evaluate_reply_error(reply.content, self.classes, size):
+                return why
+            m = dict(reply.content.metric_records["metrics"])
+            summary = {
+                "confusion": list(m.pop("confusion")),
+                "score-hist": list(m.pop("score-hist")),
+            }
+            scores = {k: float(v) for k, v in m.items()}
+            summaries.append(summary)
+            sites[site.site] = scores
+            return None
+
         for nid, reply in sorted(replies.items(), key=lambda kv: by_node[kv[0]].site):
             name = by_node[nid].site
             if reply.has_error():
                 failures[name] = reply.error.reason
                 log.error("%s evaluation failed at site %s: %s", split, name, reply.error.reason)
                 continue
-            m = dict(reply.content.metric_records["metrics"])
-            summaries.append({"confusion": m.pop("confusion"), "score-hist": m.pop("score-hist")})
-            sites[name] = {k: float(v) for k, v in m.items()}
-        out: dict[str, Any] = {"sites": dict(sorted(sites.items())), "failures": failures}
+            if why := guarded(take, by_node[nid], reply):  # any defect rejects this site only
+                rejected[name] = why
+                log.error("%s evaluation: reply from site %s rejected: %s", split, name, why)
+        out: dict[str, Any] = {
+            "sites": dict(sorted(sites.items())),
+            "failures": failures,
+            "rejected": rejected,
+        }
         out["global"] = pooled_metrics(summaries, self.classes) if summaries else {}
         out["confusion"] = pooled_confusion(summaries, len(self.classes)).tolist()
         baccs = [

@@ -1,0 +1,299 @@
+"""Checks of every site reply before it touches the federation (see docs/deployment.md).
+
+A site is trusted to train on its own data, not to send well-formed numbers. Each check is
+a pure function that returns a one-line reason to reject the reply, or None when it is
+fine; :func:`guarded` turns any exception raised while looking at a malformed reply into
+such a reason, so that one site's defect rejects that site and never ends the run.
+
+What an honest site sends is fixed by the client code of this version:
+
+- train (``client/client_app.py`` ``train``, ``common/train.py`` ``train_local``): an
+  ``arrays`` ArrayRecord laid out as the global model on the wire (``common/wire.py``) and a
+  ``metrics`` MetricRecord with exactly :data:`TRAIN_KEYS` (:data:`TRAIN_KEYS_DP` under
+  sample-level DP), plus :data:`OPTIONAL_TRAIN_KEYS`; a site that did not train (no data,
+  privacy budget spent) sends ``num-examples = 0`` and some of those keys;
+- evaluate (``client/task.py`` ``evaluate_site``): :func:`evaluate_keys` for the run's
+  classes, with the poolable ``confusion`` and ``score-hist`` of ``common/fedmetrics.py``;
+- query: an ``info`` ConfigRecord with :data:`INFO_KEYS`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.fedmetrics import BINS
+
+# What a site that trained sends (client/client_app.py: the same two sets, checked equal by
+# tests/test_replies.py): without sample-level DP, and with it (no train loss or accuracy,
+# which are computed on the private batches without noise; the accountant's figures).
+TRAIN_KEYS = frozenset(
+    {
+        "num-examples",
+        "num_examples",
+        "train_loss",
+        "train_accuracy",
+        "steps",
+        "seconds",
+        "images_per_second",
+    }
+)
+TRAIN_KEYS_DP = frozenset(
+    (TRAIN_KEYS - {"train_loss", "train_accuracy"})
+    | {"epsilon", "delta", "noise_multiplier", "dp-budget-exhausted"}
+)
+# Documented optional key: the bit Flower's adaptive clipping mod adds (central-dp).
+OPTIONAL_TRAIN_KEYS = frozenset({"norm_bit"})
+INFO_KEYS = ("site", "n-train", "n-validation", "n-test")
+MAX_SITE_NAME = 200
+
+
+def guarded(check: Callable[..., str | None], *args: Any, **kwargs: Any) -> str | None:
+    """``check(*args, **kwargs)``; an exception it raises becomes the reason to reject."""
+    try:
+        return check(*args, **kwargs)
+    except Exception as err:  # a malformed reply must never end the run
+        return f"malformed reply ({type(err).__name__}: {_short(err)})"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened for a one-line reason."""
+    return _short(repr(value), 60)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def _record(content: RecordDict, name: str, kind: type) -> Any:
+    """The record ``name`` of ``content`` when it has the expected type, else None."""
+    if not isinstance(content, RecordDict) or name not in content:
+        return None
+    record = content[name]
+    return record if isinstance(record, kind) else None
+
+
+# ----------------------------------------------------------------------------- train
+def scalar_metrics_error(metrics: Mapping[str, Any], allow_nan: bool = False) -> str | None:
+    """Every value a finite number (``allow_nan``: NaN, "undefined", is allowed too)."""
+    for key, value in metrics.items():
+        if not _is_number(value):
+            return f"metric {_shown(key)} is {type(value).__name__}, not a number"
+        if not math.isfinite(float(value)) and not (allow_nan and math.isnan(float(value))):
+            return f"metric {_shown(key)} is not finite ({value})"
+    return None
+
+
+def key_set_error(
+    keys: Iterable[str], required: Iterable[str], optional: Iterable[str] = ()
+) -> str | None:
+    """The keys are ``required`` plus any of ``optional``, nothing missing, nothing else."""
+    keys, required = set(keys), set(required)
+    missing, extra = sorted(required - keys), sorted(keys - required - set(optional))
+    if missing or extra:
+        shown = [_short(k, 40) for k in extra[:3]]
+        return f"metric keys: missing {missing[:3]}, unexpected {shown}"
+    return None
+
+
+def num_examples_error(value: Any, n_train: int) -> str | None:
+    """``num-examples``: an integer between 1 and the ``n-train`` reported at discovery."""
+    if not _is_int(value):
+        return f"num-examples={_shown(value)} is not an integer"
+    if not 1 <= int(value) <= n_train:
+        return f"num-examples={int(value)} is outside 1..{n_train} (n-train at discovery)"
+    return None
+
+
+def arrays_error(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> str | None:
+    """Why an update does not fit the global model's layout: keys, exact dtypes (complex
+    or integer data where floats are expected is refused), shapes, finite values."""
+    keys = set(arrays.keys())
+    if keys != set(reference):
+        missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
+        return (
+            f"wrong keys (missing {missing[:3]}, unexpected {[_short(k, 40) for k in extra[:3]]})"
+        )
+    for k, ref in reference.items():
+        a = arrays[k].numpy()
+        if a.dtype != ref.dtype:
+            return f"wrong dtype for {k}: {a.dtype} instead of {ref.dtype}"
+        if a.shape != ref.shape:
+            return f"wrong shape for {k}: {a.shape} instead of {ref.shape}"
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            return f"non-finite values (NaN/Inf) in {k}"
+    return None
+
+
+def skipped_reason(content: RecordDict) -> str | None:
+    """Why a valid reply carries no update (``num-examples = 0``), or None if it has one."""
+    metrics = _record(content, "metrics", MetricRecord)
+    if metrics is None or not _is_int(metrics.get("num-examples")):
+        return None
+    if int(metrics["num-examples"]) != 0:
+        return None
+    return "privacy budget spent" if metrics.get("dp-budget-exhausted") else "no data"
+
+
+def train_reply_error(
+    content: RecordDict, reference: Mapping[str, np.ndarray], n_train: int
+) -> str | None:
+    """Why a train reply must be rejected, or None: records present, finite scalar metrics
+    with exactly the expected keys, ``num-examples`` in 1..``n_train`` (0: did not train,
+    see :func:`skipped_reason`), arrays matching ``reference`` (the packed global model)."""
+    metrics = _record(content, "metrics", MetricRecord)
+    if metrics is None:
+        return "no 'metrics' MetricRecord in the reply"
+    if why := scalar_metrics_error(metrics):
+        return why
+    if _is_int(metrics.get("num-examples")) and int(metrics["num-examples"]) == 0:
+        known = TRAIN_KEYS | TRAIN_KEYS_DP | OPTIONAL_TRAIN_KEYS
+        return key_set_error(metrics.keys(), {"num-examples"}, known)
+    expected = TRAIN_KEYS_DP if "dp-budget-exhausted" in metrics else TRAIN_KEYS
+    if why := key_set_error(metrics.keys(), expected, OPTIONAL_TRAIN_KEYS):
+        return why
+    if why := num_examples_error(metrics["num-examples"], n_train):
+        return why
+    arrays = _record(content, "arrays", ArrayRecord)
+    if arrays is None:
+        return "no 'arrays' ArrayRecord in the reply"
+    return arrays_error(arrays, reference)
+
+
+def update_norm(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of (update - global) over all arrays, in float64."""
+    total = 0.0
+    for k, ref in reference.items():
+        diff = arrays[k].numpy().astype(np.float64) - ref.astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)  # inf for updates beyond float64's range: rejected as too large
+
+
+def local_steps(n_train: int, batch_size: int, local_epochs: int, steps: int = 0) -> int:
+    """Local steps a site of ``n_train`` images takes per round (as the client counts)."""
+    if steps > 0:
+        return steps
+    return max(1, math.ceil(n_train / max(1, batch_size))) * max(1, local_epochs)
+
+
+def norm_bound_errors(
+    norms: Mapping[str, float],
+    factor: float,
+    cap: float,
+    steps: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """Updates whose norm exceeds the bound, with the reason, by site.
+
+    Absolute: ``norm <= cap`` (``cap`` 0: no cap). Relative, with 3 or more updates under
+    the cap: ``norm <= factor`` x the median norm of the round's *other* updates, each
+    rescaled to this site's local steps when it takes more (an update grows with the steps
+    taken, and a large hospital takes many more than a small one; ``factor`` 0: off).
+    """
+    out: dict[str, str] = {}
+    if cap > 0:
+        for site, norm in norms.items():
+            if not norm <= cap:
+                out[site] = f"update norm {norm:.3g} exceeds update-norm-cap={cap:g}"
+    kept = {s: n for s, n in norms.items() if s not in out}
+    if factor <= 0 or len(kept) < 3:
+        return out
+    steps = steps or {}
+    for site, norm in kept.items():
+        mine = steps.get(site, 1)
+        others = [
+            n * max(1.0, mine / max(1, steps.get(s, 1))) for s, n in kept.items() if s != site
+        ]
+        median = statistics.median(others)
+        if median > 0 and norm > factor * median:
+            out[site] = (
+                f"update norm {norm:.3g} exceeds update-norm-factor={factor:g} x the median "
+                f"{median:.3g} of the other updates"
+            )
+    return out
+
+
+# -------------------------------------------------------------------------- evaluate
+def evaluate_keys(classes: Iterable[str]) -> frozenset[str]:
+    """The metric keys of an honest evaluation reply for these classes."""
+    keys = {"accuracy", "balanced_accuracy", "auroc", "auroc_mel", "num-examples"}
+    for name in classes:
+        keys |= {f"recall_{name}", f"auroc_{name}"}
+    return frozenset(keys | {"confusion", "score-hist"})
+
+
+def _counts_error(name: str, values: Any, length: int, most: int) -> str | None:
+    if not isinstance(values, list):
+        return f"{name} is {type(values).__name__}, not a list of counts"
+    if len(values) != length:
+        return f"{name} has {len(values)} entries instead of {length}"
+    if not all(_is_int(v) for v in values):
+        return f"{name} holds values that are not integer counts"
+    if min(values, default=0) < 0:
+        return f"{name} holds negative counts"
+    if sum(values) > most:
+        return f"{name} counts {sum(values)} images, more than the {most} reported at discovery"
+    return None
+
+
+def evaluate_reply_error(content: RecordDict, classes: list[str], split_size: int) -> str | None:
+    """Why an evaluation reply must be rejected, or None: the expected keys, scalar metrics
+    NaN (undefined at this site) or within [0, 1], ``num-examples`` in 0..``split_size`` (the
+    split's size reported at discovery), a ``confusion`` of C x C counts and a
+    ``score-hist`` of C x 2 x BINS counts, each histogram counting at most the split."""
+    metrics = _record(content, "metrics", MetricRecord)
+    if metrics is None:
+        return "no 'metrics' MetricRecord in the reply"
+    if why := key_set_error(metrics.keys(), evaluate_keys(classes)):
+        return why
+    c = len(classes)
+    if why := _counts_error("confusion", metrics["confusion"], c * c, split_size):
+        return why
+    hist = metrics["score-hist"]
+    if why := _counts_error("score-hist", hist, c * 2 * BINS, c * split_size):
+        return why
+    for k in range(c):  # positives + negatives of one class: every image once at most
+        if sum(hist[k * 2 * BINS : (k + 1) * 2 * BINS]) > split_size:
+            return f"score-hist of class {k} counts more than the {split_size} images reported"
+    scalars = {k: v for k, v in metrics.items() if k not in ("confusion", "score-hist")}
+    if why := scalar_metrics_error(scalars, allow_nan=True):
+        return why
+    n = scalars.pop("num-examples")
+    if not _is_int(n) or not 0 <= int(n) <= split_size:
+        return f"num-examples={_shown(n)} is outside 0..{split_size} (reported split size)"
+    for key, value in scalars.items():
+        if not math.isnan(float(value)) and not 0.0 <= float(value) <= 1.0:
+            return f"metric {key!r}={value} is outside [0, 1]"
+    return None
+
+
+# ------------------------------------------------------------------------- discovery
+def discovery_error(content: RecordDict) -> str | None:
+    """Why a query reply must be rejected, or None: an ``info`` ConfigRecord whose ``site``
+    is a non-empty printable name and whose split sizes are non-negative integers."""
+    info = _record(content, "info", ConfigRecord)
+    if info is None:
+        return "no 'info' ConfigRecord in the reply"
+    site = info.get("site")
+    if not isinstance(site, str) or not site.strip():
+        return f"site={_shown(site)} is not a non-empty name"
+    if len(site) > MAX_SITE_NAME or not site.isprintable():
+        return f"site={_shown(site)} is not a printable name of at most {MAX_SITE_NAME}"
+    for key in INFO_KEYS[1:]:
+        value = info.get(key)
+        if not _is_int(value) or int(value) < 0:
+            return f"{key}={_shown(value)} is not a non-negative integer"
+    return None
