@@ -143,6 +143,10 @@ class RunConfig:
     # membership-inference audit
     audit: bool = _rule()
     audit_reference: bool = _rule()
+    # Ray resources of each simulated site (simulations/runner.py backend_config)
+    client_num_cpus: float = _rule(gt=0)
+    client_num_gpus: float = _rule(ge=-1)  # -1 = auto; a share of one GPU, or whole GPUs
+    client_memory_mb: int = _rule(ge=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -157,6 +161,14 @@ class RunConfig:
                 f"local-epochs={self.local_epochs} and local-steps={self.local_steps}: "
                 "set local-epochs >= 1 or local-steps >= 1"
             )
+        if -1 < self.client_num_gpus < 0:
+            raise ConfigError(
+                f"client-num-gpus={self.client_num_gpus!r}: must be -1 (auto) or >= 0"
+            )
+        shares = {"client-num-cpus": self.client_num_cpus, "client-num-gpus": self.client_num_gpus}
+        for key, share in shares.items():
+            if share > 1 and not share.is_integer():  # Ray's rule for resource quantities
+                raise ConfigError(f"{key}={share!r}: must be below 1 or a whole number")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -12,12 +12,14 @@ from common.data.schema import DataError
 from common.data.synth import synth_cli
 from server.deploy import deploy_cli
 from simulations.bench import bench_cli
+from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
 from simulations.sweep import sweep_cli
 from simulations.weights import weights_save_cli
 
 SHIPPED = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.toml")))
 CONFIG_HELP = f"experiment TOML file, or the name of a shipped one: {SHIPPED}"
 RUN_CONFIG_HELP = "overrides of any config key: \"key=value key2='text'\" (as flwr run)"
+RayAddress = Annotated[str | None, typer.Option("--ray-address", help=RAY_ADDRESS_HELP)]
 
 app = typer.Typer(
     help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus).",
@@ -70,10 +72,12 @@ def simulate(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="debug logging, Flower's included")
     ] = False,
+    ray_address: RayAddress = None,
 ) -> None:
     """Run a federated experiment on this machine (no arguments: the built-in default)."""
     from simulations.runner import simulate as run
 
+    use_ray_address(ray_address)
     try:
         run(config, run_config, out, resume=resume, verbose=verbose, force_resume=force_resume)
     except DataError as err:
@@ -92,10 +96,12 @@ def compare(
         "runs/compare"
     ),
     local: Annotated[bool, typer.Option(help="train one local model per site")] = True,
+    ray_address: RayAddress = None,
 ) -> None:
     """Pooled, local and federated models on the same sites: FLamby's per-site table."""
     from simulations.baselines import compare as run
 
+    use_ray_address(ray_address)
     try:
         run(config, run_config, [s.strip() for s in strategies.split(",") if s.strip()], out, local)
     except DataError as err:

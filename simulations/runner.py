@@ -179,18 +179,50 @@ def simulate(
     return metrics
 
 
-def backend_config(n_sites: int) -> dict[str, Any]:
-    """Each simulated site gets a CPU core, and a share of the GPU when there is one."""
-    import torch
+RAY_ADDRESS_HELP = (
+    "run the sites on this existing Ray cluster (its head's host:port, or auto); "
+    "default: Ray's own RAY_ADDRESS, else a local Ray started for the run"
+)
 
-    num_gpus = 0.0
-    if torch.cuda.is_available():
-        num_gpus = max(1.0 / max(n_sites, 1), 0.1)
-    cpus = os.cpu_count() or 1
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": num_gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
-    }
+
+def use_ray_address(address: str | None) -> None:
+    """``--ray-address``: the same as Ray's own ``RAY_ADDRESS`` for this process and its runs."""
+    if address and address.strip():
+        os.environ["RAY_ADDRESS"] = address.strip()
+
+
+def ray_address() -> str:
+    """The Ray cluster runs join (``RAY_ADDRESS``); "" (or Ray's "local"): start a local one."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return "" if address == "local" else address
+
+
+def backend_config(n_sites: int, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flower's Ray backend settings: each site's resources, and which Ray to run on.
+
+    ``client_resources`` are the run config's ``client-num-cpus``, ``client-num-gpus``
+    (-1 = auto: 1/sites of a GPU, at least 0.1, when this machine has CUDA) and
+    ``client-memory-mb``; Flower runs as many sites at once as fit on each node. Flower passes
+    ``init_args`` to ``ray.init``: a local Ray with this machine's CPUs, or, with an address
+    (``--ray-address`` / ``RAY_ADDRESS``), only that address: a cluster's resources are set
+    by its own ``ray start``.
+    """
+    run = {**default_config(), **(cfg or {})}
+    num_gpus = float(run["client-num-gpus"])
+    if num_gpus < 0:
+        import torch
+
+        num_gpus = max(1.0 / max(n_sites, 1), 0.1) if torch.cuda.is_available() else 0.0
+    resources: dict[str, Any] = {"num_cpus": float(run["client-num-cpus"]), "num_gpus": num_gpus}
+    if int(run["client-memory-mb"]) > 0:
+        resources["memory"] = int(run["client-memory-mb"]) * 2**20  # Ray counts bytes
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    address = ray_address()
+    if address:
+        init_args["address"] = address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {"client_resources": resources, "init_args": init_args}
 
 
 def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None) -> None:
@@ -205,6 +237,8 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
     from flwr.supercore.telemetry import EventType
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if ray_address():
+        console.print(f"sites run on the Ray cluster at {ray_address()}")
     # What flwr's own run_simulation does, plus the run config it does not pass on.
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
@@ -222,7 +256,7 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
         server_app_attr="server.server_app:app",
         is_app=True,
         backend_name="ray",
-        backend_config=backend_config(n_sites),
+        backend_config=backend_config(n_sites, cfg),
         server_app_context=context,
         app_dir=str(APP_DIR),
         run=run,

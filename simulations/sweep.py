@@ -25,6 +25,7 @@ from rich.markdown import Markdown
 
 from common.data.schema import DataError
 from common.rundir import RunDir, atomic_savefig, atomic_write_text
+from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -416,8 +417,10 @@ def sweep_cli(
             "wrappers, noise calibrated to the epsilon), or both: sample,site"
         ),
     ] = "sample",
+    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
 ) -> None:
     """Privacy-utility sweep: strategies x target epsilons x seeds; resumes if interrupted."""
+    use_ray_address(ray_address)
     try:
         df = sweep_privacy(
             config,
