@@ -80,13 +80,12 @@ def _update_norm(reply: Message, start: list[np.ndarray]) -> float:
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
+def task_identity():
     """Messages take their run from the process' task identity, set by Flower in a run."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.flower_adapter import task_identity as identity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
+    with identity(run_id=1, node_id=1):
+        yield
 
 
 @pytest.mark.usefixtures("task_identity")

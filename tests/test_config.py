@@ -220,13 +220,12 @@ def test_default_mu_leaves_fedavg_untouched_at_the_site():
     """The run config's mu (now 0.001 by default) reaches training only via FedProx."""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
     from client.task import train_config
     from server.strategies import make_strategy
+    from simulations.flower_adapter import set_task_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    set_task_identity()
     cfg = RunConfig.defaults().to_flat()
     grid = type("G", (), {"get_node_ids": lambda self: [7]})()
     start = ArrayRecord({"w": Array(np.zeros(2, np.float32))})

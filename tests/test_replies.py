@@ -57,10 +57,9 @@ BAD = "mallory"
 @pytest.fixture(autouse=True, scope="module")
 def _task_identity() -> None:
     """Messages need a task identity, as inside a running ServerApp."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.flower_adapter import set_task_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    set_task_identity()
 
 
 @pytest.fixture(autouse=True, scope="module")

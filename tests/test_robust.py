@@ -21,10 +21,9 @@ SHAPES = {"conv.weight": (4, 3, 3, 3), "bn.weight": (4,), "fc.weight": (2, 16)}
 @pytest.fixture(autouse=True)
 def _task_identity():
     """Messages need a task identity, as inside a running ServerApp."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.flower_adapter import set_task_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    set_task_identity()
 
 
 def state_dict(rng: np.random.Generator, shift: float = 0.0, steps: int = 10) -> dict:

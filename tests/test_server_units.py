@@ -68,10 +68,9 @@ def test_sampling_is_reproducible_and_independent_of_node_ids(tmp_path):
 @pytest.fixture(autouse=True)
 def _task_identity():
     """Messages need a task identity, as inside a running ServerApp."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.flower_adapter import set_task_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    set_task_identity()
 
 
 def _reply(values, n):

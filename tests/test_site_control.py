@@ -89,13 +89,12 @@ def context(node: dict, run: dict) -> Context:
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
+def task_identity():
     """Replies take their run from the process' task identity, set by Flower in a run."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.flower_adapter import task_identity as identity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
+    with identity(run_id=7, node_id=1):
+        yield
 
 
 def global_model(run: dict) -> ArrayRecord:
