@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from common.data.partition import partition_cli
 from common.data.schema import DataError
-from common.data.synth import synth_cli
 from server.deploy import deploy_cli
 from simulations.bench import bench_cli
+from simulations.data_cli import partition_cli, synth_cli
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
 from simulations.sweep import sweep_cli
 from simulations.weights import weights_save_cli

@@ -87,9 +87,10 @@ def resolve_config(
 def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
     """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here."""
     from common.data.cache import build_cache
-    from common.data.partition import read_manifest, site_table
+    from common.data.partition import read_manifest
     from common.data.site_data import cache_dir, classes_for, ensure_manifest, resolve_source
     from common.data.sources import load_source
+    from simulations.data_cli import site_table
 
     classes_for(str(cfg["data-format"]))
     fmt, path = resolve_source(cfg)

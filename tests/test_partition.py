@@ -15,10 +15,10 @@ from common.data.partition import (
     partition,
     plot_sites,
     read_manifest,
-    site_table,
     write_manifest,
 )
 from common.data.schema import COLUMNS, HAM_CLASSES, DataError
+from simulations.data_cli import site_table
 
 # HAM10000 overall class frequencies (Tschandl et al. 2018) and rough per-class mean ages.
 _HAM_P = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
@@ -441,7 +441,7 @@ def test_cli_writes_manifest_and_plot(synth_ham_dataverse: Path, tmp_path: Path)
     import typer
     from typer.testing import CliRunner
 
-    from common.data.partition import partition_cli
+    from simulations.data_cli import partition_cli
 
     app = typer.Typer()
     app.command()(partition_cli)
@@ -466,6 +466,40 @@ def test_cli_writes_manifest_and_plot(synth_ham_dataverse: Path, tmp_path: Path)
         ],
     )
     assert bad.exit_code == 1 and "unknown institution" in bad.output
+
+
+def test_cli_partitions_the_builtin_set_without_a_data_path(
+    synth_ham_dataverse: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedskin partition synth-ham` (no --data-path) partitions the built-in data; misuse of
+    it, or an unknown format, is one line (exit 1), not a traceback."""
+    import typer
+    from typer.testing import CliRunner
+
+    from common.data import synth
+    from simulations.data_cli import partition_cli
+
+    made: list[str] = []
+
+    def builtin(fmt: str, n_images: int, image_size: int) -> Path:
+        made.append(fmt)
+        return synth_ham_dataverse  # stands in for the 1500-image set (same layout)
+
+    monkeypatch.setattr(synth, "ensure_builtin", builtin)
+    app = typer.Typer()
+    app.command()(partition_cli)
+    out = tmp_path / "sites.csv"
+    args = ["--min-site-images", "10", "--out", str(out)]
+    res = CliRunner().invoke(app, ["synth-ham", *args])
+    assert res.exit_code == 0, res.output
+    assert made == ["ham-dataverse"] and len(read_manifest(out)) == 160
+    for bad_args, says in (
+        (["synth-ham", "--data-path", str(tmp_path)], "takes no data path"),
+        (["nonsense"], "unknown data format"),
+    ):
+        bad = CliRunner().invoke(app, [*bad_args, *args])
+        assert bad.exit_code == 1 and says in bad.output, bad.output
+        assert bad.exception is None or isinstance(bad.exception, SystemExit)
 
 
 @pytest.fixture(scope="module")

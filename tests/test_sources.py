@@ -150,6 +150,21 @@ def test_unknown_format_and_folder(tmp_path: Path) -> None:
         load_source("ham-dataverse", tmp_path, on_bad="ignore")
 
 
+def test_one_registry_lists_the_formats() -> None:
+    """Every list of formats is the registry's; each entry's loader and writer exist."""
+    from common.data import formats, site_data, sources, synth
+
+    assert set(formats.REGISTRY) == set(site_data.FORMAT_CLASSES) == set(formats.ALL_FORMATS)
+    assert sources.FORMATS == synth.SYNTH_FORMATS == formats.FORMATS
+    assert formats.BUILTIN_FORMAT not in formats.FORMATS
+    builtin = formats.REGISTRY[formats.BUILTIN_FORMAT]
+    assert builtin.stored_as in formats.FORMATS
+    for entry in formats.REGISTRY.values():
+        assert callable(getattr(sources, entry.loader)), entry.name
+        assert callable(getattr(synth, entry.writer)), entry.name
+        assert site_data.classes_for(entry.name) == list(entry.classes)
+
+
 # ----------------------------------------------------------------------------- DICOM photometric
 
 

@@ -22,9 +22,9 @@ from common.data.synth import (
     _isic2020_table,
     ensure_builtin,
     render_lesion,
-    synth_cli,
     synthesize,
 )
+from simulations.data_cli import synth_cli
 
 
 def test_ham_metadata_statistics() -> None:

@@ -13,14 +13,9 @@ import logging
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
-import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
 from sklearn.model_selection import train_test_split
 
 from common.data.institutions import assign_institutions, group_table, resolve_names
@@ -480,64 +475,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ reporting
-def _counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+def site_class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """site x class image counts, all classes present as columns."""
     return (
         pd.crosstab(manifest["site"], manifest["label"])
         .reindex(columns=range(len(classes)), fill_value=0)
         .sort_index()
     )
-
-
-def site_table(
-    manifest: pd.DataFrame, classes: Sequence[str], meta: pd.DataFrame | None = None
-) -> Table:
-    """Per-site images, groups, split sizes, class counts (and mean age if meta is given)."""
-    counts = _counts(manifest, classes)
-    splits = pd.crosstab(manifest["site"], manifest["split"]).reindex(columns=SPLITS, fill_value=0)
-    groups = manifest.groupby("site")["group_id"].nunique()
-    age = None
-    if meta is not None and "age" in meta.columns:
-        ages = pd.to_numeric(meta["age"], errors="coerce")
-        ages.index = meta["image_id"].astype(str)
-        age = (
-            ages.reindex(manifest["image_id"].astype(str))
-            .groupby(manifest["site"].to_numpy())
-            .mean()
-        )
-    scheme = manifest.attrs.get("scheme", "")
-    table = Table(
-        title=f"Sites{f' ({scheme})' if scheme else ''}",
-        caption="imgs/grps: images/groups; train/val/test: images; class columns: images",
-        show_footer=True,
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0),
-        pad_edge=False,
-    )
-    total = counts.to_numpy().sum()
-
-    def col(header: str, footer: object, **kw: object) -> None:
-        table.add_column(header, footer=str(footer), justify="right", no_wrap=True, **kw)
-
-    table.add_column("site", footer="total", no_wrap=True, style="bold")
-    col("imgs", total)
-    col("grps", manifest["group_id"].nunique())
-    for s, short in zip(SPLITS, ("train", "val", "test"), strict=True):
-        col(short, int(splits[s].sum()), style="dim")
-    for k, c in enumerate(classes):
-        col(str(c), int(counts[k].sum()))
-    if age is not None:
-        col("age", f"{ages.mean():.1f}")
-    for site, row in counts.iterrows():
-        n = int(row.sum())
-        cells = [str(site), str(n), str(int(groups[site]))]
-        cells += [str(int(splits.loc[site, s])) for s in SPLITS]
-        cells += [str(int(v)) if v else "·" for v in row]
-        if age is not None:
-            a = age.get(site, np.nan)
-            cells.append("–" if pd.isna(a) else f"{a:.1f}")
-        table.add_row(*cells)
-    return table
 
 
 def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path) -> Path:
@@ -548,7 +492,7 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    counts = _counts(manifest, classes)
+    counts = site_class_counts(manifest, classes)
     props = counts.div(counts.sum(axis=1), axis=0)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(props)))
@@ -582,67 +526,3 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
     atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-# ------------------------------------------------------------------ CLI
-def partition_cli(
-    fmt: Annotated[
-        str,
-        typer.Argument(help="data format: synth-ham, ham-hf, ham-dataverse, isic2020, fedisic2019"),
-    ],
-    data_path: Annotated[
-        Path | None,
-        typer.Option("--data-path", help="source folder; omit for the built-in synthetic set"),
-    ] = None,
-    scheme: Annotated[
-        str, typer.Option(help="natural | institutions | dirichlet | iid")
-    ] = "natural",
-    num_sites: Annotated[int, typer.Option(help="sites for dirichlet / iid")] = 4,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = more skew)")] = 0.5,
-    institutions: Annotated[
-        str, typer.Option(help="comma subset of vienna,barcelona,mskcc,mia,queensland,athens")
-    ] = "",
-    seed: Annotated[int, typer.Option(help="same seed -> byte-identical manifest")] = 0,
-    val_frac: Annotated[
-        float, typer.Option(help="validation fraction of each site's groups")
-    ] = 0.15,
-    test_frac: Annotated[float, typer.Option(help="test fraction of each site's groups")] = 0.15,
-    min_site_images: Annotated[int, typer.Option(help="smallest site allowed")] = 20,
-    out: Annotated[
-        Path, typer.Option(help="manifest CSV; the plot goes beside it as <stem>.png")
-    ] = Path("manifest.csv"),
-) -> None:
-    """Split a data source into hospital sites with leak-free train/validation/test splits."""
-    from common.data import sources, synth  # written concurrently; import only when used
-
-    console = Console()
-    try:
-        if data_path is None:
-            built = synth.ensure_builtin(fmt)
-            src = built if hasattr(built, "meta") else sources.load_source(fmt, built)
-        else:
-            src = sources.load_source(fmt, data_path)
-        manifest = partition(
-            src.meta,
-            scheme,
-            classes=list(src.classes),
-            num_sites=num_sites,
-            alpha=alpha,
-            institutions=resolve_names(institutions) if scheme == "institutions" else None,
-            seed=seed,
-            val_frac=val_frac,
-            test_frac=test_frac,
-            min_site_images=min_site_images,
-        )
-    except DataError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
-    csv = write_manifest(manifest, out)
-    png = plot_sites(manifest, src.classes, csv.with_suffix(".png"))
-    moves = write_moves_report(manifest, csv)
-    console.print(site_table(manifest, src.classes, meta=src.meta))
-    for note in manifest.attrs.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"manifest: {csv}\nplot:     {png}")
-    if moves is not None:
-        console.print(f"moves:    {moves}")

@@ -17,25 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.data.schema import (
-    HAM_CLASSES,
-    ISIC2019_CLASSES,
-    ISIC2020_CLASSES,
-    DataError,
-    SourceData,
-    default_home,
-)
+from common.data.formats import BUILTIN_FORMAT, FORMAT_CLASSES
+from common.data.schema import DataError, SourceData, default_home
 
 log = logging.getLogger("fedskin")
 
-BUILTIN_FORMAT = "synth-ham"
-FORMAT_CLASSES: dict[str, list[str]] = {
-    "synth-ham": HAM_CLASSES,
-    "ham-hf": HAM_CLASSES,
-    "ham-dataverse": HAM_CLASSES,
-    "isic2020": ISIC2020_CLASSES,
-    "fedisic2019": ISIC2019_CLASSES,
-}
+# BUILTIN_FORMAT, FORMAT_CLASSES: derived from the format registry (common/data/formats.py)
 SPLITS = ("train", "validation", "test")
 
 # What a data location is made of; node config overrides run config for these keys.

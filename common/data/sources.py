@@ -18,12 +18,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from common.data.formats import FORMATS, get_format
 from common.data.imaging import decode_image_bytes, decode_image_file, read_dicom
 from common.data.schema import (
     COLUMNS,
@@ -35,7 +37,7 @@ from common.data.schema import (
     SourceData,
 )
 
-FORMATS: tuple[str, ...] = ("ham-hf", "ham-dataverse", "isic2020", "fedisic2019")
+# Which formats exist, their classes and which loader below reads each: common/data/formats.py.
 
 # FLamby Fed-ISIC2019 center index -> name (Terrail et al. 2022, FLamby fed_isic2019 README).
 FEDISIC_CENTERS: dict[int, str] = {
@@ -52,6 +54,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SPLIT_FROM_NAME = re.compile(r"^(train|training|validation|valid|val|test)(?=[-_.])", re.I)
 _SPLIT_ALIASES = {"training": "train", "valid": "validation", "val": "validation"}
 _FIRST = 5  # how many offending ids a message lists
+_TEXT_COLUMNS = ("image_id", "group_id", "label_name", "sex", "anatom_site", "dx_type")
+_OPTIONAL_TEXT_COLUMNS = ("source_site", "source_split")  # "" where the source has none
 
 
 # ----------------------------------------------------------------------------- image readers
@@ -187,6 +191,16 @@ def _clean_str(s: pd.Series) -> pd.Series:
     return out.where(~out.isna() & (out != "") & (out.str.lower() != "nan"), pd.NA)
 
 
+def _text(s: pd.Series) -> pd.Series:
+    """Trimmed strings, "" where empty or missing."""
+    return _clean_str(s).fillna("").astype(str)
+
+
+def _lines(file_name: str, n: int) -> list[str]:
+    """Where each row of a CSV came from, for messages (the header is line 1)."""
+    return [f"{file_name} line {i + 2}" for i in range(n)]
+
+
 def norm_sex(s: pd.Series) -> pd.Series:
     """male/female/unknown from any of M/F/male/Female/empty/NaN."""
     low = _clean_str(s).str.lower()
@@ -206,7 +220,7 @@ def norm_age(s: pd.Series) -> pd.Series:
 def _labels(names: pd.Series, classes: list[str]) -> tuple[pd.Series, pd.Series]:
     """(label index with -1 for unknown, label name) from class names."""
     lookup = {c: i for i, c in enumerate(classes)}
-    clean = _clean_str(names).fillna("").astype(str)
+    clean = _text(names)
     return clean.map(lambda v: lookup.get(v, -1)).astype(int), clean
 
 
@@ -326,56 +340,66 @@ def _fingerprint(fmt: str, root: str, files: Iterable[Path], ids: list[str]) -> 
     return h.hexdigest()[:16]
 
 
-def _finish(
-    df: pd.DataFrame,
-    *,
-    fmt: str,
-    name: str,
-    classes: list[str],
-    file: Path | str,
-    reader: Callable[[str], np.ndarray],
-    report: LoadReport,
-    on_bad: str,
-    verify_images: bool,
-    group_unit: str,
-    meta_files: list[Path],
-    root: str,
-) -> SourceData:
-    """Shared checks in a fixed order, then the SourceData."""
-    df = _flag_bad(
-        df, df["image_id"].duplicated(keep="first"), "duplicated image id", file, report, on_bad
-    )
+@dataclass
+class _Rows:
+    """What a loader read, normalised to the schema's columns, before the shared checks."""
+
+    fmt: str
+    df: pd.DataFrame  # COLUMNS, plus _where (file and line) and _path (None: image missing)
+    reader: Callable[[str], np.ndarray]
+    report: LoadReport
+    file: Path | str  # the metadata file that messages name
+    root: str  # the source's path (or hub id), part of the cache key
+    meta_files: list[Path] = field(default_factory=list)  # their size/mtime key the cache
+
+
+def _drop_bad_rows(rows: _Rows, classes: list[str], on_bad: str) -> pd.DataFrame:
+    """Duplicated ids, unknown labels and missing image files, in that order."""
+    df, file, report = rows.df, rows.file, rows.report
+    dup = df["image_id"].duplicated(keep="first")
+    df = _flag_bad(df, dup, "duplicated image id", file, report, on_bad)
     bad_label = df["label"] < 0
     values = sorted(set(df.loc[bad_label, "label_name"].astype(str)))[:_FIRST]
-    df = _flag_bad(
-        df, bad_label, "unknown label", file, report, on_bad, f" {values} (known: {classes})"
-    )
+    detail = f" {values} (known: {classes})"
+    df = _flag_bad(df, bad_label, "unknown label", file, report, on_bad, detail)
     if "_path" in df.columns:
-        missing = df["_path"].isna()
-        df = _flag_bad(df, missing, "image file missing", file, report, on_bad)
-    if verify_images:
-        df = _verify(df, reader, report, on_bad)
-    _warn_unknown_demographics(df, report, file)
-    _warn_split_straddle(df, report, group_unit)
+        df = _flag_bad(df, df["_path"].isna(), "image file missing", file, report, on_bad)
+    return df
+
+
+def _schema_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Exactly ``schema.COLUMNS`` with their dtypes, indexed 0..n-1."""
     meta = df[COLUMNS].reset_index(drop=True)
     meta["label"] = meta["label"].astype(np.int64)
     meta["age"] = meta["age"].astype(float)
-    for c in ("image_id", "group_id", "label_name", "sex", "anatom_site", "dx_type"):
+    for c in _TEXT_COLUMNS:
         meta[c] = meta[c].astype(str)
-    for c in ("source_site", "source_split"):
+    for c in _OPTIONAL_TEXT_COLUMNS:
         meta[c] = meta[c].fillna("").astype(str)
-    report.n_kept = len(meta)
-    ids = meta["image_id"].tolist()
-    if hasattr(reader, "on_bad"):
-        reader.on_bad = on_bad  # type: ignore[attr-defined]
+    return meta
+
+
+def _finish(rows: _Rows, on_bad: str, verify_images: bool) -> SourceData:
+    """Shared checks in a fixed order, then the SourceData (name, classes: the registry's)."""
+    entry = get_format(rows.fmt)
+    classes = list(entry.classes)
+    df = _drop_bad_rows(rows, classes, on_bad)
+    if verify_images:
+        df = _verify(df, rows.reader, rows.report, on_bad)
+    _warn_unknown_demographics(df, rows.report, rows.file)
+    _warn_split_straddle(df, rows.report, entry.group)
+    meta = _schema_frame(df)
+    rows.report.n_kept = len(meta)
+    if hasattr(rows.reader, "on_bad"):
+        rows.reader.on_bad = on_bad  # type: ignore[attr-defined]
     return SourceData(
-        name=name,
-        format=fmt,
-        classes=list(classes),
+        name=entry.dataset,
+        format=rows.fmt,
+        classes=classes,
         meta=meta,
-        reader=reader,
-        report=report,
-        fingerprint=_fingerprint(fmt, root, meta_files, ids),
+        reader=rows.reader,
+        report=rows.report,
+        fingerprint=_fingerprint(rows.fmt, rows.root, rows.meta_files, meta["image_id"].tolist()),
     )
 
 
@@ -393,7 +417,7 @@ def _split_of(shard: Path) -> str:
 def _ham_columns(df: pd.DataFrame, report: LoadReport, file: Path | str) -> pd.DataFrame:
     """Normalise HAM10000 metadata columns (shared by the HF and Dataverse copies)."""
     out = pd.DataFrame(index=df.index)
-    out["image_id"] = _clean_str(df["image_id"]).fillna("").astype(str)
+    out["image_id"] = _text(df["image_id"])
     group = _clean_str(df["lesion_id"])
     if group.isna().any():
         report.warnings.append(
@@ -404,7 +428,7 @@ def _ham_columns(df: pd.DataFrame, report: LoadReport, file: Path | str) -> pd.D
     out["age"] = norm_age(_col(df, "age", report, file))
     out["sex"] = norm_sex(_col(df, "sex", report, file))
     out["anatom_site"] = norm_site(_col(df, "localization", report, file))
-    out["dx_type"] = _clean_str(_col(df, "dx_type", report, file)).fillna("").astype(str)
+    out["dx_type"] = _text(_col(df, "dx_type", report, file))
     return out
 
 
@@ -438,11 +462,8 @@ def _load_ham_hub(repo_id: str, on_bad: str, verify_images: bool) -> SourceData:
             blobs[image_id] = img["bytes"]
     df["_path"] = df["image_id"].where(df["image_id"].isin(blobs), None)
     reader = BytesImageReader(blobs, f"hub {repo_id}")
-    return _finish(
-        df, fmt="ham-hf", name="ham10000", classes=HAM_CLASSES, file=repo_id, reader=reader,
-        report=report, on_bad=on_bad, verify_images=verify_images, group_unit="lesion",
-        meta_files=[], root=repo_id,
-    )  # fmt: skip
+    rows = _Rows("ham-hf", df, reader, report, file=repo_id, root=repo_id)
+    return _finish(rows, on_bad, verify_images)
 
 
 def load_ham_hf(path: str | Path, on_bad: str = "error", verify_images: bool = False) -> SourceData:
@@ -491,12 +512,9 @@ def load_ham_hf(path: str | Path, on_bad: str = "error", verify_images: bool = F
     df["source_site"] = ""
     df["source_split"] = raw["_split"].astype(str)
     df["_where"] = raw["_where"]
-    return _finish(
-        df, fmt="ham-hf", name="ham10000", classes=HAM_CLASSES, file=root,
-        reader=ParquetImageReader(locations, on_bad), report=report, on_bad=on_bad,
-        verify_images=verify_images, group_unit="lesion", meta_files=shards,
-        root=str(root.resolve()),
-    )  # fmt: skip
+    reader = ParquetImageReader(locations, on_bad)
+    rows = _Rows("ham-hf", df, reader, report, root, str(root.resolve()), meta_files=shards)
+    return _finish(rows, on_bad, verify_images)
 
 
 # ----------------------------------------------------------------------------- HAM (Dataverse)
@@ -533,20 +551,17 @@ def load_ham_dataverse(
     report = LoadReport(source=f"ham-dataverse {root}", n_rows_read=len(raw))
     df = _ham_columns(raw, report, csv.name)
     if "dataset" in raw.columns:
-        df["source_site"] = _clean_str(raw["dataset"]).fillna("").astype(str)
+        df["source_site"] = _text(raw["dataset"])
     else:
         report.warnings.append(f"{csv.name}: no 'dataset' column (Kaggle copy?): source_site ''")
         df["source_site"] = ""
     df["source_split"] = ""
-    df["_where"] = [f"{csv.name} line {i + 2}" for i in range(len(raw))]
+    df["_where"] = _lines(csv.name, len(raw))
     paths = _scan_images([root], _IMAGE_SUFFIXES)
     df["_path"] = df["image_id"].map(paths)
-    return _finish(
-        df, fmt="ham-dataverse", name="ham10000", classes=HAM_CLASSES, file=csv,
-        reader=FileImageReader({k: v for k, v in paths.items()}, on_bad), report=report,
-        on_bad=on_bad, verify_images=verify_images, group_unit="lesion", meta_files=[csv],
-        root=str(root.resolve()),
-    )  # fmt: skip
+    reader = FileImageReader(dict(paths), on_bad)
+    rows = _Rows("ham-dataverse", df, reader, report, csv, str(root.resolve()), meta_files=[csv])
+    return _finish(rows, on_bad, verify_images)
 
 
 # ----------------------------------------------------------------------------- ISIC 2020
@@ -609,7 +624,7 @@ def load_isic2020(
     _require(raw.columns, ["image_name", "patient_id", "target"], csv)
     report = LoadReport(source=f"isic2020 {root}", n_rows_read=len(raw))
     df = pd.DataFrame(index=raw.index)
-    df["image_id"] = _clean_str(raw["image_name"]).fillna("").astype(str)
+    df["image_id"] = _text(raw["image_name"])
     group = _clean_str(raw["patient_id"])
     if group.isna().any():
         report.warnings.append(
@@ -622,7 +637,7 @@ def load_isic2020(
     df["anatom_site"] = norm_site(_col(raw, "anatom_site_general_challenge", report, csv.name))
     df["dx_type"] = ""  # ISIC 2020 does not record how the diagnosis was confirmed
     df["source_split"] = "train"
-    df["_where"] = [f"{csv.name} line {i + 2}" for i in range(len(raw))]
+    df["_where"] = _lines(csv.name, len(raw))
     # DICOM first (the primary format), JPEG copies as fallback.
     dicoms = _scan_images([root / "train"], (".dcm",))
     jpegs = _scan_images(
@@ -645,13 +660,9 @@ def load_isic2020(
         df["source_site"] = df["image_id"].map(sites).fillna("").astype(str)
     else:
         report.warnings.append("isic2020: no DICOM InstitutionName found: source_site ''")
-    meta_files = [csv]
-    return _finish(
-        df, fmt="isic2020", name="isic2020", classes=ISIC2020_CLASSES, file=csv,
-        reader=FileImageReader(paths, on_bad), report=report, on_bad=on_bad,
-        verify_images=verify_images, group_unit="patient", meta_files=meta_files,
-        root=str(root.resolve()),
-    )  # fmt: skip
+    reader = FileImageReader(paths, on_bad)
+    rows = _Rows("isic2020", df, reader, report, csv, str(root.resolve()), meta_files=[csv])
+    return _finish(rows, on_bad, verify_images)
 
 
 # ----------------------------------------------------------------------------- Fed-ISIC2019
@@ -672,7 +683,7 @@ def load_fedisic2019(
     _require(raw.columns, ["image", "target", "center", "fold"], split_file)
     report = LoadReport(source=f"fedisic2019 {root}", n_rows_read=len(raw))
     df = pd.DataFrame(index=raw.index)
-    df["image_id"] = _clean_str(raw["image"]).fillna("").astype(str)
+    df["image_id"] = _text(raw["image"])
     df["label"], df["label_name"] = _labels_from_int(raw["target"], ISIC2019_CLASSES)
     center = pd.to_numeric(raw["center"], errors="coerce")
     df["source_site"] = [
@@ -687,9 +698,9 @@ def load_fedisic2019(
             f"{split_file.name}: center value(s) {unknown_centers[:_FIRST]} are not FLamby's "
             "0-5; kept as given"
         )
-    df["source_split"] = _clean_str(raw["fold"]).fillna("").astype(str)
+    df["source_split"] = _text(raw["fold"])
     df["dx_type"] = ""
-    df["_where"] = [f"{split_file.name} line {i + 2}" for i in range(len(raw))]
+    df["_where"] = _lines(split_file.name, len(raw))
 
     meta_files = [split_file]
     meta_csv = next(
@@ -740,22 +751,12 @@ def load_fedisic2019(
         img_dirs = [root]
     paths = _scan_images(img_dirs, _IMAGE_SUFFIXES)
     df["_path"] = df["image_id"].map(paths)
-    return _finish(
-        df, fmt="fedisic2019", name="fedisic2019", classes=ISIC2019_CLASSES, file=split_file,
-        reader=FileImageReader(paths, on_bad), report=report, on_bad=on_bad,
-        verify_images=verify_images, group_unit="lesion", meta_files=meta_files,
-        root=str(root.resolve()),
-    )  # fmt: skip
+    reader = FileImageReader(paths, on_bad)
+    rows = _Rows("fedisic2019", df, reader, report, split_file, str(root.resolve()), meta_files)
+    return _finish(rows, on_bad, verify_images)
 
 
 # ----------------------------------------------------------------------------- entry point
-
-_LOADERS: dict[str, Callable[..., SourceData]] = {
-    "ham-hf": load_ham_hf,
-    "ham-dataverse": load_ham_dataverse,
-    "isic2020": load_isic2020,
-    "fedisic2019": load_fedisic2019,
-}
 
 
 def load_source(
@@ -764,8 +765,21 @@ def load_source(
     """Load a data source in its publisher's on-disk format (see module docstring)."""
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
-    try:
-        loader = _LOADERS[fmt]
-    except KeyError:
-        raise DataError(f"unknown data format {fmt!r}; expected one of {list(FORMATS)}") from None
-    return loader(path, on_bad=on_bad, verify_images=verify_images)
+    return get_format(fmt, FORMATS).load(path, on_bad=on_bad, verify_images=verify_images)
+
+
+def open_source(
+    fmt: str, path: str | Path | None = None, *, n_images: int = 1500, image_size: int = 32
+) -> SourceData:
+    """Any registered format: ``synth-ham``, or a format given no path, is the built-in
+    synthetic set in that format's layout (made once, :func:`synth.ensure_builtin`)."""
+    entry = get_format(fmt)
+    if entry.builtin and path is not None:
+        raise DataError(f"{fmt} is the built-in synthetic data set: it takes no data path")
+    if entry.builtin or path is None:
+        from common.data.synth import ensure_builtin  # synth imports no loader: no cycle
+
+        stored = entry.stored_as or entry.name
+        folder = ensure_builtin(stored, n_images=n_images, image_size=image_size)
+        return load_source(stored, folder)
+    return load_source(fmt, path)

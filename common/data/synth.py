@@ -31,16 +31,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
-import typer
 from PIL import Image
 
+from common.data.formats import REGISTRY, SYNTH_FORMATS
 from common.data.schema import ISIC2019_CLASSES, default_home
 
-SYNTH_FORMATS: tuple[str, ...] = ("ham-hf", "ham-dataverse", "isic2020", "fedisic2019")
 CLASS_FLOOR = 2  # minimum images per (source, class) that exists in the real data
 ISIC2020_SYNTH_MEL_RATE = 0.08  # real: 584 / 33126 = 1.76 % (raised, see module docstring)
 
@@ -400,7 +398,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 # ----------------------------------------------------------------------------- writers
 
 
-def _write_ham_dataverse(out: Path, n_images: int, size: int, seed: int) -> None:
+def write_ham_dataverse(out: Path, n_images: int, size: int, seed: int) -> None:
     df = _ham_table(n_images, seed)
     images = _render_all(
         df["dx"].tolist(), df["dataset"].tolist(), df["_lesion"].tolist(), size, seed
@@ -415,7 +413,7 @@ def _write_ham_dataverse(out: Path, n_images: int, size: int, seed: int) -> None
         (part / f"{df.at[i, 'image_id']}.jpg").write_bytes(_jpeg(images[i]))
 
 
-def _write_ham_hf(out: Path, n_images: int, size: int, seed: int) -> None:
+def write_ham_hf(out: Path, n_images: int, size: int, seed: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -555,7 +553,7 @@ def _isic2020_table(n_images: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
     return df, insts
 
 
-def _write_isic2020(
+def write_isic2020(
     out: Path, n_images: int, size: int, seed: int, *, dicom: bool = True, jpeg_copies: bool = False
 ) -> None:
     df, _ = _isic2020_table(n_images, seed)
@@ -575,7 +573,7 @@ def _write_isic2020(
             (out / "jpeg" / "train" / f"{name}.jpg").write_bytes(_jpeg(images[i]))
 
 
-def _write_fedisic2019(out: Path, n_images: int, size: int, seed: int) -> None:
+def write_fedisic2019(out: Path, n_images: int, size: int, seed: int) -> None:
     rng = np.random.default_rng([seed, 40])
     per_center = _allocate(
         n_images, {c: t[1] + t[2] for c, t in FEDISIC_TABLE.items()}, floor=4 * CLASS_FLOOR
@@ -663,14 +661,9 @@ def synthesize(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"synthesize: output folder {out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "ham-dataverse":
-        _write_ham_dataverse(out, n_images, image_size, seed)
-    elif fmt == "ham-hf":
-        _write_ham_hf(out, n_images, image_size, seed)
-    elif fmt == "isic2020":
-        _write_isic2020(out, n_images, image_size, seed, dicom=dicom, jpeg_copies=jpeg_copies)
-    else:
-        _write_fedisic2019(out, n_images, image_size, seed)
+    entry = REGISTRY[fmt]
+    options = {"dicom": dicom, "jpeg_copies": jpeg_copies}
+    entry.write(out, n_images, image_size, seed, **{k: options[k] for k in entry.write_options})
     return out
 
 
@@ -697,31 +690,3 @@ def ensure_builtin(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def synth_cli(
-    fmt: Annotated[
-        str, typer.Argument(help="Format: ham-hf | ham-dataverse | isic2020 | fedisic2019")
-    ] = "ham-dataverse",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output folder (default: FEDSKIN_HOME/synth/..)")
-    ] = None,
-    n_images: Annotated[int, typer.Option("--n-images", help="Number of images")] = 2000,
-    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels")] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed")] = 0,
-) -> None:
-    """Write a synthetic data set in a real on-disk format (wired as `fedskin synth`)."""
-    from rich.console import Console
-
-    if fmt not in SYNTH_FORMATS:
-        raise typer.BadParameter(f"unknown format {fmt!r}; expected one of {list(SYNTH_FORMATS)}")
-    out = out or default_home() / "synth" / f"{fmt}-{n_images}-{image_size}-{seed}"
-    try:
-        path = synthesize(fmt, out, n_images=n_images, image_size=image_size, seed=seed)
-    except FileExistsError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    Console().print(
-        f"wrote synthetic [bold]{fmt}[/] data set ({n_images} images, {image_size}px, "
-        f"seed {seed}) to {path}\nload it with: load_source({fmt!r}, {str(path)!r}) or "
-        f"--run-config \"data-format='{fmt}' data-path='{path}'\""
-    )

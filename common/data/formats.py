@@ -1,0 +1,127 @@
+"""The data formats: one registry entry per format (its classes, loader and synthetic writer).
+
+Every list of formats is derived from :data:`REGISTRY`: the loaders ``load_source`` accepts
+(:data:`FORMATS`), the formats ``synthesize`` can write (:data:`SYNTH_FORMATS`), the class
+names a model head is sized from (:data:`FORMAT_CLASSES`) and the ``data-format`` values a
+run config allows. A format's loader lives in ``common/data/sources.py`` and its writer in
+``common/data/synth.py``; the entry names them, and they are looked up when called, so this
+module imports neither (both import it) and there is no import cycle.
+
+``synth-ham`` is the built-in data: synthetic HAM10000 made on first use and stored in the
+``ham-dataverse`` layout (``stored_as``), so it is loaded and written as that format.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.data.schema import (
+    HAM_CLASSES,
+    ISIC2019_CLASSES,
+    ISIC2020_CLASSES,
+    DataError,
+    SourceData,
+)
+
+_SOURCES = "common.data.sources"
+_SYNTH = "common.data.synth"
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One on-disk data format: what it holds, how to read it, how to write a synthetic copy."""
+
+    name: str
+    classes: tuple[str, ...]
+    loader: str  # function in common/data/sources.py: (path, on_bad=, verify_images=) -> data
+    writer: str  # function in common/data/synth.py: (out, n_images, size, seed, **options)
+    dataset: str  # the data set it holds (SourceData.name)
+    group: str  # what a group_id is: the unit that must not straddle sites or splits
+    layout: str  # what its folder holds (help text)
+    stored_as: str = ""  # built-in data only: the real format its files are written in
+    write_options: tuple[str, ...] = ()  # keyword options of its writer (see synthesize)
+
+    @property
+    def builtin(self) -> bool:
+        return bool(self.stored_as)
+
+    def load(self, path: str | Path, *, on_bad: str = "error", verify_images: bool = False):
+        fn: Callable[..., SourceData] = getattr(importlib.import_module(_SOURCES), self.loader)
+        return fn(path, on_bad=on_bad, verify_images=verify_images)
+
+    def write(self, out: Path, n_images: int, size: int, seed: int, **options: Any) -> None:
+        fn: Callable[..., None] = getattr(importlib.import_module(_SYNTH), self.writer)
+        fn(out, n_images, size, seed, **options)
+
+
+BUILTIN_FORMAT = "synth-ham"
+
+REGISTRY: dict[str, DataFormat] = {
+    f.name: f
+    for f in (
+        DataFormat(
+            BUILTIN_FORMAT,
+            tuple(HAM_CLASSES),
+            "load_ham_dataverse",
+            "write_ham_dataverse",
+            "ham10000",
+            "lesion",
+            "built-in synthetic HAM10000, made on first use (no data-path)",
+            stored_as="ham-dataverse",
+        ),
+        DataFormat(
+            "ham-hf",
+            tuple(HAM_CLASSES),
+            "load_ham_hf",
+            "write_ham_hf",
+            "ham10000",
+            "lesion",
+            "HAM10000 as the HF hub copy: parquet shards (or a hub id)",
+        ),
+        DataFormat(
+            "ham-dataverse",
+            tuple(HAM_CLASSES),
+            "load_ham_dataverse",
+            "write_ham_dataverse",
+            "ham10000",
+            "lesion",
+            "HAM10000 from Harvard Dataverse: HAM10000_metadata.csv + JPEG folders",
+        ),
+        DataFormat(
+            "isic2020",
+            tuple(ISIC2020_CLASSES),
+            "load_isic2020",
+            "write_isic2020",
+            "isic2020",
+            "patient",
+            "SIIM-ISIC 2020: train.csv + train/<image_name>.dcm (or JPEG copies)",
+            write_options=("dicom", "jpeg_copies"),
+        ),
+        DataFormat(
+            "fedisic2019",
+            tuple(ISIC2019_CLASSES),
+            "load_fedisic2019",
+            "write_fedisic2019",
+            "fedisic2019",
+            "lesion",
+            "FLamby Fed-ISIC2019: train_test_split + preprocessed JPEGs",
+        ),
+    )
+}
+
+# Derived lists: every format, the ones on disk (loadable, synthesizable), classes by format.
+ALL_FORMATS: tuple[str, ...] = tuple(REGISTRY)
+FORMATS: tuple[str, ...] = tuple(n for n, f in REGISTRY.items() if not f.builtin)
+SYNTH_FORMATS: tuple[str, ...] = FORMATS
+FORMAT_CLASSES: dict[str, list[str]] = {n: list(f.classes) for n, f in REGISTRY.items()}
+
+
+def get_format(name: str, among: tuple[str, ...] = ALL_FORMATS) -> DataFormat:
+    """The registry entry of ``name``; a one-line :class:`DataError` naming the choices."""
+    if name not in among:
+        raise DataError(f"unknown data format {name!r}; choose one of {list(among)}")
+    return REGISTRY[name]

@@ -1,0 +1,162 @@
+"""`fedskin synth` and `fedskin partition`: the data commands (algorithms: common/data)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from common.data.formats import ALL_FORMATS, SYNTH_FORMATS
+from common.data.institutions import resolve_names
+from common.data.partition import (
+    SPLITS,
+    partition,
+    plot_sites,
+    site_class_counts,
+    write_manifest,
+    write_moves_report,
+)
+from common.data.schema import DataError, default_home
+from common.data.sources import open_source
+from common.data.synth import synthesize
+
+
+def synth_cli(
+    fmt: Annotated[
+        str, typer.Argument(help="Format: " + " | ".join(SYNTH_FORMATS))
+    ] = "ham-dataverse",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: FEDSKIN_HOME/synth/..)")
+    ] = None,
+    n_images: Annotated[int, typer.Option("--n-images", help="Number of images")] = 2000,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed")] = 0,
+) -> None:
+    """Write a synthetic data set in a real on-disk format (wired as `fedskin synth`)."""
+    if fmt not in SYNTH_FORMATS:
+        raise typer.BadParameter(f"unknown format {fmt!r}; expected one of {list(SYNTH_FORMATS)}")
+    out = out or default_home() / "synth" / f"{fmt}-{n_images}-{image_size}-{seed}"
+    try:
+        path = synthesize(fmt, out, n_images=n_images, image_size=image_size, seed=seed)
+    except FileExistsError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    Console().print(
+        f"wrote synthetic [bold]{fmt}[/] data set ({n_images} images, {image_size}px, "
+        f"seed {seed}) to {path}\nload it with: load_source({fmt!r}, {str(path)!r}) or "
+        f"--run-config \"data-format='{fmt}' data-path='{path}'\""
+    )
+
+
+def site_table(
+    manifest: pd.DataFrame, classes: Sequence[str], meta: pd.DataFrame | None = None
+) -> Table:
+    """Per-site images, groups, split sizes, class counts (and mean age if meta is given)."""
+    counts = site_class_counts(manifest, classes)
+    splits = pd.crosstab(manifest["site"], manifest["split"]).reindex(columns=SPLITS, fill_value=0)
+    groups = manifest.groupby("site")["group_id"].nunique()
+    age = None
+    if meta is not None and "age" in meta.columns:
+        ages = pd.to_numeric(meta["age"], errors="coerce")
+        ages.index = meta["image_id"].astype(str)
+        age = (
+            ages.reindex(manifest["image_id"].astype(str))
+            .groupby(manifest["site"].to_numpy())
+            .mean()
+        )
+    scheme = manifest.attrs.get("scheme", "")
+    table = Table(
+        title=f"Sites{f' ({scheme})' if scheme else ''}",
+        caption="imgs/grps: images/groups; train/val/test: images; class columns: images",
+        show_footer=True,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        pad_edge=False,
+    )
+    total = counts.to_numpy().sum()
+
+    def col(header: str, footer: object, **kw: object) -> None:
+        table.add_column(header, footer=str(footer), justify="right", no_wrap=True, **kw)
+
+    table.add_column("site", footer="total", no_wrap=True, style="bold")
+    col("imgs", total)
+    col("grps", manifest["group_id"].nunique())
+    for s, short in zip(SPLITS, ("train", "val", "test"), strict=True):
+        col(short, int(splits[s].sum()), style="dim")
+    for k, c in enumerate(classes):
+        col(str(c), int(counts[k].sum()))
+    if age is not None:
+        col("age", f"{ages.mean():.1f}")
+    for site, row in counts.iterrows():
+        n = int(row.sum())
+        cells = [str(site), str(n), str(int(groups[site]))]
+        cells += [str(int(splits.loc[site, s])) for s in SPLITS]
+        cells += [str(int(v)) if v else "·" for v in row]
+        if age is not None:
+            a = age.get(site, np.nan)
+            cells.append("–" if pd.isna(a) else f"{a:.1f}")
+        table.add_row(*cells)
+    return table
+
+
+def partition_cli(
+    fmt: Annotated[
+        str,
+        typer.Argument(help="data format: " + ", ".join(ALL_FORMATS)),
+    ],
+    data_path: Annotated[
+        Path | None,
+        typer.Option("--data-path", help="source folder; omit for the built-in synthetic set"),
+    ] = None,
+    scheme: Annotated[
+        str, typer.Option(help="natural | institutions | dirichlet | iid")
+    ] = "natural",
+    num_sites: Annotated[int, typer.Option(help="sites for dirichlet / iid")] = 4,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = more skew)")] = 0.5,
+    institutions: Annotated[
+        str, typer.Option(help="comma subset of vienna,barcelona,mskcc,mia,queensland,athens")
+    ] = "",
+    seed: Annotated[int, typer.Option(help="same seed -> byte-identical manifest")] = 0,
+    val_frac: Annotated[
+        float, typer.Option(help="validation fraction of each site's groups")
+    ] = 0.15,
+    test_frac: Annotated[float, typer.Option(help="test fraction of each site's groups")] = 0.15,
+    min_site_images: Annotated[int, typer.Option(help="smallest site allowed")] = 20,
+    out: Annotated[
+        Path, typer.Option(help="manifest CSV; the plot goes beside it as <stem>.png")
+    ] = Path("manifest.csv"),
+) -> None:
+    """Split a data source into hospital sites with leak-free train/validation/test splits."""
+    console = Console()
+    try:
+        src = open_source(fmt, data_path)
+        manifest = partition(
+            src.meta,
+            scheme,
+            classes=list(src.classes),
+            num_sites=num_sites,
+            alpha=alpha,
+            institutions=resolve_names(institutions) if scheme == "institutions" else None,
+            seed=seed,
+            val_frac=val_frac,
+            test_frac=test_frac,
+            min_site_images=min_site_images,
+        )
+    except DataError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    csv = write_manifest(manifest, out)
+    png = plot_sites(manifest, src.classes, csv.with_suffix(".png"))
+    moves = write_moves_report(manifest, csv)
+    console.print(site_table(manifest, src.classes, meta=src.meta))
+    for note in manifest.attrs.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"manifest: {csv}\nplot:     {png}")
+    if moves is not None:
+        console.print(f"moves:    {moves}")
