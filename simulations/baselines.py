@@ -10,6 +10,8 @@ validation, as the federation keeps its best round.
 from __future__ import annotations
 
 import copy
+import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -87,26 +89,48 @@ def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, f
     return {s.site: _score(model, s.images["test"], s.labels["test"], s.classes) for s in sites}
 
 
+def _baseline_row(cfg: dict[str, Any], fit_on: list[SiteData], sites: list[SiteData], label: str):
+    """One baseline's row: its test bacc at every site, on the pooled test, and its time."""
+    t0 = time.time()
+    model = _fit(cfg, fit_on, label)
+    x, y = _split(sites, "test")
+    return {
+        **score_on_sites(model, sites),
+        POOLED_TEST: _score(model, x, y, sites[0].classes),
+        SECONDS: time.time() - t0,
+    }
+
+
 def run_baselines(cfg: dict[str, Any], local: bool = True) -> pd.DataFrame:
-    """Rows: pooled, and one local model per site; columns: per-site test bacc and the mean."""
+    """Rows: pooled, and one local model per site; columns: per-site test bacc, the mean over
+    sites, the pooled test and the seconds it took."""
     sites = load_all_sites(cfg)
-    rows = [{"method": "pooled", **score_on_sites(_fit(cfg, sites, "pooled baseline"), sites)}]
+    rows = [{"method": "pooled", **_baseline_row(cfg, sites, sites, "pooled baseline")}]
     if local:
         for s in sites:
-            model = _fit(cfg, [s], f"local {s.site}")
-            rows.append({"method": f"local ({s.site})", **score_on_sites(model, sites)})
+            rows.append(
+                {"method": f"local ({s.site})", **_baseline_row(cfg, [s], sites, f"local {s.site}")}
+            )
     return _with_mean(pd.DataFrame(rows))
 
 
+POOLED_TEST, SECONDS = "pooled test", "seconds"  # the columns that are not sites
+
+
 def _with_mean(df: pd.DataFrame) -> pd.DataFrame:
-    site_cols = [c for c in df.columns if c != "method"]
+    site_cols = [c for c in df.columns if c not in ("method", POOLED_TEST, SECONDS)]
     df["mean"] = df[site_cols].mean(axis=1)
     return df
 
 
-def federated_row(metrics: dict[str, Any], label: str) -> dict[str, Any]:
+def federated_row(metrics: dict[str, Any], label: str, seconds: float = float("nan")) -> dict:
     test = metrics["test"]
-    return {"method": label, **{s: m["balanced_accuracy"] for s, m in test["sites"].items()}}
+    return {
+        "method": label,
+        **{s: m["balanced_accuracy"] for s, m in test["sites"].items()},
+        POOLED_TEST: test.get("global", {}).get("balanced_accuracy", float("nan")),
+        SECONDS: seconds,
+    }
 
 
 def comparison_table(rows: pd.DataFrame) -> Table:
@@ -114,8 +138,24 @@ def comparison_table(rows: pd.DataFrame) -> Table:
     for col in rows.columns:
         table.add_column(str(col), justify="left" if col == "method" else "right")
     for _, r in rows.iterrows():
-        table.add_row(*[str(r[c]) if c == "method" else f"{r[c]:.3f}" for c in rows.columns])
+        table.add_row(*[_cell(c, r[c]) for c in rows.columns])
     return table
+
+
+def _cell(column: str, value: Any) -> str:
+    if column == "method":
+        return str(value)
+    return f"{value:.0f}" if column == SECONDS else f"{value:.3f}"
+
+
+def _reuse_fedavg(fedavg_dir: Path, run_dir: Path) -> bool:
+    """``finetune`` trains exactly as FedAvg does (it fine-tunes at the test only): start it
+    from the FedAvg run of this comparison, so that only the fine-tuning is paid again."""
+    if not (fedavg_dir / "checkpoints" / "last.pt").is_file():
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(fedavg_dir, run_dir)
+    return True
 
 
 def compare(
@@ -137,18 +177,34 @@ def compare(
     base = parse_overrides(overrides)
     personal = str(base.get("personalize", ""))
     rows = []
-    for method in dict.fromkeys(strategies):  # one row per method
+    methods = list(dict.fromkeys(strategies))  # one row per method
+    if "finetune" in methods and "fedavg" in methods and not personal:  # FedAvg first: reused
+        methods.remove("fedavg")
+        methods.insert(methods.index("finetune"), "fedavg")
+    for method in methods:
         if method in PERSONALIZE[1:]:
             run, label = {**base, "strategy": "fedavg", "personalize": method}, method
         else:  # a personalize= given in --run-config applies, and shows in the label
             run, label = {**base, "strategy": method}, "+".join(filter(None, [method, personal]))
-        metrics = simulate(config, run, out=out / method)
-        rows.append(federated_row(metrics, label))
+        t0 = time.time()
+        reuse = method == "finetune" and "fedavg" in methods and not personal
+        reuse = reuse and _reuse_fedavg(out / "fedavg", out / method)
+        if reuse:
+            console.print("finetune: FedAvg's rounds reused; the sites fine-tune its best model")
+        metrics = simulate(config, run, out=out / method, force_resume=reuse)
+        rows.append(federated_row(metrics, label, time.time() - t0))
     cfg = prepare_data(resolve_config(config, base))
     cfg.pop("num-sites-found", None)
     table = pd.concat([run_baselines(cfg, local=local), _with_mean(pd.DataFrame(rows))])
+    extra = ("method", "mean", POOLED_TEST, SECONDS)
     table = table[
-        ["method", *sorted(c for c in table.columns if c not in ("method", "mean")), "mean"]
+        [
+            "method",
+            *sorted(c for c in table.columns if c not in extra),
+            "mean",
+            POOLED_TEST,
+            SECONDS,
+        ]
     ]
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False, float_format="%.4f"))
     atomic_write_text(out / "comparison.md", _markdown(table))

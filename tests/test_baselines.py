@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pandas as pd
 
-from simulations.baselines import _markdown, federated_row, run_baselines
+from simulations.baselines import (
+    POOLED_TEST,
+    SECONDS,
+    _markdown,
+    compare,
+    federated_row,
+    run_baselines,
+)
 from simulations.runner import prepare_data, resolve_config
 
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
+EXTRA = (POOLED_TEST, SECONDS)
 
 
 def test_pooled_and_local_table():
@@ -19,13 +27,16 @@ def test_pooled_and_local_table():
     )
     table = run_baselines(cfg)
     assert list(table["method"]) == ["pooled"] + [f"local ({s})" for s in SITES]
-    assert sorted(c for c in table.columns if c not in ("method", "mean")) == SITES
+    assert sorted(c for c in table.columns if c not in ("method", "mean", *EXTRA)) == SITES
     values = table[SITES].to_numpy()
     assert ((values >= 0) & (values <= 1)).all()
     # the mean column is the mean over the sites' test splits, as FLamby reports it
     assert (abs(table[SITES].mean(axis=1) - table["mean"]) < 1e-12).all()
     # the pooled model has seen every site and learns beyond chance (1/7) on average
     assert table.loc[table["method"] == "pooled", "mean"].item() > 1 / 7
+    # the pooled test column scores on every site's test images at once
+    assert ((table[POOLED_TEST] >= 0) & (table[POOLED_TEST] <= 1)).all()
+    assert (table[SECONDS] > 0).all()
     fed = federated_row(
         {"test": {"sites": {s: {"balanced_accuracy": 0.5} for s in SITES}}}, "fedavg"
     )
@@ -60,3 +71,22 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch):
     )
     for k, v in model.state_dict().items():
         assert torch.equal(v, states[1][k]), k
+
+
+def test_compare_finetune_reuses_the_fedavg_rounds(tmp_path):
+    """finetune trains as FedAvg does: compare starts it from the FedAvg run (same rounds,
+    not trained again) and only the test differs, by the sites' fine-tuning."""
+    import json
+
+    overrides = (
+        "builtin-images=300 image-size=16 num-server-rounds=2 local-steps=2 finetune-steps=5"
+    )
+    table = compare(None, overrides, ["finetune", "fedavg"], tmp_path, local=False)
+    assert list(table["method"]) == ["pooled", "fedavg", "finetune"]
+    fed = json.loads((tmp_path / "fedavg" / "metrics.json").read_text())
+    ft = json.loads((tmp_path / "finetune" / "metrics.json").read_text())
+    assert ft["rounds"] == fed["rounds"]  # copied, seconds included: not trained again
+    assert ft["test"]["best_round"] == fed["test"]["best_round"]
+    fed_sites = {s: m["balanced_accuracy"] for s, m in fed["test"]["sites"].items()}
+    ft_sites = {s: m["balanced_accuracy"] for s, m in ft["test"]["sites"].items()}
+    assert sorted(ft_sites) == SITES and ft_sites != fed_sites  # fine-tuned at the test

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
+from client.message import ServerAsks
 from client.task import (
     PERSONAL_BEST,
     PERSONAL_META,
@@ -57,13 +58,13 @@ def _site(name: str, seed: int, n: int = 24) -> SiteData:
 
 
 def _cfg(**kw) -> dict:
-    cfg = resolve_config(None, {"local-steps": 2, "batch-size": 8, "augment": False, **kw})
-    cfg["server-round"] = 1
-    return cfg
+    return resolve_config(None, {"local-steps": 2, "batch-size": 8, "augment": False, **kw})
 
 
 def _msg(state: dict, **config) -> SimpleNamespace:
-    """What the site's model code reads of a message: its content (packed weights)."""
+    """What the site's model code reads of a message: its content (packed weights) and its
+    config (the round: a message field, not a run-config key)."""
+    config = {"server-round": 1, **config}
     return SimpleNamespace(
         content=RecordDict({"arrays": pack(state), "config": ConfigRecord(config)})
     )
@@ -147,7 +148,7 @@ def test_finetune_changes_the_test_scores_only():
 def test_personalize_values_and_dp_refusal():
     assert personalize_mode({"personalize": ""}) == ""
     assert personalize_mode({"personalize": "fedbn", "dp": True}) == "fedbn"
-    with pytest.raises(ValueError, match="unknown personalize"):
+    with pytest.raises(ValueError, match="^personalize='fedbnn': must be one of '', fedbn,"):
         personalize_mode({"personalize": "fedbnn"})
     for mode in ("ditto", "finetune"):
         with pytest.raises(ValueError, match=f"personalize={mode} is refused with sample-level"):
@@ -188,11 +189,11 @@ def test_personal_snapshot_follows_the_best_round():
         got = kept_personal(state, best)
         return float(got["w"][0]) if got else None
 
-    keep_personal(state, entries(2), {"server-round": 2, "best-round": 1})  # not trained in 1
+    keep_personal(state, entries(2), ServerAsks(server_round=2, best_round=1))  # not trained in 1
     assert at(None) == 2 and at(1) is None and at(2) == 2
-    keep_personal(state, entries(4), {"server-round": 4, "best-round": 2})  # best: from r2
+    keep_personal(state, entries(4), ServerAsks(server_round=4, best_round=2))  # best: from r2
     assert at(2) == 2 and at(3) == 2 and at(4) == 4 and at(5) == 4
-    keep_personal(state, entries(5), {"server-round": 5, "best-round": 3})  # best still 3
+    keep_personal(state, entries(5), ServerAsks(server_round=5, best_round=3))  # best still 3
     assert at(3) == 2 and at(5) == 5
     meta = dict(state.config_records[PERSONAL_META])
     assert meta == {"since": 5, "best-from": 2, "best-until": 4}
@@ -209,7 +210,7 @@ def _record(run_dir: Path, site: str, r: int) -> tuple[dict, dict, dict]:
 
 
 def test_fedbn_run_keeps_norms_at_sites_and_averages_what_was_sent(tmp_path):
-    from tests.test_network_keys import check_network_json
+    from tests.helpers import check_network_json
 
     out = tmp_path / "fedbn"
     metrics = simulate(
@@ -232,7 +233,7 @@ def test_fedbn_run_keeps_norms_at_sites_and_averages_what_was_sent(tmp_path):
 
 
 def test_ditto_run_scores_every_site_and_sends_no_personal_state(tmp_path):
-    from tests.test_network_keys import check_network_json
+    from tests.helpers import check_network_json
 
     out = tmp_path / "ditto"
     metrics = simulate(
@@ -258,7 +259,7 @@ def test_compare_runs_personalised_methods_as_fedavg_rows(tmp_path, monkeypatch)
 
     calls = []
 
-    def fake_simulate(config, run, out):
+    def fake_simulate(config, run, out, force_resume=False):
         calls.append((run["strategy"], run.get("personalize", ""), Path(out).name))
         return {"test": {"sites": {s: {"balanced_accuracy": 0.5} for s in SITES}}}
 
