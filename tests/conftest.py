@@ -1,20 +1,17 @@
 """Shared fixtures: tiny synthetic data sets in each real on-disk format.
 
 Session-scoped and written once under pytest's tmp folder. Treat them as read-only: a test
-that needs to damage files should copy one first (see :func:`copy_dataset`).
+that needs to damage files should copy one first (``tests.helpers.copy_dataset``).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from common.data.synth import synthesize
-
-SYNTH_SIZE = 32  # image side of the shared fixtures
-SYNTH_N = {"ham-hf": 160, "ham-dataverse": 160, "isic2020": 120, "fedisic2019": 160}
+from tests.helpers import SYNTH_N, SYNTH_SIZE
 
 
 def _make(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
@@ -44,9 +41,3 @@ def synth_isic2020(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synth_fedisic2019(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """FLamby Fed-ISIC2019 layout: train_test_split + preprocessed JPEGs + metadata CSV."""
     return _make(tmp_path_factory, "fedisic2019")
-
-
-def copy_dataset(src: Path, dst: Path) -> Path:
-    """A private, writable copy of a shared fixture data set."""
-    shutil.copytree(src, dst)
-    return dst

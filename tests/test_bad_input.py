@@ -11,7 +11,7 @@ import pytest
 
 from common.data.schema import DataError
 from common.data.sources import load_source
-from tests.conftest import copy_dataset
+from tests.helpers import copy_dataset
 
 
 @pytest.fixture

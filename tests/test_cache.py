@@ -11,7 +11,7 @@ from common.data.cache import build_cache, cache_path
 from common.data.imaging import fit_square
 from common.data.schema import DataError, SourceData
 from common.data.sources import load_source
-from tests.conftest import copy_dataset
+from tests.helpers import copy_dataset
 
 
 def _counting(src: SourceData) -> list[str]:

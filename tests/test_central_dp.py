@@ -27,7 +27,7 @@ from flwr.app import (
 from client.client_app import central_dp_mod
 from server.strategies import calibrate_central_noise, central_epsilon
 from simulations.runner import simulate
-from tests.test_simulation import SITES, TINY
+from tests.helpers import SITES, TINY
 
 
 def reference_epsilon(noise: float, rounds: int, delta: float) -> float:

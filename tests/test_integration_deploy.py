@@ -37,7 +37,7 @@ from tests.deploy_harness import (
     start_time,
     write_flwr_config,
 )
-from tests.test_network_keys import check_network_json
+from tests.helpers import check_network_json
 
 pytestmark = pytest.mark.integration
 

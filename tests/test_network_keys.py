@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,43 +11,7 @@ from common.data.schema import HAM_CLASSES
 from common.data.site_data import SiteData
 from common.fedmetrics import BINS
 from common.models import build_model
-
-SCALAR = re.compile(
-    r"^(num-examples|accuracy|balanced_accuracy|auroc|loss|n|"
-    r"(recall|auroc)_(" + "|".join(HAM_CLASSES) + r"))$"
-)
-TRAIN_KEYS = {
-    "num-examples",
-    "num_examples",
-    "train_loss",
-    "train_accuracy",
-    "steps",
-    "seconds",
-    "images_per_second",
-    "epsilon",
-    "delta",
-    "noise_multiplier",
-    "dp-budget-exhausted",
-}
-
-
-def check_network_json(run_dir: Path) -> None:
-    """network.json lists every record and key the sites sent; all are on the allow-list.
-
-    Shared by the simulation and the real-process deployment tests."""
-    from common.fedmetrics import AGGREGATE_KEYS
-
-    seen = json.loads((run_dir / "network.json").read_text())
-    assert sorted(seen) == ["evaluate", "query", "train"]
-    assert sorted(seen["query"]) == ["info"]
-    assert set(seen["query"]["info"]) == {"site", "classes", "n-train", "n-validation", "n-test"}
-    assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
-    assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
-    assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
-    assert seen["train"]["site"] == ["site"] and seen["evaluate"]["site"] == ["site"]
-    assert sorted(seen["evaluate"]) == ["metrics", "site"]  # no arrays back from evaluation
-    scalars = set(seen["evaluate"]["metrics"]) - set(AGGREGATE_KEYS)
-    assert scalars and all(SCALAR.match(k) for k in scalars), sorted(scalars)
+from tests.helpers import SCALAR, TRAIN_KEYS
 
 
 def _site(n: int) -> SiteData:

@@ -182,7 +182,7 @@ def test_crash_before_the_server_checkpoint_never_overspends(tmp_path) -> None:
     import shutil
 
     from simulations.runner import simulate
-    from tests.test_simulation import SITES, TINY
+    from tests.helpers import SITES, TINY
 
     state, out = tmp_path / "site-state", tmp_path / "run"
     cfg = dict(

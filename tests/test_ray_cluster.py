@@ -214,8 +214,8 @@ def _alive_nodes(address: str, want: int, timeout: float = 60.0) -> dict[str, di
 @needs_ray_cli
 def test_sites_run_on_both_nodes_of_a_real_cluster(two_node_cluster, tmp_path, monkeypatch):
     from simulations.runner import simulate
+    from tests.helpers import TINY
     from tests.ray_probe_client import NODES_DIR
-    from tests.test_simulation import TINY
 
     address = two_node_cluster["address"]
     nodes = _alive_nodes(address, want=2)

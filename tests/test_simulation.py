@@ -11,19 +11,8 @@ import pytest
 import torch
 
 from simulations.runner import simulate
+from tests.helpers import SITES, TINY, TRAIN_KEYS, check_network_json
 
-# Tiny but real: 4 natural sites of the built-in synthetic HAM10000-like set, 16 px images.
-# Enough rounds that the model learns clearly (val balanced accuracy 0.55-0.6, chance 0.14):
-# a run at chance is chaotic, and its figures differ between CPU kernels (AVX2, AVX-512).
-TINY = {
-    "builtin-images": 600,
-    "image-size": 16,
-    "model": "test_efficientnet",
-    "num-server-rounds": 6,
-    "local-epochs": 3,
-    "batch-size": 32,
-    "lr": 0.003,
-}
 # Golden tolerances, from the spread measured between torch's CPU kernels on one machine
 # (ATEN_CPU_CAPABILITY=default vs avx2; see the issue note): round-1 figures agree to 0.005,
 # mean-over-sites test balanced accuracy to 0.03. Pooled test figures depend on which round
@@ -35,7 +24,6 @@ GOLDEN_TOL = {
     "test_mean_site_balanced_accuracy": 0.12,
 }
 GOLDEN = Path(__file__).parent / "golden" / "simulation_tiny.json"
-SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +55,6 @@ def test_run_directory_and_metrics(full_run):
         assert sorted(r["validation"]["sites"]) == SITES
         assert not r["failures"] and not r["rejected"]
     assert sorted(metrics["test"]["sites"]) == SITES
-    from tests.test_network_keys import TRAIN_KEYS
-
     for r in metrics["rounds"]:  # what the sites actually sent with their weights
         for site_metrics in r["train"].values():
             assert set(site_metrics) <= TRAIN_KEYS, sorted(set(site_metrics) - TRAIN_KEYS)
@@ -77,8 +63,6 @@ def test_run_directory_and_metrics(full_run):
 
 def test_only_allowed_keys_crossed_the_network(full_run):
     """network.json lists every record and key the sites sent; all are on the allow-list."""
-    from tests.test_network_keys import check_network_json
-
     check_network_json(full_run[0])
 
 

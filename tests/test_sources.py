@@ -24,7 +24,7 @@ from common.data.schema import (
 )
 from common.data.sources import FEDISIC_CENTERS, load_source
 from common.data.synth import ISIC2020_INSTITUTIONS, synthesize
-from tests.conftest import SYNTH_N, SYNTH_SIZE
+from tests.helpers import SYNTH_N, SYNTH_SIZE
 
 HAM_SITES = {"vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias"}
 
@@ -210,7 +210,7 @@ def test_dicom_photometric(tmp_path: Path) -> None:
 
 
 def test_loaders_normalise_demographics(tmp_path: Path, synth_ham_dataverse: Path) -> None:
-    from tests.conftest import copy_dataset
+    from tests.helpers import copy_dataset
 
     root = copy_dataset(synth_ham_dataverse, tmp_path / "d")
     csv = root / "HAM10000_metadata.csv"

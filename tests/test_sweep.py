@@ -145,9 +145,7 @@ def test_finished_cells_are_not_rerun(tmp_path: Path) -> None:
     """A complete grid re-run only re-collects: no simulate call (it would start Ray)."""
     cells = fake_sweep(tmp_path, [2.0, None], ["fedavg"], [0])
     before = {name: (d / "metrics.json").stat().st_mtime_ns for name, d in cells}
-    t0 = time.time()
     df = sweep_privacy(None, [2.0, None], ["fedavg"], [0], tmp_path)
-    assert time.time() - t0 < 20
     assert list(df.cell) == ["fedavg_eps2_seed0", "fedavg_nodp_seed0"]
     assert {n: (d / "metrics.json").stat().st_mtime_ns for n, d in cells} == before
     assert (tmp_path / "sweep.csv").is_file()

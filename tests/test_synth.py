@@ -18,9 +18,9 @@ from common.data.sources import load_source
 from common.data.synth import (
     ISIC2020_INSTITUTIONS,
     SITE_STYLES,
-    _ham_table,
-    _isic2020_table,
     ensure_builtin,
+    ham_table,
+    isic2020_table,
     render_lesion,
     synthesize,
 )
@@ -28,7 +28,7 @@ from simulations.data_cli import synth_cli
 
 
 def test_ham_metadata_statistics() -> None:
-    df = _ham_table(3000, seed=0)
+    df = ham_table(3000, seed=0)
     assert len(df) == 3000 and df["image_id"].is_unique
     per_lesion = df.groupby("dataset").apply(lambda g: len(g) / g["lesion_id"].nunique())
     assert per_lesion["vidir_molemax"] == pytest.approx(1.0, abs=0.02)
@@ -45,17 +45,17 @@ def test_ham_metadata_statistics() -> None:
 
 
 def test_tiny_set_keeps_every_class() -> None:
-    df = _ham_table(60, seed=1)
+    df = ham_table(60, seed=1)
     assert len(df) == 60 and set(df["dx"]) == set(HAM_CLASSES)
     assert df["dataset"].nunique() == 4
 
 
 def test_isic2020_metadata_statistics() -> None:
-    df, insts = _isic2020_table(2000, seed=0)
+    df, insts = isic2020_table(2000, seed=0)
     assert len(df) / df["patient_id"].nunique() == pytest.approx(16.1, rel=0.1)
     assert df.groupby("patient_id")["_inst"].nunique().max() == 1
     assert 0.04 < df["target"].mean() < 0.12  # raised from 1.8 % on purpose (documented)
-    tiny, _ = _isic2020_table(60, seed=3)
+    tiny, _ = isic2020_table(60, seed=3)
     assert (tiny.groupby("_inst")["target"].sum() >= 1).all()
     assert set(tiny["_inst"]) == set(ISIC2020_INSTITUTIONS) == set(insts)
 

@@ -341,7 +341,7 @@ def _unique_ids(rng: np.random.Generator, n: int, start: int, span: int) -> np.n
     return start + rng.choice(max(span, 3 * n), size=n, replace=False)
 
 
-def _ham_table(n_images: int, seed: int) -> pd.DataFrame:
+def ham_table(n_images: int, seed: int) -> pd.DataFrame:
     """HAM10000-like metadata rows (Dataverse columns) plus a private lesion index."""
     rng = np.random.default_rng([seed, 10])
     n_per_source = _allocate(
@@ -399,7 +399,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_ham_dataverse(out: Path, n_images: int, size: int, seed: int) -> None:
-    df = _ham_table(n_images, seed)
+    df = ham_table(n_images, seed)
     images = _render_all(
         df["dx"].tolist(), df["dataset"].tolist(), df["_lesion"].tolist(), size, seed
     )
@@ -417,7 +417,7 @@ def write_ham_hf(out: Path, n_images: int, size: int, seed: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    df = _ham_table(n_images, seed)
+    df = ham_table(n_images, seed)
     images = _render_all(
         df["dx"].tolist(), df["dataset"].tolist(), df["_lesion"].tolist(), size, seed
     )
@@ -511,7 +511,7 @@ def _dicom_bytes(arr: np.ndarray, row: pd.Series, institution: str, seed: int) -
     return buf.getvalue()
 
 
-def _isic2020_table(n_images: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
+def isic2020_table(n_images: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
     rng = np.random.default_rng([seed, 30])
     insts = list(ISIC2020_INSTITUTIONS)
     n_pat = max(min(len(insts), n_images), round(n_images / ISIC2020_IMAGES_PER_PATIENT))
@@ -556,7 +556,7 @@ def _isic2020_table(n_images: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
 def write_isic2020(
     out: Path, n_images: int, size: int, seed: int, *, dicom: bool = True, jpeg_copies: bool = False
 ) -> None:
-    df, _ = _isic2020_table(n_images, seed)
+    df, _ = isic2020_table(n_images, seed)
     # Each image is its own lesion (ISIC 2020 has one image per lesion in the vast majority).
     images = _render_all(
         df["diagnosis"].tolist(), df["_inst"].tolist(), list(range(len(df))), size, seed
