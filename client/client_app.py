@@ -27,6 +27,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.message import ServerAsks, message_config
+from common.config import RunConfig
 from common.data.site_data import load_site
 from common.rundir import atomic_write_text
 from common.siteconfig import (
@@ -50,7 +52,7 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     Flower's client-side DP wrapper, which relies on every site clipping its own update
     before it leaves; any other setting passes messages through untouched.
     """
-    kind = str(context.run_config.get("central-dp", "") or "")
+    kind = RunConfig.from_flat(context.run_config).central_dp
     if msg.metadata.message_type != MessageType.TRAIN or not kind.startswith("client-"):
         return call_next(msg, context)
     mod = fixedclipping_mod if kind == "client-fixed" else adaptiveclipping_mod
@@ -60,14 +62,12 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 app = ClientApp(mods=[central_dp_mod])
 
 
-def _config(context: Context, msg: Message | None = None) -> dict[str, Any]:
+def _config(context: Context, msg: Message | None = None) -> tuple[RunConfig, ServerAsks]:
     """Run config, the site's node config on top, then the server's per-round config, which
     may not touch the site's own keys (data, privacy budget, state, identity: see
-    :mod:`common.siteconfig`)."""
-    sent = None
-    if msg is not None and "config" in msg.content.config_records:
-        sent = dict(msg.content.config_records["config"])
-    return site_config(context.run_config, context.node_config, sent)
+    :mod:`common.siteconfig`): typed once, here, with the message's own fields apart."""
+    merged = site_config(context.run_config, context.node_config, message_config(msg))
+    return RunConfig.from_flat(merged), ServerAsks.of(msg)
 
 
 # What a train reply's metrics hold (tests/test_site_control.py checks both). Under
@@ -92,61 +92,55 @@ NOT_UNDER_DP = ("train_loss", "train_accuracy")
 
 
 # ------------------------------------------------------------------------ privacy state
-def _dp_state_file(cfg: dict[str, Any], site: str, tag: str) -> Path | None:
+def _dp_state_file(run: RunConfig, site: str, tag: str) -> Path | None:
     """``<state-dir>/<site>-<run-tag>-privacy.json``: one accountant per run, kept across
     restarts; neither name may lead out of ``state-dir``."""
-    d = str(cfg.get("state-dir", ""))
+    d = run.state_dir
     if not d:
         return None
     name = f"{safe_name(site, 'site')}-{run_tag(tag)}-privacy.json"
     return confined(d, name)
 
 
-def _dp_tag(cfg: dict[str, Any], context: Context) -> str:
+def _dp_tag(asks: ServerAsks, context: Context) -> str:
     """The run tag the site's accountant was started under (a later message cannot switch
     this SuperNode to another file mid-run), else the one the server sends."""
     if "dp" in context.state.config_records and "run-tag" in context.state.config_records["dp"]:
         return str(context.state.config_records["dp"]["run-tag"])
-    return run_tag(cfg.get("run-tag", "run"))
+    return run_tag(asks.run_tag)
 
 
-def _load_dp(cfg: dict[str, Any], context: Context, site: str, n_train: int, steps: int):
+def _load_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, n_train: int):
     """The site's accountant lives across rounds: client state, or a file at the site."""
     from common.privacy import DPConfig, DPSession
 
     state = None
     if "dp" in context.state.config_records:
         state = str(context.state.config_records["dp"]["session"])
-    path = _dp_state_file(cfg, site, _dp_tag(cfg, context))
+    path = _dp_state_file(run, site, _dp_tag(asks, context))
     if state is None and path is not None and path.is_file():
         state = path.read_text()
     if state is not None:
         return DPSession.from_json(state)
-    return DPSession(DPConfig.from_run_config(cfg), n_train, int(cfg["batch-size"]), steps)
+    steps = run.steps_per_round(n_train)
+    return DPSession(DPConfig.from_run(run), n_train, run.batch_size, steps)
 
 
-def _save_dp(cfg: dict[str, Any], context: Context, site: str, session: Any) -> None:
+def _save_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, session: Any) -> None:
     text = session.to_json()
-    tag = _dp_tag(cfg, context)
+    tag = _dp_tag(asks, context)
     context.state.config_records["dp"] = ConfigRecord({"session": text, "run-tag": tag})
-    path = _dp_state_file(cfg, site, tag)
+    path = _dp_state_file(run, site, tag)
     if path is not None:
         atomic_write_text(path, text)  # a crash mid-write keeps the previous spending
-
-
-def steps_per_round(cfg: dict[str, Any], n_train: int) -> int:
-    if int(cfg.get("local-steps", 0)) > 0:
-        return int(cfg["local-steps"])
-    per_epoch = max(1, int(np.ceil(n_train / int(cfg["batch-size"]))))
-    return per_epoch * int(cfg.get("local-epochs", 1))
 
 
 # ------------------------------------------------------------------------------ handlers
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which site this node is and how much data it holds."""
-    cfg = _config(context, msg)
-    data = load_site(cfg, context.node_config)
+    run, _ = _config(context, msg)
+    data = load_site(run, context.node_config)
     info = ConfigRecord(
         {
             "site": data.site,
@@ -164,24 +158,24 @@ def train(msg: Message, context: Context) -> Message:
     from client.task import train_site
     from common.personal import personalize_mode
 
-    cfg = _config(context, msg)
-    personalize_mode(cfg)  # refused before any DP step is taken (see common/personal.py)
-    _refuse(require_run_dp, cfg, context.run_config)
-    _refuse(require_state_dir, cfg, context.node_config)
-    data = load_site(cfg, context.node_config)
+    run, asks = _config(context, msg)
+    personalize_mode(run)  # refused before any DP step is taken (see common/personal.py)
+    _refuse(require_run_dp, run, context.run_config)
+    _refuse(require_state_dir, run, context.node_config)
+    data = load_site(run, context.node_config)
     n_train = data.n("train")
     session = None
-    if bool(cfg.get("dp", False)):
-        session = _load_dp(cfg, context, data.site, n_train, steps_per_round(cfg, n_train))
+    if run.dp:
+        session = _load_dp(run, asks, context, data.site, n_train)
         if not session.can_train_round():
             log.warning("site %s: privacy budget spent, not training this round", data.site)
             reply = {k: 0 for k in TRAIN_KEYS_DP} | session.metrics()
             reply["dp-budget-exhausted"] = 1
             return _train_reply(msg, msg.content.array_records["arrays"], reply, data.site)
     # context.state keeps the personal entries of personalize=fedbn|ditto; never sent
-    arrays, metrics = train_site(cfg, msg, data, session, context.state)
+    arrays, metrics = train_site(run, msg, data, session, context.state)
     if session is not None:
-        _save_dp(cfg, context, data.site, session)
+        _save_dp(run, asks, context, data.site, session)
         metrics["dp-budget-exhausted"] = 0
         for key in NOT_UNDER_DP:  # computed on private batches without noise: never sent
             metrics.pop(key, None)
@@ -216,11 +210,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     with ``personalize``, the site's personalised model (see :mod:`common.personal`)."""
     from client.task import evaluate_received
 
-    cfg = _config(context, msg)
-    split = eval_split(cfg)  # never the train split: it is what DP protects
-    _refuse(require_run_dp, cfg, context.run_config)
-    data = load_site(cfg, context.node_config)
-    reply = evaluate_received(cfg, msg, data, split, context.state)
+    run, asks = _config(context, msg)
+    split = eval_split(asks.split)  # never the train split: it is what DP protects
+    _refuse(require_run_dp, run, context.run_config)
+    data = load_site(run, context.node_config)
+    reply = evaluate_received(run, msg, data, split, context.state)
     content = RecordDict(
         {"metrics": MetricRecord(reply), "site": ConfigRecord({"site": data.site})}
     )

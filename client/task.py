@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from client.message import ServerAsks
+from common.config import RunConfig, run_config_of
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
 from common.metrics import compute_metrics, scalar_metrics
@@ -41,41 +42,38 @@ def site_images(data: SiteData, split: str) -> torch.Tensor:
 
 
 def model_for(
-    cfg: dict[str, Any], num_classes: int, arrays: ArrayRecord
+    cfg: RunConfig | Mapping[str, Any], num_classes: int, arrays: ArrayRecord
 ) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     """The run's architecture (built once per process) holding the received weights, and
     those weights as a state dict (they arrive packed, see :mod:`common.wire`).
 
     No pretrained weights are loaded here: the server's initial model carries them, so a
     site never downloads or needs the ``pretrained`` file."""
-    keys = ("model", "dp", "central-dp")
-    key = (num_classes, *(str(cfg.get(k, "")) for k in keys))
+    run = run_config_of(cfg)
+    key = (num_classes, run.model, run.dp, run.central_dp)
     if key not in _MODELS:
-        _MODELS[key] = model_for_run(cfg, num_classes, pretrained=False)
+        _MODELS[key] = model_for_run(run, num_classes, pretrained=False)
     state = unpack(arrays, layout_of(_MODELS[key].state_dict()))
     set_weights(_MODELS[key], state)
     return _MODELS[key], state
 
 
-def site_seed(cfg: dict[str, Any], site: str, server_round: int) -> int:
-    digest = hashlib.sha256(f"{cfg.get('seed', 0)}/{site}/{server_round}".encode()).hexdigest()
+def site_seed(run: RunConfig, site: str, server_round: int) -> int:
+    digest = hashlib.sha256(f"{run.seed}/{site}/{server_round}".encode()).hexdigest()
     return int(digest[:8], 16)
 
 
-def train_config(cfg: dict[str, Any], msg: Message) -> TrainConfig:
+def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message) -> TrainConfig:
     """Local training settings; the proximal term only when the server's strategy asks.
 
     FedProx sends ``proximal-mu`` with every train message. A ``proximal-mu`` left in the run
     config must not turn FedAvg (or FedAdam) into FedProx behind the user's back.
     """
-    server = msg.content.config_records.get("config", {})
-    return replace(
-        TrainConfig.from_run_config(cfg), proximal_mu=float(server.get("proximal-mu", 0.0))
-    )
+    return TrainConfig.from_run(run_config_of(cfg), proximal_mu=ServerAsks.of(msg).proximal_mu)
 
 
 def train_site(
-    cfg: dict[str, Any],
+    cfg: RunConfig | Mapping[str, Any],
     msg: Message,
     data: SiteData,
     session: Any,
@@ -91,19 +89,20 @@ def train_site(
     ones; ``ditto`` then also trains the site's personal model (see :func:`personal_step`).
     What is sent back is, either way, the full trained model as FedAvg sends it.
     """
-    mode = personalize_mode(cfg)
+    run, asks = run_config_of(cfg), ServerAsks.of(msg)
+    mode = personalize_mode(run)
     received: ArrayRecord = msg.content.array_records["arrays"]
-    model, start = model_for(cfg, len(data.classes), received)
+    model, start = model_for(run, len(data.classes), received)
     kept = kept_personal(state, None) if mode and state is not None else None
     if mode == "fedbn" and kept:
         set_weights(model, overwrite(start, kept))
     images, labels = site_images(data, "train"), torch.from_numpy(data.labels["train"])
-    seed = site_seed(cfg, data.site, int(cfg.get("server-round", 0)))
+    seed = site_seed(run, data.site, asks.server_round)
     metrics = train_local(
         model,
         images,
         labels,
-        train_config(cfg, msg),
+        train_config(run, msg),
         num_classes=len(data.classes),
         device=pick_device(),
         dp=session,
@@ -118,15 +117,15 @@ def train_site(
     reply = pack(sent) if is_packed(received) else ArrayRecord(sent)
     if mode and state is not None:
         if mode == "fedbn":
-            keep_personal(state, norm_state(model), cfg)
+            keep_personal(state, norm_state(model), asks)
         elif mode == "ditto":
             personal = overwrite(start, kept or {})  # v starts as the first received global
-            keep_personal(state, personal_step(cfg, model, personal, start, data, seed), cfg)
+            keep_personal(state, personal_step(run, model, personal, start, data, seed), asks)
     return reply, metrics
 
 
 def personal_step(
-    cfg: dict[str, Any],
+    cfg: RunConfig | Mapping[str, Any],
     model: torch.nn.Module,
     personal: Mapping[str, Any],
     received: Mapping[str, Any],
@@ -135,15 +134,16 @@ def personal_step(
 ) -> dict[str, torch.Tensor]:
     """Ditto: the personal model ``v`` trained as many steps as the global was, with
     ``(ditto-lambda/2) ||v - w||^2`` against the received global ``w``; its new state."""
+    run = run_config_of(cfg)
     set_weights(model, personal)
     anchor = {n: torch.from_numpy(np.asarray(received[n])) for n, _ in model.named_parameters()}
     ditto_step(
         model,
         anchor,
-        float(cfg.get("ditto-lambda", 0.1)),
+        run.ditto_lambda,
         site_images(data, "train"),
         torch.from_numpy(data.labels["train"]),
-        TrainConfig.from_run_config(cfg),
+        TrainConfig.from_run(run),
         num_classes=len(data.classes),
         device=pick_device(),
         seed=seed,  # the same batches and augmentations as the global model's step
@@ -178,15 +178,14 @@ def kept_personal(state: RecordDict | None, best_round: int | None) -> dict[str,
     return {k: v.numpy() for k, v in record.items()}
 
 
-def keep_personal(state: RecordDict, entries: Mapping[str, Any], cfg: dict[str, Any]) -> None:
+def keep_personal(state: RecordDict, entries: Mapping[str, Any], asks: ServerAsks) -> None:
     """Make ``entries`` the live personal entries (after training in this round).
 
     The server's best round so far (``best-round`` in the train config) is earlier than this
     round; if the entries being replaced are the ones it was scored with, they become the
     snapshot. (The best round at the end is that one or later, so one snapshot suffices.)
     """
-    server_round = int(cfg.get("server-round", 0))
-    best_so_far = int(cfg.get("best-round", 0))
+    server_round, best_so_far = asks.server_round, asks.best_round
     if PERSONAL in state.array_records:
         meta = dict(state.config_records[PERSONAL_META])
         if best_so_far >= int(meta["since"]):
@@ -224,7 +223,7 @@ def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[st
 
 
 def evaluate_received(
-    cfg: dict[str, Any],
+    cfg: RunConfig | Mapping[str, Any],
     msg: Message,
     data: SiteData,
     split: str,
@@ -236,10 +235,11 @@ def evaluate_received(
     site's personal model; ``finetune``: for the test only, the received model fine-tuned on
     the site's train split. At the test, the entries kept at the server's best round.
     """
-    mode = personalize_mode(cfg)
-    model, received = model_for(cfg, len(data.classes), msg.content.array_records["arrays"])
+    run, asks = run_config_of(cfg), ServerAsks.of(msg)
+    mode = personalize_mode(run)
+    model, received = model_for(run, len(data.classes), msg.content.array_records["arrays"])
     if mode in ("fedbn", "ditto"):
-        best = int(cfg.get("best-round", 0)) if split == "test" else None
+        best = asks.best_round if split == "test" else None
         kept = kept_personal(state, best or None)
         if kept:
             set_weights(model, overwrite(received, kept))
@@ -248,10 +248,10 @@ def evaluate_received(
             model,
             site_images(data, "train"),
             torch.from_numpy(data.labels["train"]),
-            TrainConfig.from_run_config(cfg),
-            int(cfg.get("finetune-steps", 100)),
+            TrainConfig.from_run(run),
+            run.finetune_steps,
             num_classes=len(data.classes),
             device=pick_device(),
-            seed=site_seed(cfg, data.site, int(cfg.get("server-round", 0))),
+            seed=site_seed(run, data.site, asks.server_round),
         )
     return evaluate_site(model, data, split)

@@ -26,6 +26,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from common.config import RunConfig, run_config_of
 from common.data.schema import DataError
 from common.rundir import RunDir, atomic_savefig, atomic_write_json, load_checkpoint, read_toml
 
@@ -136,7 +138,7 @@ def _train_references(
     pool_images: np.ndarray,
     pool_labels: np.ndarray,
     num_classes: int,
-    run_config: Mapping[str, Any],
+    run_config: RunConfig | Mapping[str, Any],
     *,
     n_reference: int,
     epochs: int | None,
@@ -151,25 +153,24 @@ def _train_references(
     from common.models import model_for_run
     from common.train import TrainConfig, train_local
 
-    cfg = dict(run_config)
-    rounds = int(cfg.get("num-server-rounds", 1))
+    run = run_config_of(run_config)
+    rounds = run.num_server_rounds
     if epochs is None:
-        if int(cfg.get("local-steps", 0)) > 0:
-            steps = rounds * int(cfg["local-steps"])
-            per_epoch = max(1, math.ceil(len(pool_labels) / 2 / int(cfg.get("batch-size", 32))))
+        if run.local_steps > 0:
+            steps = rounds * run.local_steps
+            per_epoch = max(1, math.ceil(len(pool_labels) / 2 / run.batch_size))
             epochs = max(1, round(steps / per_epoch))
         else:
-            epochs = rounds * int(cfg.get("local-epochs", 1))
+            epochs = rounds * run.local_epochs
     # plain local training: no DP, and no FedProx term (proximal-mu is the server's to send)
-    cfg.update({"local-epochs": int(epochs), "local-steps": 0, "dp": False, "proximal-mu": 0.0})
-    tcfg = TrainConfig.from_run_config(cfg)
+    tcfg = replace(TrainConfig.from_run(run), local_epochs=int(epochs), local_steps=0)
     models = []
     rng = np.random.default_rng([seed, 7])
     for k in range(n_reference):
         subset = np.sort(
             rng.choice(len(pool_labels), size=max(1, len(pool_labels) // 2), replace=False)
         )
-        model = model_for_run(run_config, num_classes)  # the target's architecture
+        model = model_for_run(run, num_classes)  # the target's architecture
         train_local(
             model,
             torch.from_numpy(np.ascontiguousarray(pool_images[subset])),
@@ -193,7 +194,7 @@ def audit_model(
     device: str = "cpu",
     reference: bool = False,
     seed: int = 0,
-    run_config: Mapping[str, Any] | None = None,
+    run_config: RunConfig | Mapping[str, Any] | None = None,
     n_reference: int = 2,
     reference_epochs: int | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -298,36 +299,37 @@ def audit_run(
     cfg_path = paths.config
     if not cfg_path.is_file():
         raise DataError(f"{cfg_path}: not found; is {run_dir} a run directory?")
-    cfg = read_toml(cfg_path)  # malformed: one line naming the file
+    saved = read_toml(cfg_path)  # malformed: one line naming the file
     ckpt = next(
         (paths.checkpoint(n) for n in ("best", "last") if paths.checkpoint(n).is_file()),
         None,
     )
     if ckpt is None:
         raise DataError(f"{paths.checkpoints}: no best.pt or last.pt to audit")
+    run = RunConfig.from_flat(saved)  # keys of an older fedskin are left out
     manifest_path = paths.manifest
     if manifest_path.is_file():
-        cfg["manifest"] = str(manifest_path.resolve())
+        run = run.with_values({"manifest": str(manifest_path.resolve())})
     sites = [
-        load_site(cfg, {"partition-id": i})
-        for i in range(len(site_names(read_manifest(Path(cfg["manifest"])))))
+        load_site(run, {"partition-id": i})
+        for i in range(len(site_names(read_manifest(Path(run.manifest)))))
     ]
     classes = sites[0].classes
-    model = model_for_run(cfg, len(classes), pretrained=False)
+    model = model_for_run(run, len(classes), pretrained=False)
     set_weights(model, load_checkpoint(ckpt)["arrays"])  # weights only: no code runs
     if reference is None:
-        reference = bool(cfg.get("audit-reference", True))
-    seed = int(cfg.get("seed", 0)) if seed is None else seed
+        reference = run.audit_reference
+    seed = run.seed if seed is None else seed
     device = device or str(pick_device())
     log.info("auditing %s (%d sites, reference attack %s)", ckpt, len(sites), reference)
     per_site = audit_model(
-        model, sites, device=device, reference=reference, seed=seed, run_config=cfg
+        model, sites, device=device, reference=reference, seed=seed, run_config=run
     )
     report = {
         "checkpoint": str(ckpt),
-        "model": cfg["model"],
-        "dp": bool(cfg.get("dp", False)),
-        "target_epsilon": float(cfg["target-epsilon"]) if cfg.get("dp") else None,
+        "model": run.model,
+        "dp": run.dp,
+        "target_epsilon": run.target_epsilon if run.dp else None,
         "seed": seed,
         "reference": reference,
         "balanced": "the larger of members/non-members is subsampled (seeded) to the smaller",

@@ -19,13 +19,14 @@ import difflib
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from importlib.resources import files
 from typing import Any
 
 from common.data.partition import SCHEMES
 from common.data.schema import DataError
+from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
 from common.data.site_data import FORMAT_CLASSES
 
 # Allowed values owned by modules that import torch or flwr: copied here so that checking a
@@ -178,6 +179,15 @@ class RunConfig:
         return cls(**{_name(k): v for k, v in merged.items()})
 
     @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> RunConfig:
+        """The run config held in a flat dict that may carry other keys too (a site's merged
+        settings hold its node identity and the server's per-message fields; a run
+        directory's ``config.toml`` may hold keys of an older fedskin): those are left to
+        their owners; the run-config keys are checked as in :meth:`from_mapping`."""
+        known = _known_keys()
+        return cls.from_mapping({k: v for k, v in values.items() if k in known})
+
+    @classmethod
     def defaults(cls) -> RunConfig:
         return cls.from_mapping({})
 
@@ -185,10 +195,48 @@ class RunConfig:
         """The flat kebab-case dict Flower carries as the run config."""
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
 
+    def with_values(self, values: Mapping[str, Any]) -> RunConfig:
+        """A copy with some kebab-case keys changed, checked again."""
+        check_keys(values)
+        return replace(self, **{_name(k): v for k, v in values.items()})
+
+    # ------------------------------------------------------------------ named views
+    def steps_per_round(self, n_train: int) -> int:
+        """Local steps a site of ``n_train`` images takes per round (see :func:`steps_for`)."""
+        return steps_for(n_train, self.batch_size, self.local_epochs, self.local_steps)
+
+    @property
+    def private(self) -> bool:
+        """Either kind of DP: the model is built with GroupNorm (common/models.py)."""
+        return self.dp or bool(self.central_dp)
+
+    def manifest_key(self) -> str:
+        """The derived manifest's name part: the values it depends on (``MANIFEST_KEYS``)."""
+        return "-".join(str(getattr(self, _name(k))) for k in MANIFEST_KEYS).replace(",", "+")
+
+    def institution_list(self) -> list[str] | None:
+        """``institutions`` as a list (None: all of them)."""
+        items = [s.strip() for s in self.institutions.split(",") if s.strip()]
+        return items or None
+
+
+def steps_for(n_train: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
+    """Local steps per round, the one place they are counted (site training, its privacy
+    accountant and the server's update-norm bound all use it): ``local_steps`` if > 0,
+    else ``local_epochs`` passes over ``n_train`` images in batches of ``batch_size``."""
+    if local_steps > 0:
+        return local_steps
+    return max(1, math.ceil(n_train / max(1, batch_size))) * max(1, local_epochs)
+
 
 def config_keys() -> list[str]:
     """Every run config key, kebab-case, in declaration order."""
     return [_key(f.name) for f in fields(RunConfig)]
+
+
+@cache
+def _known_keys() -> frozenset[str]:
+    return frozenset(config_keys())
 
 
 def check_keys(values: Mapping[str, Any]) -> None:
@@ -204,6 +252,12 @@ def check_keys(values: Mapping[str, Any]) -> None:
 def as_run_config(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
     """``cfg`` itself, or the checked config of a flat dict (missing keys: the defaults)."""
     return cfg if isinstance(cfg, RunConfig) else RunConfig.from_mapping(cfg)
+
+
+def run_config_of(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
+    """``cfg`` itself, or the checked run config held in a flat dict that may carry other
+    keys too (:meth:`RunConfig.from_flat`): what code below an entry point takes."""
+    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_flat(cfg)
 
 
 @cache

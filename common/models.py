@@ -24,6 +24,8 @@ from timm.layers import BatchNormAct2d, GroupNormAct
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
+from common.config import RunConfig, run_config_of
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODELS: list[str] = [
@@ -41,7 +43,7 @@ SUPPORTED_MODELS: list[str] = [
 
 
 def model_for_run(
-    cfg: Mapping[str, Any], num_classes: int, *, pretrained: bool = True
+    cfg: RunConfig | Mapping[str, Any], num_classes: int, *, pretrained: bool = True
 ) -> nn.Module:
     """The run's backbone, GroupNorm instead of BatchNorm under either kind of DP.
 
@@ -50,9 +52,9 @@ def model_for_run(
     ``pretrained=False`` builds the architecture only (the run's ``pretrained`` key is not
     read): for sites and evaluation, whose weights all arrive from the server or a checkpoint.
     """
-    private = bool(cfg.get("dp", False)) or bool(cfg.get("central-dp", ""))
-    source = str(cfg.get("pretrained", "")) if pretrained else ""
-    return build_model(str(cfg["model"]), num_classes, pretrained=source, dp=private)
+    run = run_config_of(cfg)
+    source = run.pretrained if pretrained else ""
+    return build_model(run.model, num_classes, pretrained=source, dp=run.private)
 
 
 def build_model(

@@ -23,6 +23,7 @@ import timm.layers
 import torch
 from torch import nn
 
+from common.config import RunConfig, run_config_of
 from common.train import TrainConfig, train_local
 
 PERSONALIZE = ("", "fedbn", "finetune", "ditto")
@@ -53,23 +54,17 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def personalize_mode(cfg: Mapping[str, Any]) -> str:
-    """The run's ``personalize`` value, checked; refused where it would spend DP budget."""
-    mode = str(cfg.get("personalize", "") or "").strip().lower()
-    if mode not in PERSONALIZE:
-        raise ValueError(f"unknown personalize {mode!r}; choose one of {PERSONALIZE[1:]} or ''")
-    if mode in NOT_UNDER_DP and _truthy(cfg.get("dp", False)):
+def personalize_mode(cfg: RunConfig | Mapping[str, Any]) -> str:
+    """The run's ``personalize`` value (an unknown one is refused by :class:`RunConfig`);
+    refused where it would spend DP budget."""
+    run = run_config_of(cfg)
+    mode = run.personalize
+    if mode in NOT_UNDER_DP and run.dp:
         raise ValueError(
             f"personalize={mode} is refused with sample-level DP (dp=true): its extra local "
             "training would spend privacy budget that the site's accountant does not count"
         )
     return mode
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def norm_keys(model: nn.Module) -> list[str]:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -28,6 +27,8 @@ from opacus.grad_sample import GradSampleModule, wrap_model
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
+
+from common.config import RunConfig, run_config_of
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,6 @@ class DPConfig:
     grad_sample_mode: str = "auto"
     total_rounds: int = 1  # planned rounds: the noise is calibrated for all of them
 
-    _KEYS = {
-        "target-epsilon": "target_epsilon",
-        "target-delta": "target_delta",
-        "noise-multiplier": "noise_multiplier",
-        "max-grad-norm": "max_grad_norm",
-        "dp-physical-batch": "physical_batch",
-        "grad-sample-mode": "grad_sample_mode",
-        "num-server-rounds": "total_rounds",
-    }
-
     def __post_init__(self) -> None:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(
@@ -87,15 +78,22 @@ class DPConfig:
             )
 
     @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any]) -> DPConfig:
-        """Read the Flower run config (unknown keys ignored)."""
-        types = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, attr in cls._KEYS.items():
-            if key in cfg:
-                caster = {"float": float, "int": int, "str": str}[str(types[attr])]
-                kwargs[attr] = caster(cfg[key])
-        return cls(**kwargs)
+    def from_run(cls, run: RunConfig) -> DPConfig:
+        """The DP view of the typed run config (its noise is planned for every round)."""
+        return cls(
+            target_epsilon=run.target_epsilon,
+            target_delta=run.target_delta,
+            noise_multiplier=run.noise_multiplier,
+            max_grad_norm=run.max_grad_norm,
+            physical_batch=run.dp_physical_batch,
+            grad_sample_mode=run.grad_sample_mode,
+            total_rounds=run.num_server_rounds,
+        )
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig | Mapping[str, Any]) -> DPConfig:
+        """:meth:`from_run` of a flat run config (checked; other keys ignored)."""
+        return cls.from_run(run_config_of(cfg))
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,10 +277,3 @@ def empty_grad_samples(dp_opt: DPOptimizer) -> None:
     """
     for p in dp_opt.params:
         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-
-
-def steps_for(n_train: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
-    """Steps per round: ``local_steps`` if > 0, else ``local_epochs`` passes over the data."""
-    if local_steps > 0:
-        return local_steps
-    return max(1, local_epochs * math.ceil(n_train / batch_size))

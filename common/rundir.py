@@ -43,9 +43,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from common.data.schema import DataError
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 log = logging.getLogger("fedskin")
 
@@ -158,10 +161,12 @@ class RunDir:
         return self.root / BENCH_WRITES
 
 
-def run_dir_for(cfg: Mapping[str, Any]) -> Path:
+def run_dir_for(cfg: RunConfig | Mapping[str, Any]) -> Path:
     """``out-dir``, or ``runs/<run-name>`` when it is empty."""
-    out = str(cfg.get("out-dir", ""))
-    return Path(out).expanduser() if out else DEFAULT_RUNS / str(cfg.get("run-name", "default"))
+    from common.config import run_config_of  # common.config's imports use this module
+
+    run = run_config_of(cfg)
+    return Path(run.out_dir).expanduser() if run.out_dir else DEFAULT_RUNS / run.run_name
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.config import RunConfig, run_config_of
 from common.data.schema import DataError
 from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
 from common.data.site_data import DATA_KEYS
@@ -161,9 +162,8 @@ def confined(folder: str | Path, name: str) -> Path:
     return path
 
 
-def eval_split(cfg: Mapping[str, Any]) -> str:
+def eval_split(split: str) -> str:
     """The split the server asks a site to score: validation or test, never train."""
-    split = str(cfg.get("split", "validation"))
     if split not in EVAL_SPLITS:
         log.warning("site: refused the server's split=%r", split)
         raise SiteConfigError(
@@ -172,18 +172,22 @@ def eval_split(cfg: Mapping[str, Any]) -> str:
     return split
 
 
-def require_run_dp(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> None:
-    """A site that keeps DP on refuses a run whose model is built without it."""
-    if _flag(cfg.get("dp", False)) and not _flag(run_config.get("dp", False)):
+def require_run_dp(
+    cfg: RunConfig | Mapping[str, Any], run_config: RunConfig | Mapping[str, Any]
+) -> None:
+    """A site that keeps DP on (``cfg``: its merged settings) refuses a run whose model is
+    built without it (``run_config``: the run's own)."""
+    if run_config_of(cfg).dp and not run_config_of(run_config).dp:
         raise SiteConfigError(
             "dp=true at this site (its --node-config) but the run is configured without "
             "sample-level DP (dp=false): refusing to train or score its model"
         )
 
 
-def require_state_dir(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+def require_state_dir(cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
     """A deployed site under DP keeps its accountant on disk, or does not train."""
-    if _flag(cfg.get("dp", False)) and not is_simulation(node_config) and not cfg.get("state-dir"):
+    run = run_config_of(cfg)
+    if run.dp and not is_simulation(node_config) and not run.state_dir:
         site = node_config.get("site", "") or "this site"
         raise SiteConfigError(
             f"{site}: dp=true needs state-dir in the site's --node-config (where its privacy "

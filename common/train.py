@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,9 +31,10 @@ from rich.progress import (
 from torch import nn
 
 from common.augment import augment_batch, to_float
+from common.config import RunConfig, run_config_of, steps_for
 from common.losses import make_loss
 from common.metrics import compute_metrics
-from common.privacy import empty_grad_samples, make_private, steps_for, unwrap
+from common.privacy import empty_grad_samples, make_private, unwrap
 
 if TYPE_CHECKING:
     from common.privacy import DPSession
@@ -72,21 +73,32 @@ class TrainConfig:
             raise ValueError("set local-epochs >= 1 or local-steps >= 1")
 
     @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any]) -> TrainConfig:
-        """Read kebab-case keys ("local-epochs", "proximal-mu", ...); unknown keys ignored."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in cfg:
-                continue
-            value = cfg[key]
-            if f.type == "bool":
-                if isinstance(value, str):
-                    value = value.strip().lower() in ("1", "true", "yes", "on")
-                kwargs[f.name] = bool(value)
-            else:
-                kwargs[f.name] = {"int": int, "float": float, "str": str}[str(f.type)](value)
-        return cls(**kwargs)
+    def from_run(cls, run: RunConfig, proximal_mu: float = 0.0) -> TrainConfig:
+        """The training view of the typed run config. ``proximal_mu`` is FedProx's, which
+        the server sends with each train message: the run config's ``proximal-mu`` is the
+        strategy's to read (a site trains without the term unless the server asks)."""
+        return cls(
+            optimizer=run.optimizer,
+            lr=run.lr,
+            momentum=run.momentum,
+            weight_decay=run.weight_decay,
+            batch_size=run.batch_size,
+            local_epochs=run.local_epochs,
+            local_steps=run.local_steps,
+            loss=run.loss,
+            focal_gamma=run.focal_gamma,
+            proximal_mu=proximal_mu,
+            augment=run.augment,
+            amp=run.amp,
+            channels_last=run.channels_last,
+            compile=run.compile,
+            seed=run.seed,
+        )
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig | Mapping[str, Any]) -> TrainConfig:
+        """:meth:`from_run` of a flat run config (checked; other keys ignored)."""
+        return cls.from_run(run_config_of(cfg))
 
     def steps_per_round(self, n_train: int) -> int:
         return steps_for(n_train, self.batch_size, self.local_epochs, self.local_steps)

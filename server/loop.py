@@ -11,6 +11,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from common.config import RunConfig, run_config_of
 from common.fedmetrics import pooled_confusion, pooled_metrics
 from common.rundir import (
     RunDir,
@@ -44,7 +46,6 @@ from server.replies import (
     discovery_error,
     evaluate_reply_error,
     guarded,
-    local_steps,
     norm_bound_errors,
     skipped_reason,
     train_reply_error,
@@ -172,10 +173,14 @@ _arrays_ok = arrays_error  # the update checks live in server/replies.py
 class Federation:
     """Runs the rounds of one experiment against a grid of site nodes."""
 
-    def __init__(self, grid: Grid, cfg: dict[str, Any], run_dir: Path, classes: list[str]) -> None:
-        self.grid, self.cfg, self.run_dir, self.classes = grid, cfg, run_dir, classes
-        self.timeout = float(cfg.get("round-timeout", 600.0))
-        self.seed = int(cfg.get("seed", 0))
+    def __init__(
+        self, grid: Grid, cfg: RunConfig | Mapping[str, Any], run_dir: Path, classes: list[str]
+    ) -> None:
+        self.run_config = run_config_of(cfg)  # typed: what the loop reads
+        self.cfg = self.run_config.to_flat()  # flat: what the run directory stores
+        self.grid, self.run_dir, self.classes = grid, run_dir, classes
+        self.timeout = self.run_config.round_timeout
+        self.seed = self.run_config.seed
         self.sites: dict[int, SiteInfo] = {}
         self.discovery_rejected: dict[str, str] = {}  # node (and claimed site) -> why
         # What the sites sent, by message type and record: names and keys, never values.
@@ -288,8 +293,8 @@ class Federation:
         """Seeded choice over site names, so node ids (random per run) don't matter."""
         sites = self.ordered_sites()
         k = max(
-            int(self.cfg.get("min-train-nodes", 1)),
-            math.ceil(float(self.cfg.get("fraction-train", 1.0)) * len(sites)),
+            self.run_config.min_train_nodes,
+            math.ceil(self.run_config.fraction_train * len(sites)),
         )
         k = min(k, len(sites))
         rng = np.random.default_rng([self.seed, server_round])
@@ -299,7 +304,7 @@ class Federation:
     # ------------------------------------------------------------------ rounds
     def run(self, initial: dict[str, torch.Tensor], num_rounds: int, resume: bool) -> dict:
         state, arrays = self._start(initial, resume)
-        strategy = make_strategy(self.cfg, len(self.sample(1)), len(self.sites))
+        strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
         if self._resumed is not None:
             load_strategy_state(strategy, self._resumed["strategy"])
         for server_round in range(state.round + 1, num_rounds + 1):
@@ -349,7 +354,7 @@ class Federation:
     ) -> tuple[LoopState, ArrayRecord]:
         last = self.paths.checkpoint("last")
         # weights only (no code runs from the file); a changed config is refused unless forced
-        force = bool(self.cfg.get("force-resume"))
+        force = self.run_config.force_resume
         ck = resume_checkpoint(self.run_dir, self.cfg, force) if resume else None
         if ck is not None:
             self._resumed = ck
@@ -416,17 +421,8 @@ class Federation:
                 rejected[name] = why
                 log.error("round %d: update from site %s rejected: %s", server_round, name, why)
         sizes = {s.site: s.n_train for s in chosen}
-        steps = {
-            name: local_steps(
-                sizes[name],
-                int(self.cfg.get("batch-size", 32)),
-                int(self.cfg.get("local-epochs", 1)),
-                int(self.cfg.get("local-steps", 0)),
-            )
-            for name in norms
-        }
-        factor = float(self.cfg.get("update-norm-factor", 10.0))
-        cap = float(self.cfg.get("update-norm-cap", 1e4))
+        steps = {name: self.run_config.steps_per_round(sizes[name]) for name in norms}
+        factor, cap = self.run_config.update_norm_factor, self.run_config.update_norm_cap
         for name, why in sorted(norm_bound_errors(norms, factor, cap, steps).items()):
             del good[name]
             rejected[name] = why
@@ -444,7 +440,7 @@ class Federation:
             rejected=rejected,
             epsilon=epsilon,
         )
-        minimum = int(self.cfg.get("min-train-nodes", 1))
+        minimum = self.run_config.min_train_nodes
         if len(good) < minimum:
             log.error(
                 "round %d: only %d usable updates (< min-train-nodes=%d); global model kept",

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from common.config import steps_for
 from common.fedmetrics import BINS
 
 # What a site that trained sends (client/client_app.py: the same two sets, checked equal by
@@ -184,10 +185,9 @@ def update_norm(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> flo
 
 
 def local_steps(n_train: int, batch_size: int, local_epochs: int, steps: int = 0) -> int:
-    """Local steps a site of ``n_train`` images takes per round (as the client counts)."""
-    if steps > 0:
-        return steps
-    return max(1, math.ceil(n_train / max(1, batch_size))) * max(1, local_epochs)
+    """Local steps a site of ``n_train`` images takes per round (as the client counts:
+    :func:`common.config.steps_for`)."""
+    return steps_for(n_train, batch_size, local_epochs, steps)
 
 
 def norm_bound_errors(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from common.config import RunConfig, run_config_of  # noqa: E402
 from common.rundir import RunDir, atomic_savefig, atomic_write_text  # noqa: E402
 
 
@@ -167,15 +169,18 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_report(
-    cfg: dict[str, Any], hist: pd.DataFrame, test: dict[str, Any], classes: list[str]
+    cfg: RunConfig | Mapping[str, Any],
+    hist: pd.DataFrame,
+    test: dict[str, Any],
+    classes: list[str],
 ) -> str:
-    g = test["global"]
+    run, g = run_config_of(cfg), test["global"]
     lines = [
-        f"# fedskin run `{cfg.get('run-name', '')}`",
+        f"# fedskin run `{run.run_name}`",
         "",
-        f"Strategy **{cfg.get('strategy')}**, model **{cfg.get('model')}** at "
-        f"{cfg.get('image-size')} px, {len(hist)} rounds, data `{cfg.get('data-format')}` "
-        f"scheme `{cfg.get('scheme')}`, DP {'on' if cfg.get('dp') else 'off'}.",
+        f"Strategy **{run.strategy}**, model **{run.model}** at "
+        f"{run.image_size} px, {len(hist)} rounds, data `{run.data_format}` "
+        f"scheme `{run.scheme}`, DP {'on' if run.dp else 'off'}.",
         "",
         f"Best round by pooled validation balanced accuracy: {test.get('best_round')}.",
         "",

@@ -7,13 +7,14 @@ Deployment Engine (a TLS SuperLink with real SuperNodes at the sites).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, run_config_of
 from common.data.schema import DataError
 from common.data.site_data import classes_for
 from common.models import get_weights, model_for_run
@@ -25,10 +26,13 @@ log = logging.getLogger("fedskin")
 app = ServerApp()
 
 
-def initial_weights(cfg: dict[str, Any], num_classes: int) -> dict[str, torch.Tensor]:
+def initial_weights(
+    cfg: RunConfig | Mapping[str, Any], num_classes: int
+) -> dict[str, torch.Tensor]:
     """Seeded initial global model, DP-compatible (GroupNorm) when sites train under DP."""
-    torch.manual_seed(int(cfg.get("seed", 0)))
-    return get_weights(model_for_run(cfg, num_classes))
+    run = run_config_of(cfg)
+    torch.manual_seed(run.seed)
+    return get_weights(model_for_run(run, num_classes))
 
 
 @app.main()
@@ -42,21 +46,20 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as err:
         log.error("invalid run config: %s", err)
         raise
-    cfg = run.to_flat()
-    personalize_mode(cfg)  # an unknown value, or ditto/finetune under dp=true: fail now
+    personalize_mode(run)  # ditto/finetune under dp=true: fail now
     classes = classes_for(run.data_format)
-    run_dir = run_dir_for(cfg)
+    run_dir = run_dir_for(run)
     if run.resume:  # a planted, truncated or differently configured checkpoint: before any
         try:  # site is contacted, with one line (common/rundir.py)
-            resume_checkpoint(run_dir, cfg, run.force_resume)
+            resume_checkpoint(run_dir, run.to_flat(), run.force_resume)
         except DataError as err:
             log.error("cannot resume: %s", err)
             raise
-    fed = Federation(grid, cfg, run_dir, classes)
+    fed = Federation(grid, run, run_dir, classes)
     sites = fed.discover(expected=run.min_nodes, wait=run.wait_for_nodes)
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))
     result = fed.run(
-        initial_weights(cfg, len(classes)),
+        initial_weights(run, len(classes)),
         run.num_server_rounds,
         resume=run.resume,
     )

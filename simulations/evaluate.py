@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from common.config import RunConfig
 from common.data.schema import DataError
 from common.rundir import (
     METRICS,
@@ -40,8 +41,9 @@ SPLITS = ("all", "train", "validation", "test")
 # ----------------------------------------------------------------------------- the run
 
 
-def run_config_of(checkpoint: Path) -> dict[str, Any]:
-    """The resolved run config written beside ``checkpoints/`` (``RUN/config.toml``)."""
+def run_config_of(checkpoint: Path) -> RunConfig:
+    """The resolved run config written beside ``checkpoints/`` (``RUN/config.toml``), typed
+    (keys of an older fedskin left out)."""
     if not checkpoint.is_file():
         raise DataError(f"checkpoint not found: {checkpoint}")
     path = RunDir(checkpoint.resolve().parent.parent).config
@@ -50,7 +52,7 @@ def run_config_of(checkpoint: Path) -> dict[str, Any]:
             f"run config not found: {path} (the checkpoint must lie in RUN/checkpoints/ "
             "of the run directory that holds config.toml)"
         )
-    return read_toml(path, "run config")  # malformed: one line naming the file
+    return RunConfig.from_flat(read_toml(path, "run config"))  # malformed: one line
 
 
 def load_checkpoint(path: Path, console: Console | None = None) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def load_checkpoint(path: Path, console: Console | None = None) -> dict[str, Any
 
 
 def model_from_checkpoint(
-    cfg: dict[str, Any], checkpoint: dict[str, Any], classes: list[str], path: Path
+    run: RunConfig, checkpoint: dict[str, Any], classes: list[str], path: Path
 ) -> nn.Module:
     """The run's backbone (GroupNorm under DP) with the checkpoint's weights, in eval mode."""
     from common.models import model_for_run, set_weights
@@ -74,11 +76,11 @@ def model_from_checkpoint(
     if not isinstance(arrays, dict) or not arrays:
         raise DataError(f"{path} is not a fedskin checkpoint (no 'arrays' entry)")
     # The weights all come from the checkpoint: no pretrained file is needed here.
-    model = model_for_run(cfg, len(classes), pretrained=False)
+    model = model_for_run(run, len(classes), pretrained=False)
     try:
         set_weights(model, arrays)
     except ValueError as err:
-        raise DataError(f"{path} does not fit model {cfg.get('model')!r}: {err}") from err
+        raise DataError(f"{path} does not fit model {run.model!r}: {err}") from err
     return model.eval()
 
 
@@ -273,12 +275,12 @@ def evaluate_checkpoint(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     checkpoint = Path(checkpoint).expanduser()
-    cfg = run_config_of(checkpoint)
-    trained_on = str(cfg.get("data-format", "synth-ham"))
+    run = run_config_of(checkpoint)
+    trained_on = run.data_format
     classes = classes_for(trained_on)
     check_classes(classes, trained_on, classes_for(data_format), data_format)
-    size = int(image_size or cfg.get("image-size", 32))
-    model = model_from_checkpoint(cfg, load_checkpoint(checkpoint, console), classes, checkpoint)
+    size = int(image_size or run.image_size)
+    model = model_from_checkpoint(run, load_checkpoint(checkpoint, console), classes, checkpoint)
     source, images, rows, labels = load_images(
         data_format, Path(data_path).expanduser(), size, split
     )
@@ -287,7 +289,7 @@ def evaluate_checkpoint(
     probs = predict_all(model, images, rows, device, batch_size, progress=console is not None)
     info = {
         "checkpoint": str(checkpoint.resolve()),
-        "model": str(cfg.get("model")),
+        "model": run.model,
         "trained_on": trained_on,
         "data_format": data_format,
         "data_path": str(Path(data_path).expanduser().resolve()),

@@ -20,7 +20,7 @@ import tomli_w
 from rich.console import Console
 from rich.logging import RichHandler
 
-from common.config import ConfigError, RunConfig, check_keys
+from common.config import ConfigError, RunConfig, check_keys, run_config_of
 from common.data.schema import DataError
 from common.rundir import (
     RunDir,
@@ -55,6 +55,13 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 def resolve_config(
     config_path: str | Path | None = None, overrides: str | dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    """:func:`resolve_run_config` as the flat kebab-case dict Flower carries."""
+    return resolve_run_config(config_path, overrides).to_flat()
+
+
+def resolve_run_config(
+    config_path: str | Path | None = None, overrides: str | dict[str, Any] | None = None
+) -> RunConfig:
     """Defaults, then the experiment file, then command-line overrides, checked once.
 
     An unknown key names its origin; a bad value (type, range, allowed values) is a
@@ -71,7 +78,7 @@ def resolve_config(
         if not path.is_file():
             raise DataError(f"config file not found: {config_path}")
         layers.append((str(path), read_toml(path)))  # malformed: one line naming the file
-        cfg["run-name"] = path.stem
+        cfg.update({"run-name": path.stem})
     if overrides:
         parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         layers.append(("--run-config", parsed))
@@ -81,10 +88,10 @@ def resolve_config(
         except ConfigError as err:
             raise ConfigError(f"{origin}: {err}") from None
         cfg.update(layer)
-    return RunConfig.from_mapping(cfg).to_flat()
+    return RunConfig.from_mapping(cfg)
 
 
-def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
+def prepare_data(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here."""
     from common.data.cache import build_cache
     from common.data.partition import read_manifest
@@ -92,17 +99,17 @@ def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
     from common.data.sources import load_source
     from simulations.data_cli import site_table
 
-    classes_for(str(cfg["data-format"]))
-    fmt, path = resolve_source(cfg)
+    run = run_config_of(cfg)
+    classes_for(run.data_format)
+    fmt, path = resolve_source(run)
     source = load_source(fmt, path)
     if source.report.n_skipped() or source.report.warnings:
         console.print(source.report.summary())
-    manifest_path = ensure_manifest(cfg, source)
+    manifest_path = ensure_manifest(run, source)
     manifest = read_manifest(manifest_path)
-    build_cache(source, int(cfg["image-size"]), cache_dir(cfg), progress=True)
+    build_cache(source, run.image_size, cache_dir(run), progress=True)
     console.print(site_table(manifest, source.classes))
-    resolved = dict(cfg)
-    resolved["manifest"] = str(manifest_path.resolve())
+    resolved = run.with_values({"manifest": str(manifest_path.resolve())}).to_flat()
     resolved["num-sites-found"] = int(manifest["site"].nunique())
     return resolved
 
@@ -124,55 +131,56 @@ def simulate(
     result (common/rundir.py); ``force_resume`` resumes even then.
     """
     _setup_logging(verbose)
-    cfg = resolve_config(config_path, overrides)
+    run = resolve_run_config(config_path, overrides)
     from common.personal import personalize_mode
 
     try:  # the ServerApp and every site would refuse it too: say so once, before starting
-        personalize_mode(cfg)
+        personalize_mode(run)
     except ValueError as err:
         raise DataError(str(err)) from None
-    if cfg["pretrained"]:  # the ServerApp loads them: a missing file or failed download, here
+    if run.pretrained:  # the ServerApp loads them: a missing file or failed download, here
         from common.models import pretrained_state
 
         try:
-            pretrained_state(str(cfg["model"]), str(cfg["pretrained"]))
+            pretrained_state(run.model, run.pretrained)
         except (OSError, ValueError) as err:
             raise DataError(str(err).splitlines()[0]) from None
     if out:
-        cfg["out-dir"] = str(out)
-    run_dir = run_dir_for(cfg).expanduser().resolve()  # out-dir, or runs/<run-name>
+        run = run.with_values({"out-dir": str(out)})
+    run_dir = run_dir_for(run).expanduser().resolve()  # out-dir, or runs/<run-name>
     paths = RunDir(run_dir)
-    cfg["out-dir"] = str(run_dir)
+    changes: dict[str, Any] = {"out-dir": str(run_dir)}
     if resume or force_resume:
-        cfg["resume"] = True
+        changes["resume"] = True
     if force_resume:
-        cfg["force-resume"] = True
-    if run_dir.exists() and not cfg["resume"] and paths.metrics.exists():
+        changes["force-resume"] = True
+    run = run.with_values(changes)
+    if run_dir.exists() and not run.resume and paths.metrics.exists():
         console.print(f"[yellow]{run_dir} holds an earlier run; its results will be replaced")
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg["state-dir"]:
-        cfg["state-dir"] = str(paths.site_state)
+    if not run.state_dir:
+        run = run.with_values({"state-dir": str(paths.site_state)})
 
     t0 = time.time()
-    resolved = prepare_data(cfg)
-    n_sites = resolved.pop("num-sites-found")
-    cfg.update(resolved)
-    cfg["min-nodes"] = n_sites
-    if cfg["resume"]:  # a planted, truncated or differently configured checkpoint: here
-        resume_checkpoint(run_dir, cfg, bool(cfg["force-resume"]))
-    atomic_copy(cfg["manifest"], paths.manifest)
+    resolved = prepare_data(run)
+    n_sites = int(resolved.pop("num-sites-found"))
+    run = RunConfig.from_mapping(resolved).with_values({"min-nodes": n_sites})
+    cfg = run.to_flat()  # what Flower carries and the run directory stores
+    if run.resume:  # a planted, truncated or differently configured checkpoint: here
+        resume_checkpoint(run_dir, cfg, run.force_resume)
+    atomic_copy(run.manifest, paths.manifest)
     atomic_write_text(paths.config, tomli_w.dumps(cfg))
     console.print(
-        f"[bold]{cfg['run-name']}[/]: {n_sites} sites, strategy {cfg['strategy']}, model "
-        f"{cfg['model']} at {cfg['image-size']} px, {cfg['num-server-rounds']} rounds "
+        f"[bold]{run.run_name}[/]: {n_sites} sites, strategy {run.strategy}, model "
+        f"{run.model} at {run.image_size} px, {run.num_server_rounds} rounds "
         f"-> {run_dir}"
     )
     _run_engine(cfg, n_sites, client_app)
     metrics = json.loads(paths.metrics.read_text())
     if "test" not in metrics:
         raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
-    if cfg.get("audit"):
+    if run.audit:
         from common.audit import audit_run
 
         metrics["audit"] = audit_run(run_dir)
@@ -198,7 +206,7 @@ def ray_address() -> str:
     return "" if address == "local" else address
 
 
-def backend_config(n_sites: int, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+def backend_config(n_sites: int, cfg: RunConfig | dict[str, Any] | None = None) -> dict[str, Any]:
     """Flower's Ray backend settings: each site's resources, and which Ray to run on.
 
     ``client_resources`` are the run config's ``client-num-cpus``, ``client-num-gpus``
@@ -208,15 +216,15 @@ def backend_config(n_sites: int, cfg: dict[str, Any] | None = None) -> dict[str,
     (``--ray-address`` / ``RAY_ADDRESS``), only that address: a cluster's resources are set
     by its own ``ray start``.
     """
-    run = {**default_config(), **(cfg or {})}
-    num_gpus = float(run["client-num-gpus"])
+    run = run_config_of(cfg or {})
+    num_gpus = run.client_num_gpus
     if num_gpus < 0:
         import torch
 
         num_gpus = max(1.0 / max(n_sites, 1), 0.1) if torch.cuda.is_available() else 0.0
-    resources: dict[str, Any] = {"num_cpus": float(run["client-num-cpus"]), "num_gpus": num_gpus}
-    if int(run["client-memory-mb"]) > 0:
-        resources["memory"] = int(run["client-memory-mb"]) * 2**20  # Ray counts bytes
+    resources: dict[str, Any] = {"num_cpus": run.client_num_cpus, "num_gpus": num_gpus}
+    if run.client_memory_mb > 0:
+        resources["memory"] = run.client_memory_mb * 2**20  # Ray counts bytes
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     address = ray_address()
     if address:

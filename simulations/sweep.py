@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
+from common.config import RunConfig
 from common.data.schema import DataError
 from common.rundir import RunDir, atomic_savefig, atomic_write_text
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
@@ -83,18 +84,19 @@ def cell_overrides(
     Flower's wrapper (``central-dp``, client-side clipping unless the base config names
     another fixed-clipping variant), noise calibrated to ``central-epsilon``.
     """
-    cfg = dict(base)
-    cfg.update(strategy=strategy, seed=int(seed), dp=level == "sample" and epsilon is not None)
+    asked = RunConfig.from_flat(base)  # the sweep's own settings, typed
+    cell = dict(base)
+    cell.update(strategy=strategy, seed=int(seed), dp=level == "sample" and epsilon is not None)
     if epsilon is not None and level == "sample":
-        cfg["target-epsilon"] = float(epsilon)
-        cfg["noise-multiplier"] = 0.0  # calibrate to the target, never a fixed sigma
+        # calibrate to the target, never a fixed sigma
+        cell.update({"target-epsilon": float(epsilon), "noise-multiplier": 0.0})
     if epsilon is not None and level == "site":
-        cfg["central-dp"] = str(base.get("central-dp") or "client-fixed")
-        cfg["central-epsilon"] = float(epsilon)
-    elif "central-dp" in cfg:
-        cfg["central-dp"] = ""
-    cfg["run-name"] = cell_name(strategy, epsilon, seed, level)
-    return cfg
+        variant = asked.central_dp or "client-fixed"
+        cell.update({"central-dp": variant, "central-epsilon": float(epsilon)})
+    elif "central-dp" in cell:
+        cell.update({"central-dp": ""})
+    cell.update({"run-name": cell_name(strategy, epsilon, seed, level)})
+    return cell
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -111,19 +113,19 @@ def is_finished(run_dir: Path) -> bool:
 # ------------------------------------------------------------------------------ results
 def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """One CSV row from a run's metrics.json (and its audit.json)."""
-    cfg = metrics.get("config", {})
-    site_level = bool(cfg.get("central-dp")) and float(cfg.get("central-epsilon", 0) or 0) > 0
-    dp = bool(cfg.get("dp", False))
+    run = RunConfig.from_flat(metrics.get("config", {}))  # keys of an older fedskin left out
+    site_level = bool(run.central_dp) and run.central_epsilon > 0
+    dp = run.dp
     rounds = metrics.get("rounds", [])
     test = metrics["test"]
     if site_level:
-        target = float(cfg["central-epsilon"])
+        target = run.central_epsilon
     else:
-        target = float(cfg.get("target-epsilon", math.inf)) if dp else math.inf
+        target = run.target_epsilon if dp else math.inf
     row: dict[str, Any] = {
-        "strategy": cfg.get("strategy"),
+        "strategy": run.strategy,
         "level": "site" if site_level else ("sample" if dp else "none"),
-        "seed": int(cfg.get("seed", 0)),
+        "seed": run.seed,
         "dp": dp or site_level,
         "target_epsilon": target,
         "rounds": len(rounds),
@@ -154,7 +156,7 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
     if site_level:  # one guarantee for the whole federation: cumulative, last round's figure
         last = central[-1] if central else {}
         row["epsilon_max"] = float(last.get("epsilon", 0.0))
-        row["delta_max"] = float(last.get("delta", cfg.get("central-delta", math.nan)))
+        row["delta_max"] = float(last.get("delta", run.central_delta))
         row["noise_multiplier_min"] = float(last.get("noise_multiplier", math.nan))
     row["stopped"] = str(test.get("stopped", ""))
     row["sites_stopped_at_budget"] = len(stopped)

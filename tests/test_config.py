@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -242,7 +243,7 @@ def test_compare_runs_a_real_fedprox_by_default(tmp_path, monkeypatch):
 
     resolved = []
 
-    def fake_simulate(config, run, out):
+    def fake_simulate(config, run, out, force_resume=False):
         resolved.append(runner.resolve_config(config, run))
         return {"test": {"sites": {"a": {"balanced_accuracy": 0.5}}}}
 
@@ -311,3 +312,80 @@ def test_server_app_refuses_a_bad_config_before_contacting_any_site():
     )
     with pytest.raises(ConfigError, match=r"^num-server-rounds=-1: must be >= 1$"):
         main(NoGrid(), context)
+
+
+# ------------------------------------------------------------------ one reader of raw keys
+# Reads of the flat run config by key: the typed RunConfig is how code reads it. A site's
+# node config (node_config.get) is the site's own, not the run config. Assignments build the
+# flat dict Flower carries and are not reads.
+RAW_READ = re.compile(
+    r"""\bcfg\.get\(|\brun_config(\.get\(|\[)|(?<!node_)config\.get\("""
+    r"""|\bcfg\[(?!.*\]\s*=[^=])"""
+)
+# common/config.py is the parser; common/siteconfig.py's merge of run, node and message
+# config works on the flat dicts by design (its semantics: tests/test_site_control.py).
+ALLOWED = {
+    "common/config.py": None,
+    "common/siteconfig.py": {"_given", "site_config", "check_paths"},
+}
+# Being rewritten by another change at the time of writing; its raw reads go with it.
+NOT_YET = {"simulations/baselines.py"}
+
+
+def _lines_in(path: Path, functions: set[str]) -> set[int]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return {
+        line
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.name in functions
+        for line in range(node.lineno, (node.end_lineno or node.lineno) + 1)
+    }
+
+
+def test_no_code_reads_raw_run_config_keys():
+    found = []
+    for folder in ("common", "client", "server", "simulations"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in NOT_YET or (rel in ALLOWED and ALLOWED[rel] is None):
+                continue
+            skip = _lines_in(path, ALLOWED[rel]) if rel in ALLOWED else set()
+            for no, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if no not in skip and RAW_READ.search(code):
+                    found.append(f"{rel}:{no}: {line.strip()}")
+    assert not found, "raw run-config reads (use RunConfig's typed fields):\n" + "\n".join(found)
+
+
+def test_the_raw_read_pattern_catches_what_it_should():
+    reads = ['cfg.get("lr", 0.1)', 'cfg["model"]', 'run_config["dp"]', "run_config.get('dp')"]
+    reads += ['str(cfg["seed"]) + x', 'f(cfg["a"]) == 1', 'context.run_config.get("x")']
+    for code in reads:
+        assert RAW_READ.search(code), code
+    for code in ['cfg["out-dir"] = str(out)', 'node_config.get("site")', "run.lr", "cfgs = 1"]:
+        assert not RAW_READ.search(code), code
+
+
+def test_steps_per_round_are_counted_in_one_place():
+    from common.config import steps_for
+    from common.train import TrainConfig
+    from server.replies import local_steps
+
+    run = RunConfig.from_mapping({"batch-size": 32, "local-epochs": 2})
+    for n in (1, 31, 32, 33, 100):
+        expected = steps_for(n, 32, 2, 0)
+        assert expected == max(1, -(-n // 32)) * 2
+        assert run.steps_per_round(n) == TrainConfig.from_run(run).steps_per_round(n)
+        assert run.steps_per_round(n) == local_steps(n, 32, 2) == expected
+    assert RunConfig.from_mapping({"local-steps": 5}).steps_per_round(1000) == 5
+
+
+def test_from_flat_leaves_other_keys_to_their_owners():
+    flat = {**RunConfig.defaults().to_flat(), "lr": 0.5, "server-round": 3, "site": "a"}
+    assert RunConfig.from_flat(flat).lr == 0.5
+    with pytest.raises(ConfigError, match="^server-round=3: unknown key"):
+        RunConfig.from_mapping(flat)
+    with pytest.raises(ConfigError, match="^lr='x': must be a number$"):
+        RunConfig.from_flat({"lr": "x", "site": "a"})

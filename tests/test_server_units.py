@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from common.config import RunConfig
 from server.loop import Federation, SiteInfo, _arrays_ok
 from server.strategies import load_strategy_state, make_strategy, strategy_state
 
@@ -44,7 +45,8 @@ class _RecordingGrid:
 
 def _fed(tmp_path, cfg):
     fed = Federation.__new__(Federation)
-    fed.cfg, fed.seed = cfg, int(cfg["seed"])
+    fed.run_config = RunConfig.from_mapping(cfg)  # what Federation.__init__ sets
+    fed.cfg, fed.seed = fed.run_config.to_flat(), fed.run_config.seed
     fed.sites = {
         nid: SiteInfo(nid, name, 10, 2, 2)
         for nid, name in zip(

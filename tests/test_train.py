@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.augment import augment_batch, to_float
+from common.config import ConfigError, RunConfig
 from common.losses import class_weights, make_loss
 from common.models import build_model, get_weights, set_weights
 from common.train import TrainConfig, evaluate, predict, proximal_term, train_local
@@ -35,12 +36,19 @@ def colour_task(n: int = 48, size: int = 16, seed: int = 0) -> tuple[torch.Tenso
     return x, y
 
 
-def test_from_run_config_reads_kebab_keys_and_ignores_others() -> None:
-    cfg = TrainConfig.from_run_config(
-        {"local-epochs": 3, "proximal-mu": "0.1", "augment": "false", "lr": 0.01, "model": "x"}
+def test_from_run_reads_the_typed_config_and_leaves_mu_to_the_server() -> None:
+    run = RunConfig.from_mapping(
+        {"local-epochs": 3, "proximal-mu": 0.1, "augment": "false", "lr": 0.01, "model": "x"}
     )
-    assert cfg.local_epochs == 3 and cfg.proximal_mu == 0.1 and cfg.augment is False
+    cfg = TrainConfig.from_run(run)
+    assert cfg.local_epochs == 3 and cfg.augment is False
     assert cfg.lr == 0.01 and cfg.optimizer == "adam"
+    # FedProx's mu is what the server sends with a train message, never the run config's
+    assert cfg.proximal_mu == 0.0 and TrainConfig.from_run(run, proximal_mu=0.1).proximal_mu == 0.1
+    # a flat dict goes through the one parser: the same typed values, a bad one refused
+    assert TrainConfig.from_run_config(run.to_flat()) == cfg
+    with pytest.raises(ConfigError, match="^lr='abc': must be a number$"):
+        TrainConfig.from_run_config({"lr": "abc", "server-round": 2})
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
 

@@ -12,13 +12,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from common.data.formats import BUILTIN_FORMAT, FORMAT_CLASSES
 from common.data.schema import DataError, SourceData, default_home
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 log = logging.getLogger("fedskin")
 
@@ -50,44 +53,56 @@ def classes_for(fmt: str) -> list[str]:
         ) from None
 
 
-def merged_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict:
-    """Run config with the site's own node config on top (data paths are the site's)."""
-    cfg = dict(run_config)
+def _typed(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
+    from common.config import run_config_of  # common.config imports this module
+
+    return run_config_of(cfg)
+
+
+def merged_config(
+    run_config: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[RunConfig, str]:
+    """The run config with the site's own node config on top (data paths are the site's),
+    and the site's name (``site``: a node-config key; "" lets the partition id pick one)."""
+    flat = dict(run_config) if isinstance(run_config, Mapping) else run_config.to_flat()
+    site = str(node_config.get("site") or flat.pop("site", "") or "")
     for key in DATA_KEYS:
-        if key in node_config and node_config[key] != "":
-            cfg[key] = node_config[key]
-    return cfg
+        if key != "site" and key in node_config and node_config[key] != "":
+            flat[key] = node_config[key]
+    return _typed(flat), site
 
 
-def resolve_source(cfg: Mapping[str, Any]) -> tuple[str, Path]:
+def resolve_source(cfg: RunConfig | Mapping[str, Any]) -> tuple[str, Path]:
     """Return (format, path); the built-in default is synthesized once and cached."""
-    fmt = str(cfg.get("data-format", BUILTIN_FORMAT))
-    path = str(cfg.get("data-path", ""))
-    if fmt == BUILTIN_FORMAT:
+    run = _typed(cfg)
+    if run.data_format == BUILTIN_FORMAT:
         from common.data.synth import ensure_builtin
 
-        size = max(int(cfg.get("image-size", 32)), 32)
-        n_images = int(cfg.get("builtin-images", 1500))
+        size = max(run.image_size, 32)
+        n_images = run.builtin_images
         return "ham-dataverse", ensure_builtin("ham-dataverse", n_images=n_images, image_size=size)
-    classes_for(fmt)
-    if not path:
-        raise DataError(f"data-format={fmt!r} needs data-path (the folder of its files)")
-    return fmt, Path(path).expanduser()
+    classes_for(run.data_format)
+    if not run.data_path:
+        raise DataError(
+            f"data-format={run.data_format!r} needs data-path (the folder of its files)"
+        )
+    return run.data_format, Path(run.data_path).expanduser()
 
 
-def cache_dir(cfg: Mapping[str, Any]) -> Path:
-    d = str(cfg.get("cache-dir", ""))
+def cache_dir(cfg: RunConfig | Mapping[str, Any]) -> Path:
+    d = _typed(cfg).cache_dir
     return Path(d).expanduser() if d else default_home() / "cache"
 
 
-def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) -> Path:
+def ensure_manifest(cfg: RunConfig | Mapping[str, Any], source: SourceData | None = None) -> Path:
     """The manifest named in the config, or one made deterministically from the scheme.
 
     Every process that derives it from the same config writes byte-identical content via
     an atomic rename, so simulated clients racing on it cannot corrupt it. Pass the
     already-loaded ``source`` to avoid reading its metadata twice.
     """
-    given = str(cfg.get("manifest", ""))
+    run = _typed(cfg)
+    given = run.manifest
     if given:
         p = Path(given).expanduser()
         if not p.is_file():
@@ -103,20 +118,19 @@ def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) ->
     if source is None:
         from common.data.sources import load_source
 
-        source = load_source(*resolve_source(cfg))
-    key = "-".join(str(cfg.get(k, "")) for k in _MANIFEST_KEYS).replace(",", "+")
+        source = load_source(*resolve_source(run))
     from common.siteconfig import confined  # config values are in the name: stay inside
 
-    out = confined(cache_dir(cfg) / "manifests", f"{source.fingerprint}-{key}.csv")
+    out = confined(cache_dir(run) / "manifests", f"{source.fingerprint}-{run.manifest_key()}.csv")
     if not out.is_file():
         manifest = partition(
             source.meta,
-            str(cfg.get("scheme", "natural")),
+            run.scheme,
             classes=source.classes,
-            num_sites=int(cfg.get("num-sites", 4)),
-            alpha=float(cfg.get("dirichlet-alpha", 0.5)),
-            institutions=_split_list(cfg.get("institutions", "")),
-            seed=int(cfg.get("seed", 0)),
+            num_sites=run.num_sites,
+            alpha=run.dirichlet_alpha,
+            institutions=run.institution_list(),
+            seed=run.seed,
         )
         for note in manifest.attrs.get("notes", []):
             log.info("manifest: %s", note)
@@ -132,20 +146,14 @@ def ensure_manifest(cfg: Mapping[str, Any], source: SourceData | None = None) ->
     return out
 
 
-def _split_list(value: Any) -> list[str] | None:
-    items = [s.strip() for s in str(value or "").split(",") if s.strip()]
-    return items or None
-
-
 def site_names(manifest: pd.DataFrame) -> list[str]:
     return sorted(manifest["site"].astype(str).unique())
 
 
-def pick_site(manifest: pd.DataFrame, cfg: Mapping[str, Any], node_config: Mapping) -> str:
-    """A deployed node names its site; a simulated node maps its partition id to one."""
+def pick_site(manifest: pd.DataFrame, site: str, node_config: Mapping) -> str:
+    """A deployed node names its ``site``; a simulated node maps its partition id to one."""
     names = site_names(manifest)
-    if cfg.get("site"):
-        site = str(cfg["site"])
+    if site:
         if site not in names:
             raise DataError(f"site {site!r} is not in the manifest (sites: {names})")
         return site
@@ -176,26 +184,28 @@ class SiteData:
 _SITE_CACHE: dict[tuple, SiteData] = {}
 
 
-def load_site(cfg: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> SiteData:
+def load_site(
+    cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any] | None = None
+) -> SiteData:
     """Load (once per process) the site's splits from the preprocessed uint8 cache."""
     from common.data.cache import build_cache
     from common.data.partition import read_manifest
     from common.data.sources import load_source
 
     node_config = node_config or {}
-    cfg = merged_config(cfg, node_config)
+    run, named = merged_config(cfg, node_config)
     # Keyed on the config alone, so a site's second message reads no file at all.
+    where = (run.data_format, run.data_path, run.manifest, run.cache_dir, run.state_dir)
     key = (
-        tuple(str(cfg.get(k, "")) for k in (*DATA_KEYS, *_MANIFEST_KEYS, "image-size")),
+        (named, *where, run.manifest_key(), run.image_size),
         str(node_config.get("partition-id", "")),
     )
     if key in _SITE_CACHE:
         return _SITE_CACHE[key]
-    source = load_source(*resolve_source(cfg))
-    manifest = read_manifest(ensure_manifest(cfg, source))
-    site = pick_site(manifest, cfg, node_config)
-    size = int(cfg.get("image-size", 32))
-    cache = build_cache(source, size, cache_dir(cfg), progress=False)
+    source = load_source(*resolve_source(run))
+    manifest = read_manifest(ensure_manifest(run, source))
+    site = pick_site(manifest, named, node_config)
+    cache = build_cache(source, run.image_size, cache_dir(run), progress=False)
     rows = manifest[manifest["site"].astype(str) == site]
     images, labels = {}, {}
     for split in SPLITS:

@@ -1,0 +1,47 @@
+"""What the server's message says about that one message, read in one place at the site.
+
+A train or evaluate message carries a flat config record. Besides run-config keys (which
+:func:`common.siteconfig.site_config` merges under the site's rules and
+:class:`common.config.RunConfig` types), it holds fields that belong to the message, not to
+the run: the round, the server's best round so far, the split to score, the run's tag and,
+from FedProx, the proximal term's mu. :class:`ServerAsks` is those fields, typed; nothing
+else at the site reads them from the record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Message
+
+CONFIG = "config"  # the message's config record
+
+
+def message_config(msg: Message | None) -> dict[str, Any]:
+    """The message's flat config record (empty without one)."""
+    if msg is None or CONFIG not in msg.content.config_records:
+        return {}
+    return dict(msg.content.config_records[CONFIG])
+
+
+@dataclass(frozen=True)
+class ServerAsks:
+    """The per-message fields of a server message (defaults: what an absent field means)."""
+
+    server_round: int = 0
+    best_round: int = 0  # the server's best round so far (at the test: the one scored)
+    split: str = "validation"  # common.siteconfig.eval_split refuses anything but val/test
+    run_tag: str = "run"  # names the site's privacy accountant file (checked where used)
+    proximal_mu: float = 0.0  # FedProx sends it with each train message; else no term
+
+    @classmethod
+    def of(cls, msg: Message | None) -> ServerAsks:
+        sent = message_config(msg)
+        return cls(
+            server_round=int(sent.get("server-round", cls.server_round)),
+            best_round=int(sent.get("best-round", cls.best_round)),
+            split=str(sent.get("split", cls.split)),
+            run_tag=str(sent.get("run-tag", cls.run_tag)),
+            proximal_mu=float(sent.get("proximal-mu", cls.proximal_mu)),
+        )
