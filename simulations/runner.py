@@ -93,21 +93,15 @@ def resolve_run_config(
 
 def prepare_data(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here."""
-    from common.data.cache import build_cache
-    from common.data.partition import read_manifest
-    from common.data.site_data import cache_dir, classes_for, ensure_manifest, resolve_source
-    from common.data.sources import load_source
+    from common.data.site_data import classes_for, data_pipeline
     from simulations.data_cli import site_table
 
     run = run_config_of(cfg)
     classes_for(run.data_format)
-    fmt, path = resolve_source(run)
-    source = load_source(fmt, path)
+    prepared = data_pipeline(run, progress=True)
+    source, manifest_path, manifest = prepared.source, prepared.manifest_path, prepared.manifest
     if source.report.n_skipped() or source.report.warnings:
         console.print(source.report.summary())
-    manifest_path = ensure_manifest(run, source)
-    manifest = read_manifest(manifest_path)
-    build_cache(source, run.image_size, cache_dir(run), progress=True)
     console.print(site_table(manifest, source.classes))
     resolved = run.with_values({"manifest": str(manifest_path.resolve())}).to_flat()
     resolved["num-sites-found"] = int(manifest["site"].nunique())

@@ -22,6 +22,7 @@ from common.data.schema import DataError, SourceData, default_home
 
 if TYPE_CHECKING:
     from common.config import RunConfig
+    from common.data.cache import ImageCache
 
 log = logging.getLogger("fedskin")
 
@@ -181,6 +182,31 @@ class SiteData:
         return int(len(self.labels[split]))
 
 
+@dataclass
+class PreparedData:
+    """What the data pipeline made: the loaded source, its manifest, the filled image cache."""
+
+    source: SourceData
+    manifest_path: Path
+    manifest: pd.DataFrame
+    cache: ImageCache
+
+
+def data_pipeline(cfg: RunConfig | Mapping[str, Any], *, progress: bool = False) -> PreparedData:
+    """The data pipeline, one code path for simulation and deployment: load the source (the
+    built-in one is synthesized once), derive (or read) the manifest, fill the uint8 cache."""
+    from common.data.cache import build_cache
+    from common.data.partition import read_manifest
+    from common.data.sources import load_source
+
+    run = _typed(cfg)
+    source = load_source(*resolve_source(run))
+    manifest_path = ensure_manifest(run, source)
+    manifest = read_manifest(manifest_path)
+    cache = build_cache(source, run.image_size, cache_dir(run), progress=progress)
+    return PreparedData(source, manifest_path, manifest, cache)
+
+
 _SITE_CACHE: dict[tuple, SiteData] = {}
 
 
@@ -188,10 +214,6 @@ def load_site(
     cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any] | None = None
 ) -> SiteData:
     """Load (once per process) the site's splits from the preprocessed uint8 cache."""
-    from common.data.cache import build_cache
-    from common.data.partition import read_manifest
-    from common.data.sources import load_source
-
     node_config = node_config or {}
     run, named = merged_config(cfg, node_config)
     # Keyed on the config alone, so a site's second message reads no file at all.
@@ -202,16 +224,16 @@ def load_site(
     )
     if key in _SITE_CACHE:
         return _SITE_CACHE[key]
-    source = load_source(*resolve_source(run))
-    manifest = read_manifest(ensure_manifest(run, source))
+    prepared = data_pipeline(run)
+    manifest = prepared.manifest
     site = pick_site(manifest, named, node_config)
-    cache = build_cache(source, run.image_size, cache_dir(run), progress=False)
     rows = manifest[manifest["site"].astype(str) == site]
     images, labels = {}, {}
     for split in SPLITS:
         part = rows[rows["split"] == split]
-        images[split] = np.ascontiguousarray(cache.get(part["image_id"].astype(str).tolist()))
+        ids = part["image_id"].astype(str).tolist()
+        images[split] = np.ascontiguousarray(prepared.cache.get(ids))
         labels[split] = part["label"].to_numpy(dtype=np.int64).copy()
-    data = SiteData(site=site, classes=source.classes, images=images, labels=labels)
+    data = SiteData(site=site, classes=prepared.source.classes, images=images, labels=labels)
     _SITE_CACHE[key] = data
     return data
