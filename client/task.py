@@ -69,7 +69,10 @@ def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message) -> TrainConfi
     FedProx sends ``proximal-mu`` with every train message. A ``proximal-mu`` left in the run
     config must not turn FedAvg (or FedAdam) into FedProx behind the user's back.
     """
-    return TrainConfig.from_run(run_config_of(cfg), proximal_mu=ServerAsks.of(msg).proximal_mu)
+    asks = ServerAsks.of(msg)
+    return TrainConfig.from_run(
+        run_config_of(cfg), proximal_mu=asks.proximal_mu, server_round=asks.server_round
+    )
 
 
 def train_site(
@@ -120,7 +123,8 @@ def train_site(
             keep_personal(state, norm_state(model), asks)
         elif mode == "ditto":
             personal = overwrite(start, kept or {})  # v starts as the first received global
-            keep_personal(state, personal_step(run, model, personal, start, data, seed), asks)
+            v = personal_step(run, model, personal, start, data, seed, asks.server_round)
+            keep_personal(state, v, asks)
     return reply, metrics
 
 
@@ -131,6 +135,7 @@ def personal_step(
     received: Mapping[str, Any],
     data: SiteData,
     seed: int,
+    server_round: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Ditto: the personal model ``v`` trained as many steps as the global was, with
     ``(ditto-lambda/2) ||v - w||^2`` against the received global ``w``; its new state."""
@@ -143,7 +148,7 @@ def personal_step(
         run.ditto_lambda,
         site_images(data, "train"),
         torch.from_numpy(data.labels["train"]),
-        TrainConfig.from_run(run),
+        TrainConfig.from_run(run, server_round=server_round),  # the global step's rate
         num_classes=len(data.classes),
         device=pick_device(),
         seed=seed,  # the same batches and augmentations as the global model's step

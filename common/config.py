@@ -45,6 +45,7 @@ STRATEGIES = (  # owned here; server/strategies.py builds each of them
 )
 CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")  # idem
 OPTIMIZERS = ("adam", "adamw", "sgd")  # common/train.py
+LR_SCHEDULES = ("constant", "cosine")  # common/train.py: round_lr
 LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
 PERSONALIZE = ("", "fedbn", "finetune", "ditto")  # common/personal.py
@@ -93,6 +94,7 @@ class RunConfig:
     pretrained: str = _rule()
     optimizer: str = _rule(choices=OPTIMIZERS)
     lr: float = _rule(gt=0)
+    lr_schedule: str = _rule(choices=LR_SCHEDULES)
     momentum: float = _rule(ge=0, lt=1)
     weight_decay: float = _rule(ge=0)
     batch_size: int = _rule(ge=1)

@@ -73,13 +73,16 @@ class TrainConfig:
             raise ValueError("set local-epochs >= 1 or local-steps >= 1")
 
     @classmethod
-    def from_run(cls, run: RunConfig, proximal_mu: float = 0.0) -> TrainConfig:
+    def from_run(
+        cls, run: RunConfig, proximal_mu: float = 0.0, server_round: int = 0
+    ) -> TrainConfig:
         """The training view of the typed run config. ``proximal_mu`` is FedProx's, which
         the server sends with each train message: the run config's ``proximal-mu`` is the
-        strategy's to read (a site trains without the term unless the server asks)."""
+        strategy's to read (a site trains without the term unless the server asks).
+        ``server_round`` sets the round's learning rate (:func:`round_lr`)."""
         return cls(
             optimizer=run.optimizer,
-            lr=run.lr,
+            lr=round_lr(run.lr, run.lr_schedule, server_round, run.num_server_rounds),
             momentum=run.momentum,
             weight_decay=run.weight_decay,
             batch_size=run.batch_size,
@@ -102,6 +105,20 @@ class TrainConfig:
 
     def steps_per_round(self, n_train: int) -> int:
         return steps_for(n_train, self.batch_size, self.local_epochs, self.local_steps)
+
+
+def round_lr(lr: float, schedule: str, server_round: int, rounds: int) -> float:
+    """The learning rate of round ``server_round`` (1-based; 0: no round, the base rate).
+
+    ``cosine`` anneals it from ``lr`` in round 1 towards 0 over the run's rounds. Under label
+    skew, FedAvg settles where the sites' local steps pull apart, at a distance that grows
+    with the step size: annealing the step shrinks that distance round by round, and the
+    pooled and local baselines follow the same schedule (simulations/baselines.py).
+    """
+    if schedule == "constant" or server_round < 1 or rounds < 1:
+        return lr
+    t = (min(server_round, rounds) - 1) / rounds
+    return lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def pick_device() -> torch.device:

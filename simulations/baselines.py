@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from common.config import RunConfig, run_config_of
 from common.data.partition import read_manifest
 from common.data.site_data import SiteData, load_site, site_names
 from common.metrics import compute_metrics
@@ -32,9 +32,9 @@ from common.train import TrainConfig, pick_device, predict, train_local
 console = Console()
 
 
-def load_all_sites(cfg: dict[str, Any]) -> list[SiteData]:
+def load_all_sites(cfg: RunConfig | dict[str, Any]) -> list[SiteData]:
     """Every site of the manifest, in the order simulated partition ids map to them."""
-    names = site_names(read_manifest(cfg["manifest"]))
+    names = site_names(read_manifest(run_config_of(cfg).manifest))
     return [load_site(cfg, {"partition-id": i}) for i in range(len(names))]
 
 
@@ -51,7 +51,7 @@ def _score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class
     return float(compute_metrics(labels, probs, classes)["balanced_accuracy"])
 
 
-def _fit(cfg: dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Module:
+def _fit(cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Module:
     """A model trained on these sites' train splits with the federation's budget and rules.
 
     One round's worth of local training at a time (the run's local steps or epochs, a fresh
@@ -60,18 +60,17 @@ def _fit(cfg: dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Mod
     same way, so the table compares methods, not model selection.
     """
     (x, y), (vx, vy) = _split(sites, "train"), _split(sites, "validation")
-    classes, seed = sites[0].classes, int(cfg["seed"])
-    tcfg = replace(TrainConfig.from_run_config(cfg), proximal_mu=0.0)
-    rounds = int(cfg["num-server-rounds"])
+    run = run_config_of(cfg)
+    classes, seed, rounds = sites[0].classes, run.seed, run.num_server_rounds
     torch.manual_seed(seed)
-    model = build_model(str(cfg["model"]), len(classes), pretrained=str(cfg.get("pretrained", "")))
+    model = build_model(run.model, len(classes), pretrained=run.pretrained)
     best, best_score = None, -1.0
     for r in range(1, rounds + 1):
         train_local(
             model,
             torch.from_numpy(x),
             torch.from_numpy(y),
-            tcfg,
+            TrainConfig.from_run(run, server_round=r),  # the round's rate, as at a site
             num_classes=len(classes),
             device=pick_device(),
             seed=seed + r,  # a new batch order each round
@@ -89,7 +88,9 @@ def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, f
     return {s.site: _score(model, s.images["test"], s.labels["test"], s.classes) for s in sites}
 
 
-def _baseline_row(cfg: dict[str, Any], fit_on: list[SiteData], sites: list[SiteData], label: str):
+def _baseline_row(
+    cfg: RunConfig | dict[str, Any], fit_on: list[SiteData], sites: list[SiteData], label: str
+) -> dict[str, float]:
     """One baseline's row: its test bacc at every site, on the pooled test, and its time."""
     t0 = time.time()
     model = _fit(cfg, fit_on, label)
@@ -101,7 +102,7 @@ def _baseline_row(cfg: dict[str, Any], fit_on: list[SiteData], sites: list[SiteD
     }
 
 
-def run_baselines(cfg: dict[str, Any], local: bool = True) -> pd.DataFrame:
+def run_baselines(cfg: RunConfig | dict[str, Any], local: bool = True) -> pd.DataFrame:
     """Rows: pooled, and one local model per site; columns: per-site test bacc, the mean over
     sites, the pooled test and the seconds it took."""
     sites = load_all_sites(cfg)

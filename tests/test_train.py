@@ -13,7 +13,14 @@ from common.augment import augment_batch, to_float
 from common.config import ConfigError, RunConfig
 from common.losses import class_weights, make_loss
 from common.models import build_model, get_weights, set_weights
-from common.train import TrainConfig, evaluate, predict, proximal_term, train_local
+from common.train import (
+    TrainConfig,
+    evaluate,
+    predict,
+    proximal_term,
+    round_lr,
+    train_local,
+)
 
 CLASSES = ["red", "green", "mel"]
 
@@ -51,6 +58,28 @@ def test_from_run_reads_the_typed_config_and_leaves_mu_to_the_server() -> None:
         TrainConfig.from_run_config({"lr": "abc", "server-round": 2})
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+
+
+def test_cosine_schedule_anneals_the_rate_over_the_rounds_at_sites_and_baselines() -> None:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from client.task import train_config
+    from simulations.flower_adapter import task_identity
+
+    assert round_lr(0.1, "constant", 7, 10) == 0.1
+    rates = [round_lr(0.1, "cosine", r, 10) for r in range(1, 11)]
+    assert rates[0] == 0.1 and all(a > b > 0 for a, b in zip(rates, rates[1:], strict=False))
+    assert round_lr(0.1, "cosine", 0, 10) == 0.1  # no round (evaluation, fine-tuning)
+    assert round_lr(0.1, "cosine", 12, 10) == rates[-1]  # past the last round: the last rate
+    run = RunConfig.from_mapping({"lr": 0.1, "lr-schedule": "cosine", "num-server-rounds": 10})
+    assert TrainConfig.from_run(run, server_round=4).lr == rates[3]
+    # a site takes the round from the server's train message
+    with task_identity(run_id=7, node_id=1):
+        content = RecordDict({"config": ConfigRecord({"server-round": 4})})
+        msg = Message(content, dst_node_id=1, message_type="train")
+    assert train_config(run, msg).lr == rates[3]
+    with pytest.raises(ConfigError, match="lr-schedule"):
+        RunConfig.from_mapping({"lr-schedule": "step"})
 
 
 def test_proximal_gradient_is_mu_times_drift_after_steps() -> None:
