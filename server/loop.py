@@ -58,6 +58,7 @@ from server.strategies import (
     load_strategy_state,
     make_strategy,
     strategy_state,
+    updates_needed,
 )
 
 log = logging.getLogger("fedskin")
@@ -440,13 +441,16 @@ class Federation:
             rejected=rejected,
             epsilon=epsilon,
         )
-        minimum = self.run_config.min_train_nodes
+        minimum = max(self.run_config.min_train_nodes, updates_needed(self.run_config))
         if len(good) < minimum:
             log.error(
-                "round %d: only %d usable updates (< min-train-nodes=%d); global model kept",
+                "round %d: only %d usable updates (< %d: min-train-nodes=%d, strategy %s); "
+                "global model kept",
                 server_round,
                 len(good),
                 minimum,
+                self.run_config.min_train_nodes,
+                self.run_config.strategy,
             )
             record["aggregated"] = False
             return arrays

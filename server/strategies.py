@@ -107,6 +107,20 @@ def make_strategy(
     return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
 
 
+def updates_needed(cfg: RunConfig | Mapping[str, Any]) -> int:
+    """The fewest updates the strategy can aggregate as configured: Krum needs more than
+    2f+2, Bulyan 4f+3 (f = robust-malicious), the trimmed mean at least one left after
+    cutting; when sites are rejected in a round, fewer than this keeps the global model
+    instead of letting the strategy fail."""
+    run = as_run_config(cfg)
+    f = run.robust_malicious
+    if run.strategy in ("krum", "multikrum"):
+        return max(2 * f + 3, run.multikrum_select + f if run.strategy == "multikrum" else 0)
+    if run.strategy == "bulyan":
+        return 4 * f + 3
+    return 1
+
+
 def select_on_weights(
     contents: list[RecordDict], num_malicious: int, num_select: int
 ) -> list[RecordDict]:

@@ -423,6 +423,26 @@ def test_a_site_that_did_not_train_is_reported_not_aggregated(tmp_path: Path) ->
         assert r["rejected"] == {BAD: "privacy budget spent"} and r["epsilon"] == {BAD: 7.9}
 
 
+def test_a_robust_strategy_left_short_of_updates_keeps_the_global_model(
+    tmp_path: Path, fedskin_log: list[str]
+) -> None:
+    """Krum needs 3 updates at robust-malicious=0: with one of three sites rejected, the
+    round keeps the global model (named in the log) instead of letting Krum fail."""
+    first, second, _ = honest_sites()
+    bad = Site(BAD, 50, train=lambda c: _floats(c, lambda a: a + 1e4))
+    run = run_federation(
+        tmp_path, [first, second, bad], fedskin_log, strategy="krum", **{"robust-malicious": 0}
+    )
+    for r in run.metrics["rounds"]:
+        assert BAD in r["rejected"] and r["aggregated"] is False
+    assert sum("strategy krum); global model kept" in line for line in run.log) == ROUNDS
+    assert "test" in run.metrics
+    sent = run.grid.evaluated
+    for k in sent[0]:  # every model sent out is the initial one
+        for model in sent[1:]:
+            np.testing.assert_array_equal(model[k], sent[0][k])
+
+
 # ------------------------------------------------------------ crafted evaluation replies
 def _eval(change: Callable[[dict[str, Any]], None]) -> Tamper:
     def tamper(content: RecordDict) -> RecordDict:
