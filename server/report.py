@@ -178,7 +178,9 @@ def markdown_report(
     lines = [
         f"# fedskin run `{run.run_name}`",
         "",
-        f"Strategy **{run.strategy}**, model **{run.model}** at "
+        f"Strategy **{run.strategy}**"
+        + (f" with personalisation **{run.personalize}**" if run.personalize else "")
+        + f", model **{run.model}** at "
         f"{run.image_size} px, {len(hist)} rounds, data `{run.data_format}` "
         f"scheme `{run.scheme}`, DP {'on' if run.dp else 'off'}.",
         "",

@@ -217,7 +217,7 @@ def compare(
 def _markdown(df: pd.DataFrame) -> str:
     head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
     body = "".join(
-        "| " + " | ".join(str(v) if isinstance(v, str) else f"{v:.3f}" for v in r) + " |\n"
+        "| " + " | ".join(_cell(c, v) for c, v in zip(df.columns, r, strict=True)) + " |\n"
         for r in df.itertuples(index=False)
     )
     return head + body
