@@ -280,6 +280,15 @@ Copy rules
     flwr supernode register sites/<site>/supernode.pub <connection>
   * ca.crt is public: every site and the admin's `flwr` config trust it.
 
+Starting a site (docs/deployment.md, steps 5 and 5b)
+  flower-supernode --superlink <host>:<port> --root-certificates ca.crt \\
+      --auth-supernode-private-key supernode.key --node-config "site='<site>' ..." \\
+      --port 9094 --isolation process
+  fedskin site-exec --runtime-api-address 127.0.0.1:9094
+  The second process imports torch/timm once for all messages. Without --isolation
+  process and site-exec, Flower starts a fresh ClientApp process (and its imports) for
+  every message.
+
 See docs/deployment.md for the full step-by-step guide.
 """
 

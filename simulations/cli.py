@@ -41,6 +41,15 @@ sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x
 app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
     deploy_cli
 )
+from client.warm_exec import site_exec_cli  # noqa: E402
+from simulations.deploy_overhead import deploy_overhead_cli  # noqa: E402
+
+app.command("site-exec", help="A site's warm ClientApp launcher (supernode --isolation process).")(
+    site_exec_cli
+)
+app.command("deploy-overhead", help="Benchmark: ClientApp start per message, cold vs warm.")(
+    deploy_overhead_cli
+)
 weights_app = typer.Typer(help="Pretrained backbone weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 weights_app.command("save", help="Save a backbone's pretrained weights for an offline server.")(

@@ -50,6 +50,22 @@ def base_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def site_exec_argv(
+    runtime_api_address: str, parent_pid: int | None = None, auth_secret_file: Path | None = None
+) -> list[str]:
+    """``fedskin site-exec`` (client/warm_exec.py): the warm ClientApp launcher that serves a
+    ``flower-supernode --isolation process`` whose Runtime API is ``runtime_api_address``.
+    Start it with the SuperNode's environment (same ``FLWR_HOME``); ``parent_pid`` (the
+    SuperNode) makes it stop when that process is gone; ``auth_secret_file`` is the
+    SuperNode's ``--superexec-auth-secret-file``."""
+    argv = [str(BIN / "fedskin"), "site-exec", "--runtime-api-address", runtime_api_address]
+    if parent_pid is not None:
+        argv += ["--parent-pid", str(parent_pid)]
+    if auth_secret_file is not None:
+        argv += ["--superexec-auth-secret-file", str(auth_secret_file)]
+    return argv
+
+
 @dataclass
 class Proc:
     """A started process and its log file."""
