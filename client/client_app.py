@@ -30,6 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.message import ServerAsks, message_config
 from common.config import RunConfig
 from common.data.site_data import load_site
+from common.protocol import TRAIN_KEYS, TRAIN_KEYS_DP
 from common.rundir import atomic_write_text
 from common.siteconfig import (
     SiteConfigError,
@@ -70,25 +71,9 @@ def _config(context: Context, msg: Message | None = None) -> tuple[RunConfig, Se
     return RunConfig.from_flat(merged), ServerAsks.of(msg)
 
 
-# What a train reply's metrics hold (tests/test_site_control.py checks both). Under
-# sample-level DP the train loss and accuracy are left out: they are computed on the private
-# batches without noise, outside what the accountant covers (docs/privacy.md).
-TRAIN_KEYS = frozenset(
-    {
-        "num-examples",
-        "num_examples",
-        "train_loss",
-        "train_accuracy",
-        "steps",
-        "seconds",
-        "images_per_second",
-    }
-)
-TRAIN_KEYS_DP = frozenset(
-    (TRAIN_KEYS - {"train_loss", "train_accuracy"})
-    | {"epsilon", "delta", "noise_multiplier", "dp-budget-exhausted"}
-)
-NOT_UNDER_DP = ("train_loss", "train_accuracy")
+# What a train reply's metrics hold: common/protocol.py (tests/test_site_control.py checks
+# both sets against what the site sends).
+NOT_UNDER_DP = tuple(sorted(TRAIN_KEYS - TRAIN_KEYS_DP))  # train loss and accuracy
 
 
 # ------------------------------------------------------------------------ privacy state

@@ -29,25 +29,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import steps_for
 from common.fedmetrics import BINS
+from common.protocol import TRAIN_KEYS, TRAIN_KEYS_DP
 
-# What a site that trained sends (client/client_app.py: the same two sets, checked equal by
-# tests/test_replies.py): without sample-level DP, and with it (no train loss or accuracy,
-# which are computed on the private batches without noise; the accountant's figures).
-TRAIN_KEYS = frozenset(
-    {
-        "num-examples",
-        "num_examples",
-        "train_loss",
-        "train_accuracy",
-        "steps",
-        "seconds",
-        "images_per_second",
-    }
-)
-TRAIN_KEYS_DP = frozenset(
-    (TRAIN_KEYS - {"train_loss", "train_accuracy"})
-    | {"epsilon", "delta", "noise_multiplier", "dp-budget-exhausted"}
-)
 # Documented optional key: the bit Flower's adaptive clipping mod adds (central-dp).
 OPTIONAL_TRAIN_KEYS = frozenset({"norm_bit"})
 INFO_KEYS = ("site", "n-train", "n-validation", "n-test")
