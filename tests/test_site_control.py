@@ -4,8 +4,7 @@ The real ClientApp handlers (``client/client_app.py``) are driven with real Flow
 ``Message`` and ``Context`` objects, as a SuperNode would call them: a deployed site
 (``--node-config`` naming its files, no ``partition-id``) on its own images and manifest.
 A fresh ``Context`` stands for a restarted SuperNode (Flower keeps ``context.state`` in
-memory only), so the restart test is at this level rather than with real processes: a real
-restart of a DP run would add minutes to the deployment suite.
+memory only); tests/test_integration_dp_restart.py restarts a real ``flower-supernode``.
 """
 
 from __future__ import annotations
