@@ -172,20 +172,27 @@ def run_dir_for(cfg: RunConfig | Mapping[str, Any]) -> Path:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(
+    path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any], *, mode: int | None = None
+) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, whole.
 
     ``data`` is bytes, text (UTF-8) or a function that writes to a binary file object. It
     goes to a uniquely named temporary file beside ``path`` (same file system), which is
     flushed and fsynced, then renamed over ``path`` with ``os.replace``; on any error the
     temporary file is removed and ``path`` is left as it was. Missing parent folders are
-    created. The new file gets the usual permissions (0666 less the umask).
+    created. The new file gets the usual permissions (0666 less the umask), or exactly
+    ``mode`` (a private key: 0600 from its creation, never briefly readable by others). The
+    temporary file is opened ``O_EXCL | O_NOFOLLOW``: never an existing file or a link.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o666 if mode is None else mode)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)  # exactly this mode, whatever the umask
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)

@@ -35,6 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.console import Console
 from rich.table import Table
 
+from common.rundir import atomic_write
+
 DEFAULT_SERVER_NAMES: list[str] = ["localhost", "127.0.0.1", "::1"]
 # Site names become file and folder names and `--node-config site='...'` values.
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -128,21 +130,7 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
     existing file or a link's target), renamed over ``path``: a symbolic link there is
     replaced, never followed (:func:`_refuse_links` refuses one before anything is written).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o600 if private else 0o644
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, mode)
-    try:
-        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
-        os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600 if private else 0o644)
 
 
 def _refuse_links(out_dir: Path, targets: list[Path]) -> None:
