@@ -147,13 +147,10 @@ def register_sites(dep: Deployment, sites: list[str]) -> None:
         assert proc.returncode == 0, f"registering {site} failed:\n{out}"
 
 
-def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployment:
-    """A SuperLink (TLS + SuperNode auth) and one registered SuperNode per site, all online.
-
-    It also starts the three nodes that must be refused (unregistered key, no CA, another
-    federation's CA), early, so their slow start-up overlaps the set-up.
-    """
-    keys = make_federation(work / "keys", sites=[*sites, "rogue"], days=1)
+def start_superlink(harness: Harness, work: Path, sites: list[str]) -> Deployment:
+    """A federation's keys for ``sites`` and its SuperLink (TLS + SuperNode auth), serving;
+    no SuperNode yet (the admin's flwr config points at it)."""
+    keys = make_federation(work / "keys", sites=sites, days=1)
     port = free_port()
     superlink = harness.start(
         "superlink",
@@ -164,7 +161,17 @@ def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployme
     superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", STARTUP_S)
     admin_env = base_env(work / "admin" / "flwr-home")
     write_flwr_config(work / "admin" / "flwr-home", CONNECTION, f"127.0.0.1:{port}", keys.ca_cert)
-    dep = Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
+    return Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
+
+
+def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployment:
+    """A SuperLink (TLS + SuperNode auth) and one registered SuperNode per site, all online.
+
+    It also starts the three nodes that must be refused (unregistered key, no CA, another
+    federation's CA), early, so their slow start-up overlaps the set-up.
+    """
+    dep = start_superlink(harness, work, [*sites, "rogue"])
+    keys = dep.keys
     other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
     a_key = keys.sites[sites[0]].private_key  # a registered key: only TLS can stop them
     for name, ca, key in (
@@ -192,7 +199,7 @@ def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployme
         # (and keeps every site's arithmetic identical from run to run).
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         dep.supernodes[site] = harness.start(f"supernode-{site}", argv, env)
-    superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(sites))
+    dep.superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(sites))
     return dep
 
 

@@ -19,12 +19,9 @@ from pathlib import Path
 import pytest
 
 from common.privacy import DPSession
-from server.deploy import make_federation
-from tests.deploy_harness import Harness, base_env, free_port, write_flwr_config
+from tests.deploy_harness import Harness, base_env
 from tests.test_integration_deploy import (
-    CONNECTION,
     RUN_TIMEOUT,
-    SERVER_PRIORITY,
     STARTUP_S,
     Deployment,
     copy_project,
@@ -35,7 +32,7 @@ from tests.test_integration_deploy import (
     run_config,
     server_log,
     site_node_config,
-    superlink_argv,
+    start_superlink,
     supernode_argv,
     write_site_data,
 )
@@ -77,20 +74,8 @@ def test_restarted_supernode_keeps_its_spent_privacy_budget(tmp_path: Path) -> N
     work = tmp_path
     harness = Harness(work)
     try:
-        keys = make_federation(work / "keys", sites=[SITE], days=1)
-        port = free_port()
-        superlink = harness.start(
-            "superlink",
-            superlink_argv(keys, port, work / "superlink" / "state.db"),
-            base_env(work / "superlink" / "flwr-home"),
-            priority=SERVER_PRIORITY,
-        )
-        superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", STARTUP_S)
-        admin_env = base_env(work / "admin" / "flwr-home")
-        write_flwr_config(
-            work / "admin" / "flwr-home", CONNECTION, f"127.0.0.1:{port}", keys.ca_cert
-        )
-        dep = Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
+        dep = start_superlink(harness, work, [SITE])
+        superlink = dep.superlink
         register_sites(dep, [SITE])
 
         state_dir = dep.site_dir(SITE) / "state"
