@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -246,6 +246,156 @@ def train_local(
         torch.backends.cudnn.benchmark = before
 
 
+@dataclass
+class _Tally:
+    """Running sums of the data loss and correct predictions over the round's batches.
+
+    The sums stay on the device so nothing in the loop waits for the GPU; they are read once,
+    after the last step.
+    """
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+    @classmethod
+    def on(cls, device: torch.device) -> _Tally:
+        return cls(
+            loss_sum=torch.zeros((), device=device),
+            correct=torch.zeros((), device=device, dtype=torch.long),
+        )
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch's (data) loss and correct count."""
+        with torch.no_grad():
+            self.loss_sum += loss.detach() * len(y)
+            self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+
+
+@dataclass
+class _Round:
+    """What every step of one local round shares, built once before the seeded loop: the
+    model and its optimiser, the split on its device, the loss, FedProx's anchor and the
+    running tallies. The step functions take it instead of a dozen loose arguments."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    device: torch.device
+    images: torch.Tensor
+    labels: torch.Tensor  # long, on the images' device
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    global_params: list[torch.Tensor] | None  # the weights at entry, when FedProx is on
+    memory_format: torch.memory_format
+    autocast: Any
+    tally: _Tally
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def mu(self) -> float:
+        return self.cfg.proximal_mu
+
+
+def _check_dp(model: nn.Module, dp: DPSession, n: int) -> None:
+    """Refuse a model Opacus cannot privatise or a session accounted for another split."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model is not DP-compatible (build it with dp=True): {errors[:3]}")
+    if dp.n_train != n:
+        raise ValueError(f"DP session is for {dp.n_train} images, got {n}")
+
+
+def _prepare_round(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+) -> _Round:
+    """Move the model and the split to ``device`` and build the loss and optimiser."""
+    cuda = device.type == "cuda"
+    model.to(device)
+    memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    images = place_images(images, device)
+    # Indices and labels live where the images are (the GPU, unless the split did not fit):
+    # a batch is then gathered without any per-step copy of its indices.
+    labels_src = _to(labels.to(dtype=torch.long), images.device)
+    counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
+    criterion = make_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
+    optimizer = _make_optimizer(model, cfg)
+    mu = cfg.proximal_mu
+    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
+    return _Round(
+        model=model,
+        cfg=cfg,
+        device=device,
+        images=images,
+        labels=labels_src,
+        criterion=criterion,
+        optimizer=optimizer,
+        global_params=global_params,
+        memory_format=memory_format,
+        autocast=autocast,
+        tally=_Tally.on(device),
+    )
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Seed the round's randomness without disturbing the caller's: the global RNGs (dropout,
+    drop-path) are forked and seeded, and the yielded CPU generator drives the batch order,
+    the Poisson sampling and the augmentation, in the order the loop consumes them."""
+    cuda_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_ids):
+        torch.manual_seed(seed)  # dropout / drop-path draws
+        yield torch.Generator().manual_seed(seed)
+
+
+def _forward(
+    r: _Round, net: nn.Module, idx: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather, augment and forward one batch; the logits come back in fp32."""
+    idx = _to(idx, r.images.device)
+    x = r.images[idx].to(r.device, non_blocking=True)
+    y = r.labels[idx].to(r.device, non_blocking=True)
+    x = augment_batch(x, g) if r.cfg.augment else to_float(x)
+    x = x.contiguous(memory_format=r.memory_format)
+    with r.autocast:
+        logits = net(x)
+    return logits.float(), y  # the loss in fp32 under bf16 autocast (a no-op otherwise)
+
+
+def _plain_step(r: _Round, net: nn.Module, idx: torch.Tensor, g: torch.Generator) -> None:
+    """One optimiser step on one batch, with the FedProx term when it is on."""
+    logits, y = _forward(r, net, idx, g)
+    loss = r.criterion(logits, y)
+    r.tally.add(loss, logits, y)  # the data loss, before the FedProx term
+    if r.global_params is not None:
+        loss = loss + proximal_term(r.model, r.global_params, r.mu)
+    r.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    r.optimizer.step()
+
+
+def _train_plain(r: _Round, g: torch.Generator, steps: int, progress: bool | str) -> None:
+    """``steps`` steps over successive seeded epochs of the split."""
+    net = torch.compile(r.model) if r.cfg.compile and r.cuda else r.model
+    batches = _epoch_batches(len(r.images), r.cfg.batch_size, steps, g, r.images.device)
+    with _progress(progress, steps) as advance:
+        for idx in batches:
+            _plain_step(r, net, idx, g)
+            advance()
+
+
 def _train_local(
     model: nn.Module,
     images: torch.Tensor,
@@ -257,175 +407,123 @@ def _train_local(
     seed: int | None,
     progress: bool | str,
 ) -> dict[str, float]:
+    """:func:`train_local` once the inputs are checked and the cuDNN setting is chosen."""
     seed = cfg.seed if seed is None else seed
-    cuda = device.type == "cuda"
     model.train()
     if dp is not None:
-        errors = ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise ValueError(f"model is not DP-compatible (build it with dp=True): {errors[:3]}")
-        if dp.n_train != len(images):
-            raise ValueError(f"DP session is for {dp.n_train} images, got {len(images)}")
-
-    n = len(images)
-    model.to(device)
-    memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
-    if cuda and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.train()
-    images = place_images(images, device)
-    # Indices and labels live where the images are (the GPU, unless the split did not fit):
-    # a batch is then gathered without any per-step copy of its indices.
-    index_device = images.device
-    labels_src = _to(labels.to(dtype=torch.long), index_device)
-    counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
-    criterion = make_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
-    optimizer = _make_optimizer(model, cfg)
-    mu = cfg.proximal_mu
-    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext()
-
-    # Running sums stay on the device: nothing in the loop waits for the GPU; they are read
-    # once, after the last step.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-
-    def tally(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch's (data) loss and correct count to the device-side running sums."""
-        nonlocal loss_sum, correct, seen
-        with torch.no_grad():
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-
-    def forward_batch(
-        net: nn.Module, idx: torch.Tensor, recompute_loss: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, augment and forward one batch; ``recompute_loss`` tallies it here (DP)."""
-        idx = _to(idx, index_device)
-        x = images[idx].to(device, non_blocking=True)
-        y = labels_src[idx].to(device, non_blocking=True)
-        x = augment_batch(x, g) if cfg.augment else to_float(x)
-        x = x.contiguous(memory_format=memory_format)
-        with autocast:
-            logits = net(x)
-        logits = logits.float()  # the loss in fp32 under bf16 autocast (a no-op otherwise)
-        if recompute_loss:  # Opacus' criterion wraps its loss: tally a plain one
-            with torch.no_grad():
-                tally(criterion(logits.detach(), y), logits, y)
-        return logits, y
-
+        _check_dp(model, dp, len(images))
+    r = _prepare_round(model, images, labels, cfg, num_classes, device)
     t0 = time.perf_counter()
-    cuda_ids = [device.index if device.index is not None else 0] if cuda else []
-    with torch.random.fork_rng(devices=cuda_ids):
-        torch.manual_seed(seed)  # dropout / drop-path draws
-        g = torch.Generator().manual_seed(seed)
+    with _seeded(seed, device) as g:
         if dp is None:
-            steps = cfg.steps_per_round(n)
-            net = torch.compile(model) if cfg.compile and cuda else model
-            batches = _epoch_batches(n, cfg.batch_size, steps, g, index_device)
-            with _progress(progress, steps) as advance:
-                for idx in batches:
-                    logits, y = forward_batch(net, idx)
-                    loss = criterion(logits, y)
-                    tally(loss, logits, y)  # the data loss, before the FedProx term
-                    if global_params is not None:
-                        loss = loss + proximal_term(model, global_params, mu)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    advance()
+            steps = cfg.steps_per_round(len(images))
+            _train_plain(r, g, steps, progress)
         else:
             steps = dp.steps_per_round
-            model = _train_dp(
-                model,
-                optimizer,
-                criterion,
-                dp,
-                forward_batch,
-                g,
-                steps,
-                seed,
-                device,
-                global_params,
-                mu,
-                progress,
-            )
-    if cuda:
+            _train_dp(r, dp, g, seed, progress)
+    if r.cuda:
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    return _round_metrics(r.tally, len(images), steps, time.perf_counter() - t0, dp)
+
+
+def _round_metrics(
+    tally: _Tally, n: int, steps: int, seconds: float, dp: DPSession | None
+) -> dict[str, float]:
+    """The metrics a round reports (the only point where the device-side sums are read)."""
     out = {
-        "train_loss": float(loss_sum) / max(seen, 1),
-        "train_accuracy": float(correct) / max(seen, 1),
+        "train_loss": float(tally.loss_sum) / max(tally.seen, 1),
+        "train_accuracy": float(tally.correct) / max(tally.seen, 1),
         "num_examples": float(n),
         "steps": float(steps),
         "seconds": seconds,
-        "images_per_second": seen / max(seconds, 1e-9),
+        "images_per_second": tally.seen / max(seconds, 1e-9),
     }
     if dp is not None:
         out.update(dp.metrics())
     return out
 
 
-def _train_dp(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    dp: DPSession,
-    forward_batch: Any,
-    g: torch.Generator,
-    steps: int,
-    seed: int,
-    device: torch.device,
-    global_params: list[torch.Tensor] | None,
-    mu: float,
-    progress: bool | str,
-) -> nn.Module:
-    """DP-SGD: Poisson logical batches, split into physical chunks (as BatchMemoryManager)."""
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    gsm, dp_opt, dp_criterion = make_private(model, optimizer, criterion, dp, generator=noise_gen)
-    if global_params is not None:
-        # The FedProx gradient mu (w - w_g) does not depend on data: add it after clipping +
-        # noise (post-processing), where it is exact and costs no privacy.
-        def add_prox(opt: Any) -> None:
-            with torch.no_grad():
-                for p, w0 in zip(model.parameters(), global_params, strict=True):
-                    if p.grad is not None:
-                        p.grad.add_(p - w0, alpha=mu)
+@dataclass
+class _Private:
+    """Opacus' wrappers of one DP round (from :func:`make_private`) and the physical chunk
+    size a logical batch is split into."""
 
-        dp_opt.attach_step_hook(add_prox)
+    gsm: nn.Module
+    opt: Any  # DPOptimizer
+    criterion: nn.Module
+    physical: int
+
+
+def _attach_prox(
+    dp_opt: Any, model: nn.Module, global_params: list[torch.Tensor], mu: float
+) -> None:
+    """Add FedProx's gradient ``mu (w - w_g)`` after clipping and noise.
+
+    It does not depend on data, so adding it as post-processing is exact and costs no
+    privacy.
+    """
+
+    def add_prox(opt: Any) -> None:
+        with torch.no_grad():
+            for p, w0 in zip(model.parameters(), global_params, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - w0, alpha=mu)
+
+    dp_opt.attach_step_hook(add_prox)
+
+
+def _dp_step(r: _Round, private: _Private, idx: torch.Tensor, g: torch.Generator) -> None:
+    """One DP-SGD step on one Poisson logical batch: physical chunks accumulate per-sample
+    gradients (as Opacus' BatchMemoryManager) and only the last one steps; an empty batch
+    still takes its noisy step, which the accountant counts."""
+    if len(idx) == 0:
+        private.opt.signal_skip_step(do_skip=False)
+        empty_grad_samples(private.opt)
+        private.opt.step()
+        private.opt.zero_grad(set_to_none=True)
+        return
+    chunks = idx.split(private.physical)
+    for i, chunk in enumerate(chunks):
+        private.opt.signal_skip_step(do_skip=i < len(chunks) - 1)
+        logits, y = _forward(r, private.gsm, chunk, g)
+        with torch.no_grad():  # Opacus' criterion wraps its loss: tally a plain one
+            r.tally.add(r.criterion(logits.detach(), y), logits, y)
+        loss = private.criterion(logits, y)
+        loss.backward()
+        private.opt.step()
+        private.opt.zero_grad(set_to_none=True)
+
+
+def _train_dp(
+    r: _Round, dp: DPSession, g: torch.Generator, seed: int, progress: bool | str
+) -> nn.Module:
+    """DP-SGD: ``dp.steps_per_round`` Poisson logical batches drawn from ``g``, noise from
+    its own generator (``seed + 1``); every step taken is recorded in ``dp``, even when a
+    later one fails, and the model is unwrapped from Opacus afterwards."""
+    noise_gen = torch.Generator(device=r.device).manual_seed(seed + 1)
+    gsm, dp_opt, dp_criterion = make_private(
+        r.model, r.optimizer, r.criterion, dp, generator=noise_gen
+    )
+    if r.global_params is not None:
+        _attach_prox(dp_opt, r.model, r.global_params, r.mu)
+    private = _Private(gsm, dp_opt, dp_criterion, dp.cfg.physical_batch)
+    steps = dp.steps_per_round
     sampler = UniformWithReplacementSampler(
         num_samples=dp.n_train, sample_rate=dp.sample_rate, generator=g, steps=steps
     )
-    physical = dp.cfg.physical_batch
     done = 0
     try:
         with _progress(progress, steps) as advance, warnings.catch_warnings():
             # the stem conv's input needs no grad, so torch notes the hook fires on outputs
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for logical in sampler:
-                idx = torch.as_tensor(logical, dtype=torch.long)
-                if len(idx) == 0:
-                    dp_opt.signal_skip_step(do_skip=False)
-                    empty_grad_samples(dp_opt)
-                    dp_opt.step()
-                    dp_opt.zero_grad(set_to_none=True)
-                else:
-                    chunks = idx.split(physical)
-                    for i, chunk in enumerate(chunks):
-                        dp_opt.signal_skip_step(do_skip=i < len(chunks) - 1)
-                        logits, y = forward_batch(gsm, chunk, recompute_loss=True)
-                        loss = dp_criterion(logits, y)
-                        loss.backward()
-                        dp_opt.step()
-                        dp_opt.zero_grad(set_to_none=True)
+                _dp_step(r, private, torch.as_tensor(logical, dtype=torch.long), g)
                 done += 1
                 advance()
     finally:
         dp.record_steps(done)  # every noisy step taken is spent, even if a later one failed
         model = unwrap(gsm)
-        optimizer.zero_grad(set_to_none=True)
+        r.optimizer.zero_grad(set_to_none=True)
     return model
 
 
