@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,97 @@ def _claimed(reply: Message) -> str | None:
 
 
 _arrays_ok = arrays_error  # the update checks live in server/replies.py
+
+
+@dataclass(frozen=True)
+class _Wording:
+    """The log lines of one exchange's problems. Each format takes ``context`` (the round or
+    the split) first, then the site name, so training and evaluation keep their own words."""
+
+    context: int | str
+    failed: str  # ... site, reason
+    rejected: str  # ... site, why
+    silent: str  # ... site
+
+
+@dataclass
+class _Problems:
+    """Sites of one exchange that failed (an error reply, or none in time) or were rejected
+    (a reply that failed its checks), by site name in the order found: metrics.json records
+    both, and the same loop serves training and evaluation."""
+
+    wording: _Wording
+    timeout: float
+    failures: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def collect(
+        self,
+        replies: Iterable[tuple[int, Message]],
+        by_node: Mapping[int, SiteInfo],
+        take: Callable[[SiteInfo, Message], str | None],
+    ) -> None:
+        """Pass each reply that is not an error to ``take`` (server/replies.py checks);
+        any defect, or exception, rejects that site only."""
+        for nid, reply in replies:
+            name = by_node[nid].site
+            if reply.has_error():
+                self.failures[name] = reply.error.reason
+                log.error(self.wording.failed, self.wording.context, name, reply.error.reason)
+                continue
+            if why := guarded(take, by_node[nid], reply):
+                self.reject(name, why)
+
+    def reject(self, name: str, why: str) -> None:
+        self.rejected[name] = why
+        log.error(self.wording.rejected, self.wording.context, name, why)
+
+    def missing(self, node_ids: Iterable[int], by_node: Mapping[int, SiteInfo]) -> None:
+        """Sites that did not reply within the round timeout."""
+        for nid in node_ids:
+            site = by_node[nid].site
+            self.failures[site] = f"no reply within {self.timeout:.0f}s"
+            log.error(self.wording.silent, self.wording.context, site)
+
+
+_Update = tuple[Message, ArrayRecord, MetricRecord]
+
+
+@dataclass
+class _Updates:
+    """What one training round keeps of its replies, by site name in arrival order: the
+    usable updates, their norms against the global model and the sites' epsilons."""
+
+    server_round: int
+    reference: dict[str, np.ndarray]  # the round's global model, packed
+    problems: _Problems
+    good: dict[str, _Update] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+
+    def take(self, site: SiteInfo, reply: Message) -> str | None:
+        """One reply, checked (server/replies.py) before anything of it is kept."""
+        if why := train_reply_error(reply.content, self.reference, site.n_train):
+            return why
+        metrics = reply.content.metric_records["metrics"]
+        eps = float(metrics["epsilon"]) if "epsilon" in metrics else None
+        if skipped := skipped_reason(reply.content):
+            self.problems.rejected[site.site] = skipped
+            log.warning(
+                "round %d: site %s did not train (%s)", self.server_round, site.site, skipped
+            )
+        else:
+            update = reply.content.array_records["arrays"]
+            norm = update_norm(update, self.reference)
+            self.good[site.site], self.norms[site.site] = (reply, update, metrics), norm
+        if eps is not None:
+            self.epsilon[site.site] = eps
+        return None
+
+    def train_metrics(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {k: float(v) for k, v in self.good[name][2].items()} for name in sorted(self.good)
+        }
 
 
 class Federation:
@@ -374,86 +465,101 @@ class Federation:
         state: LoopState,
         record: dict[str, Any],
     ) -> ArrayRecord:
+        """One training round; the new global model, or ``arrays`` when none is usable."""
         chosen = self.sample(server_round)
         by_node = {s.node_id: s for s in chosen}
-        # best-round: the best round so far, for sites that keep personal state (client/task.py)
-        config = ConfigRecord({"run-tag": state.run_tag, "best-round": state.best_round})
         # The strategy configures, clips and aggregates the packed form (common/wire.py).
         layout, wire = layout_of(arrays), pack(arrays)
-        messages = list(
-            strategy.configure_train(
-                server_round, wire, config, _SelectedGrid(self.grid, list(by_node))
-            )
-        )
-        replies, missing = self._exchange(messages, f"round {server_round} training")
-        reference = {k: v.numpy() for k, v in wire.items()}
-        good: dict[str, tuple[Message, ArrayRecord, MetricRecord]] = {}
-        failures: dict[str, str] = {}
-        rejected: dict[str, str] = {}
-        epsilon: dict[str, float] = {}
-        norms: dict[str, float] = {}
-
-        def take(site: SiteInfo, reply: Message) -> str | None:
-            """One reply, checked (server/replies.py) before anything of it is kept."""
-            if why := train_reply_error(reply.content, reference, site.n_train):
-                return why
-            metrics = reply.content.metric_records["metrics"]
-            eps = float(metrics["epsilon"]) if "epsilon" in metrics else None
-            if skipped := skipped_reason(reply.content):
-                rejected[site.site] = skipped
-                log.warning(
-                    "round %d: site %s did not train (%s)", server_round, site.site, skipped
-                )
-            else:
-                update = reply.content.array_records["arrays"]
-                norm = update_norm(update, reference)
-                good[site.site], norms[site.site] = (reply, update, metrics), norm
-            if eps is not None:
-                epsilon[site.site] = eps
-            return None
-
-        for nid, reply in replies.items():
-            name = by_node[nid].site
-            if reply.has_error():
-                failures[name] = reply.error.reason
-                log.error("round %d: site %s failed: %s", server_round, name, reply.error.reason)
-                continue
-            if why := guarded(take, by_node[nid], reply):  # any defect rejects this site only
-                rejected[name] = why
-                log.error("round %d: update from site %s rejected: %s", server_round, name, why)
-        sizes = {s.site: s.n_train for s in chosen}
-        steps = {name: self.run_config.steps_per_round(sizes[name]) for name in norms}
-        factor, cap = self.run_config.update_norm_factor, self.run_config.update_norm_cap
-        for name, why in sorted(norm_bound_errors(norms, factor, cap, steps).items()):
-            del good[name]
-            rejected[name] = why
-            log.error("round %d: update from site %s rejected: %s", server_round, name, why)
-        train_metrics = {
-            name: {k: float(v) for k, v in good[name][2].items()} for name in sorted(good)
-        }
-        for nid in missing:
-            failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
-            log.error("round %d: site %s did not reply in time", server_round, by_node[nid].site)
+        replies, missing = self._send_train(strategy, server_round, wire, state, list(by_node))
+        updates = self._check_updates(server_round, wire, replies, by_node)
+        self._bound_norms(updates, chosen)
+        updates.problems.missing(missing, by_node)
         record.update(
             sampled=[s.site for s in chosen],
-            train=train_metrics,
-            failures=failures,
-            rejected=rejected,
-            epsilon=epsilon,
+            train=updates.train_metrics(),
+            failures=updates.problems.failures,
+            rejected=updates.problems.rejected,
+            epsilon=updates.epsilon,
         )
-        minimum = max(self.run_config.min_train_nodes, updates_needed(self.run_config))
-        if len(good) < minimum:
-            log.error(
-                "round %d: only %d usable updates (< %d: min-train-nodes=%d, strategy %s); "
-                "global model kept",
-                server_round,
-                len(good),
-                minimum,
-                self.run_config.min_train_nodes,
-                self.run_config.strategy,
-            )
+        if not self._enough_updates(server_round, len(updates.good)):
             record["aggregated"] = False
             return arrays
+        new_arrays = self._aggregate(strategy, server_round, updates.good, record)
+        if new_arrays is None:
+            return arrays
+        unpacked = self._finite_unpacked(server_round, new_arrays, layout)
+        if unpacked is None:
+            record["aggregated"] = False
+            return arrays
+        return unpacked
+
+    def _send_train(
+        self,
+        strategy: Any,
+        server_round: int,
+        wire: ArrayRecord,
+        state: LoopState,
+        node_ids: list[int],
+    ) -> tuple[dict[int, Message], list[int]]:
+        """The strategy configures the round for the sampled nodes; their replies and the
+        nodes that sent none in time."""
+        # best-round: the best round so far, for sites that keep personal state (client/task.py)
+        config = ConfigRecord({"run-tag": state.run_tag, "best-round": state.best_round})
+        messages = list(
+            strategy.configure_train(server_round, wire, config, _SelectedGrid(self.grid, node_ids))
+        )
+        return self._exchange(messages, f"round {server_round} training")
+
+    def _check_updates(
+        self,
+        server_round: int,
+        wire: ArrayRecord,
+        replies: dict[int, Message],
+        by_node: Mapping[int, SiteInfo],
+    ) -> _Updates:
+        """Check every reply (in arrival order) and keep the usable updates."""
+        wording = _Wording(
+            server_round,
+            failed="round %d: site %s failed: %s",
+            rejected="round %d: update from site %s rejected: %s",
+            silent="round %d: site %s did not reply in time",
+        )
+        reference = {k: v.numpy() for k, v in wire.items()}
+        updates = _Updates(server_round, reference, _Problems(wording, self.timeout))
+        updates.problems.collect(replies.items(), by_node, updates.take)
+        return updates
+
+    def _bound_norms(self, updates: _Updates, chosen: list[SiteInfo]) -> None:
+        """Reject updates whose norm is out of bounds against the others' (server/replies.py)."""
+        sizes = {s.site: s.n_train for s in chosen}
+        steps = {name: self.run_config.steps_per_round(sizes[name]) for name in updates.norms}
+        factor, cap = self.run_config.update_norm_factor, self.run_config.update_norm_cap
+        for name, why in sorted(norm_bound_errors(updates.norms, factor, cap, steps).items()):
+            del updates.good[name]
+            updates.problems.reject(name, why)
+
+    def _enough_updates(self, server_round: int, usable: int) -> bool:
+        """Whether ``usable`` updates meet min-train-nodes and the strategy's own minimum."""
+        minimum = max(self.run_config.min_train_nodes, updates_needed(self.run_config))
+        if usable >= minimum:
+            return True
+        log.error(
+            "round %d: only %d usable updates (< %d: min-train-nodes=%d, strategy %s); "
+            "global model kept",
+            server_round,
+            usable,
+            minimum,
+            self.run_config.min_train_nodes,
+            self.run_config.strategy,
+        )
+        return False
+
+    @staticmethod
+    def _aggregate(
+        strategy: Any, server_round: int, good: dict[str, _Update], record: dict[str, Any]
+    ) -> ArrayRecord | None:
+        """The strategy's aggregate of the usable updates (packed), or None when it did not
+        aggregate; records whether it did and any site-level DP spending."""
         # The strategy sees only checked records: the update and the metric keys every
         # usable reply has (Flower refuses replies whose key sets differ), in a fixed order
         # (float sums are reproducible), plus the weight used under site-level DP.
@@ -475,15 +581,20 @@ class Federation:
                 "an update from every sampled site); global model kept",
                 server_round,
             )
-            return arrays
+        return new_arrays
+
+    @staticmethod
+    def _finite_unpacked(
+        server_round: int, new_arrays: ArrayRecord, layout: Any
+    ) -> ArrayRecord | None:
+        """The aggregate unpacked to the model's tensors, or None when it is not finite."""
         aggregate = {k: np.asarray(v.numpy()) for k, v in new_arrays.items()}
         if any(
             np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()
             for a in aggregate.values()
         ):
             log.error("round %d: aggregate is not finite; global model kept", server_round)
-            record["aggregated"] = False
-            return arrays
+            return None
         # Back to tensors; integer buffers (BatchNorm counters) integer after averaging.
         state = unpack(new_arrays, layout)
         return ArrayRecord({k: Array(np.asarray(v).astype(layout[k][1])) for k, v in state.items()})
@@ -506,14 +617,17 @@ class Federation:
         ]
         sites: dict[str, dict[str, float]] = {}
         summaries = []
-        failures = {}
         replies, missing = self._exchange(
             messages, "test" if split == "test" else f"round {server_round} {split}"
         )
-        for nid in missing:
-            failures[by_node[nid].site] = f"no reply within {self.timeout:.0f}s"
-            log.error("%s evaluation: site %s did not reply in time", split, by_node[nid].site)
-        rejected: dict[str, str] = {}
+        wording = _Wording(
+            split,
+            failed="%s evaluation failed at site %s: %s",
+            rejected="%s evaluation: reply from site %s rejected: %s",
+            silent="%s evaluation: site %s did not reply in time",
+        )
+        problems = _Problems(wording, self.timeout)
+        problems.missing(missing, by_node)
 
         def take(site: SiteInfo, reply: Message) -> str | None:
             """One reply, checked (server/replies.py) before anything of it is kept."""
@@ -530,19 +644,11 @@ class Federation:
             sites[site.site] = scores
             return None
 
-        for nid, reply in sorted(replies.items(), key=lambda kv: by_node[kv[0]].site):
-            name = by_node[nid].site
-            if reply.has_error():
-                failures[name] = reply.error.reason
-                log.error("%s evaluation failed at site %s: %s", split, name, reply.error.reason)
-                continue
-            if why := guarded(take, by_node[nid], reply):  # any defect rejects this site only
-                rejected[name] = why
-                log.error("%s evaluation: reply from site %s rejected: %s", split, name, why)
+        problems.collect(sorted(replies.items(), key=lambda kv: by_node[kv[0]].site), by_node, take)
         out: dict[str, Any] = {
             "sites": dict(sorted(sites.items())),
-            "failures": failures,
-            "rejected": rejected,
+            "failures": problems.failures,
+            "rejected": problems.rejected,
         }
         out["global"] = pooled_metrics(summaries, self.classes) if summaries else {}
         out["confusion"] = pooled_confusion(summaries, len(self.classes)).tolist()
