@@ -217,6 +217,17 @@ def norm_age(s: pd.Series) -> pd.Series:
     return pd.to_numeric(s, errors="coerce").astype(float)
 
 
+def _set_demographics(
+    df: pd.DataFrame, column: Callable[[str], pd.Series], age: str, sex: str, site: str
+) -> None:
+    """Fill ``age``, ``sex`` and ``anatom_site`` from the source's own column names, each
+    normalised the same way whatever the source (``column`` reads one, or warns and fills
+    it as unknown)."""
+    df["age"] = norm_age(column(age))
+    df["sex"] = norm_sex(column(sex))
+    df["anatom_site"] = norm_site(column(site))
+
+
 def _labels(names: pd.Series, classes: list[str]) -> tuple[pd.Series, pd.Series]:
     """(label index with -1 for unknown, label name) from class names."""
     lookup = {c: i for i, c in enumerate(classes)}
@@ -425,9 +436,7 @@ def _ham_columns(df: pd.DataFrame, report: LoadReport, file: Path | str) -> pd.D
         )
     out["group_id"] = group.fillna(out["image_id"]).astype(str)
     out["label"], out["label_name"] = _labels(df["dx"], HAM_CLASSES)
-    out["age"] = norm_age(_col(df, "age", report, file))
-    out["sex"] = norm_sex(_col(df, "sex", report, file))
-    out["anatom_site"] = norm_site(_col(df, "localization", report, file))
+    _set_demographics(out, lambda c: _col(df, c, report, file), "age", "sex", "localization")
     out["dx_type"] = _text(_col(df, "dx_type", report, file))
     return out
 
@@ -632,9 +641,8 @@ def load_isic2020(
         )
     df["group_id"] = group.fillna(df["image_id"]).astype(str)
     df["label"], df["label_name"] = _labels_from_int(raw["target"], ISIC2020_CLASSES)
-    df["age"] = norm_age(_col(raw, "age_approx", report, csv.name))
-    df["sex"] = norm_sex(_col(raw, "sex", report, csv.name))
-    df["anatom_site"] = norm_site(_col(raw, "anatom_site_general_challenge", report, csv.name))
+    columns = ("age_approx", "sex", "anatom_site_general_challenge")
+    _set_demographics(df, lambda c: _col(raw, c, report, csv.name), *columns)
     df["dx_type"] = ""  # ISIC 2020 does not record how the diagnosis was confirmed
     df["source_split"] = "train"
     df["_where"] = _lines(csv.name, len(raw))
@@ -727,9 +735,7 @@ def load_fedisic2019(
                 return pd.Series(np.nan, index=df.index, dtype=object)
             return df["image_id"].map(extra[col])
 
-        df["age"] = norm_age(pick("age_approx"))
-        df["sex"] = norm_sex(pick("sex"))
-        df["anatom_site"] = norm_site(pick("anatom_site_general"))
+        _set_demographics(df, pick, "age_approx", "sex", "anatom_site_general")
         lesion = _clean_str(pick("lesion_id"))
     else:
         report.warnings.append(
