@@ -34,6 +34,7 @@ SUPPORTED_MODELS: list[str] = [
     "resnet50",
     "mobilenetv3_small_100",
     "convnext_atto",
+    "regnetx_002",
     "test_efficientnet",
     "test_resnet",
 ]
