@@ -64,7 +64,7 @@ def _fit(cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str) -> 
     classes, seed, rounds = sites[0].classes, run.seed, run.num_server_rounds
     torch.manual_seed(seed)
     model = build_model(run.model, len(classes), pretrained=run.pretrained)
-    best, best_score = None, -1.0
+    best, best_score, t0 = None, -1.0, time.time()
     for r in range(1, rounds + 1):
         train_local(
             model,
@@ -77,6 +77,12 @@ def _fit(cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str) -> 
             progress=f"{label}: round {r}/{rounds} ({len(y)} images)",
         )
         score = _score(model, vx, vy, classes) if len(vy) else 0.0
+        # One line a round, so a log file (no live bar there) shows progress and the ETA.
+        took = time.time() - t0
+        console.print(
+            f"  {label}: round {r}/{rounds}, validation balanced accuracy {score:.3f}, "
+            f"{took:.0f}s, about {took / r * (rounds - r):.0f}s to go"
+        )
         if score > best_score:  # NaN (no scorable class) never wins
             best, best_score = copy.deepcopy(model.state_dict()), score
     model.load_state_dict(best)

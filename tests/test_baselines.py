@@ -44,7 +44,7 @@ def test_pooled_and_local_table():
     assert "| fedavg |" in md and md.count("\n") == 2 + len(SITES) + 2
 
 
-def test_baseline_keeps_its_best_validation_round(monkeypatch):
+def test_baseline_keeps_its_best_validation_round(monkeypatch, capsys):
     """Like the federation's best round: the model returned is the round validation liked."""
     import torch
 
@@ -71,6 +71,10 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch):
     )
     for k, v in model.state_dict().items():
         assert torch.equal(v, states[1][k]), k
+    # A log file (no live progress bar) still shows each round: its score and time to go.
+    out = capsys.readouterr().out
+    assert "local: round 2/3, validation balanced accuracy 0.900" in out
+    assert "local: round 3/3" in out and "s to go" in out
 
 
 def test_compare_finetune_reuses_the_fedavg_rounds(tmp_path):
