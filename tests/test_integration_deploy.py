@@ -4,21 +4,26 @@ Real processes, exactly the commands of docs/deployment.md: ``flower-superlink``
 ``--enable-supernode-auth``, ``--database``, no runtime dependency installation),
 ``flwr supernode register`` for each site's public key, one ``flower-supernode`` per site
 with the CA certificate, its private key and its own ``--node-config``, then ``flwr run``,
-``flwr stop`` and ``flwr log``. One SuperLink and three SuperNodes serve every test of this
-module, like a real federation serving several runs: an uninterrupted run, the same run
-stopped mid-round and resumed, and a run during which a site is killed. Every process is
-killed in teardown, also on failure.
+``flwr stop`` and ``flwr log``. The three sites run step 5b, the recommended set-up:
+``--isolation process`` with a SuperExec secret and ``fedskin site-exec`` next to each
+SuperNode (one forked ClientApp per message, no ``flwr-clientapp`` process); a fourth site
+joins only for the last run and runs step 5, Flower's default (a fresh ``flwr-clientapp``
+process per message), and it is the one killed. One SuperLink and these SuperNodes serve
+every test of this module, like a real federation serving several runs: an uninterrupted
+run, the same run stopped mid-round and resumed, and a run during which a site is killed.
+Every process is killed in teardown, also on failure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,7 @@ from tests.deploy_harness import (
     flwr_json,
     free_port,
     poll_until,
+    site_exec_argv,
     start_time,
     write_flwr_config,
 )
@@ -42,7 +48,8 @@ from tests.helpers import check_network_json
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = ["site-a", "site-b", "site-c"]
+SITES = ["site-a", "site-b", "site-c"]  # warm (step 5b), online for every test
+VICTIM = "site-d"  # Flower's default SuperNode (step 5); joins and is killed in the last test
 CONNECTION = "fedskin-test"
 STARTUP_S = 120.0  # generous: the machine is shared and has 2 cores
 # The coordinating server (SuperLink, and the ServerApp it starts) gets CPU first, as on a
@@ -62,6 +69,7 @@ class Deployment:
     superlink: Proc
     supernodes: dict[str, Proc]
     intruders: dict[str, Proc]
+    launchers: dict[str, Proc] = field(default_factory=dict)  # site -> its fedskin site-exec
 
     @property
     def address(self) -> str:
@@ -96,12 +104,14 @@ def supernode_argv(
     private_key: Path,
     node_config: str,
     extra: tuple[str, ...] = (),
+    port: int | None = None,
 ) -> list[str]:
+    """``port``: the SuperNode's local Runtime API (``--port``; a free one if None)."""
     argv = [str(BIN / "flower-supernode"), "--superlink", address]
     if root_certificates is not None:
         argv += ["--root-certificates", str(root_certificates)]
     argv += ["--auth-supernode-private-key", str(private_key)]
-    argv += ["--node-config", node_config, "--port", str(free_port()), *extra]
+    argv += ["--node-config", node_config, "--port", str(port or free_port()), *extra]
     return argv
 
 
@@ -164,13 +174,57 @@ def start_superlink(harness: Harness, work: Path, sites: list[str]) -> Deploymen
     return Deployment(harness, work, keys, port, admin_env, superlink, {}, {})
 
 
-def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployment:
-    """A SuperLink (TLS + SuperNode auth) and one registered SuperNode per site, all online.
+def start_site(
+    dep: Deployment, site: str, node_config: str, *, warm: bool, name: str | None = None
+) -> Proc:
+    """A registered site's SuperNode with the federation's CA, its key and ``node_config``.
+
+    ``warm``: docs/deployment.md step 5b, ``--isolation process`` with a SuperExec secret
+    and ``fedskin site-exec`` next to it (in ``dep.launchers``, stopping with the SuperNode);
+    otherwise step 5, Flower's default (a fresh ``flwr-clientapp`` process per message).
+    """
+    keys = dep.keys.sites[site]
+    env = base_env(dep.site_dir(site) / "flwr-home")  # the same FLWR_HOME after a restart
+    # Several sites share 2 cores here: one torch thread each avoids oversubscription
+    # (and keeps every site's arithmetic identical from run to run).
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    port, extra, secret = free_port(), (), dep.site_dir(site) / "superexec.secret"
+    if warm:
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        if not secret.is_file():  # 32 random bytes, readable by the site's user only
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+        extra = ("--isolation", "process", "--superexec-auth-secret-file", str(secret))
+    argv = supernode_argv(
+        dep.address,
+        root_certificates=keys.ca_cert,
+        private_key=keys.private_key,
+        node_config=node_config,
+        extra=extra,
+        port=port,
+    )
+    name = name or f"supernode-{site}"
+    node = dep.supernodes[site] = dep.harness.start(name, argv, env)
+    if warm:
+        dep.launchers[site] = dep.harness.start(
+            name.replace("supernode", "site-exec", 1),
+            site_exec_argv(f"127.0.0.1:{port}", parent_pid=node.popen.pid, auth_secret_file=secret),
+            env,
+        )
+    return node
+
+
+def start_federation(
+    harness: Harness, work: Path, sites: list[str], spare: tuple[str, ...] = ()
+) -> Deployment:
+    """A SuperLink (TLS + SuperNode auth) and one registered, warm SuperNode per site, all
+    online; the ``spare`` sites are registered too, but their SuperNodes not started.
 
     It also starts the three nodes that must be refused (unregistered key, no CA, another
     federation's CA), early, so their slow start-up overlaps the set-up.
     """
-    dep = start_superlink(harness, work, [*sites, "rogue"])
+    dep = start_superlink(harness, work, [*sites, *spare, "rogue"])
     keys = dep.keys
     other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
     a_key = keys.sites[sites[0]].private_key  # a registered key: only TLS can stop them
@@ -186,19 +240,9 @@ def start_federation(harness: Harness, work: Path, sites: list[str]) -> Deployme
         dep.intruders[name] = harness.start(
             f"supernode-{name}", argv, base_env(work / "intruders" / name / "flwr-home")
         )
-    register_sites(dep, sites)
+    register_sites(dep, [*sites, *spare])
     for i, site in enumerate(sites):
-        argv = supernode_argv(
-            dep.address,
-            root_certificates=keys.sites[site].ca_cert,
-            private_key=keys.sites[site].private_key,
-            node_config=site_node_config(work, site, float(i + 1)),
-        )
-        env = base_env(dep.site_dir(site) / "flwr-home")
-        # Several sites share 2 cores here: one torch thread each avoids oversubscription
-        # (and keeps every site's arithmetic identical from run to run).
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        dep.supernodes[site] = harness.start(f"supernode-{site}", argv, env)
+        start_site(dep, site, site_node_config(work, site, float(i + 1)), warm=True)
     dep.superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(sites))
     return dep
 
@@ -208,7 +252,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     work = tmp_path_factory.mktemp("deploy")
     harness = Harness(work)
     try:
-        yield start_federation(harness, work, SITES)
+        yield start_federation(harness, work, SITES, (VICTIM,))
     finally:
         survivors = harness.stop_all()
     assert not survivors, f"processes survived teardown: {survivors}"
@@ -291,8 +335,9 @@ def test_admin_cli_needs_the_federation_ca(deployment: Deployment, tmp_path: Pat
 
 
 # ------------------------------------------------------------------------ the real app
-# Smallest configuration that still learns: the cost of a run is Flower starting one
-# ClientApp process per message (~5-13 CPU-s each), not the training itself.
+# Smallest configuration that still learns: the cost of a run is Flower's polling and the
+# ServerApp's start, and, at the default SuperNode, one ClientApp process per message
+# (~5-13 CPU-s each), not the training itself.
 RUN_CONFIG: dict[str, object] = {
     "model": "test_efficientnet",
     "image-size": 16,
@@ -309,7 +354,7 @@ RUN_CONFIG: dict[str, object] = {
     "run-name": "deploy-test",
 }
 RUN_TIMEOUT = 900.0  # one run on a loaded 2-core machine
-VICTIM = "site-c"  # the site killed mid-round in test_supernode_killed_mid_round
+HELD = "site-c"  # the site whose launcher is paused so that flwr stop lands mid-round 2
 TRAIN_MSG = r"\[RUN {run}[^\]]*\][^\n]*\n(?:[^\n]*\n){{0,2}}?[^\n]*Receiving: train message"
 SENT_MSG = r"\[RUN {run}[^\]]*\][^\n]*\n(?:[^\n]*\n){{0,2}}?[^\n]*Sending: train message"
 
@@ -354,33 +399,35 @@ class Pooled:
     rows: dict[str, object]  # site -> its manifest rows (pandas DataFrame)
 
 
-def make_pooled_data(root: Path) -> Pooled:
+def make_pooled_data(root: Path, sites: list[str] = SITES) -> Pooled:
+    """About 100 images per site (at least two sites)."""
     from common.data.partition import partition
     from common.data.sources import load_source
     from common.data.synth import synthesize
 
-    pooled = synthesize("ham-dataverse", root, n_images=300, image_size=16)
+    pooled = synthesize("ham-dataverse", root, n_images=100 * len(sites), image_size=16)
     source = load_source("ham-dataverse", pooled)
-    manifest = partition(source.meta, "iid", classes=source.classes, num_sites=3, seed=0)
+    manifest = partition(source.meta, "iid", classes=source.classes, num_sites=len(sites), seed=0)
     names = sorted(manifest["site"].astype(str).unique())
-    assert len(names) == 3, names
+    assert len(names) == len(sites), names
     rows = {}
-    for name, site in zip(names, SITES, strict=True):
+    for name, site in zip(names, sites, strict=True):
         part = manifest[manifest["site"].astype(str) == name].copy()
         part["site"] = site
         rows[site] = part
     return Pooled(pooled, rows)
 
 
-def write_site_data(dep: Deployment, pooled: Pooled) -> None:
-    """One HAM10000 folder per site holding only that site's images, plus its manifest."""
+def write_site_data(dep: Deployment, pooled: Pooled, sites: list[str] | None = None) -> None:
+    """One HAM10000 folder per site (default: every started SuperNode's) holding only that
+    site's images, plus its manifest."""
     import pandas as pd
 
     from common.data.partition import write_manifest
 
     meta = pd.read_csv(pooled.root / "HAM10000_metadata.csv", dtype=str)
     images = {p.stem: p for p in pooled.root.rglob("*.jpg")}
-    for site in dep.supernodes:
+    for site in list(dep.supernodes) if sites is None else sites:
         rows = pooled.rows[site]
         data = dep.site_dir(site) / "data"
         (data / "images").mkdir(parents=True, exist_ok=True)
@@ -415,7 +462,7 @@ def metrics_rounds(run_dir: Path) -> list[int]:
 # ------------------------------------------------------------------- the three runs
 # One after the other on the module's federation, as a real consortium serves its runs:
 # the uninterrupted run, the same run stopped and resumed (compared with the first), and
-# last a run during which a site is killed (the module's federation then has one site less).
+# last a run that a fourth site joins and during which it is killed.
 @dataclass
 class Apps:
     work: Path
@@ -426,20 +473,62 @@ class Apps:
 def apps(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Apps:
     """The sites' own data folders and the project the admin launches runs from."""
     work = tmp_path_factory.mktemp("fedskin")
-    write_site_data(deployment, make_pooled_data(work / "pooled"))
+    sites = [*SITES, VICTIM]
+    write_site_data(deployment, make_pooled_data(work / "pooled", sites), sites)
     return Apps(work, copy_project(work / "app"))
 
 
-@pytest.fixture(scope="module")
-def full_run(deployment: Deployment, apps: Apps) -> Path:
-    """Two rounds, three sites, nothing goes wrong; the reference for the resumed run."""
-    out = apps.work / "full"
-    finish(deployment, launch(deployment, apps.app, run_config(out)), RUN_TIMEOUT)
+FORKED = re.compile(r"task \d+: ClientApp pid (\d+)$", re.M)
+EXITED = re.compile(r"ClientApp pid (\d+) exited (-?\d+) after")
+
+
+def launcher_children(dep: Deployment) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Per warm site, what its launcher logged: the ClientApp pids it forked (in order) and
+    the exit code of each one it reaped."""
+    out = {}
+    for site, proc in dep.launchers.items():
+        text = proc.text()
+        out[site] = (FORKED.findall(text), dict(EXITED.findall(text)))
     return out
 
 
+@dataclass
+class FullRun:
+    out: Path
+    children: dict[str, tuple[list[str], dict[str, str]]]  # launcher_children after the run
+
+
+@pytest.fixture(scope="module")
+def full_run(deployment: Deployment, apps: Apps) -> FullRun:
+    """Two rounds, three sites, nothing goes wrong; the reference for the resumed run.
+    The module's first run: every ClientApp its launchers forked so far was one of it."""
+    out = apps.work / "full"
+    finish(deployment, launch(deployment, apps.app, run_config(out)), RUN_TIMEOUT)
+
+    def reaped() -> dict | None:  # a child is logged when reaped, up to 0.2 s after it exits
+        children = launcher_children(deployment)
+        return children if all(len(f) == len(e) for f, e in children.values()) else None
+
+    try:
+        children = poll_until("the launchers to reap their ClientApps", reaped, 30, 0.2)
+    except TimeoutError:
+        children = launcher_children(deployment)  # the test says what is missing
+    return FullRun(out, children)  # type: ignore[arg-type]
+
+
+def freeze(proc: Proc) -> None:
+    """SIGSTOP a process and everything it started (the process first: it forks no more)."""
+    os.kill(proc.popen.pid, signal.SIGSTOP)
+    proc.signal_all(signal.SIGSTOP)
+
+
 def resume_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
-    """The same run: launch, ``flwr stop`` while round 2 trains, relaunch with ``resume=true``."""
+    """The same run: launch, ``flwr stop`` while round 2 trains, relaunch with ``resume=true``.
+
+    A warm site answers a message within about a second: so that the stop surely lands
+    mid-round, one site (``HELD``) is slow, its launcher paused (SIGSTOP) from the end of
+    round 1 until the run is stopped; its SuperNode stays online and keeps round 2's train
+    message, which the others have answered, and round 2 cannot end without it."""
     alive = dep.superlink.alive
     run_a = launch(dep, app, run_config(out))
     # Its ServerApp creates out/checkpoints first thing; it is the SuperLink's only one.
@@ -450,34 +539,39 @@ def resume_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
     server_start = start_time(server_pid)
     assert server_start is not None
 
-    poll_until("last.pt of round 1", lambda: checkpoint_round(out) == 1, RUN_TIMEOUT, 0.5, alive)
-    # Round 2 is under way once a site received the run's second train message.
-    round2 = re.compile(TRAIN_MSG.format(run=run_a))
-    poll_until(
-        "round 2's train message at a site",
-        lambda: any(len(round2.findall(p.text())) >= 2 for p in dep.supernodes.values()),
-        RUN_TIMEOUT,
-        0.2,
-        alive,
-    )
-    round_at_stop = checkpoint_round(out)
-    stop = dep.flwr("stop", str(run_a), CONNECTION, "--format", "json")
+    held = dep.launchers[HELD]
+    poll_until("last.pt of round 1", lambda: checkpoint_round(out) == 1, RUN_TIMEOUT, 0.1, alive)
+    freeze(held)  # last.pt is written once round 1's evaluation is in: HELD owes nothing
+    try:
+        # Round 2 is under way once a site received the run's second train message.
+        round2 = re.compile(TRAIN_MSG.format(run=run_a))
+        poll_until(
+            "round 2's train message at a site",
+            lambda: any(len(round2.findall(p.text())) >= 2 for p in dep.supernodes.values()),
+            RUN_TIMEOUT,
+            0.2,
+            alive,
+        )
+        round_at_stop = checkpoint_round(out)
+        stop = dep.flwr("stop", str(run_a), CONNECTION, "--format", "json")
 
-    def finished() -> str:
-        status = str(run_info(dep, run_a)["status"])
-        return status if status.startswith("finished") else ""
+        def finished() -> str:
+            status = str(run_info(dep, run_a)["status"])
+            return status if status.startswith("finished") else ""
 
-    status = poll_until("the stopped status", finished, 60, 1.0, alive)
-    poll_until(
-        "the stopped ServerApp to exit",
-        lambda: not alive_since(server_pid, server_start),
-        120,
-        0.2,
-        alive,
-    )
+        status = poll_until("the stopped status", finished, 60, 1.0, alive)
+        poll_until(
+            "the stopped ServerApp to exit",
+            lambda: not alive_since(server_pid, server_start),
+            120,
+            0.2,
+            alive,
+        )
+    finally:
+        held.signal_all(signal.SIGCONT)
     after_stop = {"round": checkpoint_round(out), "metrics_rounds": metrics_rounds(out)}
     log_a = server_log(dep, run_a)
-    # The sites may still be training the stopped run's round 2: the new run queues behind.
+    # HELD may now run the stopped run's round 2: the new run queues behind.
     run_b = launch(dep, app, run_config(out, resume=True))
     finish(dep, run_b, RUN_TIMEOUT)
     return {
@@ -491,10 +585,16 @@ def resume_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
 
 
 def kill_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
-    """SIGKILL a SuperNode while its ClientApp trains; the round must finish with the others."""
-    cfg = {"num-server-rounds": 1, "min-train-nodes": 2, "round-timeout": 300.0}
+    """A fourth site joins (Flower's default SuperNode); SIGKILL it while its ClientApp trains;
+    the round must finish with the others."""
+    victim = start_site(dep, VICTIM, site_node_config(dep.work, VICTIM, 4.0), warm=False)
+    cfg = {
+        "num-server-rounds": 1,
+        "min-nodes": len(SITES) + 1,  # the ServerApp waits for the victim to join
+        "min-train-nodes": len(SITES),
+        "round-timeout": 300.0,
+    }
     run_id = launch(dep, app, run_config(out, **cfg))
-    victim = dep.supernodes[VICTIM]
     # Mid-round: the victim has received the train message and runs a ClientApp for it.
     victim.wait_for(
         TRAIN_MSG.format(run=run_id) + r"[^\n]*\n(?:[^\n]*\n){0,4}?[^\n]*Received successfully",
@@ -518,9 +618,9 @@ def kill_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
 
 
 def test_fedskin_apps_two_rounds_three_sites(
-    full_run: Path, apps: Apps, deployment: Deployment
+    full_run: FullRun, apps: Apps, deployment: Deployment
 ) -> None:
-    out = full_run
+    out = full_run.out
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -534,10 +634,16 @@ def test_fedskin_apps_two_rounds_three_sites(
     initial, final = _pooled_train_loss(deployment, out, apps.work / "loss-cache")
     assert final < initial, (initial, final)
     check_network_json(out)
+    # Step 5b: every message (a query, a train and an evaluate message per round, the test)
+    # ran in a child its site's launcher forked, each exited 0, no flwr-clientapp started.
+    assert sorted(full_run.children) == SITES
+    for site, (forked, exits) in full_run.children.items():
+        assert len(forked) == 6 and exits == {pid: "0" for pid in forked}, (site, forked, exits)
+        assert "Start `flwr-clientapp` process" not in deployment.supernodes[site].text()
 
 
 def test_stopped_server_resumes_to_the_same_model(
-    full_run: Path, apps: Apps, deployment: Deployment
+    full_run: FullRun, apps: Apps, deployment: Deployment
 ) -> None:
     """``flwr stop`` mid-round 2, relaunch with ``resume=true``: the uninterrupted result."""
     out = apps.work / "resumed"
@@ -554,7 +660,7 @@ def test_stopped_server_resumes_to_the_same_model(
     assert all(sorted(rec["train"]) == SITES for rec in metrics["rounds"])
     assert sorted(metrics["test"]["sites"]) == SITES
 
-    reference = checkpoint(full_run)["arrays"]  # type: ignore[index]
+    reference = checkpoint(full_run.out)["arrays"]  # type: ignore[index]
     resumed = checkpoint(out)["arrays"]  # type: ignore[index]
     assert reference.keys() == resumed.keys()
     differ = [k for k in reference if not torch_equal(reference[k], resumed[k])]
@@ -570,12 +676,12 @@ def torch_equal(a: object, b: object) -> bool:
 def test_supernode_killed_mid_round(apps: Apps, deployment: Deployment) -> None:
     """SIGKILL a site's SuperNode while it trains: the round completes with the others.
 
-    Last in the module: the federation has one site less afterwards."""
+    Last in the module: the killed site stays down afterwards."""
     import torch
 
     out = apps.work / "killed"
     r = kill_scenario(deployment, apps.app, out)
-    survivors = [s for s in SITES if s != VICTIM]
+    survivors = SITES
     assert r["clientapps"], "the victim's ClientApp was not running when it was killed"
     assert r["replies_before_kill"] == r["replies_after_kill"] == 0, r
     assert r["status"] == "finished:completed"

@@ -2,13 +2,14 @@
 
 One site under sample-level DP, as a hospital would deploy it: ``dp=true``, its own small
 ``target-epsilon`` and its own ``state-dir`` in the SuperNode's ``--node-config``, behind a
-TLS SuperLink with SuperNode authentication (the commands of docs/deployment.md, via the
-helpers of tests/test_integration_deploy.py). A one-round run spends the whole budget
-(the noise is planned for one round); the SuperNode is then stopped and a new
-``flower-supernode`` process started with the same node config; the run is resumed with a
-second round. The restarted site reads its accountant back from ``state-dir``: it reports
-the epsilon it had spent (not 0.00) and refuses to train. Every process is stopped in a
-``finally``, also on failure.
+TLS SuperLink with SuperNode authentication (the commands of docs/deployment.md, step 5b:
+``--isolation process`` and its ``fedskin site-exec`` launcher, via the helpers of
+tests/test_integration_deploy.py). A one-round run spends the whole budget (the noise is
+planned for one round); the SuperNode and its launcher are then stopped and new
+``flower-supernode`` and ``fedskin site-exec`` processes started with the same node config;
+the run is resumed with a second round. The restarted site reads its accountant back from
+``state-dir``: it reports the epsilon it had spent (not 0.00) and refuses to train. Every
+process is stopped in a ``finally``, also on failure.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from pathlib import Path
 import pytest
 
 from common.privacy import DPSession
-from tests.deploy_harness import Harness, base_env
+from tests.deploy_harness import Harness, stop_procs
 from tests.test_integration_deploy import (
     RUN_TIMEOUT,
     STARTUP_S,
-    Deployment,
     copy_project,
     finish,
     launch,
@@ -32,8 +32,8 @@ from tests.test_integration_deploy import (
     run_config,
     server_log,
     site_node_config,
+    start_site,
     start_superlink,
-    supernode_argv,
     write_site_data,
 )
 
@@ -50,19 +50,6 @@ CONFIG: dict[str, object] = {
     "min-train-nodes": 1,
     "run-name": "dp-restart-test",
 }
-
-
-def _start_supernode(dep: Deployment, node_config: str, name: str):  # noqa: ANN202 - Proc
-    keys = dep.keys.sites[SITE]
-    argv = supernode_argv(
-        dep.address,
-        root_certificates=keys.ca_cert,
-        private_key=keys.private_key,
-        node_config=node_config,
-    )
-    env = base_env(dep.site_dir(SITE) / "flwr-home")  # the same FLWR_HOME after the restart
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return dep.harness.start(name, argv, env)
 
 
 def _accountant(state_dir: Path) -> tuple[Path, DPSession]:
@@ -82,7 +69,8 @@ def test_restarted_supernode_keeps_its_spent_privacy_budget(tmp_path: Path) -> N
         node_config = (
             site_node_config(work, SITE, 1.0) + f" dp=true target-epsilon={EPSILON}"
         )  # site_node_config names state-dir=<site>/state
-        first = dep.supernodes[SITE] = _start_supernode(dep, node_config, f"supernode-{SITE}")
+        first = start_site(dep, SITE, node_config, warm=True)
+        first_launcher = dep.launchers[SITE]
         write_site_data(dep, make_pooled_data(work / "pooled"))  # while the node starts
         app = copy_project(work / "app")
         superlink.wait_for(r"Activated node_id=", STARTUP_S)
@@ -98,17 +86,17 @@ def test_restarted_supernode_keeps_its_spent_privacy_budget(tmp_path: Path) -> N
         file_before, session = _accountant(state_dir)
         assert session.epsilon() == pytest.approx(spent) and not session.can_train_round()
 
-        # Stop the site's SuperNode and everything it started; start a new process, same
-        # node config and FLWR_HOME: nothing of the old one is left in memory.
-        first.stop()
-        assert first.done(), harness.logs([first])
+        # Stop the site's SuperNode, its launcher and everything they started; start new
+        # processes, same node config and FLWR_HOME: nothing of the old ones is left in memory.
+        stop_procs([first, first_launcher])
+        assert first.done() and first_launcher.done(), harness.logs([first, first_launcher])
         # SIGTERM first: the SuperNode deactivates, so its key may activate again at once
         # (after a SIGKILL the SuperLink would keep it online until heartbeats expire).
         superlink.wait_for(r"Deactivated node_id=", 60)
-        second = dep.supernodes[SITE] = _start_supernode(
-            dep, node_config, f"supernode-{SITE}-restarted"
-        )
+        second = start_site(dep, SITE, node_config, warm=True, name=f"supernode-{SITE}-restarted")
+        second_launcher = dep.launchers[SITE]
         assert second.popen.pid != first.popen.pid
+        assert second_launcher.popen.pid != first_launcher.popen.pid
         superlink.wait_for(r"Activated node_id=", STARTUP_S, count=2)
 
         # Run 2: the same run resumed for a second round (same run tag, so the same file).
@@ -126,7 +114,9 @@ def test_restarted_supernode_keeps_its_spent_privacy_budget(tmp_path: Path) -> N
         assert round2["epsilon"][SITE] > 0
         assert round2["rejected"] == {SITE: "privacy budget spent"}, round2
         assert not round2["train"] and not round2["aggregated"] and not round2["failures"]
-        assert "privacy budget spent, not training" in second.text(), second.text()
+        # The site's ClientApps (forked by its launcher) say why they did not train.
+        said = second_launcher.text()
+        assert "privacy budget spent, not training" in said, said
         file_after, session = _accountant(state_dir)
         assert file_after == file_before and session.epsilon() == pytest.approx(spent)
         assert session.rounds_done == 1
