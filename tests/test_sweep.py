@@ -1,11 +1,11 @@
 """Privacy sweep: grid parsing, results table/plot from metrics.json files, resume, and one
-real tiny sweep through the Simulation Engine (3 ``simulate`` calls in all)."""
+real tiny sweep through the Simulation Engine (3 ``simulate`` calls in all: two cells, then
+the grid grows by one cell, which alone runs)."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -167,7 +167,8 @@ TINY = (
 
 
 def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
-    """Real runs: DP at epsilon 3 and no DP, with the audit; then resume after a deletion."""
+    """Real runs: DP at epsilon 3 and no DP, with the audit; then the same sweep with the
+    site level too: the finished cells are kept, only the missing one runs."""
     torch.set_num_threads(1)
     app = typer.Typer()
     app.command()(sweep_cli)
@@ -185,20 +186,15 @@ def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
         TINY,
         "--audit",
         "--levels",
-        "sample,site",
+        "sample",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "fedavg" in result.output and "no DP" in result.output
 
     df = pd.read_csv(out / "sweep.csv")
-    assert list(df.cell) == ["fedavg_eps3_seed0", "fedavg_nodp_seed0", "fedavg_site-eps3_seed0"]
-    dp_row, nodp_row, site_row = df.iloc[0], df.iloc[1], df.iloc[2]
-    # Site level: one federation-wide epsilon from Flower's accountant, spent to the target.
-    assert site_row.level == "site" and site_row.dp
-    assert 3.0 * 0.99 <= site_row.epsilon_max <= 3.0 * (1 + 1e-6)
-    assert site_row.delta_max == 1e-3 and site_row.noise_multiplier_min > 0
-    assert "| fedavg | site | 3 | 1 |" in (out / "sweep.md").read_text()
+    assert list(df.cell) == ["fedavg_eps3_seed0", "fedavg_nodp_seed0"]
+    dp_row, nodp_row = df.iloc[0], df.iloc[1]
     site_eps = [c for c in df.columns if c.startswith("epsilon[")]
     assert len(site_eps) >= 2
     assert 0 < dp_row.epsilon_max <= 3.0 * (1 + 1e-6)
@@ -211,15 +207,24 @@ def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
     assert (out / "privacy_utility.png").is_file() and (out / "sweep.md").is_file()
     assert (out / "cells" / "fedavg_eps3_seed0" / "audit.png").is_file()
 
-    # Interrupted sweep: one cell's outputs are gone; only that cell runs again.
-    kept = out / "cells" / "fedavg_eps3_seed0" / "metrics.json"
-    kept_mtime = kept.stat().st_mtime_ns
-    shutil.rmtree(out / "cells" / "fedavg_nodp_seed0")
+    # The grid grows by the site level (as after an interrupted sweep, a cell is missing):
+    # the finished cells are not run again, only the missing one runs.
+    kept = [out / "cells" / c / "metrics.json" for c in ("fedavg_eps3_seed0", "fedavg_nodp_seed0")]
+    kept_mtimes = [k.stat().st_mtime_ns for k in kept]
     t_rerun = time.time_ns()
     df2 = sweep_privacy(
         None, [3.0, None], ["fedavg"], [0], out, overrides=TINY, audit=True, levels=LEVELS
     )
-    assert kept.stat().st_mtime_ns == kept_mtime
-    redone = out / "cells" / "fedavg_nodp_seed0" / "metrics.json"
+    assert [k.stat().st_mtime_ns for k in kept] == kept_mtimes
+    redone = out / "cells" / "fedavg_site-eps3_seed0" / "metrics.json"
     assert redone.stat().st_mtime_ns >= t_rerun
-    assert len(df2) == 3 and (out / "cells" / "fedavg_nodp_seed0" / "audit.json").is_file()
+    assert (out / "cells" / "fedavg_site-eps3_seed0" / "audit.json").is_file()
+    df = pd.read_csv(out / "sweep.csv")
+    assert list(df.cell) == list(df2.cell)
+    assert list(df.cell) == ["fedavg_eps3_seed0", "fedavg_nodp_seed0", "fedavg_site-eps3_seed0"]
+    site_row = df.iloc[2]
+    # Site level: one federation-wide epsilon from Flower's accountant, spent to the target.
+    assert site_row.level == "site" and site_row.dp
+    assert 3.0 * 0.99 <= site_row.epsilon_max <= 3.0 * (1 + 1e-6)
+    assert site_row.delta_max == 1e-3 and site_row.noise_multiplier_min > 0
+    assert "| fedavg | site | 3 | 1 |" in (out / "sweep.md").read_text()

@@ -40,9 +40,13 @@ def test_warm_launcher_runs_every_message_in_a_forked_child(tmp_path: Path) -> N
     assert sorted(round1["validation"]["sites"]) == SITES
     assert sorted(metrics["test"]["sites"]) == SITES
     # Every message ran in a child the launcher forked, and each child exited 0.
-    assert r["messages"] == MESSAGES_PER_SITE * len(SITES), everything
     for site in SITES:
         text = logs[f"site-exec-{site}"]
-        exits = re.findall(r"ClientApp pid \d+ exited (-?\d+)", text)
-        assert exits == ["0"] * MESSAGES_PER_SITE, text[-4000:]
+        forked = re.findall(r"task \d+: ClientApp pid (\d+)$", text, flags=re.M)
+        exits = dict(re.findall(r"ClientApp pid (\d+) exited (-?\d+)", text))
+        assert len(forked) == MESSAGES_PER_SITE, text[-4000:]
+        assert exits == {pid: "0" for pid in forked}, text[-4000:]
         assert "Start `flwr-clientapp` process" not in logs[f"supernode-{site}"]
+    # The benchmark saw each of them under the launchers (/proc, every 0.05 s); it may also
+    # catch a short-lived process that one of them started.
+    assert r["messages"] >= MESSAGES_PER_SITE * len(SITES), everything
