@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,11 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
     from simulations.flower_adapter import run_simulation
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's tip about a future default is noise on the console. The old default is kept on
+    # purpose: a site given no GPU (client-num-gpus=0) must not see one.
+    warnings.filterwarnings(
+        "ignore", message="Tip: In future versions of Ray", category=FutureWarning
+    )
     if ray_address():
         console.print(f"sites run on the Ray cluster at {ray_address()}")
     run_simulation(
