@@ -402,6 +402,9 @@ def config_changes(
     return changes
 
 
+_WARNED: set[tuple[str, str]] = set()  # forced resumes already announced by this process
+
+
 def check_resume(
     saved: Mapping[str, Any] | None,
     current: Mapping[str, Any],
@@ -424,7 +427,11 @@ def check_resume(
         return []
     diff = "; ".join(changes)
     if force:
-        log.warning("resuming from %s with a changed config (force-resume): %s", where, diff)
+        # The same resume is checked up to three times in one process (runner, ServerApp,
+        # loop: each must refuse before it does its work); the user needs the warning once.
+        if (str(where), diff) not in _WARNED:
+            _WARNED.add((str(where), diff))
+            log.warning("resuming from %s with a changed config (force-resume): %s", where, diff)
         return changes
     raise ConfigError(
         f"{where}: resume refused, the run config differs from the checkpoint's ({diff}); "

@@ -211,11 +211,15 @@ def test_a_changed_config_is_refused_with_a_one_line_diff(tmp_path: Path) -> Non
     assert "--force-resume" in text
 
 
-def test_the_override_accepts_a_changed_config(tmp_path: Path) -> None:
+def test_the_override_accepts_a_changed_config(tmp_path: Path, caplog) -> None:
     _checkpoint(tmp_path, _cfg(), rounds=3)
     forced = _cfg(lr=0.01, **{"force-resume": True})
     state, _ = _federation(tmp_path, forced)._start(_initial(), resume=True)
     assert state.round == 3
+    # Runner, ServerApp and loop each check the same resume: the warning is said once.
+    rundir.resume_checkpoint(tmp_path, forced, force=True)
+    warned = [r for r in caplog.records if "with a changed config" in r.getMessage()]
+    assert len(warned) == 1 and "lr: 0.003 -> 0.01" in warned[0].getMessage()
 
 
 def test_only_run_length_waiting_and_outputs_may_change() -> None:
