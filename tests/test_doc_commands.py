@@ -1,4 +1,5 @@
-"""Every `fedskin ...` command in README.md and docs/*.md parses as written.
+"""Every `fedskin ...` command in README.md and docs/*.md parses as written; those that
+need no data of the user's (`fedskin deploy`) also run as written.
 
 Each command line (fenced blocks, with backslash continuations, and complete inline code
 spans) is parsed by the real CLI without running it: the sub-command and every option must
@@ -93,3 +94,20 @@ def test_a_wrong_command_is_caught() -> None:
         _parse(["sweep", "no-such-grid"])
     with pytest.raises(ValueError, match="config file not found"):
         resolve_config("no_such_config", None)
+
+
+def test_the_documented_key_commands_run_as_written(tmp_path: Path, monkeypatch) -> None:
+    """The `fedskin deploy` commands need no data: each doc's sequence runs for real, in the
+    order the doc gives it (new federation, a site added, keys re-issued), in a fresh folder."""
+    from typer.testing import CliRunner
+
+    deploy = [(d, c) for d, c in COMMANDS if shlex.split(c, comments=True)[1:2] == ["deploy"]]
+    assert {d for d, _ in deploy} >= {"README.md", "deployment.md"}, deploy
+    for doc in sorted({d for d, _ in deploy}):
+        folder = tmp_path / doc
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        for command in [c for d, c in deploy if d == doc]:
+            result = CliRunner().invoke(app, shlex.split(command, comments=True)[1:])
+            assert result.exit_code == 0, f"{doc}: {command}\n{result.output}"
+        assert any(Path().rglob("*.key")), f"{doc}: no key written"
