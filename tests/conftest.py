@@ -1,17 +1,24 @@
-"""Shared fixtures: tiny synthetic data sets in each real on-disk format.
+"""Shared fixtures: tiny synthetic data sets in each real on-disk format, and a Ray head
+node that simulations may share.
 
-Session-scoped and written once under pytest's tmp folder. Treat them as read-only: a test
-that needs to damage files should copy one first (``tests.helpers.copy_dataset``).
+The data sets are session-scoped and written once under pytest's tmp folder. Treat them as
+read-only: a test that needs to damage files should copy one first
+(``tests.helpers.copy_dataset``).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.data.synth import synthesize
 from tests.helpers import SYNTH_N, SYNTH_SIZE
+from tests.ray_harness import RAY_CLI, head_args, ray_env, ray_start, stop_sessions
 
 
 def _make(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
@@ -41,3 +48,40 @@ def synth_isic2020(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synth_fedisic2019(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """FLamby Fed-ISIC2019 layout: train_test_split + preprocessed JPEGs + metadata CSV."""
     return _make(tmp_path_factory, "fedisic2019")
+
+
+# ----------------------------------------------------------------- a shared Ray head node
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[str | None]:
+    """The address of one real Ray head node on this machine (``ray start --head`` with this
+    machine's CPUs, as the local Ray a run starts), started at the first use.
+
+    A simulation joins it through ``RAY_ADDRESS`` (what ``--ray-address`` sets; fixture
+    ``shared_ray``, or ``tests.ray_harness.on_ray`` in a module-scoped fixture): it still
+    starts and stops its own Flower actors, but not a whole Ray of its own (GCS, raylet,
+    agents, workers: seconds of CPU per run on 2 cores). None, each run then starting its
+    own Ray, without the ``ray`` command or Linux /proc. Its processes are stopped by
+    session, by pid, as in tests/test_ray_cluster.py.
+    """
+    if RAY_CLI is None or not Path("/proc/self/stat").is_file():
+        yield None
+        return
+    # short: Ray's Unix socket paths under the temp dir must stay below 108 characters
+    root = Path(tempfile.mkdtemp(prefix="fsray", dir="/tmp"))
+    sessions: list[int] = []
+    try:
+        args = head_args(root / "head", num_cpus=os.cpu_count() or 1)
+        sessions.append(ray_start(args, root / "head.log", ray_env()))
+        yield (root / "head" / "ray_current_cluster").read_text().strip()
+    finally:
+        survivors = stop_sessions(sessions, grace=2.0)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not survivors, f"Ray processes still alive after the session: {survivors}"
+
+
+@pytest.fixture
+def shared_ray(ray_head: str | None, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """This test's simulations run on the session's Ray head node (see ``ray_head``)."""
+    if ray_head:
+        monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    return ray_head

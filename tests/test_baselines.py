@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from simulations.baselines import (
     POOLED_TEST,
@@ -77,6 +78,7 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch, capsys):
     assert "local: round 3/3" in out and "s to go" in out
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_compare_finetune_reuses_the_fedavg_rounds(tmp_path):
     """finetune trains as FedAvg does: compare starts it from the FedAvg run (same rounds,
     not trained again) and only the test differs, by the sites' fine-tuning."""

@@ -28,6 +28,7 @@ from client.client_app import central_dp_mod
 from server.strategies import calibrate_central_noise, central_epsilon
 from simulations.runner import simulate
 from tests.helpers import SITES, TINY
+from tests.ray_harness import on_ray
 
 
 def reference_epsilon(noise: float, rounds: int, delta: float) -> float:
@@ -102,7 +103,7 @@ def test_client_side_clipping_mod_bounds_what_leaves_the_site():
 
 
 @pytest.fixture(scope="module")
-def site_level_run(tmp_path_factory):
+def site_level_run(tmp_path_factory, ray_head):
     """Client-side clipping, noise calibrated to spend central-epsilon over 2 rounds."""
     out = tmp_path_factory.mktemp("cdp") / "run"
     cfg = dict(
@@ -116,7 +117,8 @@ def site_level_run(tmp_path_factory):
             "min-train-nodes": 4,
         },
     )
-    return out, cfg, simulate(None, cfg, out=out)
+    with on_ray(ray_head):  # the session's Ray head node (conftest.py)
+        return out, cfg, simulate(None, cfg, out=out)
 
 
 def test_site_level_epsilon_is_reported_and_exact(site_level_run):
@@ -138,6 +140,7 @@ def test_site_level_model_stays_finite(site_level_run):
     assert not any("running_var" in k for k in weights), sorted(weights)[:5]
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_site_level_budget_survives_resume_and_stops_training(site_level_run):
     """Resuming with more rounds than budgeted: the restored accountant refuses round 3."""
     out, cfg, _ = site_level_run

@@ -14,6 +14,7 @@ from common.data.sources import load_source
 from common.data.synth import synthesize
 from simulations.cli import app
 from simulations.runner import simulate
+from tests.ray_harness import on_ray
 
 # One tiny but real federated run (built-in synthetic HAM10000-like set, 16 px images).
 TINY = {
@@ -27,9 +28,10 @@ HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
 @pytest.fixture(scope="module")
-def best_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def best_checkpoint(tmp_path_factory: pytest.TempPathFactory, ray_head: str | None) -> Path:
     out = tmp_path_factory.mktemp("eval") / "run"
-    simulate(None, dict(TINY), out=out)
+    with on_ray(ray_head):  # the session's Ray head node (conftest.py)
+        simulate(None, dict(TINY), out=out)
     return out / "checkpoints" / "best.pt"
 
 

@@ -209,6 +209,7 @@ def _record(run_dir: Path, site: str, r: int) -> tuple[dict, dict, dict]:
     return meta, sent, kept
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_fedbn_run_keeps_norms_at_sites_and_averages_what_was_sent(tmp_path):
     from tests.helpers import check_network_json
 
@@ -232,6 +233,7 @@ def test_fedbn_run_keeps_norms_at_sites_and_averages_what_was_sent(tmp_path):
     np.testing.assert_allclose(pack(final)["packed/<f4"].numpy(), mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_ditto_run_scores_every_site_and_sends_no_personal_state(tmp_path):
     from tests.helpers import check_network_json
 

@@ -174,6 +174,7 @@ def test_auto_mode_picks_measured_fastest_engine_per_family() -> None:
     assert resolve_mode("ghost", build_model("test_resnet", 3, dp=True)) == "ghost"
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_crash_before_the_server_checkpoint_never_overspends(tmp_path) -> None:
     """The sites trained round 2 (their accountant files say so) but the server died before
     checkpointing it. The resumed server re-runs round 2: the sites count the lost round's

@@ -16,10 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,11 +25,15 @@ import pytest
 from typer.testing import CliRunner
 
 from simulations.runner import backend_config
-
-RAY_CLI = next(
-    (str(p) for p in (Path(sys.executable).with_name("ray"),) if p.is_file()),
-    shutil.which("ray"),
+from tests.ray_harness import (
+    RAY_CLI,
+    free_port,
+    head_args,
+    ray_env,
+    ray_start,
+    stop_sessions,
 )
+
 needs_ray_cli = pytest.mark.skipif(RAY_CLI is None, reason="the `ray` command is not installed")
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 
@@ -99,98 +99,30 @@ def test_bad_client_resources_are_one_line(values, message):
 
 
 # ------------------------------------------------------------------ the two-node cluster
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Every live process of session ``sid`` (Linux /proc; the ``ray start`` we began)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def _stop_sessions(sids: list[int]) -> list[int]:
-    """SIGTERM every process of these sessions, SIGKILL what is left; returns survivors."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        for sid in sids:
-            for pid in _session_pids(sid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.time() + wait
-        while time.time() < deadline and any(_session_pids(s) for s in sids):
-            time.sleep(0.2)
-    return [pid for sid in sids for pid in _session_pids(sid)]
-
-
-def _ray_start(args: list[str], log: Path, env: dict[str, str]) -> int:
-    """Run ``ray start`` in a new session; returns the session id (its pid)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [RAY_CLI, "start", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            rc = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            rc = None
-    if rc != 0:
-        raise RuntimeError(f"ray start {args[0]} failed ({rc}):\n{log.read_text()[-3000:]}")
-    return proc.pid
-
-
 @pytest.fixture
 def two_node_cluster() -> Iterator[dict]:
     if not Path("/proc/self/stat").is_file():
         pytest.skip("stopping the cluster by session needs Linux /proc")
     # short: Ray's Unix socket paths under the temp dir must stay below 108 characters
     root = Path(tempfile.mkdtemp(prefix="fsray", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env = ray_env()
     common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(80 * 2**20)]
-    common += ["--disable-usage-stats"]
     sessions: list[int] = []
     try:
-        sessions.append(
-            _ray_start(
-                ["--head", "--port", str(_free_port()), "--node-ip-address", "127.0.0.1"]
-                + ["--include-dashboard", "false", "--dashboard-port", str(_free_port())]
-                + ["--ray-client-server-port", str(_free_port())]
-                + ["--dashboard-agent-listen-port", str(_free_port())]
-                + ["--temp-dir", str(root / "head"), *common],
-                root / "head.log",
-                env,
-            )
-        )
+        sessions.append(ray_start(head_args(root / "head") + common, root / "head.log", env))
         address = (root / "head" / "ray_current_cluster").read_text().strip()
         sessions.append(
-            _ray_start(
+            ray_start(
                 ["--address", address, "--resources", json.dumps({"node2": 1})]
-                + ["--dashboard-agent-listen-port", str(_free_port())]
-                + ["--temp-dir", str(root / "node2"), *common],
+                + ["--dashboard-agent-listen-port", str(free_port())]
+                + ["--temp-dir", str(root / "node2"), "--disable-usage-stats", *common],
                 root / "node2.log",
                 env,
             )
         )
         yield {"address": address, "root": root, "sessions": sessions}
     finally:
-        survivors = _stop_sessions(sessions)
+        survivors = stop_sessions(sessions)
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"Ray processes still alive after the test: {survivors}"
 

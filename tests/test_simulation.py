@@ -28,6 +28,8 @@ GOLDEN = Path(__file__).parent / "golden" / "simulation_tiny.json"
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The golden run, on a Ray of its own as a user's run starts it; other runs in this
+    module may join the session's Ray head node (``shared_ray``)."""
     out = tmp_path_factory.mktemp("sim") / "full"
     return out, simulate(None, dict(TINY), out=out)
 
@@ -86,6 +88,7 @@ def test_golden_metrics(full_run):
     assert max(val) > 0.45 and max(val[3:]) > val[0] + 0.2
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_resume_ends_with_the_same_model(full_run, tmp_path):
     """Stop after round 1, restart with --resume: same final model as the uninterrupted run.
 
@@ -125,6 +128,7 @@ def test_faulty_sites_are_survived(tmp_path, recwarn):
     assert not [w for w in recwarn if "future versions of Ray" in str(w.message)]
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_site_level_dp_run(tmp_path):
     """Flower's server-side clipping wrapper runs inside the fedskin loop; model stays finite."""
     cfg = dict(

@@ -166,6 +166,7 @@ TINY = (
 )
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
     """Real runs: DP at epsilon 3 and no DP, with the audit; then the same sweep with the
     site level too: the finished cells are kept, only the missing one runs."""
