@@ -57,8 +57,10 @@ from server.strategies import (
     central_spent,
     load_strategy_state,
     make_strategy,
+    statistics_averaged_plainly,
     strategy_state,
     updates_needed,
+    with_mean_statistics,
 )
 
 log = logging.getLogger("fedskin")
@@ -273,6 +275,7 @@ class Federation:
         self.grid, self.run_dir, self.classes = grid, run_dir, classes
         self.timeout = self.run_config.round_timeout
         self.seed = self.run_config.seed
+        self.statistics: frozenset[str] = frozenset()  # set by run()
         self.sites: dict[int, SiteInfo] = {}
         self.discovery_rejected: dict[str, str] = {}  # node (and claimed site) -> why
         # What the sites sent, by message type and record: names and keys, never values.
@@ -394,7 +397,17 @@ class Federation:
         return [sites[i] for i in idx]
 
     # ------------------------------------------------------------------ rounds
-    def run(self, initial: dict[str, torch.Tensor], num_rounds: int, resume: bool) -> dict:
+    def run(
+        self,
+        initial: dict[str, torch.Tensor],
+        num_rounds: int,
+        resume: bool,
+        statistics: frozenset[str] = frozenset(),
+    ) -> dict:
+        """The rounds, then the test of the best round's model. ``statistics`` names the
+        model's normalisation statistics (BatchNorm buffers), which a server optimizer
+        must not move (server/strategies.py: statistics_averaged_plainly)."""
+        self.statistics = statistics
         state, arrays = self._start(initial, resume)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
         if self._resumed is not None:
@@ -491,7 +504,21 @@ class Federation:
         if unpacked is None:
             record["aggregated"] = False
             return arrays
+        if self.statistics and statistics_averaged_plainly(self.run_config):
+            return self._mean_statistics(unpacked, updates, layout)
         return unpacked
+
+    def _mean_statistics(
+        self, unpacked: ArrayRecord, updates: _Updates, layout: Any
+    ) -> ArrayRecord:
+        """The aggregate with the sites' weighted mean of each normalisation statistic."""
+        sites = [
+            (unpack(update, layout), float(metrics["num-examples"]))
+            for _, update, metrics in (updates.good[name] for name in sorted(updates.good))
+        ]
+        state = {k: np.asarray(v.numpy()) for k, v in unpacked.items()}
+        mean = with_mean_statistics(state, sites, self.statistics)
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in mean.items()})
 
     def _send_train(
         self,

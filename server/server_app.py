@@ -26,13 +26,23 @@ log = logging.getLogger("fedskin")
 app = ServerApp()
 
 
-def initial_weights(
-    cfg: RunConfig | Mapping[str, Any], num_classes: int
-) -> dict[str, torch.Tensor]:
+def initial_model(cfg: RunConfig | Mapping[str, Any], num_classes: int) -> torch.nn.Module:
     """Seeded initial global model, DP-compatible (GroupNorm) when sites train under DP."""
     run = run_config_of(cfg)
     torch.manual_seed(run.seed)
-    return get_weights(model_for_run(run, num_classes))
+    return model_for_run(run, num_classes)
+
+
+def initial_weights(
+    cfg: RunConfig | Mapping[str, Any], num_classes: int
+) -> dict[str, torch.Tensor]:
+    """The initial global model's state dict (parameters and buffers)."""
+    return get_weights(initial_model(cfg, num_classes))
+
+
+def statistics_of(model: torch.nn.Module) -> frozenset[str]:
+    """The state-dict names of the model's buffers: normalisation statistics, not weights."""
+    return frozenset(name for name, _ in model.named_buffers())
 
 
 @app.main()
@@ -58,10 +68,12 @@ def main(grid: Grid, context: Context) -> None:
     fed = Federation(grid, run, run_dir, classes)
     sites = fed.discover(expected=run.min_nodes, wait=run.wait_for_nodes)
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))
+    model = initial_model(run, len(classes))
     result = fed.run(
-        initial_weights(run, len(classes)),
+        get_weights(model),
         run.num_server_rounds,
         resume=run.resume,
+        statistics=statistics_of(model),
     )
     test = result["test"]
     log.info(

@@ -107,6 +107,44 @@ def make_strategy(
     return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
 
 
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedavgm")
+
+
+def statistics_averaged_plainly(cfg: RunConfig | Mapping[str, Any]) -> bool:
+    """Whether the loop replaces the aggregate's normalisation statistics by their mean.
+
+    FedAdam, FedYogi and FedAvgM move every array of the model with a server optimizer,
+    BatchNorm's running variances included: momentum or an adaptive step overshoots a
+    variance that falls between rounds below zero, and the global model's scores turn NaN
+    (seen on real images with FedAvgM, momentum 0.5). Statistics are not parameters, so
+    they take FedAvg's weighted mean. Not under site-level DP, where the noised aggregate
+    of everything is what the guarantee covers.
+    """
+    run = as_run_config(cfg)
+    return run.strategy in SERVER_OPTIMIZERS and not run.central_dp
+
+
+def with_mean_statistics(
+    state: Mapping[str, np.ndarray],
+    updates: Iterable[tuple[Mapping[str, np.ndarray], float]],
+    statistics: Iterable[str],
+) -> dict[str, np.ndarray]:
+    """``state`` with each named statistic replaced by the sites' weighted mean of it.
+
+    ``updates`` are the sites' unpacked states with their weights (example counts); the
+    mean is cast back to the statistic's dtype (BatchNorm's int64 step counter)."""
+    updates = list(updates)
+    weights = np.array([w for _, w in updates], np.float64)
+    out = dict(state)
+    for name in statistics:
+        if name not in out:
+            continue
+        stacked = np.stack([np.asarray(u[name], np.float64) for u, _ in updates])
+        mean = np.tensordot(weights / weights.sum(), stacked, axes=1)
+        out[name] = mean.astype(np.asarray(state[name]).dtype)
+    return out
+
+
 def updates_needed(cfg: RunConfig | Mapping[str, Any]) -> int:
     """The fewest updates the strategy can aggregate as configured: Krum needs more than
     2f+2, Bulyan 4f+3 (f = robust-malicious), the trimmed mean at least one left after

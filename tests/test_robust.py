@@ -11,7 +11,13 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ConfigError, RunConfig
 from common.wire import pack, unpack
-from server.strategies import load_strategy_state, make_strategy, strategy_state
+from server.strategies import (
+    load_strategy_state,
+    make_strategy,
+    statistics_averaged_plainly,
+    strategy_state,
+    with_mean_statistics,
+)
 
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 POISON = 1e3
@@ -176,3 +182,54 @@ def test_fedavgm_momentum_follows_the_loops_model_and_survives_a_restart():
         arrays, _ = s.aggregate_train(2, [reply(twice, 5), reply(twice, 5)])
         expected = {k: v - 1.9 * step[k] for k, v in updated.items()}
         np.testing.assert_allclose(flat(arrays), flat(expected), rtol=1e-5)
+
+
+def test_server_momentum_would_push_a_falling_variance_below_zero_so_statistics_are_averaged():
+    """FedAvgM (and FedAdam, FedYogi) move every array with a server optimizer; a BatchNorm
+    running variance that falls from round to round overshoots below zero (the model's
+    scores turn NaN). The loop gives statistics FedAvg's weighted mean instead."""
+    grid = type("G", (), {"get_node_ids": lambda self: [1, 2]})()
+    rng = np.random.default_rng(2)
+    start = {**state_dict(rng), "bn.running_var": np.ones(4, np.float32)}
+    strategy = make_strategy({"strategy": "fedavgm", "server-momentum": 0.9}, 2)
+    model = start
+    for rnd, variances in enumerate([(0.2, 0.1), (0.05, 0.02)], start=1):
+        sites = []
+        for var, n in zip(variances, (1, 3), strict=True):
+            sites.append(({**model, "bn.running_var": np.full(4, var, np.float32)}, n))
+        list(strategy.configure_train(rnd, pack(model), ConfigRecord(), grid))
+        arrays, _ = strategy.aggregate_train(rnd, [reply(s, n) for s, n in sites])
+        layout = {k: (np.asarray(v).shape, np.asarray(v).dtype) for k, v in start.items()}
+        # as the loop does (server/loop.py: _finite_unpacked): back to the layout's dtypes
+        raw = {k: np.asarray(v).astype(layout[k][1]) for k, v in unpack(arrays, layout).items()}
+        model = with_mean_statistics(raw, sites, {"bn.running_var", "bn.num_batches_tracked"})
+        mean = (variances[0] * 1 + variances[1] * 3) / 4
+        np.testing.assert_allclose(model["bn.running_var"], mean, rtol=1e-6)
+        assert model["bn.running_var"].dtype == np.float32
+        for k in SHAPES:  # the weights keep the server optimizer's step
+            np.testing.assert_array_equal(model[k], raw[k])
+    assert (raw["bn.running_var"] < 0).all()  # round 2 without the mean: 0.125 - 0.8 ...
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"strategy": "fedavgm"}, True),
+        ({"strategy": "fedadam"}, True),
+        ({"strategy": "fedyogi"}, True),
+        ({"strategy": "fedavg"}, False),
+        ({"strategy": "fedadam", "central-dp": "server-fixed"}, False),
+    ],
+)
+def test_which_strategies_average_statistics_plainly(values, expected):
+    assert statistics_averaged_plainly(values) is expected
+
+
+def test_the_server_names_the_models_buffers_as_statistics():
+    from server.server_app import initial_model, statistics_of
+
+    model = initial_model({"model": "test_resnet"}, 7)
+    names = statistics_of(model)
+    assert any(n.endswith("running_var") for n in names)
+    assert names <= set(model.state_dict())
+    assert not names & {n for n, _ in model.named_parameters()}
