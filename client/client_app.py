@@ -123,7 +123,10 @@ def _save_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, sess
 # ------------------------------------------------------------------------------ handlers
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which site this node is and how much data it holds."""
+    """Tell the server which site this node is and how much data it holds; with
+    ``class-prior = "federation"`` and no DP, also its training class counts (the server
+    sums them into the prior every site's loss uses; under DP they are not covered by the
+    accountant, so they are never sent)."""
     run, _ = _config(context, msg)
     data = load_site(run, context.node_config)
     info = ConfigRecord(
@@ -135,6 +138,9 @@ def query(msg: Message, context: Context) -> Message:
             "n-test": data.n("test"),
         }
     )
+    if run.class_prior == "federation" and not run.private:
+        counts = np.bincount(data.labels["train"], minlength=len(data.classes))
+        info["train-counts"] = [int(c) for c in counts]
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 

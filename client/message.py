@@ -3,9 +3,10 @@
 A train or evaluate message carries a flat config record. Besides run-config keys (which
 :func:`common.siteconfig.site_config` merges under the site's rules and
 :class:`common.config.RunConfig` types), it holds fields that belong to the message, not to
-the run: the round, the server's best round so far, the split to score, the run's tag and,
-from FedProx, the proximal term's mu. :class:`ServerAsks` is those fields, typed; nothing
-else at the site reads them from the record.
+the run: the round, the server's best round so far, the split to score, the run's tag,
+from FedProx the proximal term's mu, and the federation's training class counts.
+:class:`ServerAsks` is those fields, typed; nothing else at the site reads them from the
+record.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ServerAsks:
     split: str = "validation"  # common.siteconfig.eval_split refuses anything but val/test
     run_tag: str = "run"  # names the site's privacy accountant file (checked where used)
     proximal_mu: float = 0.0  # FedProx sends it with each train message; else no term
+    class_counts: tuple[int, ...] | None = None  # class-prior = "federation" (server/loop.py)
 
     @classmethod
     def of(cls, msg: Message | None) -> ServerAsks:
@@ -44,4 +46,16 @@ class ServerAsks:
             split=str(sent.get("split", cls.split)),
             run_tag=str(sent.get("run-tag", cls.run_tag)),
             proximal_mu=float(sent.get("proximal-mu", cls.proximal_mu)),
+            class_counts=_counts(sent.get("class-counts")),
         )
+
+
+def _counts(value: Any) -> tuple[int, ...] | None:
+    """The sent class counts as integers (checked against the classes where used)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"class-counts={value!r} is not a list of integers")
+    return tuple(int(v) for v in value)

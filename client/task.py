@@ -64,14 +64,16 @@ def site_seed(run: RunConfig, site: str, server_round: int) -> int:
 
 
 def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message) -> TrainConfig:
-    """Local training settings; the proximal term only when the server's strategy asks.
+    """Local training settings; the proximal term only when the server's strategy asks, the
+    federation's class counts when the server sent them and ``class-prior`` is "federation".
 
     FedProx sends ``proximal-mu`` with every train message. A ``proximal-mu`` left in the run
     config must not turn FedAvg (or FedAdam) into FedProx behind the user's back.
     """
-    asks = ServerAsks.of(msg)
+    asks, run = ServerAsks.of(msg), run_config_of(cfg)
+    counts = asks.class_counts if run.class_prior == "federation" else None
     return TrainConfig.from_run(
-        run_config_of(cfg), proximal_mu=asks.proximal_mu, server_round=asks.server_round
+        run, proximal_mu=asks.proximal_mu, server_round=asks.server_round, class_counts=counts
     )
 
 

@@ -46,6 +46,7 @@ STRATEGIES = (  # owned here; server/strategies.py builds each of them
 CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")  # idem
 OPTIMIZERS = ("adam", "adamw", "sgd")  # common/train.py
 LR_SCHEDULES = ("constant", "cosine")  # common/train.py: round_lr
+CLASS_PRIORS = ("federation", "site")  # whose class counts the loss uses (common/train.py)
 LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
 PERSONALIZE = ("", "fedbn", "finetune", "ditto")  # common/personal.py
@@ -101,6 +102,7 @@ class RunConfig:
     local_epochs: int = _rule(ge=0)
     local_steps: int = _rule(ge=0)
     loss: str = _rule(choices=LOSSES)
+    class_prior: str = _rule(choices=CLASS_PRIORS)
     focal_gamma: float = _rule(ge=0)
     augment: bool = _rule()
     amp: bool = _rule()

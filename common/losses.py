@@ -65,21 +65,21 @@ class FocalLoss(nn.Module):
 
 
 class BalancedSoftmax(nn.Module):
-    """Cross-entropy on ``logits + log(prior)``, the site's own class prior (Ren et al. 2020).
+    """Cross-entropy on ``logits + log(prior)`` (Ren et al. 2020; FedLC, Zhang et al. 2022).
 
-    The network then learns class scores free of the site's label distribution, and its raw
-    logits are balanced at test time (what balanced accuracy rewards). In a federation this
-    is what keeps the sites' updates compatible (FedLC, Zhang et al. 2022): a site that has
-    no akiec does not push akiec's score down for everyone, and a site of 94% nv does not
-    teach the shared model that everything is nv. Unlike inverse-frequency weights it
-    never multiplies a loss by 100 because a class has 2 images at a site. Per-sample (see
-    the module docstring), so it is DP-compatible.
+    The network then learns class scores free of the prior's label distribution, and its raw
+    logits are balanced at test time (what balanced accuracy rewards). In a federation the
+    prior is the federation's (``class-prior = "federation"``, common/train.py
+    ``loss_counts``): the sites' losses then add up to the pooled model's, and a site of
+    94% nv does not teach the shared model that everything is nv. Unlike inverse-frequency
+    weights it never multiplies a loss by 100 because a class has 2 images at a site.
+    Per-sample (see the module docstring), so it is DP-compatible.
     """
 
     def __init__(self, class_counts: np.ndarray, reduction: str = "mean") -> None:
         super().__init__()
         counts = np.asarray(class_counts, dtype=np.float64)
-        # An absent class gets a prior far below any present one: its logit is left alone.
+        # A class absent from the counts gets a prior far below any present one.
         prior = np.maximum(counts, 1e-3) / max(counts.sum(), 1.0)
         self.register_buffer("log_prior", torch.as_tensor(np.log(prior), dtype=torch.float32))
         self.reduction = reduction

@@ -58,6 +58,9 @@ class TrainConfig:
     loss: str = "weighted-ce"
     focal_gamma: float = 2.0
     proximal_mu: float = 0.0
+    # The federation's training class counts (class-prior = "federation", sent by the
+    # server); None: the loss's prior or weights come from the images trained on.
+    class_counts: tuple[int, ...] | None = None
     augment: bool = True
     amp: bool = True
     channels_last: bool = True
@@ -74,12 +77,17 @@ class TrainConfig:
 
     @classmethod
     def from_run(
-        cls, run: RunConfig, proximal_mu: float = 0.0, server_round: int = 0
+        cls,
+        run: RunConfig,
+        proximal_mu: float = 0.0,
+        server_round: int = 0,
+        class_counts: tuple[int, ...] | None = None,
     ) -> TrainConfig:
         """The training view of the typed run config. ``proximal_mu`` is FedProx's, which
         the server sends with each train message: the run config's ``proximal-mu`` is the
         strategy's to read (a site trains without the term unless the server asks).
-        ``server_round`` sets the round's learning rate (:func:`round_lr`)."""
+        ``server_round`` sets the round's learning rate (:func:`round_lr`);
+        ``class_counts`` are the federation's (see ``class-prior``)."""
         return cls(
             optimizer=run.optimizer,
             lr=round_lr(run.lr, run.lr_schedule, server_round, run.num_server_rounds),
@@ -91,6 +99,7 @@ class TrainConfig:
             loss=run.loss,
             focal_gamma=run.focal_gamma,
             proximal_mu=proximal_mu,
+            class_counts=class_counts,
             augment=run.augment,
             amp=run.amp,
             channels_last=run.channels_last,
@@ -309,6 +318,27 @@ def _check_dp(model: nn.Module, dp: DPSession, n: int) -> None:
         raise ValueError(f"DP session is for {dp.n_train} images, got {n}")
 
 
+def loss_counts(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """The class counts that set the loss's prior or weights: the federation's when the
+    server sent them, else those of the images trained on.
+
+    Why the federation's: a site's own prior makes balanced-softmax learn scores balanced
+    *within that site*. When classes live at different sites (akiec and bcc almost only at
+    one HAM10000 source), those within-site scores are not balanced across the federation,
+    and the global model never predicted akiec or bcc; with the federation's prior the
+    sites' losses sum to the pooled model's (docs/results.md).
+    """
+    if cfg.class_counts is None:
+        return np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
+    counts = np.asarray(cfg.class_counts, dtype=np.int64)
+    if counts.shape != (num_classes,) or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(
+            f"class counts {list(cfg.class_counts)} are not {num_classes} non-negative "
+            "counts with a positive sum"
+        )
+    return counts
+
+
 def _prepare_round(
     model: nn.Module,
     images: torch.Tensor,
@@ -328,7 +358,7 @@ def _prepare_round(
     # Indices and labels live where the images are (the GPU, unless the split did not fit):
     # a batch is then gathered without any per-step copy of its indices.
     labels_src = _to(labels.to(dtype=torch.long), images.device)
-    counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)
+    counts = loss_counts(cfg, labels, num_classes)
     criterion = make_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
     optimizer = _make_optimizer(model, cfg)
     mu = cfg.proximal_mu

@@ -73,6 +73,7 @@ class SiteInfo:
     n_train: int
     n_validation: int
     n_test: int
+    train_counts: tuple[int, ...] | None = None  # reported for class-prior = "federation"
 
 
 @dataclass
@@ -365,6 +366,7 @@ class Federation:
                 f"only {len(self.sites)} usable site(s) of the {len(ids)} connected "
                 f"(min-nodes={expected}); see the errors above"
             )
+        self._log_prior()
         return self.ordered_sites()
 
     def _keep_site(self, nid: int, content: RecordDict) -> str | None:
@@ -375,10 +377,44 @@ class Federation:
         name = str(info["site"])
         if any(s.site == name for s in self.sites.values()):
             return f"site {name!r} is already claimed by another node"
+        counts = info.get("train-counts")
+        if counts is not None and len(counts) != len(self.classes):
+            return f"train-counts has {len(counts)} entries for {len(self.classes)} classes"
         self.sites[nid] = SiteInfo(
-            nid, name, int(info["n-train"]), int(info["n-validation"]), int(info["n-test"])
+            nid,
+            name,
+            int(info["n-train"]),
+            int(info["n-validation"]),
+            int(info["n-test"]),
+            None if counts is None else tuple(int(c) for c in counts),
         )
         return None
+
+    def class_counts(self) -> list[int] | None:
+        """The federation's training class counts, which every site's loss uses with
+        ``class-prior = "federation"``: the sum of what the sites reported, or None (each
+        site uses its own) when any site did not report them (DP, or its own choice)."""
+        if self.run_config.class_prior != "federation" or not self.sites:
+            return None
+        reported = [s.train_counts for s in self.ordered_sites()]
+        if any(c is None for c in reported):
+            return None
+        return [int(sum(c)) for c in zip(*reported, strict=True)]
+
+    def _log_prior(self) -> None:
+        """Say once which class prior the sites' losses use."""
+        if self.run_config.class_prior != "federation":
+            return
+        counts = self.class_counts()
+        if counts is None:
+            silent = [s.site for s in self.ordered_sites() if s.train_counts is None]
+            log.warning(
+                "class-prior = federation: %s sent no class counts (DP or its own setting); "
+                "every site uses its own prior",
+                ", ".join(silent),
+            )
+        else:
+            log.info("class prior: the federation's training counts %s", counts)
 
     def ordered_sites(self) -> list[SiteInfo]:
         return sorted(self.sites.values(), key=lambda s: s.site)
@@ -532,6 +568,8 @@ class Federation:
         nodes that sent none in time."""
         # best-round: the best round so far, for sites that keep personal state (client/task.py)
         config = ConfigRecord({"run-tag": state.run_tag, "best-round": state.best_round})
+        if (counts := self.class_counts()) is not None:
+            config["class-counts"] = counts  # the prior of every site's loss
         messages = list(
             strategy.configure_train(server_round, wire, config, _SelectedGrid(self.grid, node_ids))
         )

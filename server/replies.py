@@ -14,7 +14,8 @@ What an honest site sends is fixed by the client code of this version:
   privacy budget spent) sends ``num-examples = 0`` and some of those keys;
 - evaluate (``client/task.py`` ``evaluate_site``): :func:`evaluate_keys` for the run's
   classes, with the poolable ``confusion`` and ``score-hist`` of ``common/fedmetrics.py``;
-- query: an ``info`` ConfigRecord with :data:`INFO_KEYS`.
+- query: an ``info`` ConfigRecord with :data:`INFO_KEYS`, and ``train-counts`` (the
+  training images per class) from a site that reports them (``class-prior``).
 """
 
 from __future__ import annotations
@@ -279,4 +280,10 @@ def discovery_error(content: RecordDict) -> str | None:
         value = info.get(key)
         if not _is_int(value) or int(value) < 0:
             return f"{key}={_shown(value)} is not a non-negative integer"
+    if "train-counts" in info:
+        counts = info["train-counts"]
+        if not isinstance(counts, list) or not all(_is_int(c) and c >= 0 for c in counts):
+            return f"train-counts={_shown(counts)} is not a list of non-negative integers"
+        if sum(counts) != int(info["n-train"]):
+            return f"train-counts sum to {sum(counts)}, not n-train={int(info['n-train'])}"
     return None

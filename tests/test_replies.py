@@ -545,6 +545,18 @@ DISCOVERY_ATTACKS: dict[str, tuple[Tamper, str]] = {
     "control-characters": (_info(site="a\nb"), "is not a printable name"),
     "no-info": (lambda c: RecordDict(), "no 'info' ConfigRecord"),
     "duplicate-name": (_info(site="alpha"), "site 'alpha' is already claimed by another node"),
+    "counts-not-n-train": (
+        _info(**{"train-counts": [1, 2]}),
+        "train-counts sum to 3, not n-train=50",
+    ),
+    "counts-negative": (
+        _info(**{"train-counts": [-1, 51]}),
+        "train-counts=[-1, 51] is not a list of non-negative integers",
+    ),
+    "counts-per-class": (
+        _info(**{"train-counts": [10, 20, 20]}),
+        "train-counts has 3 entries for 2 classes",
+    ),
 }
 
 
@@ -691,3 +703,57 @@ def test_discovery_and_guard() -> None:
 
     why = guarded(broken, honest_info("alpha", 3))
     assert why is not None and why.startswith("malformed reply (TypeError: ")
+
+
+# ------------------------------------------------------------- the federation's class prior
+class RecordingGrid(FakeGrid):
+    """A FakeGrid that also keeps the config of every train message it was given."""
+
+    def __init__(self, sites: list[Site]) -> None:
+        super().__init__(sites)
+        self.train_configs: list[dict[str, Any]] = []
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        for m in messages:
+            if m.metadata.message_type == MessageType.TRAIN:
+                self.train_configs.append(dict(m.content.config_records["config"]))
+        return super().push_messages(messages)
+
+
+def _counted(counts: dict[str, list[int]]) -> list[Site]:
+    return [
+        Site(name, n, query=_info(**{"train-counts": counts[name]}) if name in counts else None)
+        for name, n in HONEST.items()
+    ]
+
+
+def _train_configs(tmp_path: Path, sites: list[Site], **cfg: Any) -> list[dict[str, Any]]:
+    flat = RunConfig.from_mapping({"num-server-rounds": 2, "round-timeout": 5.0, **cfg}).to_flat()
+    grid = RecordingGrid(sites)
+    fed = Federation(grid, flat, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed.discover(expected=3, wait=0)
+    fed.run(initial_model(), 2, resume=False)
+    assert len(grid.train_configs) == 2 * len(sites)
+    return grid.train_configs
+
+
+COUNTS = {"alpha": [40, 0], "bravo": [10, 50], "charlie": [5, 75]}
+
+
+def test_every_site_trains_with_the_federations_class_counts(tmp_path: Path) -> None:
+    """The sum of what the sites reported at discovery goes with every train message."""
+    configs = _train_configs(tmp_path, _counted(COUNTS))
+    assert all(list(c["class-counts"]) == [55, 125] for c in configs)
+    network = json.loads((tmp_path / "network.json").read_text())
+    assert "train-counts" in network["query"]["info"]  # shown as crossing the network
+
+
+def test_no_counts_are_sent_when_a_site_withholds_them_or_the_prior_is_the_sites(
+    tmp_path: Path, fedskin_log: list[str]
+) -> None:
+    partial = {k: v for k, v in COUNTS.items() if k != "bravo"}
+    configs = _train_configs(tmp_path / "a", _counted(partial))
+    assert not any("class-counts" in c for c in configs)
+    assert any("bravo sent no class counts" in line for line in fedskin_log)
+    configs = _train_configs(tmp_path / "b", _counted(COUNTS), **{"class-prior": "site"})
+    assert not any("class-counts" in c for c in configs)

@@ -365,3 +365,38 @@ def test_deploy_overwrite_replaces_files_with_fresh_0600_keys(tmp_path) -> None:
     key = again.sites["a"].private_key
     assert key.read_bytes() != old and (key.stat().st_mode & 0o777) == 0o600
     assert not list(out.rglob(".*.tmp-*"))  # no temporary file left behind
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_query_reports_training_class_counts_unless_the_site_withholds_them(sites) -> None:
+    """class-prior = "federation": the site tells the server its training class counts;
+    under DP, or when its own node config says "site", it does not, whatever the server
+    sends."""
+    import numpy as np
+
+    rows = sites["hospital-a"]["rows"]
+    want = np.bincount(rows.loc[rows["split"] == "train", "label"], minlength=7).tolist()
+    node = node_config(sites, "hospital-a", None)
+
+    def info(run: dict, node: dict, sent: dict | None = None) -> dict:
+        msg = message(MessageType.QUERY, sent or {})
+        return dict(client_app.query(msg, context(node, run)).content.config_records["info"])
+
+    assert info(run_config(), node)["train-counts"] == want
+    assert "train-counts" not in info(run_config(dp=True), node)
+    withheld = {**node, "class-prior": "site"}
+    assert "train-counts" not in info(run_config(), withheld, {"class-prior": "federation"})
+
+
+def test_sites_train_with_the_federations_counts_only_when_asked(sites) -> None:
+    """The counts the server sends set the loss's prior under class-prior = "federation";
+    with "site" the site's own images do."""
+    from client.task import train_config
+
+    sent = message(MessageType.TRAIN, {"server-round": 1, "class-counts": [5, 1, 0, 2, 9, 80, 3]})
+    assert train_config(run_config(), sent).class_counts == (5, 1, 0, 2, 9, 80, 3)
+    assert train_config(run_config(**{"class-prior": "site"}), sent).class_counts is None
+    plain = message(MessageType.TRAIN, {"server-round": 1})
+    assert train_config(run_config(), plain).class_counts is None
+    with pytest.raises(ValueError, match="class-counts=.* is not a list of integers"):
+        train_config(run_config(), message(MessageType.TRAIN, {"class-counts": [0.5, 2.0]}))

@@ -310,3 +310,36 @@ def test_balanced_softmax_is_ce_on_prior_shifted_logits() -> None:
     per = make_loss("balanced-softmax", counts)
     per.reduction = "none"
     assert per(logits.detach(), target).shape == (12,)
+
+
+def test_with_the_federations_counts_the_sites_losses_add_up_to_the_pooled_loss() -> None:
+    """Why class-prior = "federation": balanced-softmax at each site with the federation's
+    counts has, weighted by site size, the pooled model's gradient (one FedSGD step is a
+    pooled step), even when a class lives at one site only; with each site's own prior it
+    does not (the global model then never predicted the classes of one HAM10000 source)."""
+    from common.losses import make_loss
+    from common.train import TrainConfig, loss_counts
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(90, 5, generator=g)
+    sites = [torch.tensor([0] * 20 + [1] * 10 + [2] * 10), torch.tensor([1] * 5 + [2] * 45)]
+    labels = torch.cat(sites)
+    head = torch.nn.Linear(5, 3)
+
+    def grad(x: torch.Tensor, y: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
+        head.zero_grad()
+        make_loss("balanced-softmax", counts)(head(x), y).backward()
+        return head.weight.grad.clone()
+
+    pooled = grad(feats, labels, np.bincount(labels.numpy(), minlength=3))
+    fed = TrainConfig(class_counts=tuple(np.bincount(labels.numpy(), minlength=3).tolist()))
+    own = TrainConfig()
+    parts = [(feats[:40], sites[0]), (feats[40:], sites[1])]
+
+    def summed(cfg: TrainConfig) -> torch.Tensor:
+        return sum(len(y) / len(labels) * grad(x, y, loss_counts(cfg, y, 3)) for x, y in parts)
+
+    torch.testing.assert_close(summed(fed), pooled)
+    assert (summed(own) - pooled).abs().max() > 0.05
+    with pytest.raises(ValueError, match="are not 3 non-negative counts"):
+        loss_counts(TrainConfig(class_counts=(1, 2)), sites[0], 3)
