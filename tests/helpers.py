@@ -31,7 +31,7 @@ TINY = {
     "num-server-rounds": 6,
     "local-epochs": 3,
     "batch-size": 32,
-    "lr": 0.003,
+    "lr": 0.001,  # at 0.003 the mean-over-sites test figure differed by 0.18 between kernels
 }
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 
@@ -65,7 +65,8 @@ def check_network_json(run_dir: Path) -> None:
     seen = json.loads((run_dir / "network.json").read_text())
     assert sorted(seen) == ["evaluate", "query", "train"]
     assert sorted(seen["query"]) == ["info"]
-    assert set(seen["query"]["info"]) == {"site", "classes", "n-train", "n-validation", "n-test"}
+    info = {"site", "classes", "n-train", "n-validation", "n-test"}
+    assert info <= set(seen["query"]["info"]) <= info | {"train-counts"}  # see class-prior
     assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
     assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
     assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
