@@ -68,10 +68,10 @@ class BalancedSoftmax(nn.Module):
     """Cross-entropy on ``logits + log(prior)`` (Ren et al. 2020; FedLC, Zhang et al. 2022).
 
     The network then learns class scores free of the prior's label distribution, and its raw
-    logits are balanced at test time (what balanced accuracy rewards). In a federation the
-    prior is the federation's (``class-prior = "federation"``, common/train.py
-    ``loss_counts``): the sites' losses then add up to the pooled model's, and a site of
-    94% nv does not teach the shared model that everything is nv. Unlike inverse-frequency
+    logits are balanced at test time (what balanced accuracy rewards), and a site of 94% nv
+    does not teach the shared model that everything is nv. The prior is the site's own, or
+    with ``class-prior = "federation"`` the federation's (common/train.py ``loss_counts``),
+    with which the sites' losses add up to the pooled model's. Unlike inverse-frequency
     weights it never multiplies a loss by 100 because a class has 2 images at a site.
     Per-sample (see the module docstring), so it is DP-compatible.
     """

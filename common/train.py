@@ -324,9 +324,10 @@ def loss_counts(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> np.
 
     Why the federation's: a site's own prior makes balanced-softmax learn scores balanced
     *within that site*. When classes live at different sites (akiec and bcc almost only at
-    one HAM10000 source), those within-site scores are not balanced across the federation,
-    and the global model never predicted akiec or bcc; with the federation's prior the
-    sites' losses sum to the pooled model's (docs/results.md).
+    one HAM10000 source), those within-site scores are not balanced across the federation;
+    with the federation's prior the sites' losses sum to the pooled model's. Why not always:
+    a site's own prior leaves the classes it lacks alone, which the personalised models and
+    short runs gained from (docs/results.md has both, measured).
     """
     if cfg.class_counts is None:
         return np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_classes)

@@ -31,7 +31,7 @@ TINY = {
     "num-server-rounds": 6,
     "local-epochs": 3,
     "batch-size": 32,
-    "lr": 0.001,  # at 0.003 the mean-over-sites test figure differed by 0.18 between kernels
+    "lr": 0.003,
 }
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 

@@ -728,7 +728,8 @@ def _counted(counts: dict[str, list[int]]) -> list[Site]:
 
 
 def _train_configs(tmp_path: Path, sites: list[Site], **cfg: Any) -> list[dict[str, Any]]:
-    flat = RunConfig.from_mapping({"num-server-rounds": 2, "round-timeout": 5.0, **cfg}).to_flat()
+    values = {"num-server-rounds": 2, "round-timeout": 5.0, "class-prior": "federation", **cfg}
+    flat = RunConfig.from_mapping(values).to_flat()
     grid = RecordingGrid(sites)
     fed = Federation(grid, flat, tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=3, wait=0)

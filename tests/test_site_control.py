@@ -382,10 +382,12 @@ def test_query_reports_training_class_counts_unless_the_site_withholds_them(site
         msg = message(MessageType.QUERY, sent or {})
         return dict(client_app.query(msg, context(node, run)).content.config_records["info"])
 
-    assert info(run_config(), node)["train-counts"] == want
-    assert "train-counts" not in info(run_config(dp=True), node)
+    fed = {"class-prior": "federation"}
+    assert info(run_config(**fed), node)["train-counts"] == want
+    assert "train-counts" not in info(run_config(dp=True, **fed), node)
+    assert "train-counts" not in info(run_config(), node, fed)  # the default: "site"
     withheld = {**node, "class-prior": "site"}
-    assert "train-counts" not in info(run_config(), withheld, {"class-prior": "federation"})
+    assert "train-counts" not in info(run_config(**fed), withheld, fed)
 
 
 def test_sites_train_with_the_federations_counts_only_when_asked(sites) -> None:
@@ -393,10 +395,11 @@ def test_sites_train_with_the_federations_counts_only_when_asked(sites) -> None:
     with "site" the site's own images do."""
     from client.task import train_config
 
+    fed = run_config(**{"class-prior": "federation"})
     sent = message(MessageType.TRAIN, {"server-round": 1, "class-counts": [5, 1, 0, 2, 9, 80, 3]})
-    assert train_config(run_config(), sent).class_counts == (5, 1, 0, 2, 9, 80, 3)
+    assert train_config(fed, sent).class_counts == (5, 1, 0, 2, 9, 80, 3)
     assert train_config(run_config(**{"class-prior": "site"}), sent).class_counts is None
     plain = message(MessageType.TRAIN, {"server-round": 1})
-    assert train_config(run_config(), plain).class_counts is None
+    assert train_config(fed, plain).class_counts is None
     with pytest.raises(ValueError, match="class-counts=.* is not a list of integers"):
-        train_config(run_config(), message(MessageType.TRAIN, {"class-counts": [0.5, 2.0]}))
+        train_config(fed, message(MessageType.TRAIN, {"class-counts": [0.5, 2.0]}))
