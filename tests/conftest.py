@@ -19,7 +19,6 @@ from common.data.synth import synthesize
 from tests.helpers import SYNTH_N, SYNTH_SIZE
 from tests.ray_harness import RAY_CLI, head_args, ray_env, ray_start, stop_sessions
 
-
 # ----------------------------------------------------------------- order: the slowest first
 # pytest-xdist (two workers, ``--dist loadfile --no-loadscope-reorder`` in pyproject.toml)
 # hands out whole files in collection order: the slowest start first, so that no long file
