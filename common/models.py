@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from opacus.validators import ModuleValidator
 from timm.layers import BatchNormAct2d, GroupNormAct
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
@@ -367,6 +366,8 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
             f"blocks with in-place tensor updates break Opacus hooks: {offenders}; "
             "add an out-of-place subclass in common/models.py"
         )
+    from opacus.validators import ModuleValidator  # only DP models: ~0.8 CPU-s to import
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         model = ModuleValidator.fix(model)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from common.data.institutions import assign_institutions, group_table, resolve_names
 from common.data.schema import DataError
@@ -167,6 +166,10 @@ def _group_split(
     """Split group ids, stratified by label if counts allow; returns (rest, held, how)."""
     if frac <= 0:
         return ids, ids[:0], "none"
+    # Here, not at the top: common.config imports this module's SCHEMES, and every Flower
+    # process (each message's ClientApp at a default SuperNode) would pay sklearn's ~2 CPU-s.
+    from sklearn.model_selection import train_test_split
+
     # Stratify on every class if sklearn can; else keep the k commonest classes as strata and
     # pool the rarer ones (a class with one group, or more classes than held-out slots, makes
     # full stratification impossible); a plain group split is the last resort.
