@@ -30,7 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.message import ServerAsks, message_config
 from common.config import RunConfig
 from common.data.site_data import load_site
-from common.protocol import TRAIN_KEYS, TRAIN_KEYS_DP
+from common.protocol import FEATURE_STATS, TRAIN_KEYS, TRAIN_KEYS_DP
 from common.rundir import atomic_write_text
 from common.siteconfig import (
     SiteConfigError,
@@ -142,6 +142,23 @@ def query(msg: Message, context: Context) -> Message:
         counts = np.bincount(data.labels["train"], minlength=len(data.classes))
         info["train-counts"] = [int(c) for c in counts]
     return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.query(FEATURE_STATS)
+def feature_stats(msg: Message, context: Context) -> Message:
+    """The received model's feature statistics on this site's training split, from which the
+    server refits the classifier (``head-calibration = "lda"``, common/headfit.py). Refused
+    under DP and when the site's own node config says ``head-calibration = "none"``."""
+    from client.task import site_feature_stats
+
+    run, _ = _config(context, msg)
+    if run.private or run.head_calibration == "none":
+        why = "DP is on" if run.private else "its head-calibration is 'none'"
+        raise SiteConfigError(f"site refuses to send feature statistics: {why}")
+    data = load_site(run, context.node_config)
+    stats = site_feature_stats(run, msg, data)
+    content = RecordDict({"stats": stats, "site": ConfigRecord({"site": data.site})})
+    return Message(content, reply_to=msg)
 
 
 @app.train()

@@ -20,6 +20,7 @@ from client.message import ServerAsks
 from common.config import RunConfig, run_config_of
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
+from common.headfit import feature_stats
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
 from common.personal import ditto_step, finetune, norm_state, overwrite, personalize_mode
@@ -209,6 +210,19 @@ def keep_personal(state: RecordDict, entries: Mapping[str, Any], asks: ServerAsk
 
 def _numpy(v: Any) -> np.ndarray:
     return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+
+
+def site_feature_stats(
+    cfg: RunConfig | Mapping[str, Any], msg: Message, data: SiteData
+) -> ArrayRecord:
+    """The received model's LDA statistics on the train split (common/headfit.py)."""
+    run = run_config_of(cfg)
+    model, _ = model_for(run, len(data.classes), msg.content.array_records["arrays"])
+    model.to(pick_device())
+    stats = feature_stats(
+        model, site_images(data, "train"), data.labels["train"], len(data.classes)
+    )
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
 
 
 def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[str, Any]:

@@ -50,6 +50,7 @@ CLASS_PRIORS = ("federation", "site")  # whose class counts the loss uses (commo
 LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
 PERSONALIZE = ("", "fedbn", "finetune", "ditto")  # common/personal.py
+HEAD_CALIBRATIONS = ("none", "lda")  # common/headfit.py
 
 FLAMBY_PROXIMAL_MU = 0.001  # FedProx's mu in FLamby's benchmarks (the packaged default)
 DEFAULTS_FILE = "defaults.toml"  # package data of ``common``
@@ -113,6 +114,7 @@ class RunConfig:
     proximal_mu: float = _rule(ge=0)
     personalize: str = _rule(choices=PERSONALIZE)
     finetune_steps: int = _rule(ge=1)
+    head_calibration: str = _rule(choices=HEAD_CALIBRATIONS)
     ditto_lambda: float = _rule(ge=0)
     server_lr: float = _rule(gt=0)
     server_momentum: float = _rule(ge=0, lt=1)
@@ -160,6 +162,16 @@ class RunConfig:
             raise ConfigError(
                 f"strategy=fedprox needs proximal-mu > 0 (FLamby uses {FLAMBY_PROXIMAL_MU}); "
                 f"got proximal-mu={self.proximal_mu!r}"
+            )
+        if self.head_calibration != "none" and self.private:
+            raise ConfigError(
+                f"head-calibration={self.head_calibration}: the sites' feature statistics are "
+                "not covered by DP; use head-calibration='none' with dp or central-dp"
+            )
+        if self.head_calibration != "none" and self.personalize in ("fedbn", "ditto"):
+            raise ConfigError(
+                f"head-calibration={self.head_calibration} refits the global model's head, "
+                f"which personalize={self.personalize} does not score; use one or the other"
             )
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ConfigError(

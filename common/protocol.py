@@ -23,3 +23,7 @@ TRAIN_KEYS_DP = frozenset(
     (TRAIN_KEYS - {"train_loss", "train_accuracy"})
     | {"epsilon", "delta", "noise_multiplier", "dp-budget-exhausted"}
 )
+
+# The query action that asks a site for its feature statistics (common/headfit.py): the
+# message type is "query.feature_stats".
+FEATURE_STATS = "feature_stats"

@@ -41,8 +41,9 @@ log = logging.getLogger("fedskin")
 # from common/data/site_data.py.
 IDENTITY_KEYS = ("partition-id", "num-partitions")
 DP_KEYS = ("dp", "target-epsilon", "target-delta", "noise-multiplier", "max-grad-norm")
-# Whether the site tells the server its training class counts (class-prior = "federation").
-DISCLOSURE_KEYS = ("class-prior",)
+# Whether the site tells the server its training class counts (class-prior = "federation")
+# and its feature statistics (head-calibration = "lda"; common/headfit.py).
+DISCLOSURE_KEYS = ("class-prior", "head-calibration")
 SITE_KEYS = frozenset((*DATA_KEYS, *MANIFEST_KEYS, *IDENTITY_KEYS, *DP_KEYS, *DISCLOSURE_KEYS))
 # Folders and files at the site: a deployed site names them itself, in its node config.
 PATH_KEYS = ("data-path", "manifest", "cache-dir", "state-dir")

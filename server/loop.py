@@ -33,6 +33,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.config import RunConfig, run_config_of
 from common.fedmetrics import pooled_confusion, pooled_metrics
+from common.headfit import lda_head, stats_error
+from common.protocol import FEATURE_STATS
 from common.rundir import (
     RunDir,
     atomic_write_json,
@@ -316,7 +318,8 @@ class Federation:
                 seen = self.received.setdefault(reply.metadata.message_type, {})
                 for name, record in reply.content.items():
                     if isinstance(record, ArrayRecord):
-                        seen[name] = f"ArrayRecord: model weights ({len(record)} packed arrays)"
+                        what = "feature statistics" if name == "stats" else "model weights"
+                        seen[name] = f"ArrayRecord: {what} ({len(record)} arrays)"
                     else:
                         seen[name] = sorted(set(seen.get(name, [])) | set(record.keys()))
         return replies, missing
@@ -439,10 +442,12 @@ class Federation:
         num_rounds: int,
         resume: bool,
         statistics: frozenset[str] = frozenset(),
+        head: tuple[str, str] = ("", ""),
     ) -> dict:
         """The rounds, then the test of the best round's model. ``statistics`` names the
         model's normalisation statistics (BatchNorm buffers), which a server optimizer
-        must not move (server/strategies.py: statistics_averaged_plainly)."""
+        must not move (server/strategies.py: statistics_averaged_plainly); ``head`` the
+        classifier's weight and bias, which ``head-calibration`` refits before the test."""
         self.statistics = statistics
         state, arrays = self._start(initial, resume)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
@@ -480,8 +485,13 @@ class Federation:
             self._write_network()
             self._print_round(record)
         best = self._load_arrays("best") if state.best_round else arrays
+        calibration = None
+        if self.run_config.head_calibration == "lda" and state.rounds:
+            best, calibration = self._calibrate_head(best, head, state, strategy)
         test = self._evaluate(best, "test", state.round + 1, state.best_round or state.round)
         test["best_round"] = state.best_round
+        if calibration is not None:
+            test["head_calibration"] = calibration
         if self.discovery_rejected:
             test["rejected-at-discovery"] = dict(self.discovery_rejected)
         if state.stopped:
@@ -722,6 +732,71 @@ class Federation:
         ]
         out["mean_site_balanced_accuracy"] = float(np.mean(baccs)) if baccs else float("nan")
         return out
+
+    # ------------------------------------------------------------------ head calibration
+    def _calibrate_head(
+        self, arrays: ArrayRecord, head: tuple[str, str], state: LoopState, strategy: Any
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        """``head-calibration = "lda"``: the best model's classifier refitted from every
+        site's feature statistics (common/headfit.py), kept (and saved as the best
+        checkpoint) only if it scores higher on validation, as rounds are chosen."""
+        weight_key, bias_key = head
+        by_node = {s.node_id: s for s in self.ordered_sites()}
+        kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
+        config = ConfigRecord({"run-tag": state.run_tag})
+        wire = pack(arrays)
+        messages = [
+            Message(RecordDict({"arrays": wire, "config": config}), n, kind) for n in by_node
+        ]
+        replies, missing = self._exchange(messages, "head calibration")
+        wording = _Wording(
+            "head calibration",
+            failed="%s: site %s sent no feature statistics: %s",
+            rejected="%s: statistics from site %s rejected: %s",
+            silent="%s: site %s did not reply in time",
+        )
+        problems = _Problems(wording, self.timeout)
+        problems.missing(missing, by_node)
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        k, dim = np.asarray(arrays[weight_key].numpy()).shape
+
+        def take(site: SiteInfo, reply: Message) -> str | None:
+            if "stats" not in reply.content.array_records:
+                return "no 'stats' ArrayRecord"
+            got = {
+                n: np.asarray(a.numpy()) for n, a in reply.content.array_records["stats"].items()
+            }
+            if why := stats_error(got, k, dim, site.n_train):
+                return why
+            stats[site.site] = got
+            return None
+
+        problems.collect(sorted(replies.items(), key=lambda kv: by_node[kv[0]].site), by_node, take)
+        out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
+        out |= {"failures": problems.failures, "rejected": problems.rejected}
+        if not stats:
+            log.warning("head calibration: no site sent usable statistics; head kept")
+            return arrays, out
+        weight, bias = lda_head([stats[name] for name in sorted(stats)])
+        refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
+        refit[weight_key] = weight.astype(refit[weight_key].dtype)
+        refit[bias_key] = bias.astype(refit[bias_key].dtype)
+        candidate = ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in refit.items()})
+        scored = self._evaluate(candidate, "validation", state.round + 1)
+        after = scored["global"].get("balanced_accuracy", float("nan"))
+        out |= {"validation_before": state.best_score, "validation_after": after}
+        out["kept"] = bool(after > state.best_score)  # NaN never wins
+        log.info(
+            "head calibration (LDA from %d sites): validation balanced accuracy %.3f -> %.3f, %s",
+            len(stats),
+            state.best_score,
+            after,
+            "refitted head kept" if out["kept"] else "previous head kept",
+        )
+        if not out["kept"]:
+            return arrays, out
+        self._save("best", candidate, state, strategy)
+        return candidate, out
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:

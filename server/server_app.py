@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, RunConfig, run_config_of
 from common.data.schema import DataError
 from common.data.site_data import classes_for
+from common.headfit import classifier_keys
 from common.models import get_weights, model_for_run
 from common.personal import personalize_mode
 from common.rundir import resume_checkpoint, run_dir_for
@@ -74,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         run.num_server_rounds,
         resume=run.resume,
         statistics=statistics_of(model),
+        head=classifier_keys(model) if run.head_calibration != "none" else ("", ""),
     )
     test = result["test"]
     log.info(

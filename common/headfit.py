@@ -1,0 +1,114 @@
+"""A federated model's classifier refitted from the sites' feature statistics (LDA).
+
+Why: on real HAM10000 sources, classes live at different sites (akiec and bcc almost only
+at one), and FedAvg's shared classifier drifts toward each site's own classes during local
+steps: the averaged features are good, the averaged head is not (docs/results.md). Linear
+discriminant analysis needs only sums over the images, so the sites can send them and the
+server solves for the head in closed form, as if it had all the features at once (the idea
+of CCVR, Luo et al. 2021, and Fed3R, Fanì et al. 2024, in its simplest exact form).
+
+What a site sends: its training images per class, the per-class sums of the penultimate
+features and the sum of their outer products (a D×D matrix; D = 368 for regnetx_002).
+That is more than FedAvg's updates disclose (class means of features), so it is never sent
+under DP and a site can refuse it in its node config (common/siteconfig.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.augment import to_float
+
+STATS = ("counts", "sums", "moment")
+# Shrinkage of the pooled within-class covariance toward its mean variance (Ledoit-Wolf
+# style): keeps the solve stable when a class has few images.
+SHRINKAGE = 0.1
+
+
+@torch.no_grad()
+def penultimate(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The features the classifier sees (timm's ``pre_logits``), in eval mode, float64."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start : start + batch_size].to(device))
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True).double().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, model.num_features), dtype=torch.float64)
+
+
+def feature_stats(
+    model: nn.Module, images: torch.Tensor, labels: np.ndarray, num_classes: int
+) -> dict[str, np.ndarray]:
+    """One site's sufficient statistics for LDA: counts (K,), sums (K, D), moment (D, D)."""
+    x = penultimate(model, images).numpy()
+    y = np.asarray(labels, dtype=np.int64)
+    sums = np.zeros((num_classes, x.shape[1]))
+    np.add.at(sums, y, x)
+    return {
+        "counts": np.bincount(y, minlength=num_classes).astype(np.float64),
+        "sums": sums,
+        "moment": x.T @ x,
+    }
+
+
+def stats_error(stats: Mapping[str, np.ndarray], num_classes: int, dim: int, n: int) -> str:
+    """Why a site's statistics cannot be used ("" when they can): shapes, finiteness, and
+    counts that add up to the training images the site declared at discovery."""
+    shapes = {"counts": (num_classes,), "sums": (num_classes, dim), "moment": (dim, dim)}
+    for key, shape in shapes.items():
+        if key not in stats:
+            return f"no {key!r} array"
+        a = np.asarray(stats[key])
+        if a.shape != shape:
+            return f"{key!r} has shape {a.shape}, expected {shape}"
+        if not np.isfinite(a).all():
+            return f"{key!r} is not finite"
+    counts = np.asarray(stats["counts"])
+    if (counts < 0).any() or counts.sum() != n or (counts != np.round(counts)).any():
+        return f"counts {counts.tolist()} are not {n} training images"
+    moment = np.asarray(stats["moment"])
+    if not np.allclose(moment, moment.T, rtol=1e-6, atol=1e-6) or (np.diag(moment) < 0).any():
+        return "'moment' is not a symmetric matrix with a non-negative diagonal"
+    return ""
+
+
+def lda_head(
+    stats: Sequence[Mapping[str, np.ndarray]], shrinkage: float = SHRINKAGE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The LDA classifier (weight K×D, bias K) of the summed statistics, with equal class
+    priors (balanced accuracy is the target). A class no site has keeps a bias far below
+    every other, so it is never predicted."""
+    counts = sum(np.asarray(s["counts"]) for s in stats)
+    sums = sum(np.asarray(s["sums"]) for s in stats)
+    moment = sum(np.asarray(s["moment"]) for s in stats)
+    present = counts > 0
+    n_classes = int(present.sum())
+    if counts.sum() - n_classes < 1:
+        raise ValueError("too few images for a covariance: need more than one per class")
+    means = np.where(present[:, None], sums / np.maximum(counts, 1)[:, None], 0.0)
+    scatter = moment - (means.T * counts) @ means  # sum of (x - mean_y)(x - mean_y)^T
+    cov = scatter / (counts.sum() - n_classes)
+    dim = cov.shape[0]
+    target = np.trace(cov) / dim * np.eye(dim)
+    cov = (1 - shrinkage) * cov + shrinkage * target + 1e-9 * np.eye(dim)
+    weight = np.linalg.solve(cov, means.T).T
+    bias = -0.5 * np.einsum("kd,kd->k", weight, means)
+    bias[~present] = bias[present].min() - 1e6
+    weight[~present] = 0.0
+    return weight, bias
+
+
+def classifier_keys(model: nn.Module) -> tuple[str, str]:
+    """The state-dict names of the classifier's weight and bias (timm's ``classifier``)."""
+    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    head = model.get_classifier()
+    if not name or not isinstance(head, nn.Linear) or head.bias is None:
+        raise ValueError(f"{type(model).__name__}: no linear classifier with a bias to refit")
+    return f"{name}.weight", f"{name}.bias"
