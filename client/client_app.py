@@ -151,10 +151,9 @@ def feature_stats(msg: Message, context: Context) -> Message:
     under DP and when the site's own node config says ``head-calibration = "none"``."""
     from client.task import site_feature_stats
 
-    run, _ = _config(context, msg)
-    if run.private or run.head_calibration == "none":
-        why = "DP is on" if run.private else "its head-calibration is 'none'"
-        raise SiteConfigError(f"site refuses to send feature statistics: {why}")
+    run, _ = _config(context, msg)  # with DP on, RunConfig already refuses head-calibration
+    if run.head_calibration == "none":
+        raise SiteConfigError("site refuses to send feature statistics: head-calibration='none'")
     data = load_site(run, context.node_config)
     stats = site_feature_stats(run, msg, data)
     content = RecordDict({"stats": stats, "site": ConfigRecord({"site": data.site})})

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client import client_app
 from client.client_app import TRAIN_KEYS, TRAIN_KEYS_DP
+from common.config import ConfigError
 from common.models import model_for_run
 from common.siteconfig import (
     SiteConfigError,
@@ -403,3 +404,24 @@ def test_sites_train_with_the_federations_counts_only_when_asked(sites) -> None:
     assert train_config(fed, plain).class_counts is None
     with pytest.raises(ValueError, match="class-counts=.* is not a list of integers"):
         train_config(fed, message(MessageType.TRAIN, {"class-counts": [0.5, 2.0]}))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_feature_statistics_only_where_the_site_allows_them(sites) -> None:
+    """head-calibration = lda: the site sends its training counts, per-class feature sums and
+    second moment (common/headfit.py); never under DP, never when its own node config says
+    head-calibration = 'none', whatever the run config asks."""
+    run = run_config(**{"head-calibration": "lda"})
+    sent = {"run-tag": "run1", "head-calibration": "lda"}
+    msg = message("query.feature_stats", sent, global_model(run))
+    reply = client_app.feature_stats(msg, context(node_config(sites, "hospital-a", None), run))
+    stats = {k: v.numpy() for k, v in reply.content.array_records["stats"].items()}
+    n_train = int((sites["hospital-a"]["rows"]["split"] == "train").sum())
+    assert stats["counts"].sum() == n_train and stats["sums"].shape[0] == 7
+    assert stats["moment"].shape == (stats["sums"].shape[1],) * 2
+    refusing = node_config(sites, "hospital-a", None, **{"head-calibration": "none"})
+    with pytest.raises(SiteConfigError, match="head-calibration='none'"):
+        client_app.feature_stats(msg, context(refusing, run))
+    private = node_config(sites, "hospital-a", None, dp=True)
+    with pytest.raises(ConfigError, match="not covered by DP"):
+        client_app.feature_stats(msg, context(private, run))
