@@ -178,7 +178,13 @@ def compare(
     ditto: FedAvg with ``personalize=<method>``, scored by the sites' personalised models).
     """
     from common.personal import PERSONALIZE
-    from simulations.runner import parse_overrides, prepare_data, resolve_config, simulate
+    from simulations.runner import (
+        parse_overrides,
+        prepare_data,
+        resolve_config,
+        resolve_run_config,
+        simulate,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     base = parse_overrides(overrides)
@@ -191,8 +197,12 @@ def compare(
     for method in methods:
         if method in PERSONALIZE[1:]:
             run, label = {**base, "strategy": "fedavg", "personalize": method}, method
+            if method in ("fedbn", "ditto"):  # scored with personal models: no global head
+                run["head-calibration"] = "none"
         else:  # a personalize= given in --run-config applies, and shows in the label
             run, label = {**base, "strategy": method}, "+".join(filter(None, [method, personal]))
+            if resolve_run_config(config, run).head_calibration == "lda":
+                label += "+lda"  # the row's model has the refitted head (common/headfit.py)
         t0 = time.time()
         reuse = method == "finetune" and "fedavg" in methods and not personal
         reuse = reuse and _reuse_fedavg(out / "fedavg", out / method)

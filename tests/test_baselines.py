@@ -96,3 +96,21 @@ def test_compare_finetune_reuses_the_fedavg_rounds(tmp_path):
     fed_sites = {s: m["balanced_accuracy"] for s, m in fed["test"]["sites"].items()}
     ft_sites = {s: m["balanced_accuracy"] for s, m in ft["test"]["sites"].items()}
     assert sorted(ft_sites) == SITES and ft_sites != fed_sites  # fine-tuned at the test
+
+
+@pytest.mark.usefixtures("shared_ray")
+def test_compare_labels_the_refitted_head_and_leaves_personal_methods_without_it(tmp_path):
+    """With head-calibration = lda the FedAvg row says so ("fedavg+lda") and its test used
+    the refit; FedBN, scored with the sites' own normalisation layers, runs without it
+    (the config refuses the pair) instead of failing the comparison."""
+    import json
+
+    overrides = (
+        "builtin-images=300 image-size=16 num-server-rounds=2 local-steps=2 head-calibration='lda'"
+    )
+    table = compare(None, overrides, ["fedavg", "fedbn"], tmp_path, local=False)
+    assert list(table["method"]) == ["pooled", "fedavg+lda", "fedbn"]
+    fed = json.loads((tmp_path / "fedavg" / "metrics.json").read_text())
+    assert fed["test"]["head_calibration"]["sites"] == SITES
+    fedbn = json.loads((tmp_path / "fedbn" / "metrics.json").read_text())
+    assert fedbn["config"]["head-calibration"] == "none" and "head_calibration" not in fedbn["test"]
