@@ -186,6 +186,7 @@ def markdown_report(
         "",
         f"Best round by pooled validation balanced accuracy: {test.get('best_round')}.",
         "",
+        *_head_lines(test.get("head_calibration")),
         "## Test (best round)",
         "",
         "| site | n | balanced accuracy | accuracy | AUROC | AUROC mel |",
@@ -215,3 +216,18 @@ def markdown_report(
         lines += ["## Privacy", "", "| site | cumulative ε |", "|---|---|"]
         lines += [f"| {c[8:-1]} | {_fmt(float(last[c]))} |" for c in eps_cols]
     return "\n".join(lines) + "\n"
+
+
+def _head_lines(cal: dict[str, Any] | None) -> list[str]:
+    """What ``head-calibration`` did to the best model, in one sentence (none: no lines)."""
+    if not cal:
+        return []
+    if not cal.get("sites"):
+        return ["Head calibration (LDA): no site sent usable statistics; head kept.", ""]
+    verdict = "the refitted head is tested" if cal.get("kept") else "the trained head is kept"
+    return [
+        f"Head calibration (LDA from the feature statistics of {', '.join(cal['sites'])}): "
+        f"validation balanced accuracy {_fmt(cal.get('validation_before'))} -> "
+        f"{_fmt(cal.get('validation_after'))}; {verdict}.",
+        "",
+    ]

@@ -124,3 +124,5 @@ def test_simulation_refits_the_head_from_every_site(tmp_path: Path) -> None:
     best, last = (load_checkpoint(ck / f"{n}.pt")["arrays"] for n in ("best", "last"))
     assert not torch.equal(best[weight_key], last[weight_key])
     assert best[bias_key].shape == (7,)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Head calibration (LDA from the feature statistics of rosendahl," in report
