@@ -80,13 +80,17 @@ def cell_overrides(
 ) -> dict[str, Any]:
     """The cell's run config on top of the sweep's ``--run-config``.
 
-    Sample level: Opacus at every site, noise calibrated to ``target-epsilon``. Site level:
+    No cell refits the head (``head-calibration = "none"``; see below). Sample level:
+    Opacus at every site, noise calibrated to ``target-epsilon``. Site level:
     Flower's wrapper (``central-dp``, client-side clipping unless the base config names
     another fixed-clipping variant), noise calibrated to ``central-epsilon``.
     """
     asked = RunConfig.from_flat(base)  # the sweep's own settings, typed
     cell = dict(base)
     cell.update(strategy=strategy, seed=int(seed), dp=level == "sample" and epsilon is not None)
+    # Every point of the curve keeps the trained head: the LDA refit (head-calibration) needs
+    # feature statistics that DP does not cover, so the no-DP point must go without it too.
+    cell["head-calibration"] = "none"
     if epsilon is not None and level == "sample":
         # calibrate to the target, never a fixed sigma
         cell.update({"target-epsilon": float(epsilon), "noise-multiplier": 0.0})
