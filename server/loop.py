@@ -777,7 +777,13 @@ class Federation:
         if not stats:
             log.warning("head calibration: no site sent usable statistics; head kept")
             return arrays, out
-        weight, bias = lda_head([stats[name] for name in sorted(stats)])
+        try:  # statistics that passed the checks can still be degenerate (or crafted)
+            weight, bias = lda_head([stats[name] for name in sorted(stats)])
+            if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+                raise ValueError("the solved head is not finite")
+        except (ValueError, np.linalg.LinAlgError) as err:
+            log.error("head calibration failed (%s); head kept", err)
+            return arrays, out | {"error": str(err)}
         refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
         refit[weight_key] = weight.astype(refit[weight_key].dtype)
         refit[bias_key] = bias.astype(refit[bias_key].dtype)

@@ -126,3 +126,11 @@ def test_simulation_refits_the_head_from_every_site(tmp_path: Path) -> None:
     assert best[bias_key].shape == (7,)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Head calibration (LDA from the feature statistics of rosendahl," in report
+
+
+def test_degenerate_statistics_fail_with_a_reason() -> None:
+    """One image per class leaves no within-class scatter: a ValueError the server logs
+    (server/loop.py keeps the trained head), never a crash mid-run."""
+    stats = {"counts": np.ones(2), "sums": np.eye(2), "moment": np.eye(2)}
+    with pytest.raises(ValueError, match="too few images"):
+        lda_head([stats])
