@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -212,6 +213,44 @@ def _numpy(v: Any) -> np.ndarray:
     return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
 
 
+def finetune_at_site(run: RunConfig, model: torch.nn.Module, data: SiteData, server_round: int):
+    """FLamby's fine-tuning on the site's train split (``finetune-steps`` at ``finetune-lr``).
+    With ``finetune-select`` the site keeps the fine-tuned model only if it scores higher on
+    its own validation split: fine-tuning a small site (33 test images) can lose what the
+    federation learned (docs/results.md), and the site can tell from its own data."""
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = evaluate_site(model, data, "validation") if run.finetune_select else None
+    cfg = TrainConfig.from_run(run)
+    if run.finetune_lr > 0:
+        cfg = replace(cfg, lr=run.finetune_lr)
+    finetune(
+        model,
+        site_images(data, "train"),
+        torch.from_numpy(data.labels["train"]),
+        cfg,
+        run.finetune_steps,
+        num_classes=len(data.classes),
+        device=pick_device(),
+        seed=site_seed(run, data.site, server_round),
+    )
+    if before is None:
+        return
+    try:
+        after = evaluate_site(model, data, "validation")
+    except ValueError:  # fine-tuning diverged (non-finite scores): the received model stays
+        after = {"balanced_accuracy": float("nan")}
+    better = after["balanced_accuracy"] > before["balanced_accuracy"]  # NaN never wins
+    log.info(
+        "site %s: fine-tuning %s (validation balanced accuracy %.3f -> %.3f)",
+        data.site,
+        "kept" if better else "dropped",
+        before["balanced_accuracy"],
+        after["balanced_accuracy"],
+    )
+    if not better:
+        model.load_state_dict(received)
+
+
 def site_feature_stats(
     cfg: RunConfig | Mapping[str, Any], msg: Message, data: SiteData
 ) -> ArrayRecord:
@@ -265,14 +304,5 @@ def evaluate_received(
         if kept:
             set_weights(model, overwrite(received, kept))
     elif mode == "finetune" and split == "test":
-        finetune(
-            model,
-            site_images(data, "train"),
-            torch.from_numpy(data.labels["train"]),
-            TrainConfig.from_run(run),
-            run.finetune_steps,
-            num_classes=len(data.classes),
-            device=pick_device(),
-            seed=site_seed(run, data.site, asks.server_round),
-        )
+        finetune_at_site(run, model, data, asks.server_round)
     return evaluate_site(model, data, split)

@@ -114,6 +114,8 @@ class RunConfig:
     proximal_mu: float = _rule(ge=0)
     personalize: str = _rule(choices=PERSONALIZE)
     finetune_steps: int = _rule(ge=1)
+    finetune_lr: float = _rule(ge=0)  # 0: the run's lr
+    finetune_select: bool = _rule()
     head_calibration: str = _rule(choices=HEAD_CALIBRATIONS)
     ditto_lambda: float = _rule(ge=0)
     server_lr: float = _rule(gt=0)

@@ -145,6 +145,49 @@ def test_finetune_changes_the_test_scores_only():
     assert evaluate_received(cfg, msg, data, "test") == evaluate_received(cfg, msg, data, "test")
 
 
+def _finetuned(**keys) -> tuple[dict, dict]:
+    """The received weights and those a site tests with after ``finetune_at_site``. The
+    site's validation labels are the received model's own predictions: it scores 1.0 there,
+    so no fine-tuning can improve on it, whatever the CPU's arithmetic."""
+    from client.task import finetune_at_site
+    from common.config import run_config_of
+    from common.train import predict
+
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", 7)
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    site = _site("a", 0)
+    site.labels["validation"] = predict(model, torch.from_numpy(site.images["validation"])).argmax(
+        1
+    )
+    run = run_config_of(_cfg(personalize="finetune", **{"finetune-steps": 5, **keys}))
+    finetune_at_site(run, model, site, 3)
+    return received, model.state_dict()
+
+
+def _moved(before: dict, after: dict) -> float:
+    """The largest change of a weight (BatchNorm's running statistics move at any rate)."""
+    weights = [k for k in before if before[k].is_floating_point() and "running" not in k]
+    return max(float((after[k] - before[k]).abs().max()) for k in weights)
+
+
+def test_finetune_lr_sets_the_fine_tuning_rate():
+    """finetune-lr (0: the run's lr) is the rate of the site's fine-tuning steps."""
+    tiny = _moved(*_finetuned(**{"finetune-lr": 1e-9}))
+    usual = _moved(*_finetuned())
+    assert tiny < 1e-5 < usual
+
+
+def test_finetune_select_keeps_the_received_model_when_validation_does_not_improve():
+    """With finetune-select a site drops a fine-tuning that does not beat the received model
+    on its validation split (here none can), and keeps it without; a rate of 50 makes sure
+    the weights did move."""
+    received, kept = _finetuned(**{"finetune-lr": 50.0, "finetune-select": True})
+    assert _moved(received, kept) == 0.0
+    received, wrecked = _finetuned(**{"finetune-lr": 50.0})
+    assert _moved(received, wrecked) > 1.0
+
+
 def test_personalize_values_and_dp_refusal():
     assert personalize_mode({"personalize": ""}) == ""
     assert personalize_mode({"personalize": "fedbn", "dp": True}) == "fedbn"
