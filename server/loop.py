@@ -741,6 +741,9 @@ class Federation:
         site's feature statistics (common/headfit.py), kept (and saved as the best
         checkpoint) only if it scores higher on validation, as rounds are chosen."""
         weight_key, bias_key = head
+        if weight_key not in arrays or bias_key not in arrays:
+            log.error("head calibration: no classifier %r in the model; head kept", weight_key)
+            return arrays, {"method": "lda", "sites": [], "kept": False, "error": "no classifier"}
         by_node = {s.node_id: s for s in self.ordered_sites()}
         kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
         config = ConfigRecord({"run-tag": state.run_tag})
