@@ -218,8 +218,10 @@ def finetune_at_site(run: RunConfig, model: torch.nn.Module, data: SiteData, ser
     With ``finetune-select`` the site keeps the fine-tuned model only if it scores higher on
     its own validation split: fine-tuning a small site (33 test images) can lose what the
     federation learned (docs/results.md), and the site can tell from its own data."""
-    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    before = evaluate_site(model, data, "validation") if run.finetune_select else None
+    received, before = None, None
+    if run.finetune_select:  # what the site falls back on, and the score to beat
+        received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        before = evaluate_site(model, data, "validation")
     cfg = TrainConfig.from_run(run)
     if run.finetune_lr > 0:
         cfg = replace(cfg, lr=run.finetune_lr)
@@ -233,7 +235,7 @@ def finetune_at_site(run: RunConfig, model: torch.nn.Module, data: SiteData, ser
         device=pick_device(),
         seed=site_seed(run, data.site, server_round),
     )
-    if before is None:
+    if received is None or before is None:
         return
     try:
         after = evaluate_site(model, data, "validation")

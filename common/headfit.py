@@ -23,7 +23,6 @@ from torch import nn
 
 from common.augment import to_float
 
-STATS = ("counts", "sums", "moment")
 # Shrinkage of the pooled within-class covariance toward its mean variance (Ledoit-Wolf
 # style): keeps the solve stable when a class has few images.
 SHRINKAGE = 0.1
