@@ -15,6 +15,7 @@ under DP and a site can refuse it in its node config (common/siteconfig.py).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -111,3 +112,21 @@ def classifier_keys(model: nn.Module) -> tuple[str, str]:
     if not name or not isinstance(head, nn.Linear) or head.bias is None:
         raise ValueError(f"{type(model).__name__}: no linear classifier with a bias to refit")
     return f"{name}.weight", f"{name}.bias"
+
+
+def with_lda_head(
+    model: nn.Module, images: torch.Tensor, labels: np.ndarray, num_classes: int
+) -> nn.Module:
+    """A copy of ``model`` whose classifier is the LDA head of these images' features: the
+    refit a baseline trained on one machine gets, so that it is compared with the
+    federation's refitted model on equal terms. Raises ValueError when the images cannot
+    give a covariance (the caller keeps its head)."""
+    weight, bias = lda_head([feature_stats(model, images, labels, num_classes)])
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise ValueError("the solved head is not finite")
+    refit = copy.deepcopy(model)
+    head = refit.get_classifier()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    return refit

@@ -4,7 +4,10 @@ Baselines use the same data path (`load_site`), the same local training (`train_
 the same metrics as the federated clients, so a difference in the table is the federation's,
 not the code's. Budget: each baseline model trains as a site does over a whole federated
 run (rounds × local epochs, or rounds × local steps), and keeps its best round on
-validation, as the federation keeps its best round.
+validation, as the federation keeps its best round. With ``head-calibration = "lda"`` a
+baseline's best model gets the same classifier refit as the federation's (from its own
+training images' features), kept only if validation improves, so the refit is not what
+separates the rows.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from rich.table import Table
 from common.config import RunConfig, run_config_of
 from common.data.partition import read_manifest
 from common.data.site_data import SiteData, load_site, site_names
+from common.headfit import classifier_keys, with_lda_head
 from common.metrics import compute_metrics
 from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
@@ -86,7 +90,34 @@ def _fit(cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str) -> 
         if score > best_score:  # NaN (no scorable class) never wins
             best, best_score = copy.deepcopy(model.state_dict()), score
     model.load_state_dict(best)
+    if run.head_calibration == "lda":
+        return _refit_head(model, (x, y), (vx, vy), best_score, classes, label)
     return model
+
+
+def _refit_head(
+    model: torch.nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    before: float,
+    classes,
+    label: str,
+) -> torch.nn.Module:
+    """The federation's head refit (common/headfit.py) on the baseline's own training
+    images, kept only if it scores higher on validation, as the server keeps it."""
+    try:
+        classifier_keys(model)
+        refit = with_lda_head(model, torch.from_numpy(train[0]), train[1], len(classes))
+    except ValueError as err:
+        console.print(f"  {label}: head refit (LDA) not possible ({err}); head kept")
+        return model
+    after = _score(refit, *validation, classes) if len(validation[1]) else float("nan")
+    kept = after > before  # NaN never wins
+    console.print(
+        f"  {label}: head refit (LDA), validation balanced accuracy {before:.3f} -> "
+        f"{after:.3f}, {'refitted head kept' if kept else 'previous head kept'}"
+    )
+    return refit if kept else model
 
 
 def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, float]:
@@ -112,12 +143,12 @@ def run_baselines(cfg: RunConfig | dict[str, Any], local: bool = True) -> pd.Dat
     """Rows: pooled, and one local model per site; columns: per-site test bacc, the mean over
     sites, the pooled test and the seconds it took."""
     sites = load_all_sites(cfg)
-    rows = [{"method": "pooled", **_baseline_row(cfg, sites, sites, "pooled baseline")}]
+    lda = "+lda" if run_config_of(cfg).head_calibration == "lda" else ""
+    rows = [{"method": f"pooled{lda}", **_baseline_row(cfg, sites, sites, "pooled baseline")}]
     if local:
         for s in sites:
-            rows.append(
-                {"method": f"local ({s.site})", **_baseline_row(cfg, [s], sites, f"local {s.site}")}
-            )
+            row = _baseline_row(cfg, [s], sites, f"local {s.site}")
+            rows.append({"method": f"local{lda} ({s.site})", **row})
     return _with_mean(pd.DataFrame(rows))
 
 

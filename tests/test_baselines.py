@@ -78,6 +78,38 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch, capsys):
     assert "local: round 3/3" in out and "s to go" in out
 
 
+def test_baseline_head_refit_is_the_federations_and_kept_only_if_validation_improves(capsys):
+    """With head-calibration = lda a baseline gets the server's refit (LDA on its own
+    training features), kept only when validation improves; too few images keep the head."""
+    import numpy as np
+    import torch
+
+    from common.headfit import feature_stats, lda_head
+    from common.models import build_model
+    from simulations.baselines import _refit_head, load_all_sites
+
+    cfg = prepare_data(resolve_config(None, {"builtin-images": 300, "image-size": 16}))
+    sites = load_all_sites(cfg)
+    classes = sites[0].classes
+    x = np.concatenate([s.images["train"] for s in sites])
+    y = np.concatenate([s.labels["train"] for s in sites])
+    vx = np.concatenate([s.images["validation"] for s in sites])
+    vy = np.concatenate([s.labels["validation"] for s in sites])
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", len(classes))
+    kept = _refit_head(model, (x, y), (vx, vy), -1.0, classes, "pooled")
+    weight, bias = lda_head([feature_stats(model, torch.from_numpy(x), y, len(classes))])
+    head = kept.get_classifier()
+    assert kept is not model and np.allclose(head.weight.detach().numpy(), weight, atol=1e-5)
+    assert np.allclose(head.bias.detach().numpy(), bias, rtol=1e-5)
+    said = capsys.readouterr().out
+    assert "pooled: head refit (LDA), validation balanced accuracy -1.000 ->" in said
+    assert _refit_head(model, (x, y), (vx, vy), 2.0, classes, "pooled") is model  # no gain
+    assert "previous head kept" in capsys.readouterr().out
+    one = _refit_head(model, (x[:1], y[:1]), (vx, vy), -1.0, classes, "local a")
+    assert one is model and "not possible (too few images" in capsys.readouterr().out
+
+
 @pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_compare_finetune_reuses_the_fedavg_rounds(tmp_path):
     """finetune trains as FedAvg does: compare starts it from the FedAvg run (same rounds,
@@ -109,7 +141,7 @@ def test_compare_labels_the_refitted_head_and_leaves_personal_methods_without_it
         "builtin-images=300 image-size=16 num-server-rounds=2 local-steps=2 head-calibration='lda'"
     )
     table = compare(None, overrides, ["fedavg", "fedbn"], tmp_path, local=False)
-    assert list(table["method"]) == ["pooled", "fedavg+lda", "fedbn"]
+    assert list(table["method"]) == ["pooled+lda", "fedavg+lda", "fedbn"]
     fed = json.loads((tmp_path / "fedavg" / "metrics.json").read_text())
     assert fed["test"]["head_calibration"]["sites"] == SITES
     fedbn = json.loads((tmp_path / "fedbn" / "metrics.json").read_text())
