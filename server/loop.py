@@ -68,6 +68,20 @@ from server.strategies import (
 log = logging.getLogger("fedskin")
 
 
+def _with_head(
+    arrays: ArrayRecord, head: tuple[str, str], stats: list[Mapping[str, np.ndarray]]
+) -> ArrayRecord:
+    """``arrays`` with the classifier replaced by the LDA head of the summed statistics;
+    ValueError when that head is not finite."""
+    weight, bias = lda_head(stats)
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise ValueError("the solved head is not finite")
+    refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
+    for key, value in zip(head, (weight, bias), strict=True):
+        refit[key] = value.astype(refit[key].dtype)
+    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in refit.items()})
+
+
 @dataclass
 class SiteInfo:
     node_id: int
@@ -744,13 +758,42 @@ class Federation:
         if weight_key not in arrays or bias_key not in arrays:
             log.error("head calibration: no classifier %r in the model; head kept", weight_key)
             return arrays, {"method": "lda", "sites": [], "kept": False, "error": "no classifier"}
+        stats, problems = self._feature_stats(arrays, weight_key, state.run_tag)
+        out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
+        out |= {"failures": problems.failures, "rejected": problems.rejected}
+        if not stats:
+            log.warning("head calibration: no site sent usable statistics; head kept")
+            return arrays, out
+        try:  # statistics that passed the checks can still be degenerate (or crafted)
+            candidate = _with_head(arrays, head, [stats[name] for name in sorted(stats)])
+        except (ValueError, np.linalg.LinAlgError) as err:
+            log.error("head calibration failed (%s); head kept", err)
+            return arrays, out | {"error": str(err)}
+        scored = self._evaluate(candidate, "validation", state.round + 1)
+        after = scored["global"].get("balanced_accuracy", float("nan"))
+        out |= {"validation_before": state.best_score, "validation_after": after}
+        out["kept"] = bool(after > state.best_score)  # NaN never wins
+        log.info(
+            "head calibration (LDA from %d sites): validation balanced accuracy %.3f -> %.3f, %s",
+            len(stats),
+            state.best_score,
+            after,
+            "refitted head kept" if out["kept"] else "previous head kept",
+        )
+        if not out["kept"]:
+            return arrays, out
+        self._save("best", candidate, state, strategy)
+        return candidate, out
+
+    def _feature_stats(
+        self, arrays: ArrayRecord, weight_key: str, run_tag: str
+    ) -> tuple[dict[str, dict[str, np.ndarray]], _Problems]:
+        """Every site's feature statistics of this model (``query.feature_stats``), each
+        checked (shapes, finite, counts = its training images) before it is kept."""
         by_node = {s.node_id: s for s in self.ordered_sites()}
         kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
-        config = ConfigRecord({"run-tag": state.run_tag})
-        wire = pack(arrays)
-        messages = [
-            Message(RecordDict({"arrays": wire, "config": config}), n, kind) for n in by_node
-        ]
+        content = {"arrays": pack(arrays), "config": ConfigRecord({"run-tag": run_tag})}
+        messages = [Message(RecordDict(content), n, kind) for n in by_node]
         replies, missing = self._exchange(messages, "head calibration")
         wording = _Wording(
             "head calibration",
@@ -775,37 +818,7 @@ class Federation:
             return None
 
         problems.collect(sorted(replies.items(), key=lambda kv: by_node[kv[0]].site), by_node, take)
-        out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
-        out |= {"failures": problems.failures, "rejected": problems.rejected}
-        if not stats:
-            log.warning("head calibration: no site sent usable statistics; head kept")
-            return arrays, out
-        try:  # statistics that passed the checks can still be degenerate (or crafted)
-            weight, bias = lda_head([stats[name] for name in sorted(stats)])
-            if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-                raise ValueError("the solved head is not finite")
-        except (ValueError, np.linalg.LinAlgError) as err:
-            log.error("head calibration failed (%s); head kept", err)
-            return arrays, out | {"error": str(err)}
-        refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
-        refit[weight_key] = weight.astype(refit[weight_key].dtype)
-        refit[bias_key] = bias.astype(refit[bias_key].dtype)
-        candidate = ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in refit.items()})
-        scored = self._evaluate(candidate, "validation", state.round + 1)
-        after = scored["global"].get("balanced_accuracy", float("nan"))
-        out |= {"validation_before": state.best_score, "validation_after": after}
-        out["kept"] = bool(after > state.best_score)  # NaN never wins
-        log.info(
-            "head calibration (LDA from %d sites): validation balanced accuracy %.3f -> %.3f, %s",
-            len(stats),
-            state.best_score,
-            after,
-            "refitted head kept" if out["kept"] else "previous head kept",
-        )
-        if not out["kept"]:
-            return arrays, out
-        self._save("best", candidate, state, strategy)
-        return candidate, out
+        return stats, problems
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:
