@@ -84,7 +84,8 @@ def lda_head(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The LDA classifier (weight K×D, bias K) of the summed statistics, with equal class
     priors (balanced accuracy is the target). A class no site has keeps a bias far below
-    every other, so it is never predicted."""
+    every other, so it is never predicted. ValueError when the statistics give no finite
+    head (too few images, or degenerate ones)."""
     counts = sum(np.asarray(s["counts"]) for s in stats)
     sums = sum(np.asarray(s["sums"]) for s in stats)
     moment = sum(np.asarray(s["moment"]) for s in stats)
@@ -102,6 +103,8 @@ def lda_head(
     bias = -0.5 * np.einsum("kd,kd->k", weight, means)
     bias[~present] = bias[present].min() - 1e6
     weight[~present] = 0.0
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise ValueError("the solved head is not finite")
     return weight, bias
 
 
@@ -122,8 +125,6 @@ def with_lda_head(
     federation's refitted model on equal terms. Raises ValueError when the images cannot
     give a covariance (the caller keeps its head)."""
     weight, bias = lda_head([feature_stats(model, images, labels, num_classes)])
-    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-        raise ValueError("the solved head is not finite")
     refit = copy.deepcopy(model)
     head = refit.get_classifier()
     with torch.no_grad():

@@ -71,11 +71,9 @@ log = logging.getLogger("fedskin")
 def _with_head(
     arrays: ArrayRecord, head: tuple[str, str], stats: list[Mapping[str, np.ndarray]]
 ) -> ArrayRecord:
-    """``arrays`` with the classifier replaced by the LDA head of the summed statistics;
-    ValueError when that head is not finite."""
+    """``arrays`` with the classifier replaced by the LDA head of the summed statistics
+    (ValueError from :func:`lda_head` when there is none)."""
     weight, bias = lda_head(stats)
-    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-        raise ValueError("the solved head is not finite")
     refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
     for key, value in zip(head, (weight, bias), strict=True):
         refit[key] = value.astype(refit[key].dtype)

@@ -134,3 +134,12 @@ def test_degenerate_statistics_fail_with_a_reason() -> None:
     stats = {"counts": np.ones(2), "sums": np.eye(2), "moment": np.eye(2)}
     with pytest.raises(ValueError, match="too few images"):
         lda_head([stats])
+
+
+def test_overflowing_statistics_give_no_head() -> None:
+    """Statistics that pass the shape checks but overflow (a crafted or broken site) give a
+    ValueError naming why, which the server and the baselines turn into "head kept"."""
+    stats = {"counts": np.array([3.0, 3.0]), "sums": np.full((2, 2), 1e200), "moment": np.eye(2)}
+    stats["moment"] = stats["moment"] * 1e308
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="not finite"):
+        lda_head([stats])
