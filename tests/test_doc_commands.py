@@ -22,7 +22,8 @@ from simulations.runner import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PLACEHOLDER = re.compile(r"\[|\.\.\.|…|<")
+PLACEHOLDER = re.compile(r"\[|\.\.\.|…")  # an elided command, not text a user runs
+FILLED_IN = re.compile(r"<[^<>]*>")  # <sample>, <folder>: a value the user fills in
 
 
 def _fenced_commands(text: str) -> list[str]:
@@ -49,8 +50,8 @@ def doc_commands() -> list[tuple[str, str]]:
     for doc in DOCS:
         text = doc.read_text()
         for cmd in dict.fromkeys(_fenced_commands(text) + _inline_commands(text)):
-            if not PLACEHOLDER.search(cmd):
-                found.append((doc.name, cmd))
+            if not PLACEHOLDER.search(cmd):  # a <value> is checked with a word in its place
+                found.append((doc.name, FILLED_IN.sub("value", cmd)))
     return found
 
 
