@@ -235,7 +235,7 @@ def finetune_at_site(run: RunConfig, model: torch.nn.Module, data: SiteData, ser
         device=pick_device(),
         seed=site_seed(run, data.site, server_round),
     )
-    if received is None or before is None:
+    if not run.finetune_select:
         return
     try:
         after = evaluate_site(model, data, "validation")

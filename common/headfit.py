@@ -123,7 +123,8 @@ def with_lda_head(
     """A copy of ``model`` whose classifier is the LDA head of these images' features: the
     refit a baseline trained on one machine gets, so that it is compared with the
     federation's refitted model on equal terms. Raises ValueError when the images cannot
-    give a covariance (the caller keeps its head)."""
+    give a covariance or the model has no linear head (the caller keeps its head)."""
+    classifier_keys(model)  # a linear classifier with a bias, or ValueError
     weight, bias = lda_head([feature_stats(model, images, labels, num_classes)])
     refit = copy.deepcopy(model)
     head = refit.get_classifier()

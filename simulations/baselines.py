@@ -27,7 +27,7 @@ from rich.table import Table
 from common.config import RunConfig, run_config_of
 from common.data.partition import read_manifest
 from common.data.site_data import SiteData, load_site, site_names
-from common.headfit import classifier_keys, with_lda_head
+from common.headfit import with_lda_head
 from common.metrics import compute_metrics
 from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
@@ -106,7 +106,6 @@ def _refit_head(
     """The federation's head refit (common/headfit.py) on the baseline's own training
     images, kept only if it scores higher on validation, as the server keeps it."""
     try:
-        classifier_keys(model)
         refit = with_lda_head(model, torch.from_numpy(train[0]), train[1], len(classes))
     except ValueError as err:
         console.print(f"  {label}: head refit (LDA) not possible ({err}); head kept")
