@@ -148,16 +148,34 @@ def query(msg: Message, context: Context) -> Message:
 def feature_stats(msg: Message, context: Context) -> Message:
     """The received model's feature statistics on this site's training split, from which the
     server refits the classifier (``head-calibration = "lda"``, common/headfit.py). Refused
-    under DP and when the site's own node config says ``head-calibration = "none"``."""
+    when the site's own node config says ``head-calibration = "none"``. Under DP, released
+    once per run through the Gaussian mechanism on the budget the site's accountant set
+    aside for it (``dp-head-share``), recorded and saved before anything is sent."""
     from client.task import site_feature_stats
+    from common.headfit import SENSITIVITY
 
-    run, _ = _config(context, msg)  # with DP on, RunConfig already refuses head-calibration
+    run, asks = _config(context, msg)
     if run.head_calibration == "none":
         raise SiteConfigError("site refuses to send feature statistics: head-calibration='none'")
+    _refuse(require_run_dp, run, context.run_config)
+    _refuse(require_state_dir, run, context.node_config)
     data = load_site(run, context.node_config)
-    stats = site_feature_stats(run, msg, data)
-    content = RecordDict({"stats": stats, "site": ConfigRecord({"site": data.site})})
-    return Message(content, reply_to=msg)
+    meta, release = ConfigRecord({"site": data.site}), None
+    if run.dp:
+        session = _load_dp(run, asks, context, data.site, data.n("train"))
+
+        def release() -> float:  # spent and saved before anything leaves
+            try:
+                noise = session.release_head()
+            except ValueError as err:
+                why = f"site {data.site} refuses feature statistics: {err}"
+                raise SiteConfigError(why) from None
+            _save_dp(run, asks, context, data.site, session)
+            meta["noise-std"], meta["epsilon"] = noise * SENSITIVITY, session.epsilon()
+            return noise
+
+    stats = site_feature_stats(run, msg, data, release)
+    return Message(RecordDict({"stats": stats, "site": meta}), reply_to=msg)
 
 
 @app.train()

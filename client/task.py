@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from client.message import ServerAsks
 from common.config import RunConfig, run_config_of
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
-from common.headfit import feature_stats
+from common.headfit import feature_stats, private_stats
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
 from common.personal import ditto_step, finetune, norm_state, overwrite, personalize_mode
@@ -254,16 +254,42 @@ def finetune_at_site(run: RunConfig, model: torch.nn.Module, data: SiteData, ser
 
 
 def site_feature_stats(
-    cfg: RunConfig | Mapping[str, Any], msg: Message, data: SiteData
+    cfg: RunConfig | Mapping[str, Any],
+    msg: Message,
+    data: SiteData,
+    release: Callable[[], float] | None = None,
 ) -> ArrayRecord:
-    """The received model's LDA statistics on the train split (common/headfit.py)."""
+    """The received model's LDA statistics on the train split (common/headfit.py). Under
+    DP, ``release`` spends the budget kept for them and returns the noise multiplier: it is
+    called once the query is known to be well formed, and the statistics go through the
+    Gaussian mechanism in the projection the server sent (any projection: the site clips)."""
     run = run_config_of(cfg)
     model, _ = model_for(run, len(data.classes), msg.content.array_records["arrays"])
     model.to(pick_device())
-    stats = feature_stats(
-        model, site_images(data, "train"), data.labels["train"], len(data.classes)
-    )
+    images, labels = site_images(data, "train"), data.labels["train"]
+    if release is None:
+        stats = feature_stats(model, images, labels, len(data.classes))
+    else:
+        centre, projection = _projection_of(msg, model.num_features)
+        noise = release()
+        stats = private_stats(model, images, labels, len(data.classes), centre, projection, noise)
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
+
+
+def _projection_of(msg: Message, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centre (D,) and projection (D, d) of a DP query; ValueError naming what is wrong."""
+    if "projection" not in msg.content.array_records:
+        raise ValueError("a DP feature-statistics query needs a 'projection' ArrayRecord")
+    record = msg.content.array_records["projection"]
+    got = {k: np.asarray(record[k].numpy(), dtype=np.float64) for k in record.keys()}
+    centre, projection = got.get("centre"), got.get("projection")
+    if centre is None or projection is None or centre.shape != (dim,):
+        raise ValueError(f"the projection record needs 'centre' ({dim},) and 'projection'")
+    if projection.ndim != 2 or projection.shape[0] != dim or not 1 <= projection.shape[1] <= dim:
+        raise ValueError(f"'projection' has shape {projection.shape}, expected ({dim}, d<={dim})")
+    if not (np.isfinite(centre).all() and np.isfinite(projection).all()):
+        raise ValueError("the projection record is not finite")
+    return centre, projection
 
 
 def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[str, Any]:

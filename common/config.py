@@ -143,6 +143,8 @@ class RunConfig:
     max_grad_norm: float = _rule(gt=0)
     dp_physical_batch: int = _rule(ge=1)
     grad_sample_mode: str = _rule(choices=GRAD_SAMPLE_MODES)
+    dp_head_share: float = _rule(gt=0, lt=1)  # common/privacy.py: the head's part of the budget
+    dp_head_dims: int = _rule(ge=1)  # common/headfit.py: private_stats
     # site-level DP (Flower's wrappers)
     central_dp: str = _rule(choices=CENTRAL_DP)
     central_noise: float = _rule(ge=0)
@@ -165,10 +167,16 @@ class RunConfig:
                 f"strategy=fedprox needs proximal-mu > 0 (FLamby uses {FLAMBY_PROXIMAL_MU}); "
                 f"got proximal-mu={self.proximal_mu!r}"
             )
-        if self.head_calibration != "none" and self.private:
+        if self.head_calibration != "none" and self.central_dp:
             raise ConfigError(
                 f"head-calibration={self.head_calibration}: the sites' feature statistics are "
-                "not covered by DP; use head-calibration='none' with dp or central-dp"
+                "not covered by site-level DP; use head-calibration='none' with central-dp"
+            )
+        if self.head_calibration != "none" and self.dp and self.noise_multiplier > 0:
+            raise ConfigError(
+                f"head-calibration={self.head_calibration} with dp spends dp-head-share of "
+                "target-epsilon on the feature statistics: set noise-multiplier=0 (calibrate "
+                "to the budget)"
             )
         if self.head_calibration != "none" and self.personalize in ("fedbn", "ditto"):
             raise ConfigError(

@@ -63,6 +63,7 @@ class DPConfig:
     physical_batch: int = 64
     grad_sample_mode: str = "auto"
     total_rounds: int = 1  # planned rounds: the noise is calibrated for all of them
+    head_share: float = 0.0  # > 0: this part of target_epsilon is kept for the LDA statistics
 
     def __post_init__(self) -> None:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -72,6 +73,8 @@ class DPConfig:
             )
         if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("set target-epsilon > 0 or an explicit noise-multiplier > 0")
+        if not 0 <= self.head_share < 1 or (self.head_share > 0 and self.noise_multiplier > 0):
+            raise ValueError("dp-head-share must be in [0, 1) and needs target-epsilon")
         if self.max_grad_norm <= 0 or self.physical_batch < 1 or self.total_rounds < 1:
             raise ValueError(
                 "max-grad-norm must be > 0, dp-physical-batch >= 1, num-server-rounds >= 1"
@@ -88,6 +91,7 @@ class DPConfig:
             physical_batch=run.dp_physical_batch,
             grad_sample_mode=run.grad_sample_mode,
             total_rounds=run.num_server_rounds,
+            head_share=run.dp_head_share if run.head_calibration == "lda" else 0.0,
         )
 
     @classmethod
@@ -107,6 +111,37 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
         steps=steps,
         accountant="rdp",
     )
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate_with_head(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, head_noise: float
+) -> float:
+    """DP-SGD's noise multiplier such that its ``steps`` and one release of the feature
+    statistics (a Gaussian mechanism at ``head_noise``, sampling rate 1) compose, under RDP,
+    to ``target_epsilon``: bisection, as Opacus' get_noise_multiplier does for DP-SGD alone."""
+    head = (head_noise, 1.0, 1)
+
+    def eps(sigma: float) -> float:
+        return _epsilon([(sigma, sample_rate, steps), head], delta)
+
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        high *= 2
+        if high > 1e6:
+            raise ValueError(f"target-epsilon={target_epsilon}: too small to train at all")
+    while high - low > 0.005 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if mid > 0 and eps(mid) <= target_epsilon else (mid, high)
+    return high
 
 
 class DPSession:
@@ -132,6 +167,10 @@ class DPSession:
         self.sample_rate = min(1.0, batch_size / n_train)
         self.delta = cfg.target_delta if cfg.target_delta > 0 else 1.0 / (10 * n_train)
         self.accountant = RDPAccountant()
+        # The one release of the LDA statistics (common/headfit.py: private_stats), at its own
+        # noise: its budget is set aside from the start, so DP-SGD can never spend it.
+        self.head_noise = 0.0
+        self.head_released = False
         if state is not None:
             saved = json.loads(state)
             if abs(saved["sample_rate"] - self.sample_rate) > 1e-12:
@@ -142,8 +181,19 @@ class DPSession:
                 )
             self.noise_multiplier = float(saved["noise_multiplier"])
             self.accountant.history = [tuple(h) for h in saved["history"]]
+            self.head_noise = float(saved.get("head_noise", 0.0))
+            self.head_released = bool(saved.get("head_released", False))
         elif cfg.noise_multiplier > 0:
             self.noise_multiplier = float(cfg.noise_multiplier)
+        elif cfg.head_share > 0:
+            self.head_noise = _calibrate(cfg.target_epsilon * cfg.head_share, self.delta, 1.0, 1)
+            self.noise_multiplier = _calibrate_with_head(
+                cfg.target_epsilon,
+                self.delta,
+                self.sample_rate,
+                cfg.total_rounds * steps_per_round,
+                self.head_noise,
+            )
         else:
             self.noise_multiplier = _calibrate(
                 cfg.target_epsilon, self.delta, self.sample_rate, cfg.total_rounds * steps_per_round
@@ -162,20 +212,32 @@ class DPSession:
     def rounds_done(self) -> int:
         return sum(h[2] for h in self.accountant.history) // self.steps_per_round
 
-    def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
-        if not history:
-            return 0.0
-        acc = RDPAccountant()
-        acc.history = list(history)
-        return float(acc.get_epsilon(delta=self.delta))
+    def _head(self, planned: bool) -> list[tuple[float, float, int]]:
+        """The statistics' release as an accountant entry: once made, or (``planned``) while
+        its budget is still set aside."""
+        if self.head_noise > 0 and (self.head_released or planned):
+            return [(self.head_noise, 1.0, 1)]
+        return []
 
     def epsilon(self) -> float:
-        """Cumulative epsilon (at ``self.delta``) of all steps recorded so far."""
-        return self._epsilon_of(self.accountant.history)
+        """Cumulative epsilon (at ``self.delta``) of all steps and releases so far."""
+        return _epsilon([*self.accountant.history, *self._head(False)], self.delta)
 
     def epsilon_after_next_round(self) -> float:
+        """Epsilon after one more round, with the statistics' budget still set aside."""
         step = (self.noise_multiplier, self.sample_rate, self.steps_per_round)
-        return self._epsilon_of([*self.accountant.history, step])
+        return _epsilon([*self.accountant.history, step, *self._head(True)], self.delta)
+
+    def release_head(self) -> float:
+        """Record the one release of the LDA statistics; its noise multiplier (the noise's
+        std is this times the statistics' sensitivity). ValueError when the session keeps
+        no budget for it, or it was made already (a second would spend it again)."""
+        if self.head_noise <= 0:
+            raise ValueError("no part of the privacy budget is kept for feature statistics")
+        if self.head_released:
+            raise ValueError("feature statistics were released once in this run already")
+        self.head_released = True
+        return self.head_noise
 
     def can_train_round(self) -> bool:
         """False when one more round would push epsilon past the target budget."""
@@ -199,6 +261,8 @@ class DPSession:
                 "sample_rate": self.sample_rate,
                 "noise_multiplier": self.noise_multiplier,
                 "history": [list(h) for h in self.accountant.history],
+                "head_noise": self.head_noise,
+                "head_released": self.head_released,
             }
         )
 

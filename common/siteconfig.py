@@ -40,7 +40,14 @@ log = logging.getLogger("fedskin")
 # Where the site's data is (DATA_KEYS) and how its manifest is derived (MANIFEST_KEYS): both
 # from common/data/site_data.py.
 IDENTITY_KEYS = ("partition-id", "num-partitions")
-DP_KEYS = ("dp", "target-epsilon", "target-delta", "noise-multiplier", "max-grad-norm")
+DP_KEYS = (
+    "dp",
+    "target-epsilon",
+    "target-delta",
+    "noise-multiplier",
+    "max-grad-norm",
+    "dp-head-share",  # the part of its budget a site keeps for the head refit's statistics
+)
 # Whether the site tells the server its training class counts (class-prior = "federation")
 # and its feature statistics (head-calibration = "lda"; common/headfit.py).
 DISCLOSURE_KEYS = ("class-prior", "head-calibration")

@@ -33,7 +33,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.config import RunConfig, run_config_of
 from common.fedmetrics import pooled_confusion, pooled_metrics
-from common.headfit import lda_head, stats_error
+from common.headfit import dp_projection, lda_head, private_lda_head, stats_error
+from common.models import model_for_run, set_weights
 from common.protocol import FEATURE_STATS
 from common.rundir import (
     RunDir,
@@ -69,11 +70,20 @@ log = logging.getLogger("fedskin")
 
 
 def _with_head(
-    arrays: ArrayRecord, head: tuple[str, str], stats: list[Mapping[str, np.ndarray]]
+    arrays: ArrayRecord,
+    head: tuple[str, str],
+    stats: list[Mapping[str, np.ndarray]],
+    private: Mapping[str, Any] | None = None,
 ) -> ArrayRecord:
     """``arrays`` with the classifier replaced by the LDA head of the summed statistics
-    (ValueError from :func:`lda_head` when there is none)."""
-    weight, bias = lda_head(stats)
+    (ValueError from :func:`lda_head` when there is none); ``private``: the noised
+    statistics' projection and noise (common/headfit.py: private_lda_head)."""
+    if private:
+        weight, bias = private_lda_head(
+            stats, private["centre"], private["projection"], private["noise_std"]
+        )
+    else:
+        weight, bias = lda_head(stats)
     refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
     for key, value in zip(head, (weight, bias), strict=True):
         refit[key] = value.astype(refit[key].dtype)
@@ -756,14 +766,19 @@ class Federation:
         if weight_key not in arrays or bias_key not in arrays:
             log.error("head calibration: no classifier %r in the model; head kept", weight_key)
             return arrays, {"method": "lda", "sites": [], "kept": False, "error": "no classifier"}
-        stats, problems = self._feature_stats(arrays, weight_key, state.run_tag)
+        private = self._dp_projection(arrays) if self.run_config.dp else None
+        stats, problems, noise = self._feature_stats(arrays, weight_key, state.run_tag, private)
         out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
         out |= {"failures": problems.failures, "rejected": problems.rejected}
+        if private is not None:
+            out["epsilon"] = {site: eps for site, (_, eps) in sorted(noise.items())}
+            total_std = float(np.sqrt(sum(std**2 for std, _ in noise.values())))
+            private = private | {"noise_std": total_std}
         if not stats:
             log.warning("head calibration: no site sent usable statistics; head kept")
             return arrays, out
         try:  # statistics that passed the checks can still be degenerate (or crafted)
-            candidate = _with_head(arrays, head, [stats[name] for name in sorted(stats)])
+            candidate = _with_head(arrays, head, [stats[name] for name in sorted(stats)], private)
         except (ValueError, np.linalg.LinAlgError) as err:
             log.error("head calibration failed (%s); head kept", err)
             return arrays, out | {"error": str(err)}
@@ -783,14 +798,32 @@ class Federation:
         self._save("best", candidate, state, strategy)
         return candidate, out
 
+    def _dp_projection(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The centre and projection sent with a DP query, from the model alone."""
+        model = model_for_run(self.run_config, len(self.classes), pretrained=False)
+        set_weights(model, {k: v.numpy() for k, v in arrays.items()})
+        run = self.run_config
+        centre, projection = dp_projection(model, run.image_size, run.dp_head_dims, run.seed)
+        return {"centre": centre, "projection": projection}
+
     def _feature_stats(
-        self, arrays: ArrayRecord, weight_key: str, run_tag: str
-    ) -> tuple[dict[str, dict[str, np.ndarray]], _Problems]:
+        self,
+        arrays: ArrayRecord,
+        weight_key: str,
+        run_tag: str,
+        private: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], _Problems, dict[str, tuple[float, float]]]:
         """Every site's feature statistics of this model (``query.feature_stats``), each
-        checked (shapes, finite, counts = its training images) before it is kept."""
+        checked (shapes, finite, counts = its training images) before it is kept. Under DP
+        (``private``: the projection sent along) the statistics are noised and projected,
+        and each site says its noise's std and its epsilon after the release (returned)."""
         by_node = {s.node_id: s for s in self.ordered_sites()}
         kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
         content = {"arrays": pack(arrays), "config": ConfigRecord({"run-tag": run_tag})}
+        if private is not None:
+            content["projection"] = ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in private.items()}
+            )
         messages = [Message(RecordDict(content), n, kind) for n in by_node]
         replies, missing = self._exchange(messages, "head calibration")
         wording = _Wording(
@@ -802,7 +835,10 @@ class Federation:
         problems = _Problems(wording, self.timeout)
         problems.missing(missing, by_node)
         stats: dict[str, dict[str, np.ndarray]] = {}
+        noise: dict[str, tuple[float, float]] = {}
         k, dim = np.asarray(arrays[weight_key].numpy()).shape
+        if private is not None:
+            dim = private["projection"].shape[1]
 
         def take(site: SiteInfo, reply: Message) -> str | None:
             if "stats" not in reply.content.array_records:
@@ -810,13 +846,19 @@ class Federation:
             got = {
                 n: np.asarray(a.numpy()) for n, a in reply.content.array_records["stats"].items()
             }
-            if why := stats_error(got, k, dim, site.n_train):
+            if why := stats_error(got, k, dim, None if private is not None else site.n_train):
                 return why
+            if private is not None:
+                meta = reply.content.config_records.get("site", ConfigRecord())
+                std, eps = meta.get("noise-std"), meta.get("epsilon")
+                if not isinstance(std, float) or not std > 0 or not isinstance(eps, float):
+                    return "noised statistics without a positive noise-std and an epsilon"
+                noise[site.site] = (std, eps)
             stats[site.site] = got
             return None
 
         problems.collect(sorted(replies.items(), key=lambda kv: by_node[kv[0]].site), by_node, take)
-        return stats, problems
+        return stats, problems, noise
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:

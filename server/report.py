@@ -213,8 +213,11 @@ def markdown_report(
     eps_cols = [c for c in hist.columns if c.startswith("epsilon[")]
     if eps_cols:
         last = hist[eps_cols].ffill().iloc[-1]
+        head = (test.get("head_calibration") or {}).get("epsilon", {})
         lines += ["## Privacy", "", "| site | cumulative ε |", "|---|---|"]
-        lines += [f"| {c[8:-1]} | {_fmt(float(last[c]))} |" for c in eps_cols]
+        lines += [f"| {c[8:-1]} | {_fmt(head.get(c[8:-1], float(last[c])))} |" for c in eps_cols]
+        if head:
+            lines += ["", "(after the rounds and the head refit's noised statistics)"]
     return "\n".join(lines) + "\n"
 
 
@@ -225,9 +228,15 @@ def _head_lines(cal: dict[str, Any] | None) -> list[str]:
     if not cal.get("sites"):
         return ["Head calibration (LDA): no site sent usable statistics; head kept.", ""]
     verdict = "the refitted head is tested" if cal.get("kept") else "the trained head is kept"
+    private = ""
+    if eps := cal.get("epsilon"):
+        spent = ", ".join(f"{site} {_fmt(e)}" for site, e in eps.items())
+        private = (
+            f" The statistics were noised (sample-level DP); each site's ε after them: {spent}."
+        )
     return [
         f"Head calibration (LDA from the feature statistics of {', '.join(cal['sites'])}): "
         f"validation balanced accuracy {_fmt(cal.get('validation_before'))} -> "
-        f"{_fmt(cal.get('validation_after'))}; {verdict}.",
+        f"{_fmt(cal.get('validation_after'))}; {verdict}.{private}",
         "",
     ]

@@ -80,7 +80,9 @@ def cell_overrides(
 ) -> dict[str, Any]:
     """The cell's run config on top of the sweep's ``--run-config``.
 
-    No cell refits the head (``head-calibration = "none"``; see below). Sample level:
+    Every cell refits the head as the config says (``head-calibration``; under
+    sample-level DP from noised statistics, common/headfit.py; site-level DP refuses it, so
+    a site-level sweep needs ``head-calibration = "none"``). Sample level:
     Opacus at every site, noise calibrated to ``target-epsilon``. Site level:
     Flower's wrapper (``central-dp``, client-side clipping unless the base config names
     another fixed-clipping variant), noise calibrated to ``central-epsilon``.
@@ -88,9 +90,6 @@ def cell_overrides(
     asked = RunConfig.from_flat(base)  # the sweep's own settings, typed
     cell = dict(base)
     cell.update(strategy=strategy, seed=int(seed), dp=level == "sample" and epsilon is not None)
-    # Every point of the curve keeps the trained head: the LDA refit (head-calibration) needs
-    # feature statistics that DP does not cover, so the no-DP point must go without it too.
-    cell["head-calibration"] = "none"
     if epsilon is not None and level == "sample":
         # calibrate to the target, never a fixed sigma
         cell.update({"target-epsilon": float(epsilon), "noise-multiplier": 0.0})
@@ -153,6 +152,10 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
                 if key in m:
                     sigma[site] = float(m[key])
         stopped |= {s for s, why in (r.get("rejected") or {}).items() if why == BUDGET_SPENT}
+    # the head refit's release under DP is spent after the rounds: it ends each site's total
+    eps.update(
+        {s: float(e) for s, e in (test.get("head_calibration") or {}).get("epsilon", {}).items()}
+    )
     row["epsilon_max"] = max(eps.values()) if eps else (0.0 if dp else math.inf)
     row["delta_max"] = max(delta.values()) if delta else math.nan
     row["noise_multiplier_min"] = min(sigma.values()) if sigma else math.nan

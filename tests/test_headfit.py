@@ -94,7 +94,12 @@ def test_feature_statistics_of_a_real_model_match_its_classifier_input() -> None
 
 @pytest.mark.parametrize(
     ("extra", "words"),
-    [({"dp": True}, "not covered by DP"), ({"personalize": "ditto"}, "personalize=ditto")],
+    [
+        ({"central-dp": "server-fixed"}, "not covered by site-level DP"),
+        ({"dp": True, "noise-multiplier": 1.0}, "set noise-multiplier=0"),
+        ({"dp": True, "dp-head-share": 1.0}, "dp-head-share"),
+        ({"personalize": "ditto"}, "personalize=ditto"),
+    ],
 )
 def test_head_calibration_refused_where_it_cannot_apply(extra, words) -> None:
     with pytest.raises(ConfigError, match=words):
@@ -143,3 +148,75 @@ def test_overflowing_statistics_give_no_head() -> None:
     stats["moment"] = stats["moment"] * 1e308
     with np.errstate(all="ignore"), pytest.raises(ValueError, match="not finite"):
         lda_head([stats])
+
+
+def test_private_statistics_bound_what_one_image_changes() -> None:
+    """Under DP each image's projected features are clipped to norm 1 whatever projection the
+    server sends (here a hostile, huge one): removing one image moves the counts, sums and
+    moment by at most sqrt(3) together, the sensitivity the noise is scaled to. Without
+    noise the statistics are those of the clipped projections."""
+    from common.headfit import SENSITIVITY, private_stats
+
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", 7)
+    images = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    labels = np.arange(12) % 7
+    dim = model.num_features
+    rng = np.random.default_rng(0)
+    centre, projection = rng.normal(size=dim), 1e6 * rng.normal(size=(dim, 4))
+
+    def released(n: int) -> dict[str, np.ndarray]:
+        args = (model, images[:n], labels[:n], 7, centre, projection, 0.0)
+        return private_stats(*args, rng=rng)
+
+    full, less = released(12), released(11)
+    change = np.sqrt(
+        sum(np.sum((full[k] - less[k]) ** 2) for k in ("counts", "sums"))
+        + np.sum(np.triu(full["moment"] - less["moment"]) ** 2)
+    )
+    assert 0.99 < change <= SENSITIVITY + 1e-9
+    z = (penultimate(model, images).numpy() - centre) @ projection
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    np.testing.assert_allclose(full["moment"], z.T @ z, rtol=1e-6, atol=1e-9)
+    noised = private_stats(model, images, labels, 7, centre, projection, 2.0, rng=rng)
+    assert np.abs(noised["counts"] - full["counts"]).max() > 0.1  # noise at std 2 sqrt(3)
+    np.testing.assert_allclose(noised["moment"], noised["moment"].T)
+
+
+def test_private_head_acts_on_the_models_own_features() -> None:
+    """The head solved in the projected space is folded back into one linear layer on the
+    model's features (W (x - c) P + b); a class whose noisy count is within the noise is
+    treated as absent and never predicted."""
+    from common.headfit import private_lda_head
+
+    rng = np.random.default_rng(1)
+    x, y = _gaussians(rng, 80, rng.normal(scale=3, size=(3, 10)))
+    centre, projection = rng.normal(size=10), np.linalg.qr(rng.normal(size=(10, 6)))[0]
+    z = (x - centre) @ projection
+    stats = _stats(z, y, 4)  # class 3: no images
+    stats["counts"][3] = 2.0  # noise that looks like two images
+    weight, bias = private_lda_head([stats], centre, projection, noise_std=1.0)
+    assert weight.shape == (4, 10) and bias.shape == (4,)
+    small, small_bias = lda_head([_stats(z, y, 3)], shrinkage=0.5)
+    np.testing.assert_allclose((x @ weight.T + bias)[:, :3], z @ small.T + small_bias, atol=1e-8)
+    assert set(np.unique((x @ weight.T + bias).argmax(1))) <= {0, 1, 2}
+
+
+def test_simulation_under_dp_refits_from_noised_statistics(tmp_path: Path) -> None:
+    """A real simulated federation under sample-level DP: the server sends a projection, every
+    site releases its noised statistics once on the budget it kept for them, and each ends
+    within target-epsilon, above what its rounds alone spent (the release is accounted)."""
+    from simulations.runner import simulate
+    from tests.helpers import SITES, TINY
+
+    cfg = {**TINY, "num-server-rounds": 1, "local-epochs": 1, "head-calibration": "lda"}
+    out = simulate(None, {**cfg, "dp": True, "target-epsilon": 4.0}, out=tmp_path / "run")
+    cal = out["test"]["head_calibration"]
+    assert cal["sites"] == SITES and not cal["failures"] and not cal["rejected"]
+    trained = out["rounds"][0]["epsilon"]
+    assert all(trained[s] < cal["epsilon"][s] <= 4.0 for s in SITES)
+    assert all(cal["epsilon"][s] > 3.9 for s in SITES)  # all planned rounds ran: budget spent
+    seen = json.loads((tmp_path / "run" / "network.json").read_text())
+    assert seen["query.feature_stats"]["stats"].startswith("ArrayRecord: feature statistics")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "noised (sample-level DP); each site's ε after them: rosendahl" in report

@@ -212,3 +212,30 @@ def test_crash_before_the_server_checkpoint_never_overspends(tmp_path) -> None:
     assert redo["rejected"] == {site: "privacy budget spent" for site in SITES}
     assert redo["epsilon"] == pytest.approx(eps2)  # counted once, never reset, never above
     assert not redo["aggregated"] and sorted(again["test"]["sites"]) == SITES
+
+
+def test_budget_kept_for_the_feature_statistics() -> None:
+    """head-calibration = lda under DP: dp-head-share of the budget is set aside for the one
+    release of the statistics. DP-SGD's noise is calibrated so that all planned rounds plus
+    that release end just under target-epsilon; the rounds can never spend its part; the
+    release is made once, and survives a restart."""
+    share = DPSession(DPConfig(target_epsilon=4.0, total_rounds=5, head_share=0.5), 1000, 50, 10)
+    plain = DPSession(DPConfig(target_epsilon=4.0, total_rounds=5), 1000, 50, 10)
+    assert share.noise_multiplier > plain.noise_multiplier  # DP-SGD has less of the budget
+    alone = independent_epsilon(share.head_noise, 1.0, 1, share.delta)
+    assert alone == pytest.approx(2.0, rel=0.01)  # the release alone costs its share
+    rounds = 0
+    while share.can_train_round():
+        share.record_steps(share.steps_per_round)
+        rounds += 1
+    assert rounds == 5
+    before = share.epsilon()
+    assert before < 3.9  # the statistics' part is still unspent
+    restored = DPSession.from_json(share.to_json())
+    assert restored.release_head() == share.head_noise
+    assert 3.95 < restored.epsilon() <= 4.0  # all of it, and no more
+    assert DPSession.from_json(restored.to_json()).head_released
+    with pytest.raises(ValueError, match="released once"):
+        restored.release_head()
+    with pytest.raises(ValueError, match="no part of the privacy budget"):
+        plain.release_head()

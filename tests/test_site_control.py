@@ -9,17 +9,18 @@ memory only); tests/test_integration_dp_restart.py restarts a real ``flower-supe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import client_app
 from client.client_app import TRAIN_KEYS, TRAIN_KEYS_DP
-from common.config import ConfigError
 from common.models import model_for_run
 from common.siteconfig import (
     SiteConfigError,
@@ -127,6 +128,7 @@ HOSTILE = {
     "target-delta": 0.5,
     "noise-multiplier": 0.001,
     "max-grad-norm": 1000.0,
+    "dp-head-share": 0.99,
     "partition-id": 1,
     "seed": 99,
 }
@@ -242,7 +244,7 @@ def test_server_cannot_change_dp_settings_or_state_dir(sites, tmp_path, caplog) 
     assert m1["delta"] == pytest.approx(1 / (10 * n_train))  # not the server's 0.5
     assert (state / "hospital-a-run1-privacy.json").is_file()
     assert not elsewhere.exists()
-    for key in ("state-dir", "dp", "target-epsilon", "noise-multiplier", "max-grad-norm"):
+    for key in ("state-dir", "dp", "target-epsilon", "noise-multiplier", "dp-head-share"):
         assert f"ignored the server's {key}=" in caplog.text, key
 
     # Round 2 in a restarted SuperNode: a new Context, nothing in memory. The accountant
@@ -423,5 +425,41 @@ def test_feature_statistics_only_where_the_site_allows_them(sites) -> None:
     with pytest.raises(SiteConfigError, match="head-calibration='none'"):
         client_app.feature_stats(msg, context(refusing, run))
     private = node_config(sites, "hospital-a", None, dp=True)
-    with pytest.raises(ConfigError, match="not covered by DP"):
+    with pytest.raises(SiteConfigError, match="without sample-level DP"):
         client_app.feature_stats(msg, context(private, run))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_feature_statistics_under_dp_are_noised_once_on_the_budget_kept(sites, tmp_path) -> None:
+    """Under sample-level DP the site sends its statistics through the Gaussian mechanism,
+    in the server's projection, once per run: the release is on its accountant (saved in
+    its state-dir before the reply) and within target-epsilon; a second query is refused,
+    as is a DP query without a projection."""
+    from common.headfit import SENSITIVITY
+
+    run = run_config(**{"head-calibration": "lda", "dp": True, "target-epsilon": 4.0})
+    node = node_config(sites, "hospital-a", tmp_path / "state", dp=True)
+    sent = {"run-tag": "run1"}
+    plain = message("query.feature_stats", sent, global_model(run))
+    ctx = context(node, run)
+    with pytest.raises(ValueError, match="needs a 'projection'"):
+        client_app.feature_stats(plain, ctx)  # refused before it spends anything
+    dim = model_for_run(run, 7, pretrained=False).num_features
+    rng = np.random.default_rng(0)
+    msg = message("query.feature_stats", sent, global_model(run))
+    msg.content["projection"] = ArrayRecord(
+        {"centre": Array(rng.normal(size=dim)), "projection": Array(rng.normal(size=(dim, 5)))}
+    )
+    reply = client_app.feature_stats(msg, ctx)
+    meta = reply.content.config_records["site"]
+    stats = {k: v.numpy() for k, v in reply.content.array_records["stats"].items()}
+    assert stats["sums"].shape == (7, 5) and stats["moment"].shape == (5, 5)
+    np.testing.assert_allclose(stats["moment"], stats["moment"].T)
+    n_train = int((sites["hospital-a"]["rows"]["split"] == "train").sum())
+    assert stats["counts"].sum() != n_train  # noised
+    # no DP-SGD step yet: the release alone costs its share (dp-head-share 0.5 of 4)
+    assert abs(meta["epsilon"] - 2.0) < 0.02 and meta["noise-std"] > SENSITIVITY
+    saved = json.loads(next((tmp_path / "state").glob("hospital-a-run1-privacy.json")).read_text())
+    assert saved["head_released"] is True and saved["history"] == []
+    with pytest.raises(SiteConfigError, match="released once in this run already"):
+        client_app.feature_stats(msg, ctx)

@@ -87,13 +87,16 @@ def test_parse_grid() -> None:
         "dp": True,
         "target-epsilon": 0.5,
         "noise-multiplier": 0.0,
-        "head-calibration": "none",
         "run-name": "fedprox_eps0.5_seed2",
     }
-    # A config that refits the head (the real-image recipe) still sweeps: no cell refits it.
+    # A config that refits the head (the real-image recipe) sweeps with the refit at every
+    # sample-level point (from noised statistics under DP); site-level DP refuses it by name.
     from simulations.runner import resolve_config
 
-    assert resolve_config("ham_natural_cpu", cell_overrides({}, "fedavg", 8.0, 0))["dp"] is True
+    cell = resolve_config("ham_natural_cpu", cell_overrides({}, "fedavg", 8.0, 0))
+    assert cell["dp"] is True and cell["head-calibration"] == "lda"
+    with pytest.raises(DataError, match="not covered by site-level DP"):
+        resolve_config("ham_natural_cpu", cell_overrides({}, "fedavg", 8.0, 0, "site"))
     assert cell_overrides({}, "fedavg", None, 0)["dp"] is False
     site = cell_overrides({"central-dp": "server-fixed"}, "fedavg", 8.0, 0, "site")
     assert site["dp"] is False and site["central-epsilon"] == 8.0
