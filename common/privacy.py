@@ -236,6 +236,9 @@ class DPSession:
             raise ValueError("no part of the privacy budget is kept for feature statistics")
         if self.head_released:
             raise ValueError("feature statistics were released once in this run already")
+        after = _epsilon([*self.accountant.history, *self._head(True)], self.delta)
+        if self.cfg.target_epsilon > 0 and after > self.cfg.target_epsilon * (1 + 1e-9):
+            raise ValueError(f"releasing them would spend epsilon {after:.3f} > the target")
         self.head_released = True
         return self.head_noise
 

@@ -239,3 +239,7 @@ def test_budget_kept_for_the_feature_statistics() -> None:
         restored.release_head()
     with pytest.raises(ValueError, match="no part of the privacy budget"):
         plain.release_head()
+    over = DPSession(DPConfig(target_epsilon=4.0, total_rounds=5, head_share=0.5), 1000, 50, 10)
+    over.record_steps(10 * over.steps_per_round)  # twice the planned rounds (a tampered file)
+    with pytest.raises(ValueError, match="would spend epsilon"):
+        over.release_head()
