@@ -766,7 +766,11 @@ class Federation:
         if weight_key not in arrays or bias_key not in arrays:
             log.error("head calibration: no classifier %r in the model; head kept", weight_key)
             return arrays, {"method": "lda", "sites": [], "kept": False, "error": "no classifier"}
-        private = self._dp_projection(arrays) if self.run_config.dp else None
+        try:
+            private = self._dp_projection(arrays) if self.run_config.dp else None
+        except (ValueError, RuntimeError) as err:  # nothing was sent: the run's result stands
+            log.error("head calibration: no projection for the DP query (%s); head kept", err)
+            return arrays, {"method": "lda", "sites": [], "kept": False, "error": str(err)}
         stats, problems, noise = self._feature_stats(arrays, weight_key, state.run_tag, private)
         out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
         out |= {"failures": problems.failures, "rejected": problems.rejected}
