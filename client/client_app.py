@@ -36,6 +36,7 @@ from common.siteconfig import (
     SiteConfigError,
     confined,
     eval_split,
+    is_simulation,
     require_run_dp,
     require_state_dir,
     run_tag,
@@ -105,10 +106,11 @@ def _load_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, n_tr
     path = _dp_state_file(run, site, _dp_tag(asks, context))
     if state is None and path is not None and path.is_file():
         state = path.read_text()
+    secure = not is_simulation(context.node_config)  # a deployed site's noise is unseeded
     if state is not None:
-        return DPSession.from_json(state)
+        return DPSession.from_json(state, secure=secure)
     steps = run.steps_per_round(n_train)
-    return DPSession(DPConfig.from_run(run), n_train, run.batch_size, steps)
+    return DPSession(DPConfig.from_run(run), n_train, run.batch_size, steps, secure=secure)
 
 
 def _save_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, session: Any) -> None:
@@ -151,7 +153,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     when the site's own node config says ``head-calibration = "none"``. Under DP, released
     once per run through the Gaussian mechanism on the budget the site's accountant set
     aside for it (``dp-head-share``), recorded and saved before anything is sent."""
-    from client.task import site_feature_stats
+    from client.task import site_feature_stats, site_seed
     from common.headfit import SENSITIVITY
 
     run, asks = _config(context, msg)
@@ -164,7 +166,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     if run.dp:
         session = _load_dp(run, asks, context, data.site, data.n("train"))
 
-        def release() -> float:  # spent and saved before anything leaves
+        def release() -> tuple[float, int | None]:  # spent and saved before anything leaves
             try:
                 noise = session.release_head()
             except ValueError as err:
@@ -172,7 +174,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
                 raise SiteConfigError(why) from None
             _save_dp(run, asks, context, data.site, session)
             meta["noise-std"], meta["epsilon"] = noise * SENSITIVITY, session.epsilon()
-            return noise
+            return noise, None if session.secure else site_seed(run, data.site, 0)
 
     stats = site_feature_stats(run, msg, data, release)
     return Message(RecordDict({"stats": stats, "site": meta}), reply_to=msg)

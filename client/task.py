@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -105,6 +106,8 @@ def train_site(
         set_weights(model, overwrite(start, kept))
     images, labels = site_images(data, "train"), torch.from_numpy(data.labels["train"])
     seed = site_seed(run, data.site, asks.server_round)
+    if session is not None and session.secure:  # batches and noise the server cannot replay
+        seed = secrets.randbits(62)
     metrics = train_local(
         model,
         images,
@@ -257,12 +260,13 @@ def site_feature_stats(
     cfg: RunConfig | Mapping[str, Any],
     msg: Message,
     data: SiteData,
-    release: Callable[[], float] | None = None,
+    release: Callable[[], tuple[float, int | None]] | None = None,
 ) -> ArrayRecord:
     """The received model's LDA statistics on the train split (common/headfit.py). Under
-    DP, ``release`` spends the budget kept for them and returns the noise multiplier: it is
-    called once the query is known to be well formed, and the statistics go through the
-    Gaussian mechanism in the projection the server sent (any projection: the site clips)."""
+    DP, ``release`` spends the budget kept for them and returns the noise multiplier and
+    the noise's seed (None: OS entropy, at a deployed site): it is called once the query is
+    known to be well formed, and the statistics go through the Gaussian mechanism in the
+    projection the server sent (any projection: the site clips)."""
     run = run_config_of(cfg)
     model, _ = model_for(run, len(data.classes), msg.content.array_records["arrays"])
     model.to(pick_device())
@@ -271,8 +275,10 @@ def site_feature_stats(
         stats = feature_stats(model, images, labels, len(data.classes))
     else:
         centre, projection = _projection_of(msg, model.num_features)
-        noise = release()
-        stats = private_stats(model, images, labels, len(data.classes), centre, projection, noise)
+        noise, seed = release()
+        rng = np.random.default_rng(None if seed is None else [seed, 1])
+        args = (model, images, labels, len(data.classes), centre, projection, noise)
+        stats = private_stats(*args, rng=rng)
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
 
 

@@ -190,7 +190,8 @@ def private_stats(
     """A site's LDA statistics under the Gaussian mechanism: features centred, projected,
     clipped to norm 1, summed, then Gaussian noise of std ``noise_multiplier`` x
     :data:`SENSITIVITY` added to every released number (the moment's upper triangle,
-    mirrored). ``rng`` only for tests: by default fresh OS entropy, as DP noise must be."""
+    mirrored). ``rng``: a seeded one in simulations (reproducible, as DP-SGD's noise there);
+    by default fresh OS entropy, what a deployed site uses (client/task.py)."""
     z = (penultimate(model, images).numpy() - centre) @ projection
     z *= np.minimum(1.0, 1.0 / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12))
     stats = _stats_of(z, labels, num_classes)

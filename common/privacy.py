@@ -154,6 +154,8 @@ class DPSession:
         batch_size: int,
         steps_per_round: int,
         state: str | None = None,
+        *,
+        secure: bool = False,
     ) -> None:
         if n_train < 1 or batch_size < 1 or steps_per_round < 1:
             raise ValueError(
@@ -164,6 +166,10 @@ class DPSession:
         self.n_train = int(n_train)
         self.batch_size = int(batch_size)
         self.steps_per_round = int(steps_per_round)
+        # A deployed site draws its batches and noise from OS entropy: seeded from the run
+        # config (which the server writes), they could be replayed and the noise removed.
+        # Simulations stay seeded (reproducible), as Opacus without secure_mode.
+        self.secure = bool(secure)
         self.sample_rate = min(1.0, batch_size / n_train)
         self.delta = cfg.target_delta if cfg.target_delta > 0 else 1.0 / (10 * n_train)
         self.accountant = RDPAccountant()
@@ -270,9 +276,10 @@ class DPSession:
         )
 
     @classmethod
-    def from_json(cls, s: str) -> DPSession:
+    def from_json(cls, s: str, *, secure: bool = False) -> DPSession:
         d = json.loads(s)
-        return cls(DPConfig(**d["config"]), d["n_train"], d["batch_size"], d["steps_per_round"], s)
+        config = DPConfig(**d["config"])
+        return cls(config, d["n_train"], d["batch_size"], d["steps_per_round"], s, secure=secure)
 
     def metrics(self) -> dict[str, float]:
         return {

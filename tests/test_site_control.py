@@ -430,6 +430,28 @@ def test_feature_statistics_only_where_the_site_allows_them(sites) -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_deployed_site_draws_dp_noise_the_server_cannot_replay(sites, tmp_path) -> None:
+    """The run config (seed included) is the server's: a deployed site under DP draws its
+    Poisson batches and noise from OS entropy, so the same round twice gives two different
+    updates; a simulated site stays seeded, so a simulation is reproducible."""
+    run = run_config(dp=True, **{"target-epsilon": 3.0})
+    arrays = global_model(run)
+    sent = {"run-tag": "run1", "server-round": 1}
+
+    def update(node: dict) -> dict:
+        reply = client_app.train(message(MessageType.TRAIN, sent, arrays), context(node, run))
+        return {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+
+    def differ(a: dict, b: dict) -> bool:
+        return any(not np.array_equal(a[k], b[k]) for k in a)
+
+    deployed = [node_config(sites, "hospital-a", tmp_path / f"state{i}") for i in (1, 2)]
+    assert differ(update(deployed[0]), update(deployed[1]))
+    simulated = node_config(sites, "hospital-a", None, **{"partition-id": 0, "num-partitions": 1})
+    assert not differ(update(simulated), update(simulated))
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_feature_statistics_under_dp_are_noised_once_on_the_budget_kept(sites, tmp_path) -> None:
     """Under sample-level DP the site sends its statistics through the Gaussian mechanism,
     in the server's projection, once per run: the release is on its accountant (saved in
