@@ -138,6 +138,8 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
         "test_accuracy": test["global"].get("accuracy", math.nan),
         "test_auroc": test["global"].get("auroc", math.nan),
         "seconds": float(sum(r.get("seconds", 0.0) for r in rounds)),
+        # balanced accuracy of a constant guess: the plot's floor
+        "chance": 1.0 / len(metrics["classes"]) if metrics.get("classes") else math.nan,
     }
     eps: dict[str, float] = {}
     delta: dict[str, float] = {}
@@ -310,6 +312,8 @@ def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
         ax.set(xlabel=f"target ε {xlabel}", ylabel=ylabel)
         if col == "mia_auc_max":
             ax.axhline(0.5, color="k", lw=0.6, ls="--")
+        elif "chance" in df and df["chance"].notna().any():
+            ax.axhline(df["chance"].max(), color="k", lw=0.6, ls="--", label="chance")
         ax.legend(title="strategy", fontsize=8)
         ax.grid(alpha=0.3)
     n_seeds = df.groupby(["strategy", "target_epsilon"]).size().max() if len(df) else 0

@@ -9,6 +9,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,6 +21,7 @@ from simulations.sweep import (
     LEVELS,
     cell_name,
     cell_overrides,
+    cell_row,
     collect,
     is_finished,
     parse_epsilons,
@@ -213,6 +215,7 @@ def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
     for row in (dp_row, nodp_row):
         assert 0 <= row.test_balanced_accuracy <= 1 and 0 <= row.mia_auc_max <= 1
     assert any(c.startswith("mia_auc[") for c in df.columns)
+    assert np.allclose(df.chance, 1 / 7, rtol=1e-5)  # the plot's floor: 7 HAM classes
     assert (out / "privacy_utility.png").is_file() and (out / "sweep.md").is_file()
     assert (out / "cells" / "fedavg_eps3_seed0" / "audit.png").is_file()
 
@@ -237,3 +240,14 @@ def test_tiny_sweep_end_to_end(tmp_path: Path) -> None:
     assert 3.0 * 0.99 <= site_row.epsilon_max <= 3.0 * (1 + 1e-6)
     assert site_row.delta_max == 1e-3 and site_row.noise_multiplier_min > 0
     assert "| fedavg | site | 3 | 1 |" in (out / "sweep.md").read_text()
+
+
+def test_the_head_refits_release_ends_each_sites_epsilon() -> None:
+    """Under DP with head-calibration = lda the sites release noised statistics after the
+    last round: their epsilon then (metrics' head_calibration) is the run's total."""
+    metrics = fake_metrics("fedavg", 8.0, 0, 0.3)
+    last = metrics["rounds"][-1]["epsilon"]
+    metrics["test"]["head_calibration"] = {"epsilon": {s: 7.99 for s in SITES}}
+    row = cell_row(metrics)
+    assert max(last.values()) < 7.99 and row["epsilon_max"] == 7.99
+    assert all(row[f"epsilon[{s}]"] == 7.99 for s in SITES)
