@@ -153,7 +153,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     when the site's own node config says ``head-calibration = "none"``. Under DP, released
     once per run through the Gaussian mechanism on the budget the site's accountant set
     aside for it (``dp-head-share``), recorded and saved before anything is sent."""
-    from client.task import site_feature_stats, site_seed
+    from client.task import dp_seed, site_feature_stats
     from common.headfit import SENSITIVITY
 
     run, asks = _config(context, msg)
@@ -166,7 +166,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     if run.dp:
         session = _load_dp(run, asks, context, data.site, data.n("train"))
 
-        def release() -> tuple[float, int | None]:  # spent and saved before anything leaves
+        def release() -> tuple[float, int]:  # spent and saved before anything leaves
             try:
                 noise = session.release_head()
             except ValueError as err:
@@ -174,7 +174,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
                 raise SiteConfigError(why) from None
             _save_dp(run, asks, context, data.site, session)
             meta["noise-std"], meta["epsilon"] = noise * SENSITIVITY, session.epsilon()
-            return noise, None if session.secure else site_seed(run, data.site, 0)
+            return noise, dp_seed(run, data.site, 0, session)
 
     stats = site_feature_stats(run, msg, data, release)
     return Message(RecordDict({"stats": stats, "site": meta}), reply_to=msg)

@@ -66,6 +66,13 @@ def site_seed(run: RunConfig, site: str, server_round: int) -> int:
     return int(digest[:8], 16)
 
 
+def dp_seed(run: RunConfig, site: str, server_round: int, session: Any) -> int:
+    """The seed of a site's DP randomness (batches, noise): :func:`site_seed` in a simulation
+    (reproducible), OS entropy at a deployed site (``session.secure``), where a seed derived
+    from the server-written run config would let the server replay and remove the noise."""
+    return secrets.randbits(62) if session.secure else site_seed(run, site, server_round)
+
+
 def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message) -> TrainConfig:
     """Local training settings; the proximal term only when the server's strategy asks, the
     federation's class counts when the server sent them and ``class-prior`` is "federation".
@@ -106,8 +113,8 @@ def train_site(
         set_weights(model, overwrite(start, kept))
     images, labels = site_images(data, "train"), torch.from_numpy(data.labels["train"])
     seed = site_seed(run, data.site, asks.server_round)
-    if session is not None and session.secure:  # batches and noise the server cannot replay
-        seed = secrets.randbits(62)
+    if session is not None:
+        seed = dp_seed(run, data.site, asks.server_round, session)
     metrics = train_local(
         model,
         images,
@@ -260,11 +267,11 @@ def site_feature_stats(
     cfg: RunConfig | Mapping[str, Any],
     msg: Message,
     data: SiteData,
-    release: Callable[[], tuple[float, int | None]] | None = None,
+    release: Callable[[], tuple[float, int]] | None = None,
 ) -> ArrayRecord:
     """The received model's LDA statistics on the train split (common/headfit.py). Under
     DP, ``release`` spends the budget kept for them and returns the noise multiplier and
-    the noise's seed (None: OS entropy, at a deployed site): it is called once the query is
+    the noise's seed (:func:`dp_seed`): it is called once the query is
     known to be well formed, and the statistics go through the Gaussian mechanism in the
     projection the server sent (any projection: the site clips)."""
     run = run_config_of(cfg)
@@ -276,7 +283,7 @@ def site_feature_stats(
     else:
         centre, projection = _projection_of(msg, model.num_features)
         noise, seed = release()
-        rng = np.random.default_rng(None if seed is None else [seed, 1])
+        rng = np.random.default_rng([seed, 1])
         args = (model, images, labels, len(data.classes), centre, projection, noise)
         stats = private_stats(*args, rng=rng)
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
