@@ -393,6 +393,7 @@ def test_query_reports_training_class_counts_unless_the_site_withholds_them(site
     assert "train-counts" not in info(run_config(**fed), withheld, fed)
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_sites_train_with_the_federations_counts_only_when_asked(sites) -> None:
     """The counts the server sends set the loss's prior under class-prior = "federation";
     with "site" the site's own images do."""
