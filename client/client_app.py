@@ -68,8 +68,8 @@ def _config(context: Context, msg: Message | None = None) -> tuple[RunConfig, Se
     """Run config, the site's node config on top, then the server's per-round config, which
     may not touch the site's own keys (data, privacy budget, state, identity: see
     :mod:`common.siteconfig`): typed once, here, with the message's own fields apart."""
-    merged = site_config(context.run_config, context.node_config, message_config(msg))
-    return RunConfig.from_flat(merged), ServerAsks.of(msg)
+    run = site_config(context.run_config, context.node_config, message_config(msg))
+    return run, ServerAsks.of(msg)
 
 
 # What a train reply's metrics hold: common/protocol.py (tests/test_site_control.py checks

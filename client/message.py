@@ -41,13 +41,23 @@ class ServerAsks:
     def of(cls, msg: Message | None) -> ServerAsks:
         sent = message_config(msg)
         return cls(
-            server_round=int(sent.get("server-round", cls.server_round)),
-            best_round=int(sent.get("best-round", cls.best_round)),
+            server_round=_typed(sent, "server-round", int, cls.server_round),
+            best_round=_typed(sent, "best-round", int, cls.best_round),
             split=str(sent.get("split", cls.split)),
             run_tag=str(sent.get("run-tag", cls.run_tag)),
-            proximal_mu=float(sent.get("proximal-mu", cls.proximal_mu)),
+            proximal_mu=_typed(sent, "proximal-mu", float, cls.proximal_mu),
             class_counts=_counts(sent.get("class-counts")),
         )
+
+
+def _typed(sent: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """One sent number as ``kind``, or a one-line error naming the field."""
+    value = sent.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"the server's message: {key}={value!r} is not a number")
+    if kind is int and value != int(value):
+        raise ValueError(f"the server's message: {key}={value!r} is not an integer")
+    return kind(value)
 
 
 def _counts(value: Any) -> tuple[int, ...] | None:

@@ -221,6 +221,11 @@ class RunConfig:
         """The flat kebab-case dict Flower carries as the run config."""
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
 
+    def value(self, key: str) -> Any:
+        """The typed value of one kebab-case key (for code that handles keys by name)."""
+        check_keys({key: None})
+        return getattr(self, _name(key))
+
     def with_values(self, values: Mapping[str, Any]) -> RunConfig:
         """A copy with some kebab-case keys changed, checked again."""
         check_keys(values)

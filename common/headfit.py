@@ -134,7 +134,7 @@ def lda_head(
 
 def classifier_keys(model: nn.Module) -> tuple[str, str]:
     """The state-dict names of the classifier's weight and bias (timm's ``classifier``)."""
-    name = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
     head = model.get_classifier()
     if not name or not isinstance(head, nn.Linear) or head.bias is None:
         raise ValueError(f"{type(model).__name__}: no linear classifier with a bias to refit")

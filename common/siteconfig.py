@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, run_config_of
+from common.config import ConfigError, RunConfig, config_keys, run_config_of
 from common.data.schema import DataError
 from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
 from common.data.site_data import DATA_KEYS
@@ -56,6 +56,7 @@ SITE_KEYS = frozenset((*DATA_KEYS, *MANIFEST_KEYS, *IDENTITY_KEYS, *DP_KEYS, *DI
 PATH_KEYS = ("data-path", "manifest", "cache-dir", "state-dir")
 WRITTEN_DIRS = ("cache-dir", "state-dir")  # the site writes below these
 EVAL_SPLITS = ("validation", "test")
+_KNOWN = frozenset(config_keys())  # the run-config keys
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -68,76 +69,78 @@ def is_simulation(node_config: Mapping[str, Any]) -> bool:
     return "partition-id" in node_config and "num-partitions" in node_config
 
 
-def _given(cfg: Mapping[str, Any], key: str) -> bool:
-    return key in cfg and cfg[key] is not None and cfg[key] != ""
+def _given(values: Mapping[str, Any], key: str) -> bool:
+    return key in values and values[key] is not None and values[key] != ""
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+def _checked(run: RunConfig, values: Mapping[str, Any], whose: str) -> RunConfig:
+    """``run`` with some run-config keys set by ``whose`` (the site's node config, the
+    server's message), checked by the same rules as the run config itself."""
+    try:
+        return run.with_values(values)
+    except ConfigError as e:
+        raise ConfigError(f"{whose}: {e}") from None
 
 
 def site_config(
     run_config: Mapping[str, Any],
     node_config: Mapping[str, Any],
     message_config: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunConfig:
     """The settings a site acts on: run config, the site's node config, the server's message.
 
-    The node config wins for :data:`SITE_KEYS`; the message may set anything else (the round,
-    the split, FedProx's mu, the run tag) but none of :data:`SITE_KEYS`. Paths are checked
-    and resolved (:func:`check_paths`).
+    The node config wins for :data:`SITE_KEYS`; the message may set any other run-config key
+    (FedProx's mu, the learning rate) but none of :data:`SITE_KEYS`. Every value is typed and
+    checked as the run config is; paths are checked and resolved (:func:`check_paths`).
     """
-    cfg = dict(run_config)
-    deployed = not is_simulation(node_config)
-    if deployed:  # a deployed site's folders are its own: never chosen by the run config
+    run = RunConfig.from_flat(run_config)
+    if not is_simulation(node_config):  # a deployed site's folders are its own
         for key in PATH_KEYS:
-            if _given(cfg, key) and not _given(node_config, key):
+            value = run.value(key)
+            if value and not _given(node_config, key):
                 log.warning(
                     "site: ignored the run config's %s=%r: a site's paths come from its "
                     "--node-config",
                     key,
-                    cfg[key],
+                    value,
                 )
-            cfg[key] = ""
-    run_dp, run_eps = _flag(cfg.get("dp", False)), float(cfg.get("target-epsilon", 0) or 0)
-    for key in SITE_KEYS:
-        if _given(node_config, key):
-            cfg[key] = node_config[key]
+        run = run.with_values(dict.fromkeys(PATH_KEYS, ""))
+    own = {k: node_config[k] for k in SITE_KEYS & _KNOWN if _given(node_config, k)}
+    site = _checked(run, own, "the site's node config")
     # The server may ask for more privacy, never less: DP if either side asks for it, and
-    # the smaller of two positive budgets.
-    cfg["dp"] = run_dp or _flag(cfg.get("dp", False))
-    if _given(node_config, "target-epsilon") and run_eps > 0:
-        site_eps = float(node_config["target-epsilon"])
-        if site_eps <= 0 or run_eps < site_eps:
-            cfg["target-epsilon"] = run_eps if site_eps > 0 else site_eps
+    # the smaller of two budgets.
+    site = site.with_values(
+        {"dp": run.dp or site.dp, "target-epsilon": min(run.target_epsilon, site.target_epsilon)}
+    )
+    asked = {}
     for key, value in (message_config or {}).items():
         if key in SITE_KEYS:
-            if str(value) != str(cfg.get(key, "")):
+            mine = site.value(key) if key in _KNOWN else node_config.get(key, "")
+            if str(value) != str(mine):
                 log.warning(
                     "site: ignored the server's %s=%r: the site's own setting (%r) stays",
                     key,
                     value,
-                    cfg.get(key, ""),
+                    mine,
                 )
-            continue
-        cfg[key] = value
-    return check_paths(cfg)
+        elif key in _KNOWN:
+            asked[key] = value
+    return check_paths(_checked(site, asked, "the server's message"))
 
 
-def check_paths(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Resolve the path keys in place; a folder the site writes to may not contain ``..``."""
+def check_paths(run: RunConfig) -> RunConfig:
+    """Resolve the path keys; a folder the site writes to may not contain ``..``."""
+    resolved = {}
     for key in PATH_KEYS:
-        value = str(cfg.get(key, "") or "")
+        value = run.value(key)
         if not value:
             continue
         if key in WRITTEN_DIRS and ".." in Path(value).parts:
             raise SiteConfigError(
                 f"{key}={value!r}: must not contain '..' (name the folder itself)"
             )
-        cfg[key] = str(Path(value).expanduser().resolve())
-    return cfg
+        resolved[key] = str(Path(value).expanduser().resolve())
+    return run.with_values(resolved)
 
 
 def safe_name(value: Any, what: str) -> str:

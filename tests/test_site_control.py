@@ -140,26 +140,57 @@ def test_node_config_wins_and_messages_cannot_touch_site_keys(caplog, tmp_path) 
     node = {"site": "a", "state-dir": str(tmp_path), "target-epsilon": 4.0}
     with caplog.at_level(logging.WARNING, logger="fedskin"):
         cfg = site_config(run, node, {"state-dir": "/tmp/x", "dp": False, "lr": 0.5})
-    assert cfg["state-dir"] == str(tmp_path.resolve()) and cfg["site"] == "a"
-    assert cfg["lr"] == 0.5  # the server's business: training hyperparameters
-    assert cfg["target-epsilon"] == 4.0 and cfg["dp"] is False
+    assert cfg.state_dir == str(tmp_path.resolve())
+    assert cfg.lr == 0.5  # the server's business: training hyperparameters
+    assert cfg.target_epsilon == 4.0 and cfg.dp is False
     assert "ignored the server's state-dir='/tmp/x'" in caplog.text
     # The server may ask for more privacy, never less.
-    assert site_config({"dp": True}, {"site": "a", "dp": False})["dp"] is True
-    assert site_config({"dp": False}, {"site": "a", "dp": True})["dp"] is True
-    assert site_config({"target-epsilon": 2.0}, {"target-epsilon": 4.0})["target-epsilon"] == 2.0
-    assert site_config({"target-epsilon": 9.0}, {"target-epsilon": 4.0})["target-epsilon"] == 4.0
+    assert site_config({"dp": True}, {"site": "a", "dp": False}).dp is True
+    assert site_config({"dp": False}, {"site": "a", "dp": True}).dp is True
+    assert site_config({"target-epsilon": 2.0}, {"target-epsilon": 4.0}).target_epsilon == 2.0
+    assert site_config({"target-epsilon": 9.0}, {"target-epsilon": 4.0}).target_epsilon == 4.0
+
+
+def test_node_and_message_values_are_checked_like_the_run_config() -> None:
+    """A hospital's node config and the server's message are user input too: typed and
+    checked by the run config's rules, refused in one line naming whose value it was."""
+    from common.config import ConfigError
+
+    bad_site = r"^the site's node config: target-epsilon='abc': must be a number$"
+    with pytest.raises(ConfigError, match=bad_site):
+        site_config({}, {"site": "a", "target-epsilon": "abc"})
+    with pytest.raises(ConfigError, match=r"^the site's node config: dp=1: must be true or"):
+        site_config({}, {"site": "a", "dp": 1})  # not silently truthy
+    with pytest.raises(ConfigError, match=r"^the server's message: lr=-1\.0: must be > 0$"):
+        site_config({}, {"site": "a"}, {"lr": -1.0})
+    assert site_config({}, {"site": "a", "dp": "true"}).dp is True  # the CLI's spelling
+    # Keys that are not the run config's (the round, the split) are the message's own.
+    assert site_config({}, {"site": "a"}, {"server-round": 3, "split": "test"}).lr > 0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_messages_own_fields_are_typed() -> None:
+    from client.message import ServerAsks
+
+    asks = ServerAsks.of(message(MessageType.TRAIN, {"server-round": 3, "proximal-mu": 0}))
+    assert asks.server_round == 3 and asks.proximal_mu == 0.0
+    for field, value, what in (
+        ("server-round", "x", "a number"),
+        ("best-round", 1.5, "an integer"),
+    ):
+        with pytest.raises(ValueError, match=f"^the server's message: {field}=.* is not {what}$"):
+            ServerAsks.of(message(MessageType.TRAIN, {field: value}))
 
 
 def test_deployed_site_paths_never_come_from_the_run_config(caplog, tmp_path) -> None:
     run = {"state-dir": "/srv/server-picked", "cache-dir": "/srv/c", "data-path": "/srv/d"}
     with caplog.at_level(logging.WARNING, logger="fedskin"):
         cfg = site_config(run, {"site": "a"})
-    assert cfg["state-dir"] == cfg["cache-dir"] == cfg["data-path"] == ""
+    assert cfg.state_dir == cfg.cache_dir == cfg.data_path == ""
     assert "ignored the run config's state-dir='/srv/server-picked'" in caplog.text
     # In simulation the run config is the user's own and names every site's folders.
     sim = site_config(run, {"partition-id": 0, "num-partitions": 2})
-    assert sim["state-dir"] == "/srv/server-picked"
+    assert sim.state_dir == "/srv/server-picked"
 
 
 def test_paths_are_confined(tmp_path) -> None:
