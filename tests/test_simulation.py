@@ -13,16 +13,16 @@ import torch
 from simulations.runner import simulate
 from tests.helpers import SITES, TINY, TRAIN_KEYS, check_network_json
 
-# Golden tolerances, from the spread measured between torch's CPU kernels on one machine
-# (ATEN_CPU_CAPABILITY=default vs avx2; see the issue note): round-1 figures agree to 0.005,
-# mean-over-sites test balanced accuracy to 0.03 (each site's own class prior; with
-# class-prior = "federation" this tiny run differed by 0.18 between kernels). Pooled test
-# figures depend on which round the validation picks as best (rounds 5 and 6 differ by up
-# to 0.25 on 90 validation images), so they are checked against a floor, not a golden value.
+# Golden figures: the early ones, where the run is not yet chaotic. Measured on this tiny run
+# under six CPU numerics (torch's default and AVX2 kernels, oneDNN capped at SSE4.1, MKL's
+# COMPATIBLE branch, two threads, nothing pinned; see tests/__init__.py for the pins):
+# round 1's training loss agreed to 1e-4, round 2's validation balanced accuracy spanned
+# 0.227-0.286. Later figures are chaotic (test balanced accuracy, mean over sites
+# 0.569-0.813, pooled 0.443-0.727; validation moves by up to 0.25 between rounds on 90
+# images): they are checked against floors well above chance (1/7), below every measured run.
 GOLDEN_TOL = {
-    "round1_train_loss_rosendahl": 0.05,
+    "round1_train_loss_rosendahl": 0.01,
     "round2_val_balanced_accuracy": 0.1,
-    "test_mean_site_balanced_accuracy": 0.12,
 }
 GOLDEN = Path(__file__).parent / "golden" / "simulation_tiny.json"
 
@@ -74,7 +74,6 @@ def test_golden_metrics(full_run):
     _, metrics = full_run
     val = [r["validation"]["global"]["balanced_accuracy"] for r in metrics["rounds"]]
     got = {
-        "test_mean_site_balanced_accuracy": metrics["test"]["mean_site_balanced_accuracy"],
         "round2_val_balanced_accuracy": val[1],
         "round1_train_loss_rosendahl": metrics["rounds"][0]["train"]["rosendahl"]["train_loss"],
     }
@@ -84,9 +83,12 @@ def test_golden_metrics(full_run):
     assert set(golden) == set(GOLDEN_TOL)
     for key, value in golden.items():
         assert math.isclose(got[key], value, abs_tol=GOLDEN_TOL[key]), (key, got[key], value)
-    # It learns clearly, on any kernel: well above chance (1/7), and better late than early.
-    assert metrics["test"]["global"]["balanced_accuracy"] > 0.35
-    assert max(val) > 0.45 and max(val[3:]) > val[0] + 0.2
+    # It learns clearly, on any kernel: well above chance, and better late than early.
+    test = metrics["test"]
+    assert test["global"]["balanced_accuracy"] > 0.3  # measured 0.443-0.727
+    assert test["mean_site_balanced_accuracy"] > 0.4  # measured 0.569-0.813
+    assert test["global"]["auroc"] > 0.75  # measured 0.838-0.932
+    assert max(val) > 0.4 and max(val[3:]) > val[0] + 0.2  # measured max 0.476-0.769
 
 
 @pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
@@ -146,3 +148,14 @@ def test_site_level_dp_run(tmp_path):
     assert metrics["rounds"][0]["aggregated"] and sorted(metrics["rounds"][0]["train"]) == SITES
     weights = _final_weights(tmp_path / "cdp")
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_cpu_numerics_are_pinned_before_torch_loads():
+    """tests/__init__.py's pins reached torch (it reads them when it loads): the golden
+    figures are computed with the same kernels and thread count on every x86-64 machine."""
+    capability = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
+    assert (
+        torch.backends.cpu.get_cpu_capability()
+        == capability[os.environ["ATEN_CPU_CAPABILITY"].lower()]
+    )
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
