@@ -38,6 +38,13 @@ def random_site(name: str, n_train: int, n_heldout: int, seed: int) -> SiteData:
     )
 
 
+def at_chance(n_members: int, n_nonmembers: int) -> float:
+    """How far from 0.5 an attack's AUC may land on data the model never saw: 3.5 standard
+    deviations of the AUC under the null (Mann-Whitney), 0.14 for 100 against 100. Measured
+    on site "b" across six CPU numerics: 0.423-0.588 (100/100), 0.428-0.609 (50/50)."""
+    return 3.5 * ((n_members + n_nonmembers + 1) / (12 * n_members * n_nonmembers)) ** 0.5
+
+
 def run_config(**kw: object) -> dict:
     cfg = dict(default_config())
     cfg.update({"model": "test_resnet", "augment": False, "loss": "ce", "amp": False})
@@ -48,13 +55,16 @@ def run_config(**kw: object) -> dict:
 
 @pytest.fixture(scope="module")
 def overfitted():
-    """A test_resnet trained 15 epochs on site "a"'s 100 train images; site "b" never seen."""
+    """A test_resnet trained 30 epochs on site "a"'s 100 train images; site "b" never seen.
+
+    30 epochs, not fewer: at 15 the attack's TPR at 1% FPR on "a" spanned 0.24-0.97 across
+    CPU numerics (one non-member's score sets the threshold); at 30, 0.65-0.98."""
     torch.set_num_threads(1)
     a = random_site("a", 100, 150, seed=1)
     b = random_site("b", 150, 100, seed=2)
     torch.manual_seed(0)
     model = build_model("test_resnet", len(CLASSES))
-    cfg = run_config(**{"local-epochs": 15})
+    cfg = run_config(**{"local-epochs": 30})
     metrics = train_local(
         model,
         torch.from_numpy(a.images["train"]),
@@ -97,7 +107,7 @@ def test_memorised_members_are_detected_and_unseen_ones_are_not(overfitted, tmp_
     assert result["b"]["n_members"] == result["b"]["n_nonmembers"] == 100
     for attack in ("loss", "confidence"):
         assert result["a"]["attacks"][attack]["auc"] > 0.7
-        assert abs(result["b"]["attacks"][attack]["auc"] - 0.5) < 0.1
+        assert abs(result["b"]["attacks"][attack]["auc"] - 0.5) < at_chance(100, 100)
     assert result["a"]["tpr_at_1pct_fpr"] > 0.3
     assert result["b"]["tpr_at_1pct_fpr"] < 0.15  # chance is 0.01, but n=100 is noisy
     # the same seed gives the same subsample and scores
@@ -119,5 +129,5 @@ def test_reference_attack(overfitted) -> None:
     assert result["b"]["n_members"] == 50
     assert result["a"]["attacks"]["reference"]["auc"] > 0.7
     assert np.isnan(result["a"]["attacks"]["reference"]["tpr_at_1pct_fpr"])  # only 75 non-members
-    assert abs(result["b"]["attacks"]["reference"]["auc"] - 0.5) < 0.15
+    assert abs(result["b"]["attacks"]["reference"]["auc"] - 0.5) < at_chance(50, 50)
     assert len(result["a"]["attacks"]["reference"]["roc_tpr"]) == 61
