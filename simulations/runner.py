@@ -257,8 +257,15 @@ def _setup_logging(verbose: bool) -> None:
         logger.addHandler(RichHandler(console=console, show_path=False, markup=False))
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    # Flower's logger sets itself to DEBUG when first imported: import it before setting it.
+    # It prints through its own handler; not propagating keeps a root handler (Opacus calls
+    # logging.basicConfig when imported) from printing each line again, DEBUG ones included.
+    import flwr.common.logger  # noqa: F401
+
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flower.setLevel(logging.WARNING)
 
 
 def _print_summary(metrics: dict[str, Any], seconds: float, run_dir: Path) -> None:

@@ -159,3 +159,32 @@ def test_cpu_numerics_are_pinned_before_torch_loads():
         == capability[os.environ["ATEN_CPU_CAPABILITY"].lower()]
     )
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
+
+
+def test_flowers_lines_are_printed_once_and_not_its_debug_ones():
+    """Flower prints through its own handler; Opacus' import-time logging.basicConfig puts a
+    handler on the root logger, which printed every Flower line again, DEBUG ones included."""
+    import logging
+
+    import opacus  # noqa: F401  (its root handler, as in a run)
+
+    from simulations.runner import _setup_logging
+
+    flower = logging.getLogger("flwr")
+    before = flower.level, flower.propagate
+    seen: list[logging.LogRecord] = []
+    catch = logging.Handler()
+    catch.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(catch)
+    try:
+        _setup_logging(verbose=False)
+        import flwr.simulation  # noqa: F401
+
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING):
+            flower.log(level, "a Flower line")
+        assert not seen, [r.getMessage() for r in seen]  # the root handlers saw none
+        assert not flower.isEnabledFor(logging.INFO)  # and Flower's own handler: warnings only
+    finally:
+        logging.getLogger().removeHandler(catch)
+        flower.setLevel(before[0])
+        flower.propagate = before[1]
