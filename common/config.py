@@ -210,7 +210,7 @@ class RunConfig:
         settings hold its node identity and the server's per-message fields; a run
         directory's ``config.toml`` may hold keys of an older fedskin): those are left to
         their owners; the run-config keys are checked as in :meth:`from_mapping`."""
-        known = _known_keys()
+        known = known_keys()
         return cls.from_mapping({k: v for k, v in values.items() if k in known})
 
     @classmethod
@@ -266,7 +266,9 @@ def config_keys() -> list[str]:
 
 
 @cache
-def _known_keys() -> frozenset[str]:
+def known_keys() -> frozenset[str]:
+    """Every run config key, as a set: for code that sorts keys into the run config's and
+    others (common/siteconfig.py)."""
     return frozenset(config_keys())
 
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig, config_keys, run_config_of
+from common.config import ConfigError, RunConfig, known_keys, run_config_of
 from common.data.schema import DataError
 from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
 from common.data.site_data import DATA_KEYS
@@ -56,7 +56,7 @@ SITE_KEYS = frozenset((*DATA_KEYS, *MANIFEST_KEYS, *IDENTITY_KEYS, *DP_KEYS, *DI
 PATH_KEYS = ("data-path", "manifest", "cache-dir", "state-dir")
 WRITTEN_DIRS = ("cache-dir", "state-dir")  # the site writes below these
 EVAL_SPLITS = ("validation", "test")
-_KNOWN = frozenset(config_keys())  # the run-config keys
+_KNOWN = known_keys()  # the run-config keys
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
