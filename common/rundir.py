@@ -19,13 +19,18 @@ A run directory (``runs/<run-name>`` unless ``out-dir`` names another) holds::
 
 Every file fedskin writes goes through :func:`atomic_write` (a temporary file in the same
 folder, flushed and fsynced, then ``os.replace``): a crash mid-write leaves the old file
-or the new one, never a truncated one.
+or the new one, never a truncated one. It never writes through a symbolic link: not at the
+file itself, nor at a run folder's subfolder (``checkpoints/``, ``site-state/``, ...) on
+the way to it; each folder is opened relative to the one before without following links.
 
 Checkpoints hold only tensors and plain data (dicts, lists, str, int, float, bool, None),
 so :func:`load_checkpoint` reads them with ``torch.load(..., weights_only=True)``: a
 checkpoint planted in a run directory cannot run code. Each one stores the run config it
 was written under; :func:`check_resume` refuses to continue under a config that changes
-the result, unless the user says so (``--force-resume`` / ``force-resume=true``).
+the result, unless the user says so (``--force-resume`` / ``force-resume=true``), and the
+SHA-256 of the manifest the run trains on: a resume on a changed manifest is refused, with
+or without the seal beside it (:func:`check_seal`). Its loop state must fit the loop's
+state dataclass: an unknown key is refused with one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -172,24 +178,118 @@ def run_dir_for(cfg: RunConfig | Mapping[str, Any]) -> Path:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(
-    path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any], *, mode: int | None = None
-) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# Folders of a run directory fedskin writes into (and makes itself): never through a link.
+RUN_SUBFOLDERS = frozenset({CHECKPOINTS, SITE_STATE, EXTERNAL, BENCH_WRITES})
 
-    ``data`` is bytes, text (UTF-8) or a function that writes to a binary file object. It
-    goes to a uniquely named temporary file beside ``path`` (same file system), which is
-    flushed and fsynced, then renamed over ``path`` with ``os.replace``; on any error the
-    temporary file is removed and ``path`` is left as it was. Missing parent folders are
-    created. The new file gets the usual permissions (0666 less the umask), or exactly
-    ``mode`` (a private key: 0600 from its creation, never briefly readable by others). The
-    temporary file is opened ``O_EXCL | O_NOFOLLOW``: never an existing file or a link.
+
+def link_refused(path: str | Path) -> DataError:
+    """The one-line error for a symbolic link where fedskin writes."""
+    return DataError(f"refusing to write through a symbolic link: {path}")
+
+
+def _is_link(name: str, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def open_subfolder(
+    dir_fd: int,
+    name: str,
+    shown: str | Path,
+    *,
+    mode: int | None = None,
+    force_mode: bool = False,
+    follow: bool = False,
+) -> int:
+    """An fd of the folder ``name`` inside the folder ``dir_fd``, made when missing.
+
+    Opened relative to ``dir_fd`` with ``O_DIRECTORY | O_NOFOLLOW``: a symbolic link there
+    is refused (:class:`DataError` of one line naming ``shown``), and the fd stays on the
+    folder that was checked even if a link is swapped in afterwards. A folder it makes gets
+    exactly ``mode`` (made 0700, then ``fchmod``: the umask can neither widen nor narrow
+    it) or, ``mode`` None, the usual 0777 less the umask; ``force_mode`` also sets ``mode``
+    on a folder that was there already. ``follow``: a link to a folder is followed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+    created = False
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o777 if mode is None else 0o700, dir_fd=dir_fd)
+        created = True
+    flags = os.O_RDONLY | _DIRECTORY | (0 if follow else _NOFOLLOW)
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        if not follow and _is_link(name, dir_fd):
+            raise link_refused(shown) from None
+        raise
+    try:
+        if mode is not None and (created or force_mode):
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_folder(
+    root: str | Path,
+    parts: tuple[str, ...] | list[str] = (),
+    *,
+    follow_root: bool = True,
+    mode: int | None = None,
+) -> int:
+    """An fd of ``root/parts...``, each part opened by :func:`open_subfolder` (made with
+    ``mode`` when missing; a link refused, one line naming it). ``root`` is made when
+    missing (with its parents) and, ``follow_root`` False, may not be a link itself; the
+    folders above it are the user's and are followed."""
+    root = Path(root)
+    if follow_root:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY | _DIRECTORY)
+    else:
+        root = root.absolute()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        parent = os.open(root.parent, os.O_RDONLY | _DIRECTORY)
+        try:
+            fd = open_subfolder(parent, root.name, root, mode=mode)
+        finally:
+            os.close(parent)
+    shown = root
+    for part in parts:
+        shown = shown / part
+        try:
+            sub = open_subfolder(fd, part, shown, mode=mode)
+        finally:
+            os.close(fd)
+        fd = sub
+    return fd
+
+
+def write_at(
+    dir_fd: int,
+    name: str,
+    data: bytes | str | Callable[[IO[bytes]], Any],
+    *,
+    mode: int | None = None,
+    shown: str | Path | None = None,
+) -> None:
+    """Write the file ``name`` inside the folder ``dir_fd`` atomically (see
+    :func:`atomic_write`); ``name`` may not be a symbolic link (one line naming ``shown``).
+
+    The temporary file is created relative to ``dir_fd`` with ``O_CREAT | O_EXCL |
+    O_WRONLY | O_NOFOLLOW`` and ``mode`` from the start, and renamed over ``name`` inside the
+    same folder: the bytes land in the folder that was checked, whatever is swapped in
+    along the path meanwhile.
+    """
+    shown = name if shown is None else shown
+    if _is_link(name, dir_fd):
+        raise link_refused(shown)
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+    fd = os.open(tmp, flags, 0o666 if mode is None else mode, dir_fd=dir_fd)
     try:
         if mode is not None:
             os.fchmod(fd, mode)  # exactly this mode, whatever the umask
@@ -200,23 +300,67 @@ def atomic_write(
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(dir_fd)  # the rename itself durable (POSIX)
+
+
+def _guarded_root(path: Path) -> tuple[Path, tuple[str, ...]]:
+    """Where the link checks of :func:`atomic_write` start: above the outermost run-folder
+    subfolder (:data:`RUN_SUBFOLDERS`, in a folder holding a config.toml) among the file's
+    three nearest folders, else at the file's own folder."""
+    root, parts = path.parent, ()
+    for folder in list(path.parents)[:3]:
+        if folder.name in RUN_SUBFOLDERS and (folder.parent / CONFIG).is_file():
+            root, parts = folder.parent, path.parent.relative_to(folder.parent).parts
+    return root, parts
+
+
+def atomic_write(
+    path: str | Path,
+    data: bytes | str | Callable[[IO[bytes]], Any],
+    *,
+    mode: int | None = None,
+    root: str | Path | None = None,
+) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole.
+
+    ``data`` is bytes, text (UTF-8) or a function that writes to a binary file object. It
+    goes to a uniquely named temporary file beside ``path`` (same file system), which is
+    flushed and fsynced, then renamed over ``path`` with ``os.replace``; on any error the
+    temporary file is removed and ``path`` is left as it was. Missing parent folders are
+    created. The new file gets the usual permissions (0666 less the umask), or exactly
+    ``mode`` (a private key: 0600 from its creation, never briefly readable by others). The
+    temporary file is opened ``O_EXCL | O_NOFOLLOW``: never an existing file or a link.
+
+    Never through a symbolic link: ``path`` itself may not be one, nor any folder below
+    ``root`` on the way to it (each opened relative to the one before, ``O_NOFOLLOW``, so
+    a link swapped in after the check is not followed either); a :class:`DataError` of one
+    line names it. Without ``root``, the checks start above a run folder's subfolder
+    (``checkpoints/``, ``site-state/``, ``external/``, ``bench-writes/`` of a folder with a
+    config.toml), else at ``path``'s own folder; the folders above are the user's.
+    """
+    path = Path(path)
+    if root is None:
+        start, parts = _guarded_root(path)
+    else:
+        start = Path(root)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            parts = path.parent.relative_to(start).parts
+        except ValueError:
+            raise ValueError(f"{path} is not inside {start}") from None
+        if ".." in parts:
+            raise ValueError(f"{path} leaves {start}")
+    fd = open_folder(start, parts)
+    try:
+        write_at(fd, path.name, data, mode=mode, shown=path)
+    finally:
+        os.close(fd)
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -311,7 +455,34 @@ def save_checkpoint(
         "strategy": _storable(dict(strategy)),
         "config": _storable(dict(config), arrays="list"),
     }
-    return atomic_torch_save(path, ckpt)
+    manifest = _config_manifest(config)
+    if manifest is not None and manifest.is_file():  # the run now knows this manifest
+        ckpt["manifest"] = {"path": str(manifest), "sha256": file_sha256(manifest)}
+    path = Path(path)
+    # checkpoints/ of a run folder: never written through a link in or at it
+    root = path.parent.parent if path.parent.name == CHECKPOINTS else None
+    return atomic_write(path, lambda f: _torch_save(ckpt, f), root=root)
+
+
+def _torch_save(obj: Any, f: IO[bytes]) -> None:
+    import torch
+
+    torch.save(obj, f)
+
+
+def _config_manifest(config: Mapping[str, Any] | None) -> Path | None:
+    """The manifest file a run config names (``manifest``), or None."""
+    value = (config or {}).get("manifest")
+    return Path(value).expanduser() if isinstance(value, str) and value else None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _numpy_globals() -> list[Any]:
@@ -359,9 +530,82 @@ def read_checkpoint(path: str | Path) -> Any:
         ) from None
 
 
+# The dataclass whose fields a checkpoint's ``state`` fills (the server loop's LoopState),
+# as "module:name": looked up when a checkpoint is loaded, so common/ imports no server code
+# at import time and a field added to the loop's state is known here at once.
+STATE_CLASS = "server.loop:LoopState"
+
+
+def _accepted(hint: Any) -> tuple[type, ...]:
+    """The runtime types a value annotated ``hint`` may have (``object``: any)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint) or hint
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(hint) for t in _accepted(a))
+    if origin is float:
+        return (float, int)
+    if origin is type(None) or hint is None:
+        return (type(None),)
+    return (origin,) if isinstance(origin, type) and origin is not object else (object,)
+
+
+def state_fields(
+    spec: str | None = None,
+) -> tuple[dict[str, tuple[type, ...]], set[str]] | None:
+    """``({field: accepted types}, required fields)`` of the loop-state dataclass named by
+    ``spec`` (default :data:`STATE_CLASS`); None when it cannot be imported (a state is
+    then not checked key by key)."""
+    import dataclasses
+    import importlib
+    import typing
+
+    module, _, name = (spec or STATE_CLASS).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+    except (ImportError, AttributeError, NameError, TypeError):
+        return None
+    missing = dataclasses.MISSING
+    required = {f.name for f in fields if f.default is missing and f.default_factory is missing}
+    return {f.name: _accepted(hints.get(f.name, Any)) for f in fields}, required
+
+
+def state_error(
+    state: Mapping[str, Any], spec: str | None = None, *, complete: bool = False
+) -> str | None:
+    """Why a checkpoint's ``state`` cannot fill the loop's state dataclass, or None: an
+    unknown key, a value of the wrong type, or (``complete``: it is about to) a missing
+    required key."""
+    spec_fields = state_fields(spec)
+    if spec_fields is None:
+        return None
+    fields, required = spec_fields
+    for key in state:
+        if key not in fields:
+            shown = " ".join(repr(key).split())[:60]
+            return f"unknown state key {shown} (known: {', '.join(sorted(fields))})"
+    for key in sorted(required - set(state)) if complete else ():
+        return f"state key {key!r} is missing"
+    for key, value in state.items():
+        accepted = fields[key]
+        if object in accepted:
+            continue
+        if isinstance(value, bool) and bool not in accepted:  # True is an int to isinstance
+            return f"state key {key!r} holds bool, not {accepted[0].__name__}"
+        if not isinstance(value, accepted):
+            return f"state key {key!r} holds {type(value).__name__}, not {accepted[0].__name__}"
+    return None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint the server loop wrote (see :func:`save_checkpoint`), checked for shape.
 
+    Its ``state`` must fit the loop's state (:data:`STATE_CLASS`): an unknown key, a
+    missing required one or a value of the wrong type is a :class:`DataError` of one line
+    naming the file and the key, never a TypeError when the loop builds its state.
     Older checkpoints (no ``format``/``config`` entry) load too; their ``config`` is None.
     """
     import torch
@@ -377,9 +621,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt.get("strategy", {}), dict
     ):
         raise DataError(f"{path}: not a fedskin checkpoint ('state'/'strategy' are not dicts)")
+    if "state" in ckpt and (why := state_error(ckpt["state"])):
+        raise DataError(f"{path}: refused, {why}; it was not loaded")
+    config = ckpt.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise DataError(f"{path}: not a fedskin checkpoint ('config' is not a dict)")
+    manifest = ckpt.get("manifest")
+    if manifest is not None and not (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("path"), str)
+        and isinstance(manifest.get("sha256"), str)
+    ):
+        raise DataError(f"{path}: not a fedskin checkpoint ('manifest' is not a path and hash)")
     ckpt.setdefault("state", {})
     ckpt.setdefault("strategy", {})
     ckpt.setdefault("config", None)
+    ckpt.setdefault("manifest", None)
     return ckpt
 
 
@@ -445,7 +702,9 @@ def resume_checkpoint(
     """The run directory's last checkpoint, checked against ``config``; None if there is none.
 
     A checkpoint without a stored config is compared with the run directory's config.toml
-    when there is one.
+    when there is one. Its state must hold every key the loop's state needs, and the
+    manifest the config names must be the one the run trained on
+    (:func:`check_known_manifest`); both refused with one line naming the file.
     """
     rd = RunDir(Path(run_dir))
     if not rd.checkpoint("last").is_file():
@@ -455,7 +714,48 @@ def resume_checkpoint(
     if saved is None and rd.config.is_file():
         saved = read_toml(rd.config)
     check_resume(saved, config, rd.checkpoint("last"), force)
+    if why := state_error(ckpt["state"], complete=True):  # the loop's state is made from it
+        raise DataError(f"{rd.checkpoint('last')}: refused, {why}; it was not loaded")
+    check_known_manifest(ckpt, config, rd.root)
     return ckpt
+
+
+def known_manifest(ckpt: Mapping[str, Any] | None, run_dir: str | Path | None = None) -> str | None:
+    """The SHA-256 of the manifest a run already trained on, or None when it knows none.
+
+    From its checkpoint (``manifest``, recorded by :func:`save_checkpoint` with every
+    round), else from the copy the runner keeps in the run folder (``manifest.csv``) when
+    the checkpoint's config names a manifest file.
+    """
+    recorded = (ckpt or {}).get("manifest")
+    if isinstance(recorded, Mapping) and isinstance(recorded.get("sha256"), str):
+        return str(recorded["sha256"])
+    if run_dir is not None and _config_manifest((ckpt or {}).get("config")) is not None:
+        copy = RunDir(Path(run_dir)).manifest
+        if copy.is_file() and not copy.is_symlink():
+            return file_sha256(copy)
+    return None
+
+
+def check_known_manifest(
+    ckpt: Mapping[str, Any], config: Mapping[str, Any], run_dir: str | Path | None = None
+) -> None:
+    """Refuse to resume on a manifest file other than the one the run trained on.
+
+    When the run config names the same manifest file as the checkpoint's config did (a
+    different file is a config change: :func:`check_resume`), its bytes must hash to what
+    the run recorded (:func:`known_manifest`), with or without a seal beside it and even
+    under force-resume: relabelled, moved or truncated rows would silently change what the
+    resumed model learns and is evaluated on.
+    """
+    current = _config_manifest(config)
+    saved = _config_manifest(ckpt.get("config"))
+    if current is None or (saved is not None and saved != current) or not current.exists():
+        return  # no manifest here (a missing one is refused by whoever reads it)
+    expected = known_manifest(ckpt, run_dir)
+    if expected is None:
+        return
+    check_seal(current, None, None, known_sha256=expected)
 
 
 # ----------------------------------------------------------------------------- manifest seal
@@ -475,11 +775,41 @@ def manifest_seal(text: str, rows: int, sites: int) -> dict[str, Any]:
     }
 
 
-def check_seal(manifest: str | Path, rows: int, sites: int) -> None:
-    """Refuse a manifest that no longer matches the seal written with it (truncated or
-    changed since); a manifest without a seal (written by hand or by ``fedskin partition``)
-    is not checked."""
+def check_seal(
+    manifest: str | Path,
+    rows: int | None,
+    sites: int | None,
+    *,
+    known_sha256: str | None = None,
+) -> None:
+    """Refuse a manifest that no longer matches what was recorded of it.
+
+    Two records are checked:
+
+    * the seal written beside a derived manifest (:func:`seal_path`): its row count
+      (``rows``), site count (``sites``; None: not compared) and SHA-256 must match;
+    * ``known_sha256``, the hash a run recorded of the manifest it trained on (its
+      checkpoint, :func:`known_manifest`): the file must have exactly those bytes.
+
+    The rule: a manifest a run already knows is checked against the run's own record, so
+    deleting (or rewriting) the seal beside it does not get a relabelled manifest past the
+    resume. A manifest no run knows yet and without a seal (written by hand, or by
+    ``fedskin partition``) is accepted as it is: it starts a new run, which records it.
+    A seal is no signature: anyone who can rewrite the manifest can rewrite the seal; it
+    catches truncation and accidental edits of a derived manifest.
+    """
     path = Path(manifest)
+    if known_sha256 is not None:
+        try:
+            sha = file_sha256(path)
+        except OSError as err:
+            raise DataError(f"{path}: unreadable manifest ({_one_line(err)})") from None
+        if sha != known_sha256:
+            raise DataError(
+                f"{path}: changed since the run trained on it (SHA-256 {sha[:12]}..., the run "
+                f"recorded {known_sha256[:12]}...); restore it, or start a new run "
+                "(another out-dir) on the changed manifest"
+            )
     seal = seal_path(path)
     if not seal.is_file():
         return
@@ -488,7 +818,9 @@ def check_seal(manifest: str | Path, rows: int, sites: int) -> None:
         want_rows, want_sites, want_sha = expected["rows"], expected["sites"], expected["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{seal}: unreadable manifest check file ({_one_line(err)})") from None
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = file_sha256(path)
+    rows = want_rows if rows is None else rows
+    sites = want_sites if sites is None else sites
     if sha != want_sha or rows != want_rows or sites != want_sites:
         raise DataError(
             f"{path}: truncated or changed since it was written ({rows} rows and {sites} "

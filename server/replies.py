@@ -21,7 +21,9 @@ What an honest site sends is fixed by the client code of this version:
 from __future__ import annotations
 
 import math
+import re
 import statistics
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -46,13 +48,54 @@ def guarded(check: Callable[..., str | None], *args: Any, **kwargs: Any) -> str 
         return f"malformed reply ({type(err).__name__}: {_short(err)})"
 
 
-def _short(value: Any, limit: int = 120) -> str:
-    text = " ".join(str(value).split())
+# ANSI/VT escape sequences: CSI (ESC [ ... final byte, or the 8-bit CSI U+009B), OSC and
+# the other string commands (ESC ] / P / X / ^ / _ ... ended by BEL or ESC \\), and the
+# two-character ones (ESC + one byte). Removed whole, so a site cannot recolour, move the
+# cursor in, retitle or clear the server operator's terminal.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -~]?"
+)
+
+
+def _visible(ch: str) -> str:
+    """One character as it may appear in a log line: whitespace (newlines included) a
+    space; any other control, format (bidi overrides, zero-width) or unassigned/private
+    character its visible escape (``\\x07``, ``\\u202e``); everything else itself."""
+    if ch.isspace():
+        return " "
+    if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+        code = ord(ch)
+        if code < 0x100:
+            return f"\\x{code:02x}"
+        return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return ch
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe to put on one line of the server log or into metrics.json.
+
+    Terminal escape sequences (ESC ``[``... colours, cursor moves, OSC titles) are removed;
+    newlines, tabs and other whitespace runs become one space; any remaining control or
+    invisible format character (bidi overrides, zero-width joiners, ...) becomes a visible
+    escape such as ``\\x07`` or ``\\u202e``. The result is cut to ``limit`` characters
+    (ending in ``...`` when cut). Use it on every string a site supplies before it goes
+    into a reason, a log line or a report.
+    """
+    text = _ESCAPES.sub("", str(text))
+    text = " ".join("".join(_visible(ch) for ch in text).split())
+    limit = max(int(limit), 3)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """``str(value)`` as :func:`printable` shows it: one clean line of at most ``limit``."""
+    return printable(str(value), limit)
+
+
 def _shown(value: Any) -> str:
-    """``repr(value)``, shortened for a one-line reason."""
+    """``repr(value)``, shortened for a one-line reason (:func:`printable`)."""
     return _short(repr(value), 60)
 
 
@@ -286,4 +329,53 @@ def discovery_error(content: RecordDict) -> str | None:
             return f"train-counts={_shown(counts)} is not a list of non-negative integers"
         if sum(counts) != int(info["n-train"]):
             return f"train-counts sum to {sum(counts)}, not n-train={int(info['n-train'])}"
+    return None
+
+
+# Site names a reader could take for one another once printed: case, and the ASCII
+# look-alikes 0/O, 1/l/I, rn/m, vv/w and the separators - _ . and space.
+_LOOK_ALIKE = str.maketrans({"0": "o", "1": "l", "i": "l", "_": "-", ".": "-", " ": "-"})
+
+
+def site_skeleton(name: str) -> str:
+    """What ``name`` looks like to a reader: NFKC, casefolded, ASCII look-alikes merged.
+
+    Two site names with the same skeleton are confusable in a log or a report (``Alpha``
+    and ``alpha``, ``site-1`` and ``site_l``, ``clinic-m`` and ``clinic-rn``).
+    """
+    text = unicodedata.normalize("NFKC", name).casefold()
+    return text.replace("rn", "m").replace("vv", "w").translate(_LOOK_ALIKE)
+
+
+def site_name_error(name: Any, taken: Iterable[str] = ()) -> str | None:
+    """Why a site may not use ``name`` next to the ``taken`` names, or None.
+
+    A site name is printed in every log line, report and metrics.json about that site, so
+    it must read as exactly one thing: a string of 1..:data:`MAX_SITE_NAME` printable ASCII
+    characters (letters, digits, punctuation, inner single spaces), with no leading or
+    trailing space, unchanged by NFKC normalisation. Any non-ASCII character is refused,
+    which rules out homoglyphs (Cyrillic ``а`` in ``аlpha``), invisible and bidi
+    characters. A name whose :func:`site_skeleton` equals a taken one's is refused as
+    confusable; the same name as a taken one is "already claimed by another node".
+    """
+    if not isinstance(name, str) or not name.strip():
+        return f"site={_shown(name)} is not a non-empty name"
+    if len(name) > MAX_SITE_NAME:
+        return f"site={_shown(name)} is longer than {MAX_SITE_NAME} characters"
+    if unicodedata.normalize("NFKC", name) != name or not all(" " <= c <= "~" for c in name):
+        return (
+            f"site={_shown(name)} is not a plain ASCII name (letters, digits, punctuation); "
+            "non-ASCII and control characters are refused"
+        )
+    if name != name.strip() or "  " in name:
+        return f"site={_shown(name)} has leading, trailing or repeated spaces"
+    skeleton = site_skeleton(name)
+    for other in taken:
+        if other == name:
+            return f"site {name!r} is already claimed by another node"
+        if site_skeleton(str(other)) == skeleton:
+            return (
+                f"site {name!r} is confusable with the site {printable(repr(other), 60)} "
+                "already claimed by another node"
+            )
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
@@ -221,3 +222,174 @@ def test_deploy_cli_add_sites(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "sites/b/supernode.key" in res.output
     assert (out / "sites" / "b" / "supernode.pub").is_file()
+
+
+# ------------------------------------------------------------------ hostile neighbours
+def _folder_modes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): _mode(p) for p in [out, *out.rglob("*")] if p.is_dir()}
+
+
+def test_umask_000_gives_no_group_or_world_writable_folders(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        files = make_federation(tmp_path / "keys", sites=["a", "b"], days=1)
+        add_site_keys(tmp_path / "keys", ["c"])
+    finally:
+        os.umask(old)
+    modes = _folder_modes(files.out_dir)
+    assert modes == {
+        ".": 0o755,
+        "ca": 0o700,
+        "superlink": 0o700,
+        "sites": 0o755,
+        "sites/a": 0o700,
+        "sites/b": 0o700,
+        "sites/c": 0o700,
+    }, modes
+    for path in files.out_dir.rglob("*"):
+        if path.is_file():
+            assert _mode(path) in (0o600, 0o644), path
+            assert _mode(path) == 0o600 or not path.name.endswith(".key"), path
+    assert _mode(files.sites["a"].private_key) == _mode(files.ca_key) == 0o600
+
+
+def test_overwrite_tightens_existing_private_folders(tmp_path: Path) -> None:
+    out = tmp_path / "keys"
+    (out / "sites" / "a").mkdir(parents=True)
+    (out / "ca").mkdir()
+    os.chmod(out / "sites" / "a", 0o777)
+    os.chmod(out / "ca", 0o775)
+    make_federation(out, sites=["a"], days=1)
+    assert _mode(out / "sites" / "a") == _mode(out / "ca") == 0o700
+
+
+@pytest.mark.parametrize("where", ["sites/new", "sites", "."])
+def test_a_symlink_where_a_site_folder_goes_is_refused(tmp_path: Path, where: str) -> None:
+    out = tmp_path / "keys"
+    make_federation(out, sites=["a"], days=1)
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    if where == ".":  # the whole output folder swapped for a link
+        out.rename(tmp_path / "real")
+        out.symlink_to(tmp_path / "real")
+        attacker = tmp_path / "real"
+        before = sorted(p.name for p in attacker.rglob("*"))
+    else:
+        if (out / where).exists():
+            (out / where).rename(tmp_path / "moved")
+        (out / where).symlink_to(attacker, target_is_directory=True)
+        before = []
+    with pytest.raises(ValueError, match=r"^refusing to write through a symbolic link: ") as err:
+        add_site_keys(out, ["new"])
+    assert "\n" not in str(err.value) and str(out / where).rstrip("/.") in str(err.value)
+    assert sorted(p.name for p in attacker.rglob("*")) == before  # nothing written there
+
+
+def test_a_link_swapped_in_after_the_check_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: the folder is fine when checked and a link when the key is written. The
+    writes open each folder relative to its parent, O_NOFOLLOW: the link is refused."""
+    from server import deploy
+
+    out = tmp_path / "keys"
+    make_federation(out, sites=["a"], days=1)
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    checked = deploy.check_ca  # the last step before the writes: every check is done
+
+    def check_then_swap(out_dir: Path, fingerprint: str | None = None) -> bytes:
+        pem = checked(out_dir, fingerprint)
+        (out / "sites" / "late").symlink_to(attacker, target_is_directory=True)
+        return pem
+
+    monkeypatch.setattr(deploy, "check_ca", check_then_swap)
+    with pytest.raises(ValueError, match=r"^refusing to write through a symbolic link: .*late"):
+        add_site_keys(out, ["late"])
+    assert not list(attacker.iterdir())
+    (out / "sites" / "late").unlink()
+
+    def swap_key(out_dir: Path, fingerprint: str | None = None) -> bytes:
+        pem = checked(out_dir, fingerprint)
+        (out / "sites" / "b").mkdir(mode=0o700)
+        (out / "sites" / "b" / "supernode.key").symlink_to(attacker / "stolen.key")
+        return pem
+
+    monkeypatch.setattr(deploy, "check_ca", swap_key)
+    with pytest.raises(ValueError, match=r"^refusing to write through a symbolic link: "):
+        add_site_keys(out, ["b"])
+    assert not list(attacker.iterdir())
+
+
+def _other_ca(tmp_path: Path) -> FederationFiles:
+    return make_federation(tmp_path / "evil", sites=["x"], days=1)
+
+
+def test_add_sites_refuses_a_replaced_ca_certificate(tmp_path: Path) -> None:
+    out = tmp_path / "keys"
+    files = make_federation(out, sites=["a"], days=1)
+    genuine = files.ca_cert.read_bytes()
+    evil = _other_ca(tmp_path)
+    files.ca_cert.chmod(0o644)
+    files.ca_cert.write_bytes(evil.ca_cert.read_bytes())
+    with pytest.raises(ValueError) as err:
+        add_site_keys(out, ["b"])
+    text = str(err.value)
+    assert text.startswith(f"{files.ca_cert}: refusing to copy it") and "\n" not in text
+    assert not (out / "sites" / "b").exists()
+    # The CA key offline and the fingerprint file replaced too: the SuperLink certificate
+    # the genuine CA issued still gives it away.
+    files.ca_key.unlink()
+    files.ca_fingerprint.write_bytes(evil.ca_fingerprint.read_bytes())
+    with pytest.raises(ValueError, match=r"ca\.crt: .*server\.crt was not issued by it"):
+        add_site_keys(out, ["b"])
+    # Everything local replaced: the fingerprint the admin kept from the README refuses it.
+    for name in ("server.crt", "ca.crt"):
+        (out / "superlink" / name).write_bytes((evil.out_dir / "superlink" / name).read_bytes())
+    kept = next(
+        line.split(": ", 1)[1]
+        for line in files.readme.read_text().splitlines()  # type: ignore[union-attr]
+        if line.startswith("CA certificate fingerprint: ")
+    )
+    with pytest.raises(ValueError, match=r"ca\.crt: .*is not the one given"):
+        add_site_keys(out, ["b"], ca_fingerprint=kept)
+    assert not (out / "sites" / "b").exists()
+    # The genuine certificate back: accepted, with the fingerprint the README gave.
+    files.ca_cert.write_bytes(genuine)
+    for name in ("server.crt", "ca.crt"):
+        (out / "superlink" / name).unlink()
+    files.ca_fingerprint.unlink()
+    with pytest.raises(ValueError, match="nothing to check it against"):
+        add_site_keys(out, ["b"])
+    added = add_site_keys(out, ["b"], ca_fingerprint=kept.upper().replace("SHA256:", ""))
+    assert added["b"].ca_cert.read_bytes() == genuine
+
+
+def test_add_sites_refuses_a_ca_certificate_that_is_not_one(tmp_path: Path) -> None:
+    out = tmp_path / "keys"
+    files = make_federation(out, sites=["a"], days=1)
+    files.ca_cert.write_bytes(files.server_cert.read_bytes())  # a leaf, not a CA
+    with pytest.raises(ValueError, match=r"ca\.crt: refusing .*not an EC CA certificate"):
+        add_site_keys(out, ["b"])
+    files.ca_cert.write_text("garbage\n")
+    with pytest.raises(ValueError, match=r"ca\.crt: refusing .*not a PEM CA certificate"):
+        add_site_keys(out, ["b"])
+    files.ca_cert.unlink()
+    files.ca_cert.symlink_to(tmp_path / "elsewhere.crt")
+    with pytest.raises(ValueError, match=r"^refusing to write through a symbolic link: .*ca\.crt"):
+        add_site_keys(out, ["b"])
+
+
+def test_deploy_cli_add_sites_with_a_replaced_ca_is_one_line(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command()(deploy_cli)
+    out = tmp_path / "keys"
+    runner = CliRunner()
+    assert runner.invoke(app, [str(out), "--site", "a"]).exit_code == 0
+    evil = _other_ca(tmp_path)
+    (out / "ca" / "ca.crt").write_bytes(evil.ca_cert.read_bytes())
+    res = runner.invoke(app, [str(out), "--site", "b", "--add-sites"], env={"COLUMNS": "400"})
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "ca.crt: refusing to copy it to new sites" in lines[0], lines
+    assert not (out / "sites" / "b").exists()

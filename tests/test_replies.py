@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,8 +42,12 @@ from server.replies import (
     evaluate_keys,
     evaluate_reply_error,
     guarded,
+    key_set_error,
     local_steps,
     norm_bound_errors,
+    printable,
+    site_name_error,
+    site_skeleton,
     train_reply_error,
     update_norm,
 )
@@ -758,3 +763,76 @@ def test_no_counts_are_sent_when_a_site_withholds_them_or_the_prior_is_the_sites
     assert any("bravo sent no class counts" in line for line in fedskin_log)
     configs = _train_configs(tmp_path / "b", _counted(COUNTS), **{"class-prior": "site"})
     assert not any("class-counts" in c for c in configs)
+
+
+# ------------------------------------------------- site text in the log and metrics.json
+def test_printable_removes_escapes_newlines_and_controls() -> None:
+    raw = "\x1b[31mred\x1b[0m line1\nline2\r\n\ttab \x1b]0;pwned title\x07end \x1b[2J"
+    shown = printable(raw)
+    assert shown == "red line1 line2 tab end"
+    assert printable("bell\x07 rtl\u202eevil zw\u200bj \x9b31mC1") == (
+        "bell\\x07 rtl\\u202eevil zw\\u200bj C1"  # 8-bit CSI: a whole sequence too
+    )
+    long = printable("x" * 500, limit=50)
+    assert len(long) == 50 and long.endswith("...")
+    assert printable("plain text, kept: é ü 漢") == "plain text, kept: é ü 漢"
+    for text in (raw, "\x1b", "\x1b[", "a\x1b]8;;http://x\x1b\\b", "\u2028\x85\x0b"):
+        out = printable(text)
+        assert out.isprintable() and "\x1b" not in out and "\n" not in out, out
+
+
+def test_site_supplied_text_in_reasons_is_one_clean_line() -> None:
+    """Keys and exception texts a site controls reach a reason only through printable."""
+    why = key_set_error(["num-examples", "\x1b[2Jevil\nFAKE LOG LINE"], ["num-examples"])
+    assert why is not None and "\n" not in why and "\x1b" not in why
+    assert "evil FAKE LOG LINE" in why
+
+    def raises(content: RecordDict) -> str | None:
+        raise ValueError("bad\n\x1b[31mINFO round 9: all good\x1b[0m" + "y" * 300)
+
+    why = guarded(raises, RecordDict())
+    assert why is not None and why.isprintable() and "\x1b" not in why and len(why) < 200
+    assert "bad INFO round 9: all good" in why
+    assert discovery_error(_info(site="a\x1b[2Jb")(honest_info("a", 3))) == (
+        "site='a\\x1b[2Jb' is not a printable name of at most 200"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "taken", "match"),
+    [
+        ("\u0430lpha", [], "not a plain ASCII name"),  # Cyrillic a
+        ("\u0430lpha", ["alpha"], "not a plain ASCII name"),
+        ("alpha\u200b", [], "not a plain ASCII name"),  # zero-width space
+        ("\uff41lpha", [], "not a plain ASCII name"),  # fullwidth a: NFKC changes it
+        ("al\npha", [], "not a plain ASCII name"),
+        ("Zürich", [], "not a plain ASCII name"),
+        ("  ", [], "not a non-empty name"),
+        (7, [], "not a non-empty name"),
+        (" alpha", [], "leading, trailing or repeated spaces"),
+        ("x" * 201, [], "longer than 200"),
+        ("alpha", ["alpha"], "^site 'alpha' is already claimed by another node$"),
+        ("Alpha", ["alpha"], "confusable with the site 'alpha'"),
+        ("site-1", ["site_l"], "confusable with the site 'site_l'"),
+        ("clinic-m", ["clinic-rn"], "confusable"),
+        ("h0spital", ["hospital"], "confusable"),
+        ("sIte", ["\u0455ite"], "confusable|claimed"),  # taken list is what was accepted
+    ],
+)
+def test_site_name_error_refuses_homoglyphs_and_confusables(
+    name: Any, taken: list[str], match: str
+) -> None:
+    why = site_name_error(name, taken)
+    if match == "confusable|claimed":  # a non-ASCII taken name is compared by skeleton
+        assert why is None or "confusable" in why
+        return
+    assert why is not None and re.search(match, why), why
+    assert "\n" not in why and "\x1b" not in why
+
+
+def test_site_name_error_accepts_distinct_plain_names() -> None:
+    taken = ["alpha", "bravo", "hospital-a", "clinic.c"]
+    for name in ("charlie", "hospital-b", "Vienna DIAS", "site_2", "ISIC 2019 (BCN)"):
+        assert site_name_error(name, taken) is None, name
+    assert site_name_error("alpha") is None and site_name_error("alpha", iter([])) is None
+    assert site_skeleton("Site-1") == site_skeleton("site_l") == site_skeleton("SITE.I")

@@ -52,7 +52,7 @@ def test_a_failed_rename_leaves_the_old_file(tmp_path: Path, monkeypatch) -> Non
     path = tmp_path / "history.csv"
     atomic_write_text(path, "old")
 
-    def refuse(src, dst) -> None:
+    def refuse(src, dst, **dir_fds) -> None:  # renamed inside the folder's fd
         raise OSError("rename failed")
 
     monkeypatch.setattr(rundir.os, "replace", refuse)
@@ -301,3 +301,198 @@ def test_a_malformed_toml_config_is_one_line_naming_it(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:  # a run directory's config.toml (evaluate, audit)
         rundir.read_toml(bad)
     _one_line_naming(err.value, bad)
+
+
+# ----------------------------------------------------------------- hostile run folders
+
+
+def _state(**extra) -> dict:
+    return {"run_tag": "t", "round": 1, "best_round": 1, "best_score": 0.5, "rounds": [], **extra}
+
+
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        (_state(planted=1), "unknown state key 'planted'"),
+        (_state(**{"x\n\x1b[2J": 1}), "unknown state key 'x\\n\\x1b[2J'"),
+        (_state(round="3"), "state key 'round' holds str, not int"),
+        (_state(round=True), "state key 'round' holds bool"),
+        (_state(rounds={"a": 1}), "state key 'rounds' holds dict, not list"),
+    ],
+)
+def test_a_checkpoint_with_a_state_the_loop_cannot_take_is_one_line(
+    tmp_path: Path, state: dict, says: str
+) -> None:
+    last = rundir.save_checkpoint(
+        RunDir(tmp_path).checkpoint("last"), {"w": torch.ones(3)}, state, {}, _cfg()
+    )
+    for load in (rundir.load_checkpoint, lambda _: rundir.resume_checkpoint(tmp_path, _cfg())):
+        with pytest.raises(DataError) as err:
+            load(last)
+        text = _one_line_naming(err.value, last)
+        assert says in text and "refused" in text, text
+    with pytest.raises(DataError) as err:  # what the loop does on resume: no TypeError
+        _federation(tmp_path, _cfg())._start(_initial(), resume=True)
+    assert says in _one_line_naming(err.value, last)
+
+
+def test_a_state_missing_a_required_key_is_refused_on_resume_only(tmp_path: Path) -> None:
+    state = {k: v for k, v in _state().items() if k != "run_tag"}
+    last = rundir.save_checkpoint(
+        RunDir(tmp_path).checkpoint("last"), {"w": torch.ones(3)}, state, {}, _cfg()
+    )
+    assert rundir.load_checkpoint(last)["state"]["round"] == 1  # audit, evaluate: fine
+    with pytest.raises(DataError) as err:
+        rundir.resume_checkpoint(tmp_path, _cfg())
+    assert "state key 'run_tag' is missing" in _one_line_naming(err.value, last)
+    fields, required = rundir.state_fields()  # type: ignore[misc]
+    assert required == {"run_tag"} and {"round", "best_score", "rounds"} <= set(fields)
+
+
+def test_checkpoints_are_not_written_through_a_symlinked_folder(tmp_path: Path) -> None:
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    ckpt = RunDir(run).checkpoint("last")
+    with pytest.raises(DataError) as err:
+        rundir.save_checkpoint(ckpt, {"w": torch.ones(3)}, _state(), {}, _cfg())
+    text = _one_line_naming(err.value, run / "checkpoints")
+    assert text.startswith("refusing to write through a symbolic link: ")
+    assert not list(elsewhere.iterdir())
+    with pytest.raises(DataError, match="symbolic link"):  # the loop's own save
+        fed = _federation(run, _cfg())
+        state, arrays = fed._start(_initial(), resume=False)
+        fed._save("last", arrays, state, make_strategy(_cfg(), 1))
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_symlinked_target_file_is_refused_not_replaced(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    target = tmp_path / "victim.pt"
+    target.write_bytes(b"precious")
+    ckpt = RunDir(run).checkpoint("best")
+    ckpt.parent.mkdir(parents=True)
+    ckpt.symlink_to(target)
+    with pytest.raises(DataError) as err:
+        rundir.save_checkpoint(ckpt, {"w": torch.ones(3)}, _state(), {}, _cfg())
+    assert "symbolic link" in _one_line_naming(err.value, ckpt)
+    assert target.read_bytes() == b"precious" and ckpt.is_symlink()
+    (run / "metrics.json").symlink_to(target)
+    with pytest.raises(DataError, match=r"^refusing to write through a symbolic link: .*metrics"):
+        rundir.atomic_write_json(run / "metrics.json", {"x": 1})
+    assert target.read_bytes() == b"precious"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt"]  # no temp
+
+
+def test_run_subfolders_are_guarded_other_folders_are_the_users(tmp_path: Path) -> None:
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    rundir.atomic_write_text(RunDir(run).config, "seed = 0\n")  # a run folder
+    for sub in ("site-state", "external"):
+        (run / sub).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(DataError, match=r"symbolic link: .*site-state$"):
+        atomic_write(RunDir(run).site_state / "alpha.json", "{}")
+    with pytest.raises(DataError, match=r"symbolic link: .*external$"):
+        atomic_write(RunDir(run).external("isic") / "metrics.json", "{}")
+    assert not list(elsewhere.iterdir())
+    # A folder above the run folder, or a run folder the user linked, is followed as before.
+    (tmp_path / "runs").symlink_to(run, target_is_directory=True)
+    atomic_write_text(tmp_path / "runs" / "history.csv", "round\n")
+    assert (run / "history.csv").read_text() == "round\n"
+    user = tmp_path / "data" / "external"  # an "external" folder outside any run folder
+    user.parent.mkdir()
+    user.symlink_to(elsewhere, target_is_directory=True)
+    atomic_write_text(user / "notes" / "a.txt", "ok")
+    assert (elsewhere / "notes" / "a.txt").read_text() == "ok"
+
+
+def test_atomic_write_with_a_root_refuses_a_link_anywhere_below_it(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(DataError, match=r"symbolic link: .*/b$"):
+        atomic_write(tmp_path / "b" / "c" / "f.txt", "x", root=tmp_path)
+    assert not (tmp_path / "a" / "c").exists()
+    atomic_write(tmp_path / "a" / "c" / "f.txt", "x", root=tmp_path)
+    with pytest.raises(ValueError, match="is not inside"):
+        atomic_write(tmp_path.parent / "f.txt", "x", root=tmp_path)
+
+
+# ----------------------------------------------------------- the seal travels with the run
+
+
+def _sealed_run(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A derived (sealed) manifest and a run that trained one round on it."""
+    manifest = write_manifest(_manifest(), tmp_path / "cache" / "m.csv", seal=True)
+    cfg = _cfg(manifest=str(manifest))
+    run = tmp_path / "run"
+    rundir.atomic_copy(manifest, RunDir(run).manifest)  # as the runner does
+    _checkpoint(run, cfg)
+    return manifest, run, cfg
+
+
+def _relabel(manifest: Path) -> None:
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df["label"] = df["label"].map({"0": "1", "1": "0"})
+    df["label_name"] = df["label"].map({"0": CLASSES[0], "1": CLASSES[1]})
+    manifest.write_text(df.to_csv(index=False, lineterminator="\n"))
+
+
+def test_a_relabelled_manifest_without_its_seal_is_refused_on_resume(tmp_path: Path) -> None:
+    manifest, run, cfg = _sealed_run(tmp_path)
+    ck = torch.load(RunDir(run).checkpoint("last"), weights_only=True)
+    assert ck["manifest"] == {"path": str(manifest), "sha256": rundir.file_sha256(manifest)}
+    assert rundir.resume_checkpoint(run, cfg) is not None  # unchanged: resumes
+    _relabel(manifest)
+    rundir.seal_path(manifest).unlink()  # the seal deleted: the file alone passes
+    assert len(read_manifest(manifest)) == 40
+    for force in (False, True):  # force-resume is for config changes, not the data
+        with pytest.raises(DataError) as err:
+            rundir.resume_checkpoint(run, cfg, force=force)
+        text = _one_line_naming(err.value, manifest)
+        assert "changed since the run trained on it" in text and "new run" in text
+    with pytest.raises(DataError, match="changed since the run trained on it"):
+        _federation(run, dict(cfg, resume=True))._start(_initial(), resume=True)
+
+
+def test_a_rewritten_seal_does_not_help_either(tmp_path: Path) -> None:
+    manifest, run, cfg = _sealed_run(tmp_path)
+    _relabel(manifest)
+    text = manifest.read_text()
+    rows = len(text.splitlines()) - 1
+    rundir.atomic_write_json(
+        rundir.seal_path(manifest), rundir.manifest_seal(text, rows, 4), indent=1
+    )
+    assert len(read_manifest(manifest)) == 40  # the seal matches the relabelled file
+    with pytest.raises(DataError, match="changed since the run trained on it"):
+        rundir.resume_checkpoint(run, cfg)
+
+
+def test_an_older_checkpoint_is_checked_against_the_run_folders_copy(tmp_path: Path) -> None:
+    manifest, run, cfg = _sealed_run(tmp_path)
+    last = RunDir(run).checkpoint("last")
+    ck = torch.load(last, weights_only=True)
+    del ck["manifest"]  # written before checkpoints recorded the manifest
+    torch.save(ck, last)
+    assert rundir.resume_checkpoint(run, cfg) is not None
+    _relabel(manifest)
+    rundir.seal_path(manifest).unlink()
+    with pytest.raises(DataError, match="changed since the run trained on it"):
+        rundir.resume_checkpoint(run, cfg)
+
+
+def test_hand_written_manifests_still_start_new_runs(tmp_path: Path) -> None:
+    """No run knows it yet, no seal: accepted; a run on another manifest file is a config
+    change (refused by check_resume unless forced), not a changed manifest."""
+    manifest, run, cfg = _sealed_run(tmp_path)
+    hand = write_manifest(_manifest(), tmp_path / "hand.csv")
+    _relabel(hand)
+    assert len(read_manifest(hand)) == 40
+    rundir.check_seal(hand, 40, 4)
+    other = dict(cfg, manifest=str(hand))
+    with pytest.raises(ConfigError, match="manifest"):
+        rundir.resume_checkpoint(run, other)
+    assert rundir.resume_checkpoint(run, other, force=True) is not None
+    with pytest.raises(DataError, match="changed since the run trained on it"):
+        rundir.check_seal(hand, None, None, known_sha256=rundir.file_sha256(manifest))
