@@ -7,6 +7,8 @@ and adds those, so the same loop serves simulation and a real deployment.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import time
@@ -44,17 +46,31 @@ from common.rundir import (
     save_checkpoint,
 )
 from common.wire import layout_of, pack, unpack
+from server.guard import leave_one_out, model_output_error, statistics_error
 from server.replies import (
     arrays_error,
     discovery_error,
     evaluate_reply_error,
     guarded,
     norm_bound_errors,
+    printable,
+    site_name_error,
     skipped_reason,
     train_reply_error,
     update_norm,
 )
 from server.report import write_outputs
+from server.sizes import (
+    Sizes,
+    capped,
+    capped_counts,
+    changed,
+    read_registry,
+    scale_factors,
+    split_size_error,
+    weighted_balanced_accuracy,
+    write_registry,
+)
 from server.strategies import (
     UNIFORM_WEIGHT_KEY,
     central_spent,
@@ -99,6 +115,9 @@ class SiteInfo:
     n_test: int
     train_counts: tuple[int, ...] | None = None  # reported for class-prior = "federation"
 
+    def sizes(self) -> Sizes:
+        return Sizes(self.n_train, self.n_validation, self.n_test, self.train_counts)
+
 
 @dataclass
 class LoopState:
@@ -110,6 +129,8 @@ class LoopState:
     best_score: float = -1.0
     rounds: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = ""  # why training ended before num-server-rounds, if it did
+    pinned: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> Sizes.to_json
+    excluded: dict[str, int] = field(default_factory=dict)  # site -> first round it may return
 
 
 class _SelectedGrid:
@@ -192,7 +213,7 @@ def _claimed(reply: Message) -> str | None:
         name = reply.content.config_records["info"]["site"]
     except Exception:
         return None
-    return name[:80] if isinstance(name, str) and name.strip() else None
+    return printable(name, 80) if isinstance(name, str) and name.strip() else None
 
 
 _arrays_ok = arrays_error  # the update checks live in server/replies.py
@@ -230,9 +251,9 @@ class _Problems:
         any defect, or exception, rejects that site only."""
         for nid, reply in replies:
             name = by_node[nid].site
-            if reply.has_error():
-                self.failures[name] = reply.error.reason
-                log.error(self.wording.failed, self.wording.context, name, reply.error.reason)
+            if reply.has_error():  # the site's own words: one clean line (server/replies.py)
+                self.failures[name] = printable(reply.error.reason)
+                log.error(self.wording.failed, self.wording.context, name, self.failures[name])
                 continue
             if why := guarded(take, by_node[nid], reply):
                 self.reject(name, why)
@@ -289,6 +310,19 @@ class _Updates:
         }
 
 
+def _farthest(updates: _Updates) -> str | None:
+    """The usable update farthest (L2) from the coordinate-wise median of the round's
+    updates; None with fewer than 3."""
+    if len(updates.good) < 3:
+        return None
+    flat = {
+        name: np.concatenate([np.asarray(a.numpy(), np.float64).ravel() for a in u.values()])
+        for name, (_, u, _) in updates.good.items()
+    }
+    median = np.median(np.stack(list(flat.values())), axis=0)
+    return max(sorted(flat), key=lambda name: float(np.linalg.norm(flat[name] - median)))
+
+
 class Federation:
     """Runs the rounds of one experiment against a grid of site nodes."""
 
@@ -308,6 +342,10 @@ class Federation:
         self.paths = RunDir(run_dir)  # every file of the run directory (common/rundir.py)
         self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
         self._resumed: dict[str, Any] | None = None  # the checkpoint a resumed run started from
+        self._claims: dict[str, list[int]] = {}  # site name -> nodes that claimed it
+        # the last round's model before it, strategy state, updates and layout (rollback)
+        self._undo: tuple[ArrayRecord, dict[str, Any], _Updates, Any] | None = None
+        self._new_model: Callable[[], torch.nn.Module] | None = None  # set by run()
 
     def _exchange(
         self, messages: list[Message], what: str = ""
@@ -378,12 +416,12 @@ class Federation:
             log.error("node %s did not answer the query within %.0fs", nid, self.timeout)
         for nid, reply in replies.items():  # in the order they arrived
             if reply.has_error():
-                log.error("node %s failed to load its data: %s", nid, reply.error.reason)
+                log.error("node %s failed to load its data: %s", nid, printable(reply.error.reason))
                 continue
             if why := guarded(self._keep_site, nid, reply.content):
-                who = f"node {nid}" + (f" (site {name!r})" if (name := _claimed(reply)) else "")
-                self.discovery_rejected[who] = why
-                log.error("%s rejected at discovery: %s", who, why)
+                self._reject_node(nid, _claimed(reply), why)
+        self._drop_contested()
+        self._pin_to_registry()
         if not self.sites:
             raise RuntimeError("no site answered; check the SuperNodes' logs")
         if len(self.sites) < expected:
@@ -394,14 +432,25 @@ class Federation:
         self._log_prior()
         return self.ordered_sites()
 
+    def _reject_node(self, nid: int, name: str | None, why: str) -> None:
+        who = f"node {nid}" + (f" (site {name!r})" if name else "")
+        self.discovery_rejected[who] = why
+        log.error("%s rejected at discovery: %s", who, why)
+
     def _keep_site(self, nid: int, content: RecordDict) -> str | None:
         """Check a query reply and keep its site; why it is rejected, or None."""
         if why := discovery_error(content):
             return why
         info = content.config_records["info"]
         name = str(info["site"])
-        if any(s.site == name for s in self.sites.values()):
-            return f"site {name!r} is already claimed by another node"
+        taken = [s.site for s in self.sites.values()]
+        self._claims.setdefault(name, []).append(nid)
+        if name in taken:
+            return f"site {name!r} is claimed by more than one node"
+        if why := site_name_error(name, taken):
+            return why
+        if "classes" in info and info["classes"] != json.dumps(self.classes):
+            return f"classes={str(info['classes'])[:120]} are not the run's {self.classes}"
         counts = info.get("train-counts")
         if counts is not None and len(counts) != len(self.classes):
             return f"train-counts has {len(counts)} entries for {len(self.classes)} classes"
@@ -415,16 +464,55 @@ class Federation:
         )
         return None
 
+    def _drop_contested(self) -> None:
+        """A name claimed by two nodes belongs to neither: the first to answer would win
+        otherwise, and an impostor answers fast (both are rejected, by node)."""
+        for nid, site in list(self.sites.items()):
+            if len(self._claims.get(site.site, [])) > 1:
+                del self.sites[nid]
+                self._reject_node(
+                    nid, site.site, f"site {site.site!r} is claimed by more than one node"
+                )
+
+    def _pin_to_registry(self) -> None:
+        """``site-registry``: sizes that differ from the enrolled ones are rejected; sites
+        not enrolled yet are enrolled (the file written before round 1)."""
+        path = self.run_config.site_registry
+        if not path:
+            return
+        registry = read_registry(path)
+        for nid, site in sorted(self.sites.items(), key=lambda kv: kv[1].site):
+            if site.site not in registry:
+                registry[site.site] = site.sizes()
+                log.info("site %s enrolled in %s", site.site, path)
+            elif why := changed(site.site, registry[site.site], site.sizes(), path):
+                del self.sites[nid]
+                self._reject_node(nid, site.site, why)
+        write_registry(path, registry)
+
+    def _pin_to_checkpoint(self, state: LoopState) -> None:
+        """A resumed run's sites must declare what they declared when the run began."""
+        for nid, site in list(self.sites.items()):
+            if site.site in state.pinned:
+                pinned = Sizes.from_json(state.pinned[site.site], "checkpoint")
+                if why := changed(site.site, pinned, site.sizes(), "the run's checkpoint"):
+                    del self.sites[nid]
+                    self._reject_node(nid, site.site, why)
+                    continue
+            state.pinned[site.site] = site.sizes().to_json()
+        if not self.sites:
+            raise RuntimeError("no site declares the sizes it was pinned at; see the errors above")
+
     def class_counts(self) -> list[int] | None:
         """The federation's training class counts, which every site's loss uses with
         ``class-prior = "federation"``: the sum of what the sites reported, or None (each
         site uses its own) when any site did not report them (DP, or its own choice)."""
         if self.run_config.class_prior != "federation" or not self.sites:
             return None
-        reported = [s.train_counts for s in self.ordered_sites()]
-        if any(c is None for c in reported):
+        reported = {s.site: s.train_counts for s in self.ordered_sites()}
+        if any(c is None for c in reported.values()):
             return None
-        return [int(sum(c)) for c in zip(*reported, strict=True)]
+        return capped_counts(reported, self.run_config.max_site_weight)  # type: ignore[arg-type]
 
     def _log_prior(self) -> None:
         """Say once which class prior the sites' losses use."""
@@ -445,9 +533,13 @@ class Federation:
         return sorted(self.sites.values(), key=lambda s: s.site)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, server_round: int) -> list[SiteInfo]:
-        """Seeded choice over site names, so node ids (random per run) don't matter."""
-        sites = self.ordered_sites()
+    def sample(
+        self, server_round: int, excluded: Mapping[str, int] | None = None
+    ) -> list[SiteInfo]:
+        """Seeded choice over site names, so node ids (random per run) don't matter;
+        ``excluded``: sites that sit out until the round given (a rolled-back update)."""
+        out = excluded or {}
+        sites = [s for s in self.ordered_sites() if out.get(s.site, 0) <= server_round]
         k = max(
             self.run_config.min_train_nodes,
             math.ceil(self.run_config.fraction_train * len(sites)),
@@ -465,13 +557,17 @@ class Federation:
         resume: bool,
         statistics: frozenset[str] = frozenset(),
         head: tuple[str, str] = ("", ""),
+        model: Callable[[], torch.nn.Module] | None = None,
     ) -> dict:
         """The rounds, then the test of the best round's model. ``statistics`` names the
         model's normalisation statistics (BatchNorm buffers), which a server optimizer
         must not move (server/strategies.py: statistics_averaged_plainly); ``head`` the
-        classifier's weight and bias, which ``head-calibration`` refits before the test."""
-        self.statistics = statistics
+        classifier's weight and bias, which ``head-calibration`` refits before the test;
+        ``model`` builds the run's model, on which each aggregate is tried before it stands
+        (outputs on noise images; without it only the statistics are checked)."""
+        self.statistics, self._new_model = statistics, model
         state, arrays = self._start(initial, resume)
+        self._pin_to_checkpoint(state)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
         if self._resumed is not None:
             load_strategy_state(strategy, self._resumed["strategy"])
@@ -487,10 +583,13 @@ class Federation:
                 state.stopped = f"site-level privacy budget spent before round {server_round}"
                 break
             record["validation"] = self._evaluate(arrays, "validation", server_round)
+            if why := self._collapsed(record["validation"], state):
+                arrays = self._roll_back(strategy, server_round, why, state, record)
+                record["validation"] = self._evaluate(arrays, "validation", server_round)
             record["seconds"] = time.time() - t0
             state.round = server_round
             state.rounds.append(record)
-            score = record["validation"]["global"].get("balanced_accuracy", float("nan"))
+            score = record["validation"]["decision_balanced_accuracy"]
             if not math.isnan(score) and score > state.best_score:
                 state.best_score, state.best_round = score, server_round
                 self._save("best", arrays, state, strategy)
@@ -531,7 +630,7 @@ class Federation:
         ck = resume_checkpoint(self.run_dir, self.cfg, force) if resume else None
         if ck is not None:
             self._resumed = ck
-            st = LoopState(**ck["state"])
+            st = LoopState(**ck["state"])  # keys checked in common/rundir.py
             log.info("resuming after round %d from %s", st.round, last)
             return st, ArrayRecord(ck["arrays"])
         if resume:
@@ -547,7 +646,7 @@ class Federation:
         record: dict[str, Any],
     ) -> ArrayRecord:
         """One training round; the new global model, or ``arrays`` when none is usable."""
-        chosen = self.sample(server_round)
+        chosen = self.sample(server_round, state.excluded)
         by_node = {s.node_id: s for s in chosen}
         # The strategy configures, clips and aggregates the packed form (common/wire.py).
         layout, wire = layout_of(arrays), pack(arrays)
@@ -565,24 +664,159 @@ class Federation:
         if not self._enough_updates(server_round, len(updates.good)):
             record["aggregated"] = False
             return arrays
-        new_arrays = self._aggregate(strategy, server_round, updates.good, record)
-        if new_arrays is None:
-            return arrays
-        unpacked = self._finite_unpacked(server_round, new_arrays, layout)
-        if unpacked is None:
+        backup = copy.deepcopy(strategy.__dict__)  # a rolled-back round leaves no trace
+        self._undo = (arrays, backup, updates, layout)
+        new = self._aggregated(strategy, server_round, updates, layout, record)
+        if new is None:
             record["aggregated"] = False
             return arrays
+        why = guarded(self._broken, arrays, new, server_round)
+        if why is None:
+            return new
+        # The round broke the model: roll it back, name the site whose update did it.
+        strategy.__dict__.update(copy.deepcopy(backup))
+        culprit = self._culprit(arrays, updates, layout)
+        record["rolled_back"] = {"why": why, "site": culprit or ""}
+        log.error(
+            "round %d rolled back: %s; %s",
+            server_round,
+            why,
+            f"site {culprit} caused it and sits out {self.run_config.exclude_rounds} round(s)"
+            if culprit
+            else "no single site's update explains it",
+        )
+        if culprit is None:
+            record["aggregated"] = False
+            return arrays
+        state.excluded[culprit] = server_round + 1 + self.run_config.exclude_rounds
+        updates.problems.reject(culprit, f"its update broke the global model ({why})")
+        del updates.good[culprit]
+        if not self._enough_updates(server_round, len(updates.good)):
+            record["aggregated"] = False
+            return arrays
+        new = self._aggregated(strategy, server_round, updates, layout, record)
+        if new is None or guarded(self._broken, arrays, new, server_round) is not None:
+            strategy.__dict__.update(copy.deepcopy(backup))
+            record["aggregated"] = False
+            return arrays
+        return new
+
+    def _collapsed(self, validation: Mapping[str, Any], state: LoopState) -> str | None:
+        """Why the round's model must not stand after its validation, or None: most sites'
+        evaluation failed on non-finite outputs, or the pooled score fell below half of
+        chance after an earlier round had reached chance."""
+        if self._undo is None:
+            return None
+        failures = validation.get("failures", {})
+        broken = [s for s, why in failures.items() if "non-finite" in why]
+        if broken and 2 * len(broken) >= len(self.sites):
+            return f"{len(broken)} of {len(self.sites)} sites got non-finite outputs"
+        chance = 1.0 / len(self.classes)
+        score = validation["decision_balanced_accuracy"]
+        if state.best_score >= chance and (math.isnan(score) or score < chance / 2):
+            return f"pooled validation balanced accuracy {score:.3f} is below half of chance"
+        return None
+
+    def _roll_back(
+        self, strategy: Any, server_round: int, why: str, state: LoopState, record: dict
+    ) -> ArrayRecord:
+        """The model before the round, the strategy as it was, and the site whose update
+        explains it (the checks on the round's mean without it, else the update farthest
+        from the others) sitting out ``exclude-rounds``."""
+        assert self._undo is not None
+        previous, backup, updates, layout = self._undo
+        strategy.__dict__.update(copy.deepcopy(backup))
+        culprit = self._culprit(previous, updates, layout) or _farthest(updates)
+        record["aggregated"] = False
+        record["rolled_back"] = {"why": why, "site": culprit or ""}
+        if culprit:
+            state.excluded[culprit] = server_round + 1 + self.run_config.exclude_rounds
+        log.error(
+            "round %d rolled back after validation: %s; %s",
+            server_round,
+            why,
+            f"site {culprit} sits out {self.run_config.exclude_rounds} round(s)" if culprit else "",
+        )
+        return previous
+
+    def _aggregated(
+        self,
+        strategy: Any,
+        server_round: int,
+        updates: _Updates,
+        layout: Any,
+        record: dict[str, Any],
+    ) -> ArrayRecord | None:
+        """The strategy's aggregate of the usable updates, unpacked, with normalisation
+        statistics averaged plainly where the strategy needs it; None if there is none."""
+        weights = self._weights(updates)
+        new_arrays = self._aggregate(strategy, server_round, updates.good, weights, record)
+        if new_arrays is None:
+            return None
+        unpacked = self._finite_unpacked(server_round, new_arrays, layout)
+        if unpacked is None:
+            return None
         if self.statistics and statistics_averaged_plainly(self.run_config):
-            return self._mean_statistics(unpacked, updates, layout)
+            return self._mean_statistics(unpacked, updates, weights, layout)
         return unpacked
 
+    def _weights(self, updates: _Updates) -> dict[str, float]:
+        """Each usable update's aggregation weight: its examples (at most its pinned
+        n-train), capped at ``max-site-weight`` of the round (server/sizes.py)."""
+        sizes = {
+            name: min(float(metrics["num-examples"]), float(self._size_of(name)))
+            for name, (_, _, metrics) in updates.good.items()
+        }
+        return capped(sizes, self.run_config.max_site_weight)
+
+    def _size_of(self, name: str) -> int:
+        return next(s.n_train for s in self.sites.values() if s.site == name)
+
+    def _broken(self, previous: ArrayRecord, new: ArrayRecord, server_round: int) -> str | None:
+        """Why the aggregate breaks the model (server/guard.py), or None: normalisation
+        statistics out of bounds, or outputs on seeded noise images not finite or far
+        larger than the previous model's."""
+        before = {k: np.asarray(v.numpy()) for k, v in previous.items()}
+        after = {k: np.asarray(v.numpy()) for k, v in new.items()}
+        if why := statistics_error(after, before, self.statistics):
+            return why
+        if self._new_model is None:
+            return None
+        seed = self.seed + server_round
+        _, scale = model_output_error(self._model(before), self.run_config.image_size, seed)
+        why, _ = model_output_error(
+            self._model(after), self.run_config.image_size, seed, previous_scale=scale
+        )
+        return why
+
+    def _model(self, state: Mapping[str, np.ndarray]) -> torch.nn.Module:
+        assert self._new_model is not None
+        model = self._new_model()
+        set_weights(model, dict(state))
+        return model
+
+    def _culprit(self, previous: ArrayRecord, updates: _Updates, layout: Any) -> str | None:
+        """The site whose exclusion makes the round's weighted mean pass the checks."""
+        weights = self._weights(updates)
+        states = {
+            name: {k: np.asarray(v) for k, v in unpack(update, layout).items()}
+            for name, (_, update, _) in updates.good.items()
+        }
+
+        def check(mean: dict[str, np.ndarray]) -> str | None:
+            arrays = ArrayRecord(
+                {k: Array(np.asarray(v).astype(layout[k][1])) for k, v in mean.items()}
+            )
+            return self._broken(previous, arrays, 0)
+
+        return leave_one_out(states, weights, check)
+
     def _mean_statistics(
-        self, unpacked: ArrayRecord, updates: _Updates, layout: Any
+        self, unpacked: ArrayRecord, updates: _Updates, weights: Mapping[str, float], layout: Any
     ) -> ArrayRecord:
         """The aggregate with the sites' weighted mean of each normalisation statistic."""
         sites = [
-            (unpack(update, layout), float(metrics["num-examples"]))
-            for _, update, metrics in (updates.good[name] for name in sorted(updates.good))
+            (unpack(updates.good[name][1], layout), weights[name]) for name in sorted(updates.good)
         ]
         state = {k: np.asarray(v.numpy()) for k, v in unpacked.items()}
         mean = with_mean_statistics(state, sites, self.statistics)
@@ -628,8 +862,9 @@ class Federation:
 
     def _bound_norms(self, updates: _Updates, chosen: list[SiteInfo]) -> None:
         """Reject updates whose norm is out of bounds against the others' (server/replies.py)."""
-        sizes = {s.site: s.n_train for s in chosen}
-        steps = {name: self.run_config.steps_per_round(sizes[name]) for name in updates.norms}
+        # a site's allowance grows with its steps: from its size capped against the others'
+        sizes = capped({s.site: s.n_train for s in chosen}, self.run_config.max_site_weight)
+        steps = {n: self.run_config.steps_per_round(int(sizes[n])) for n in updates.norms}
         factor, cap = self.run_config.update_norm_factor, self.run_config.update_norm_cap
         for name, why in sorted(norm_bound_errors(updates.norms, factor, cap, steps).items()):
             del updates.good[name]
@@ -653,7 +888,11 @@ class Federation:
 
     @staticmethod
     def _aggregate(
-        strategy: Any, server_round: int, good: dict[str, _Update], record: dict[str, Any]
+        strategy: Any,
+        server_round: int,
+        good: dict[str, _Update],
+        weights: Mapping[str, float],
+        record: dict[str, Any],
     ) -> ArrayRecord | None:
         """The strategy's aggregate of the usable updates (packed), or None when it did not
         aggregate; records whether it did and any site-level DP spending."""
@@ -665,6 +904,7 @@ class Federation:
         for name in sorted(good):
             reply, update, metrics = good[name]
             kept = MetricRecord({k: metrics[k] for k in sorted(shared)})
+            kept["num-examples"] = weights[name]  # pinned and capped (server/sizes.py)
             kept[UNIFORM_WEIGHT_KEY] = 1
             reply.content = RecordDict({"arrays": update, "metrics": kept})
             checked.append(reply)
@@ -714,6 +954,8 @@ class Federation:
         ]
         sites: dict[str, dict[str, float]] = {}
         summaries = []
+        confusions: dict[str, list[int]] = {}
+        sizes: dict[str, int] = {}
         replies, missing = self._exchange(
             messages, "test" if split == "test" else f"round {server_round} {split}"
         )
@@ -732,6 +974,9 @@ class Federation:
             if why := evaluate_reply_error(reply.content, self.classes, size):
                 return why
             m = dict(reply.content.metric_records["metrics"])
+            if why := split_size_error(m, size):
+                return why
+            confusions[site.site], sizes[site.site] = list(m["confusion"]), size
             summary = {
                 "confusion": list(m.pop("confusion")),
                 "score-hist": list(m.pop("score-hist")),
@@ -748,12 +993,24 @@ class Federation:
             "rejected": problems.rejected,
         }
         out["global"] = pooled_metrics(summaries, self.classes) if summaries else {}
+        out["decision_balanced_accuracy"] = self._decision_score(out, confusions, sizes)
         out["confusion"] = pooled_confusion(summaries, len(self.classes)).tolist()
         baccs = [
             v["balanced_accuracy"] for v in sites.values() if not math.isnan(v["balanced_accuracy"])
         ]
         out["mean_site_balanced_accuracy"] = float(np.mean(baccs)) if baccs else float("nan")
         return out
+
+    def _decision_score(
+        self, out: dict[str, Any], confusions: dict[str, list[int]], sizes: dict[str, int]
+    ) -> float:
+        """The pooled balanced accuracy the loop decides by (best round, head refit): each
+        site's counts weighed by its pinned size capped at ``max-site-weight``; the pooled
+        figure itself where no site is capped."""
+        factors = scale_factors(sizes, self.run_config.max_site_weight)
+        if all(f >= 1.0 for f in factors.values()):
+            return float(out["global"].get("balanced_accuracy", float("nan")))
+        return weighted_balanced_accuracy(confusions, factors, len(self.classes))
 
     # ------------------------------------------------------------------ head calibration
     def _calibrate_head(
@@ -787,7 +1044,7 @@ class Federation:
             log.error("head calibration failed (%s); head kept", err)
             return arrays, out | {"error": str(err)}
         scored = self._evaluate(candidate, "validation", state.round + 1)
-        after = scored["global"].get("balanced_accuracy", float("nan"))
+        after = scored["decision_balanced_accuracy"]
         out |= {"validation_before": state.best_score, "validation_after": after}
         out["kept"] = bool(after > state.best_score)  # NaN never wins
         log.info(

@@ -76,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         resume=run.resume,
         statistics=statistics_of(model),
         head=classifier_keys(model) if run.head_calibration != "none" else ("", ""),
+        model=lambda: model_for_run(run, len(classes), pretrained=False),
     )
     test = result["test"]
     log.info(

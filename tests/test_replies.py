@@ -549,7 +549,7 @@ DISCOVERY_ATTACKS: dict[str, tuple[Tamper, str]] = {
     "name-not-a-string": (_info(site=7), "site=7 is not a non-empty name"),
     "control-characters": (_info(site="a\nb"), "is not a printable name"),
     "no-info": (lambda c: RecordDict(), "no 'info' ConfigRecord"),
-    "duplicate-name": (_info(site="alpha"), "site 'alpha' is already claimed by another node"),
+    # a duplicate name rejects both nodes: tests/test_sizes.py
     "counts-not-n-train": (
         _info(**{"train-counts": [1, 2]}),
         "train-counts sum to 3, not n-train=50",
