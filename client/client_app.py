@@ -8,8 +8,12 @@ is in :mod:`client.task`, imported only by the handlers that need it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ from common.siteconfig import (
     run_tag,
     safe_name,
     site_config,
+    site_delta,
 )
 
 log = logging.getLogger("fedskin")
@@ -110,7 +115,10 @@ def _load_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, n_tr
     if state is not None:
         return DPSession.from_json(state, secure=secure)
     steps = run.steps_per_round(n_train)
-    return DPSession(DPConfig.from_run(run), n_train, run.batch_size, steps, secure=secure)
+    # The smaller of the site's delta and the run's; a site's own above 1/n-train: refused.
+    delta = _refuse(site_delta, run, context.run_config, n_train)
+    cfg = DPConfig.from_run(run.with_values({"target-delta": delta}))
+    return DPSession(cfg, n_train, run.batch_size, steps, secure=secure)
 
 
 def _save_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, session: Any) -> None:
@@ -120,6 +128,73 @@ def _save_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, sess
     path = _dp_state_file(run, site, tag)
     if path is not None:
         atomic_write_text(path, text)  # a crash mid-write keeps the previous spending
+
+
+# ------------------------------------------------------------------- lifetime ledger
+# A deployed site's privacy spent over all its runs (common/privacy.py: PrivacyLedger), in
+# <state-dir>/<site>-privacy-ledger.json: named by nothing the server sends (the site's name
+# is its node config's), so no run tag starts it afresh. Locked from the check to the write,
+# so two runs at once cannot both spend the last of it; written before the reply leaves.
+def _ledger_file(run: RunConfig, site: str, context: Context) -> Path | None:
+    if is_simulation(context.node_config) or not run.state_dir:
+        return None  # a simulation's sites are the user's own partitions: per-run budgets
+    return confined(run.state_dir, f"{safe_name(site, 'site')}-privacy-ledger.json")
+
+
+@contextmanager
+def _lifetime(run: RunConfig, site: str, context: Context) -> Iterator[Any]:
+    """The site's ledger, held locked while this message may spend from it (None: none)."""
+    from common.privacy import PrivacyLedger
+
+    path = _ledger_file(run, site, context)
+    if path is None:
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the folder: no lock file
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            text = path.read_text() if path.is_file() else None
+            ledger = PrivacyLedger() if text is None else PrivacyLedger.from_json(text)
+        except ValueError as err:
+            raise SiteConfigError(f"site {site}: {path}: {err}; refusing DP work") from None
+        yield ledger
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _lifetime_allows(ledger: Any, run: RunConfig, site: str, session: Any, spend: list) -> bool:
+    """Whether ``spend`` keeps the site's lifetime epsilon within ``site-epsilon-limit``
+    (at the run's delta, which is at most the site's own); logs one line when not."""
+    if ledger is None:
+        return True
+    ok, after = ledger.allows(spend, session.delta, run.site_epsilon_limit)
+    if not ok:
+        log.warning(
+            "site %s: lifetime privacy budget spent (epsilon %.3f over all runs > "
+            "site-epsilon-limit=%g), refusing",
+            site,
+            after,
+            run.site_epsilon_limit,
+        )
+    return ok
+
+
+def _record(
+    ledger: Any,
+    run: RunConfig,
+    site: str,
+    asks: ServerAsks,
+    context: Context,
+    spent: list,
+    what: str,
+) -> None:
+    if ledger is None or not spent:
+        return
+    ledger.record(spent, _dp_tag(asks, context), what)
+    path = _ledger_file(run, site, context)
+    atomic_write_text(path, ledger.to_json())  # before the run's own file: never under-counted
 
 
 # ------------------------------------------------------------------------------ handlers
@@ -163,21 +238,32 @@ def feature_stats(msg: Message, context: Context) -> Message:
     _refuse(require_state_dir, run, context.node_config)
     data = load_site(run, context.node_config)
     meta, release = ConfigRecord({"site": data.site}), None
-    if run.dp:
-        session = _load_dp(run, asks, context, data.site, data.n("train"))
+    with _lifetime(run, data.site, context) if run.dp else _none() as ledger:
+        if run.dp:
+            session = _load_dp(run, asks, context, data.site, data.n("train"))
 
-        def release() -> tuple[float, int]:  # spent and saved before anything leaves
-            try:
-                noise = session.release_head()
-            except ValueError as err:
-                why = f"site {data.site} refuses feature statistics: {err}"
-                raise SiteConfigError(why) from None
-            _save_dp(run, asks, context, data.site, session)
-            meta["noise-std"], meta["epsilon"] = noise * SENSITIVITY, session.epsilon()
-            return noise, dp_seed(run, data.site, 0, session)
+            def release() -> tuple[float, int]:  # spent and saved before anything leaves
+                spend = session.head_release()
+                if not _lifetime_allows(ledger, run, data.site, session, spend):
+                    why = f"site {data.site} refuses feature statistics: privacy budget spent"
+                    raise SiteConfigError(f"{why} (site-epsilon-limit={run.site_epsilon_limit:g})")
+                try:
+                    noise = session.release_head()
+                except ValueError as err:
+                    why = f"site {data.site} refuses feature statistics: {err}"
+                    raise SiteConfigError(why) from None
+                _record(ledger, run, data.site, asks, context, spend, "statistics")
+                _save_dp(run, asks, context, data.site, session)
+                meta["noise-std"], meta["epsilon"] = noise * SENSITIVITY, session.epsilon()
+                return noise, dp_seed(run, data.site, 0, session)
 
-    stats = site_feature_stats(run, msg, data, release)
+        stats = site_feature_stats(run, msg, data, release)
     return Message(RecordDict({"stats": stats, "site": meta}), reply_to=msg)
+
+
+@contextmanager
+def _none() -> Iterator[None]:
+    yield None
 
 
 @app.train()
@@ -191,29 +277,42 @@ def train(msg: Message, context: Context) -> Message:
     _refuse(require_state_dir, run, context.node_config)
     data = load_site(run, context.node_config)
     n_train = data.n("train")
-    session = None
-    if run.dp:
+    if not run.dp:
+        # context.state keeps the personal entries of personalize=fedbn|ditto; never sent
+        arrays, metrics = train_site(run, msg, data, None, context.state)
+        metrics["num-examples"] = n_train
+        return _train_reply(msg, arrays, metrics, data.site)
+    with _lifetime(run, data.site, context) as ledger:
         session = _load_dp(run, asks, context, data.site, n_train)
         if not session.can_train_round():
             log.warning("site %s: privacy budget spent, not training this round", data.site)
-            reply = {k: 0 for k in TRAIN_KEYS_DP} | session.metrics()
-            reply["dp-budget-exhausted"] = 1
-            return _train_reply(msg, msg.content.array_records["arrays"], reply, data.site)
-    # context.state keeps the personal entries of personalize=fedbn|ditto; never sent
-    arrays, metrics = train_site(run, msg, data, session, context.state)
-    if session is not None:
+            return _exhausted(msg, session, data.site)
+        if not _lifetime_allows(ledger, run, data.site, session, session.next_round()):
+            return _exhausted(msg, session, data.site)
+        before = len(session.accountant.history)
+        arrays, metrics = train_site(run, msg, data, session, context.state)
+        spent = session.accountant.history[before:]
+        _record(ledger, run, data.site, asks, context, spent, "train")
         _save_dp(run, asks, context, data.site, session)
-        metrics["dp-budget-exhausted"] = 0
-        for key in NOT_UNDER_DP:  # computed on private batches without noise: never sent
-            metrics.pop(key, None)
+    metrics["dp-budget-exhausted"] = 0
+    for key in NOT_UNDER_DP:  # computed on private batches without noise: never sent
+        metrics.pop(key, None)
     metrics["num-examples"] = n_train
     return _train_reply(msg, arrays, metrics, data.site)
 
 
-def _refuse(check: Any, *args: Any) -> None:
+def _exhausted(msg: Message, session: Any, site: str) -> Message:
+    """The reply of a site that does not train: its budget is spent (the received weights
+    back, no examples, the accountant's metrics and ``dp-budget-exhausted = 1``)."""
+    reply = {k: 0 for k in TRAIN_KEYS_DP} | session.metrics()
+    reply["dp-budget-exhausted"] = 1
+    return _train_reply(msg, msg.content.array_records["arrays"], reply, site)
+
+
+def _refuse(check: Any, *args: Any) -> Any:
     """Run a site check; a refusal is one line in the site's log, then the error reply."""
     try:
-        check(*args)
+        return check(*args)
     except SiteConfigError as err:
         log.error("site refuses: %s", err)
         raise

@@ -87,6 +87,7 @@ class RunConfig:
     num_sites: int = _rule(ge=1)
     dirichlet_alpha: float = _rule(gt=0)
     image_size: int = _rule(ge=8)
+    max_image_size: int = _rule(ge=8)  # common/siteconfig.py: a site's cap on image-size
     cache_dir: str = _rule()
     seed: int = _rule(ge=0)
     builtin_images: int = _rule(ge=1)
@@ -145,6 +146,7 @@ class RunConfig:
     grad_sample_mode: str = _rule(choices=GRAD_SAMPLE_MODES)
     dp_head_share: float = _rule(gt=0, lt=1)  # common/privacy.py: the head's part of the budget
     dp_head_dims: int = _rule(ge=1)  # common/headfit.py: private_stats
+    site_epsilon_limit: float = _rule(gt=0)  # client/client_app.py: a site's lifetime budget
     # site-level DP (Flower's wrappers)
     central_dp: str = _rule(choices=CENTRAL_DP)
     central_noise: float = _rule(ge=0)

@@ -6,17 +6,28 @@ config the server sends with every query, train and evaluate message. Keys that 
 site's data, its privacy budget, its state directory and its identity (:data:`SITE_KEYS`)
 come only from the node config, or where the node config is silent from the run config's
 defaults; a message that names one of them is ignored for that key, with a warning naming it.
-Two rules make the server able to ask for *less* exposure but never more:
+These rules make the server able to ask for *less* exposure but never more:
 
 * ``dp`` is on when the node config or the run config turns it on (a site cannot be talked
-  out of DP); a site's own ``target-epsilon`` can be lowered by the run config, never raised;
+  out of DP);
+* the site's own budget and limits (:data:`STRICTER_KEYS`: ``target-epsilon``,
+  ``target-delta``, ``site-epsilon-limit``, ``max-image-size``) can be lowered by the run
+  config, never raised: the smaller value wins. A deployed site's own value is its node
+  config's or, where that is silent, the packaged default (``common/defaults.toml``), never
+  the server-written run config's; ``target-delta = 0`` stands for 1 / (10 n-train), so its
+  rule is applied once the site's training count is known (:func:`site_delta`), and a site
+  whose own delta is above 1 / n-train refuses DP work;
+* ``image-size`` (which sets the size of the image cache a site builds) may not exceed the
+  site's ``max-image-size`` (:func:`check_image_size`);
 * evaluation runs on ``validation`` or ``test`` only (:func:`eval_split`): scores on the
   train split would publish what DP-SGD protects, without its noise.
 
 In a real deployment (not ``fedskin simulate``: Flower's simulation gives every node a
 ``partition-id`` and ``num-partitions``) the paths a site reads and writes
 (:data:`PATH_KEYS`) come from its node config only, and ``dp=true`` needs a ``state-dir``
-there, so that a restarted SuperNode still knows the budget it spent (:func:`require_state_dir`).
+there, so that a restarted SuperNode still knows the budget it spent (:func:`require_state_dir`):
+each run's accountant, and the site's lifetime ledger over all runs, which no run tag resets
+and which ``site-epsilon-limit`` caps (client/client_app.py).
 Paths are resolved, folders the site writes to may not go up with ``..``, and names joined
 onto them (site, run tag) must stay inside (:func:`confined`). Each refusal is a
 :class:`SiteConfigError` whose message is one line.
@@ -47,11 +58,18 @@ DP_KEYS = (
     "noise-multiplier",
     "max-grad-norm",
     "dp-head-share",  # the part of its budget a site keeps for the head refit's statistics
+    "site-epsilon-limit",  # its lifetime budget over all runs (client/client_app.py: ledger)
 )
+# How large the images a site decodes and caches may be (the server sets image-size).
+LIMIT_KEYS = ("max-image-size",)
+# The site's own value caps the run config's: the smaller wins (target-delta: see site_delta).
+STRICTER_KEYS = ("target-epsilon", "target-delta", "site-epsilon-limit", "max-image-size")
 # Whether the site tells the server its training class counts (class-prior = "federation")
 # and its feature statistics (head-calibration = "lda"; common/headfit.py).
 DISCLOSURE_KEYS = ("class-prior", "head-calibration")
-SITE_KEYS = frozenset((*DATA_KEYS, *MANIFEST_KEYS, *IDENTITY_KEYS, *DP_KEYS, *DISCLOSURE_KEYS))
+SITE_KEYS = frozenset(
+    (*DATA_KEYS, *MANIFEST_KEYS, *IDENTITY_KEYS, *DP_KEYS, *DISCLOSURE_KEYS, *LIMIT_KEYS)
+)
 # Folders and files at the site: a deployed site names them itself, in its node config.
 PATH_KEYS = ("data-path", "manifest", "cache-dir", "state-dir")
 WRITTEN_DIRS = ("cache-dir", "state-dir")  # the site writes below these
@@ -107,11 +125,14 @@ def site_config(
         run = run.with_values(dict.fromkeys(PATH_KEYS, ""))
     own = {k: node_config[k] for k in SITE_KEYS & _KNOWN if _given(node_config, k)}
     site = _checked(run, own, "the site's node config")
+    if not is_simulation(node_config):  # silent: the packaged default, not the server's value
+        packaged = RunConfig.defaults()
+        site = site.with_values({k: packaged.value(k) for k in STRICTER_KEYS if k not in own})
     # The server may ask for more privacy, never less: DP if either side asks for it, and
-    # the smaller of two budgets.
-    site = site.with_values(
-        {"dp": run.dp or site.dp, "target-epsilon": min(run.target_epsilon, site.target_epsilon)}
-    )
+    # the smaller of two budgets or limits. The site's own target-delta stays: 0 means
+    # 1 / (10 n-train), so the run's value is weighed against it by site_delta.
+    stricter = {k: min(run.value(k), site.value(k)) for k in STRICTER_KEYS if k != "target-delta"}
+    site = site.with_values({"dp": run.dp or site.dp, **stricter})
     asked = {}
     for key, value in (message_config or {}).items():
         if key in SITE_KEYS:
@@ -125,7 +146,35 @@ def site_config(
                 )
         elif key in _KNOWN:
             asked[key] = value
-    return check_paths(_checked(site, asked, "the server's message"))
+    return check_image_size(check_paths(_checked(site, asked, "the server's message")))
+
+
+def check_image_size(run: RunConfig) -> RunConfig:
+    """Refuse an ``image-size`` above the site's ``max-image-size``: the site would decode
+    and cache its images at whatever size the server names."""
+    if run.image_size > run.max_image_size:
+        raise SiteConfigError(
+            f"image-size={run.image_size}: above this site's max-image-size="
+            f"{run.max_image_size} (set in its --node-config); refusing"
+        )
+    return run
+
+
+def site_delta(
+    cfg: RunConfig | Mapping[str, Any], run_config: RunConfig | Mapping[str, Any], n_train: int
+) -> float:
+    """The delta a site's DP accountant uses: the smaller of the site's own (``cfg``: the
+    merged settings of :func:`site_config`) and the run's (``run_config``), each
+    ``0 -> 1 / (10 n_train)``. Refused when the site's own delta is above 1 / n_train (a
+    guarantee that allows publishing a whole record)."""
+    auto = 1.0 / (10 * n_train)
+    own = run_config_of(cfg).target_delta or auto
+    if own > 1.0 / n_train:
+        raise SiteConfigError(
+            f"target-delta={own:g}: above 1/n-train = 1/{n_train} ({1.0 / n_train:.3g}) at "
+            "this site; set target-delta <= 1/n-train (0: 1/(10 n-train)) to train under DP"
+        )
+    return min(own, run_config_of(run_config).target_delta or auto)
 
 
 def check_paths(run: RunConfig) -> RunConfig:

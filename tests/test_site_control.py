@@ -517,3 +517,164 @@ def test_feature_statistics_under_dp_are_noised_once_on_the_budget_kept(sites, t
     assert saved["head_released"] is True and saved["history"] == []
     with pytest.raises(SiteConfigError, match="released once in this run already"):
         client_app.feature_stats(msg, ctx)
+
+
+# --------------------------------------------- a site's privacy settings are the site's
+def test_budgets_and_limits_take_the_stricter_of_site_and_run() -> None:
+    """target-epsilon, target-delta, site-epsilon-limit and max-image-size: a deployed site's
+    own value (its node config, else the packaged default) caps the server-written run
+    config's; in a simulation the run config is the user's own and stays as it is."""
+    deployed = site_config(
+        {"target-epsilon": 50.0, "target-delta": 0.5, "site-epsilon-limit": 1e3}, {"site": "a"}
+    )
+    assert deployed.target_epsilon == 8.0 and deployed.target_delta == 0.0
+    assert deployed.site_epsilon_limit == 24.0
+    assert site_config({"max-image-size": 4096}, {"site": "a"}).max_image_size == 512
+    assert site_config({"max-image-size": 64}, {"site": "a"}).max_image_size == 64
+    node = {"site": "a", "target-delta": 1e-4, "max-image-size": 96}
+    assert site_config({"target-delta": 0.5}, node).target_delta == 1e-4
+    sim = site_config({"target-epsilon": 50.0}, {"partition-id": 0, "num-partitions": 2})
+    assert sim.target_epsilon == 50.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_server_sent_delta_never_loosens_the_sites(sites, tmp_path, caplog) -> None:
+    """The run config (the server's) asks for target-delta = 0.5 at a site whose node config
+    is silent: the site trains at its own delta, 1 / (10 n-train), with the noise calibrated
+    to it; a site that names its own delta trains at that one."""
+    from common.privacy import DPConfig, DPSession
+
+    n_train = int((sites["hospital-a"]["rows"]["split"] == "train").sum())
+    run = run_config(dp=True, **{"target-epsilon": 3.0, "target-delta": 0.5})
+    arrays = global_model(run)
+    sent = {"run-tag": "run1", "server-round": 1, "target-delta": 0.5}
+
+    def trained(node: dict) -> dict:
+        msg = message(MessageType.TRAIN, sent, arrays)
+        return metrics_of(client_app.train(msg, context(node, run)))
+
+    for own, state in ((0.0, "s0"), (1e-4, "s1")):
+        extra = {"target-delta": own} if own else {}
+        with caplog.at_level(logging.WARNING, logger="fedskin"):
+            m = trained(node_config(sites, "hospital-a", tmp_path / state, **extra))
+        delta = own or 1 / (10 * n_train)
+        assert m["delta"] == pytest.approx(delta) and m["dp-budget-exhausted"] == 0
+        cfg = DPConfig(target_epsilon=3.0, target_delta=delta, total_rounds=2)
+        at_site = DPSession(cfg, n_train, 16, 2).noise_multiplier
+        loose = DPConfig(target_epsilon=3.0, target_delta=0.5, total_rounds=2)
+        at_server = DPSession(loose, n_train, 16, 2).noise_multiplier
+        assert m["noise_multiplier"] == pytest.approx(at_site)
+        assert m["noise_multiplier"] > at_server  # 0.5 would have added less noise
+    assert "ignored the server's target-delta=0.5" in caplog.text
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_delta_above_one_over_n_train_is_refused(sites, tmp_path) -> None:
+    n_train = int((sites["hospital-a"]["rows"]["split"] == "train").sum())
+    run = run_config(dp=True)
+    msg = message(MessageType.TRAIN, {"server-round": 1, "run-tag": "r"}, global_model(run))
+    node = node_config(sites, "hospital-a", tmp_path / "state", **{"target-delta": 0.2})
+    with pytest.raises(SiteConfigError, match=rf"^target-delta=0.2: above 1/n-train = 1/{n_train}"):
+        client_app.train(msg, context(node, run))
+    simulated = {"partition-id": 0, "num-partitions": 1, **node_config(sites, "hospital-a", None)}
+    with pytest.raises(SiteConfigError, match="^target-delta=0.2: ") as err:
+        client_app.train(msg, context(simulated, run_config(dp=True, **{"target-delta": 0.2})))
+    assert "\n" not in str(err.value)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_new_run_tag_does_not_reset_the_sites_lifetime_budget(sites, tmp_path, caplog) -> None:
+    """Each run has its own accountant (named by the server's run tag); the site's ledger in
+    its state-dir composes all of them and no tag resets it: under a small
+    site-epsilon-limit a second run is refused once it would pass the limit, after a restart
+    too, whatever the run config or the message say about the limit."""
+    from common.privacy import PrivacyLedger
+
+    state = tmp_path / "state"
+    node = node_config(sites, "hospital-a", state, **{"site-epsilon-limit": 3.5})
+    run = run_config(dp=True, **{"target-epsilon": 3.0, "site-epsilon-limit": 1000.0})
+    arrays = global_model(run)
+
+    def train(tag: str, rnd: int, node: dict = node) -> dict:
+        sent = {"run-tag": tag, "server-round": rnd, "site-epsilon-limit": 1000.0}
+        msg = message(MessageType.TRAIN, sent, arrays)
+        return metrics_of(client_app.train(msg, context(node, run)))
+
+    first = [train("runA", 1), train("runA", 2)]  # the whole of run A: epsilon <= 3.0
+    assert [m["dp-budget-exhausted"] for m in first] == [0, 0]
+    ledger_file = state / "hospital-a-privacy-ledger.json"
+    ledger = PrivacyLedger.from_json(ledger_file.read_text())
+    assert [e["run-tag"] for e in ledger.entries] == ["runA", "runA"]
+    assert ledger.epsilon(first[1]["delta"]) == pytest.approx(first[1]["epsilon"])
+    with caplog.at_level(logging.WARNING, logger="fedskin"):
+        for tag in ("runB", "runC"):  # each a fresh run, in a restarted SuperNode
+            m = train(tag, 1)
+            assert m["dp-budget-exhausted"] == 1 and m["num-examples"] == 0, tag
+            assert m["epsilon"] == 0  # its own accountant is fresh: the ledger refuses
+    assert "lifetime privacy budget spent" in caplog.text
+    assert "ignored the server's site-epsilon-limit=1000.0" in caplog.text
+    assert PrivacyLedger.from_json(ledger_file.read_text()).entries == ledger.entries
+    assert not (state / "hospital-a-runB-privacy.json").exists()
+    # The same run B at a site with a fresh ledger trains: it is the lifetime that refuses.
+    fresh = node_config(sites, "hospital-a", tmp_path / "fresh", **{"site-epsilon-limit": 3.5})
+    assert train("runB", 1, fresh)["dp-budget-exhausted"] == 0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_image_size_above_the_sites_maximum_is_refused(sites, caplog) -> None:
+    """image-size sets the size of the cache a site decodes its images into: a server's
+    value (run config or message) above the site's max-image-size is refused by name."""
+    node = node_config(sites, "hospital-a", None, **{"max-image-size": 64})
+    cache = Path(node["cache-dir"])
+    before = sorted(cache.rglob("*")) if cache.exists() else []
+    for run, sent in (
+        (run_config(**{"image-size": 96}), {}),
+        (run_config(), {"image-size": 96, "max-image-size": 4096}),
+        (run_config(**{"image-size": 96, "max-image-size": 4096}), {}),
+    ):
+        with pytest.raises(SiteConfigError, match=r"^image-size=96: above this site's max-image-"):
+            client_app.query(message(MessageType.QUERY, sent), context(node, run))
+    default = node_config(sites, "hospital-a", None)
+    with pytest.raises(SiteConfigError, match=r"^image-size=1024: .*max-image-size=512 "):
+        client_app.query(
+            message(MessageType.QUERY, {}), context(default, run_config(**{"image-size": 1024}))
+        )
+    assert (sorted(cache.rglob("*")) if cache.exists() else []) == before  # nothing built
+    reply = client_app.query(
+        message(MessageType.QUERY, {"image-size": 32}), context(node, run_config())
+    )
+    assert reply.content.config_records["info"]["site"] == "hospital-a"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_statistics_release_is_on_the_sites_lifetime_budget(sites, tmp_path) -> None:
+    """Under DP the one release of the feature statistics per run is recorded in the site's
+    ledger before the reply: a second run (another tag) that would pass site-epsilon-limit
+    is refused, and so is a first release that alone would."""
+    from common.privacy import PrivacyLedger
+
+    run = run_config(**{"head-calibration": "lda", "dp": True, "target-epsilon": 4.0})
+    dim = model_for_run(run, 7, pretrained=False).num_features
+    rng = np.random.default_rng(0)
+    projection = {"centre": rng.normal(size=dim), "projection": rng.normal(size=(dim, 5))}
+
+    def release(tag: str, node: dict) -> Message:
+        msg = message("query.feature_stats", {"run-tag": tag}, global_model(run))
+        msg.content["projection"] = ArrayRecord({k: Array(v) for k, v in projection.items()})
+        return client_app.feature_stats(msg, context(node, run))
+
+    state = tmp_path / "state"
+    node = node_config(sites, "hospital-a", state, dp=True, **{"site-epsilon-limit": 3.0})
+    release("runA", node)  # its share: epsilon 2.0 of the site's 3.0
+    ledger = PrivacyLedger.from_json((state / "hospital-a-privacy-ledger.json").read_text())
+    assert [(e["run-tag"], e["what"]) for e in ledger.entries] == [("runA", "statistics")]
+    with pytest.raises(SiteConfigError, match=r"refuses feature statistics: privacy budget spent"):
+        release("runB", node)  # 2.0 + 2.0 composed: over 3.0
+    assert not (state / "hospital-a-runB-privacy.json").exists()
+    small = node_config(
+        sites, "hospital-a", tmp_path / "s2", dp=True, **{"site-epsilon-limit": 1.5}
+    )
+    with pytest.raises(SiteConfigError, match="privacy budget spent"):
+        release("runA", small)
+    assert not list((tmp_path / "s2").glob("*.json"))
