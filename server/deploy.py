@@ -445,10 +445,11 @@ Starting a site (docs/deployment.md, steps 5 and 5b)
   flower-supernode --superlink <host>:<port> --root-certificates ca.crt \\
       --auth-supernode-private-key supernode.key --node-config "site='<site>' ..." \\
       --port 9094 --isolation process
-  fedskin site-exec --runtime-api-address 127.0.0.1:9094
-  The second process imports torch/timm once for all messages. Without --isolation
-  process and site-exec, Flower starts a fresh ClientApp process (and its imports) for
-  every message.
+  fedskin site-exec --runtime-api-address 127.0.0.1:9094 --parent-pid <SuperNode pid>
+  The second process imports torch/timm once for all messages, serves only that
+  SuperNode and runs only the fedskin ClientApp installed at the site. Without --isolation
+  process and site-exec, Flower starts a fresh ClientApp process for every message, and
+  that process installs and imports the app bundle the server sends.
 
 See docs/deployment.md for the full step-by-step guide.
 """
