@@ -129,6 +129,9 @@ class RunConfig:
     min_train_nodes: int = _rule(ge=1)
     update_norm_factor: float = _rule(ge=0)  # server/replies.py: 0 = off
     update_norm_cap: float = _rule(ge=0)  # idem: 0 = no cap
+    max_site_weight: float = _rule(gt=0, le=1)  # server/loop.py: 1 = no cap
+    site_registry: str = _rule()  # server/sizes.py
+    exclude_rounds: int = _rule(ge=0)  # server/loop.py: rollback
     round_timeout: float = _rule(gt=0)
     min_nodes: int = _rule(ge=1)
     wait_for_nodes: float = _rule(ge=0)
