@@ -389,14 +389,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fab_config(config: dict) -> dict:
+def _fab_config(pyproject: dict) -> dict:
     """pyproject.toml as ``flwr build`` puts it in a FAB: less ``[tool.flwr.federations]``."""
-    config = {**config}
-    tool = config.get("tool")
+    pyproject = {**pyproject}
+    tool = pyproject.get("tool")
     if isinstance(tool, dict) and isinstance(tool.get("flwr"), dict):
         flwr = {k: v for k, v in tool["flwr"].items() if k != "federations"}
-        config["tool"] = {**tool, "flwr": flwr}
-    return config
+        pyproject["tool"] = {**tool, "flwr": flwr}
+    return pyproject
 
 
 @dataclass
@@ -436,8 +436,8 @@ class InstalledApp:
             return None
 
     def clientapp_ref(self) -> str:
-        config = self.pyproject() or {}
-        ref = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+        pyproject = self.pyproject() or {}
+        ref = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
         return str(ref.get("clientapp") or DEFAULT_CLIENTAPP)
 
     def file_sha256(self, rel: str) -> str | None:
