@@ -1,13 +1,32 @@
-"""Strategy choice from the run config: Flower's own strategies, DP added as a wrapper."""
+"""Strategy choice from the run config: Flower's own strategies, DP added as a wrapper.
+
+The robust rules tolerate f malicious updates only when a round has enough of them; the
+f they use adapts to each round's updates (``f_used = min(configured f, largest_f)``, one
+log line when it is smaller), so a round with a site missing still aggregates. The f of
+``krum``/``multikrum``/``bulyan`` is ``robust-malicious``; that of ``fedtrimmedavg`` the
+updates cut at each end (from ``trim-beta``); ``fedmedian`` has no f setting (its
+breakdown point is one half). Minimum updates per round (:func:`min_sites`):
+
+===============  =========  =====  =====  =====
+strategy         rule       f = 0  f = 1  f = 2
+===============  =========  =====  =====  =====
+krum, multikrum  n > 2f+2   3      5      7
+bulyan           n >= 4f+3  3      7      11
+fedtrimmedavg    n >= 2f+1  1      3      5
+fedmedian        n >= 2f+1  1      3      5
+===============  =========  =====  =====  =====
+
+Below f = 0's minimum a round keeps the global model (:func:`updates_needed`).
+"""
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -29,6 +48,8 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from common.config import STRATEGIES, ConfigError, RunConfig, as_run_config
 
+log = logging.getLogger("fedskin")
+
 FEDAVGM_SERVER_LR = 1.0  # FedAvgM's server learning rate: fixed (server-lr is FedAdam's 0.01)
 CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 # Site-level DP bounds each site's influence on the *mean* of clipped updates by C/m; a
@@ -49,8 +70,9 @@ def make_strategy(
 
     The robust strategies aggregate the packed weights (common/wire.py) as they are: the
     median and trimmed mean are element-wise, and Krum's squared distances do not depend on
-    the order of the coordinates. Their conditions on the number of sites (Krum: n > 2f+2,
-    Bulyan: n >= 4f+3) are checked here against ``num_sampled``, the sites per round.
+    the order of the coordinates. Their f adapts to each round's updates (module
+    docstring), so ``num_sampled`` (the sites per round) is refused only when even f = 0
+    is impossible, or when ``multikrum-select`` cannot be met with every site present.
     """
     run = as_run_config(cfg)
     common = dict(
@@ -62,6 +84,11 @@ def make_strategy(
         weighted_by_key=UNIFORM_WEIGHT_KEY if run.central_dp else "num-examples",
     )
     n, f = num_sampled, run.robust_malicious
+    if run.strategy in ADAPTIVE_F and n < min_sites(run.strategy, 0):
+        raise ConfigError(
+            f"strategy={run.strategy} needs at least {min_sites(run.strategy, 0)} sampled "
+            f"sites even with f=0 ({RULES[run.strategy]}); {n} are sampled per round"
+        )
     if run.strategy == "fedavg":
         strategy: Strategy = FedAvg(**common)
     elif run.strategy == "fedprox":
@@ -76,32 +103,21 @@ def make_strategy(
     elif run.strategy == "fedmedian":
         strategy = FedMedian(**common)
     elif run.strategy == "fedtrimmedavg":
-        if run.trim_beta > 0 and int(run.trim_beta * n) == 0:
-            raise ConfigError(
-                f"trim-beta={run.trim_beta:g} cuts int({run.trim_beta:g}*{n})=0 updates at each "
-                f"end with {n} sampled sites: use trim-beta >= {math.ceil(100 / n) / 100:g}"
-            )
-        strategy = FedTrimmedAvg(**common, beta=run.trim_beta)
+        strategy = AdaptiveTrimmedAvg(**common, beta=run.trim_beta)
     elif run.strategy in ("krum", "multikrum"):
-        if n <= 2 * f + 2:
-            raise ConfigError(
-                f"strategy={run.strategy} with robust-malicious={f} needs more than 2*{f}+2="
-                f"{2 * f + 2} sampled sites; {n} are sampled per round"
-            )
         select = 1 if run.strategy == "krum" else run.multikrum_select
-        if select > n - f:
+        full = min(f, largest_f(run.strategy, n))  # the f of a round with every site
+        if select > n - full:
+            less = f"robust-malicious={f}" if full == f else f"the f={full} that {n} sites allow"
             raise ConfigError(
-                f"multikrum-select={select} is more than the {n} sampled sites less "
-                f"robust-malicious={f}: use multikrum-select <= {n - f} (or 0)"
+                f"multikrum-select={select} is more than the {n} sampled sites less {less}: "
+                f"use multikrum-select <= {n - full} (or 0)"
             )
-        strategy = WeightKrum(**common, num_malicious_nodes=f, num_nodes_to_select=select)
+        strategy = WeightKrum(
+            **common, num_malicious_nodes=f, num_nodes_to_select=select, name=run.strategy
+        )
     elif run.strategy == "bulyan":
-        if n < 4 * f + 3:
-            raise ConfigError(
-                f"strategy=bulyan with robust-malicious={f} needs at least 4*{f}+3={4 * f + 3} "
-                f"sampled sites; {n} are sampled per round"
-            )
-        strategy = Bulyan(**common, num_malicious_nodes=f, selection_rule=select_on_weights)
+        strategy = AdaptiveBulyan(**common, num_malicious_nodes=f, selection_rule=select_on_weights)
     else:  # RunConfig allows only STRATEGIES
         raise ValueError(f"unknown strategy {run.strategy!r}; choose one of {STRATEGIES}")
     return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
@@ -146,17 +162,86 @@ def with_mean_statistics(
 
 
 def updates_needed(cfg: RunConfig | Mapping[str, Any]) -> int:
-    """The fewest updates the strategy can aggregate as configured: Krum needs more than
-    2f+2, Bulyan 4f+3 (f = robust-malicious), the trimmed mean at least one left after
-    cutting; when sites are rejected in a round, fewer than this keeps the global model
-    instead of letting the strategy fail."""
+    """The fewest updates the strategy can aggregate: f = 0's minimum (:func:`min_sites`;
+    3 for Krum, MultiKrum and Bulyan, 1 otherwise), since the robust rules lower f to what
+    a round's updates allow; with fewer the loop keeps the global model instead of letting
+    the strategy fail."""
     run = as_run_config(cfg)
-    f = run.robust_malicious
-    if run.strategy in ("krum", "multikrum"):
-        return max(2 * f + 3, run.multikrum_select + f if run.strategy == "multikrum" else 0)
-    if run.strategy == "bulyan":
-        return 4 * f + 3
-    return 1
+    return min_sites(run.strategy, 0) if run.strategy in ADAPTIVE_F else 1
+
+
+# The conditions on n updates for f malicious ones: the rules need n >= a*f + b.
+_MIN_SITES = {
+    "krum": (2, 3),  # n > 2f+2
+    "multikrum": (2, 3),
+    "bulyan": (4, 3),  # n >= 4f+3
+    "fedtrimmedavg": (2, 1),  # f cut at each end, one left
+    "fedmedian": (2, 1),  # a majority of honest values per coordinate
+}
+RULES = {
+    "krum": "n > 2f+2",
+    "multikrum": "n > 2f+2",
+    "bulyan": "n >= 4f+3",
+    "fedtrimmedavg": "n >= 2f+1",
+    "fedmedian": "n >= 2f+1",
+}
+# The strategies whose f adapts to each round's updates (fedmedian has no f to adapt).
+ADAPTIVE_F = ("krum", "multikrum", "bulyan", "fedtrimmedavg")
+
+
+def min_sites(strategy_name: str, f: int) -> int:
+    """The fewest updates per round with which ``strategy_name`` tolerates ``f`` malicious
+    ones: Krum/MultiKrum 2f+3 (n > 2f+2), Bulyan 4f+3, the trimmed mean (f cut at each
+    end) and the median 2f+1; 1 for the others, which tolerate none (f > 0: ValueError)."""
+    if f < 0:
+        raise ValueError(f"f={f}: must be >= 0")
+    if strategy_name not in _MIN_SITES:
+        if strategy_name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy_name!r}; choose one of {STRATEGIES}")
+        if f > 0:
+            raise ValueError(f"strategy={strategy_name} tolerates no malicious update (f={f})")
+        return 1
+    a, b = _MIN_SITES[strategy_name]
+    return a * f + b
+
+
+def largest_f(strategy_name: str, n: int) -> int:
+    """The largest f that ``strategy_name``'s rule allows with ``n`` updates (the inverse of
+    :func:`min_sites`); -1 when even f = 0 is impossible, 0 for non-robust strategies."""
+    if strategy_name not in _MIN_SITES:
+        return 0 if n >= 1 else -1
+    a, b = _MIN_SITES[strategy_name]
+    return (n - b) // a
+
+
+def round_f(name: str, configured: int, n: int, server_round: int, why: str = "") -> int:
+    """``configured`` lowered to what ``n`` updates allow; one log line when it is lower."""
+    used = min(configured, largest_f(name, n))
+    if used < configured:
+        log.warning(
+            "round %d: %s with %d updates tolerates f=%d (configured %d%s; %s)",
+            server_round,
+            name,
+            n,
+            used,
+            configured,
+            why,
+            RULES[name],
+        )
+    return used
+
+
+def _too_few(name: str, n: int, server_round: int) -> bool:
+    if n >= min_sites(name, 0):
+        return False
+    log.error(
+        "round %d: %s cannot aggregate %d updates even with f=0 (%s); not aggregated",
+        server_round,
+        name,
+        n,
+        RULES[name],
+    )
+    return True
 
 
 def select_on_weights(
@@ -181,24 +266,92 @@ def select_on_weights(
 class WeightKrum(MultiKrum):
     """Flower's MultiKrum (Krum when ``num_nodes_to_select`` is 1) for fedskin's loop.
 
-    Distances are over the weights only (:func:`select_on_weights`), and
-    ``num_nodes_to_select`` = 0 means all but ``num_malicious_nodes`` of *this round's*
-    replies, so a site that drops out does not let a poisoned update into the average.
-    The selected updates are averaged as FedAvg does (weighted by ``weighted_by_key``).
+    Distances are over the weights only (:func:`select_on_weights`). Each round scores with
+    the f its updates allow (:func:`round_f`: n > 2f+2). ``num_nodes_to_select`` = 0 means
+    all but the *configured* ``num_malicious_nodes`` of this round's replies: a site that
+    drops out does not let a poisoned update into the average, and a round too small for
+    that f (scored with a lower one) still leaves its most outlying updates out. A set
+    ``num_nodes_to_select`` is capped at n - f_used. The selected updates are averaged as
+    FedAvg does (weighted by ``weighted_by_key``).
     """
+
+    def __init__(self, *args: Any, name: str = "multikrum", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = name
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [r for r in replies if not r.has_error()]
-        if not replies:
+        if not replies or _too_few(self.name, len(replies), server_round):
             return None, None
-        select = self.num_nodes_to_select or max(1, len(replies) - self.num_malicious_nodes)
-        contents = select_on_weights([r.content for r in replies], self.num_malicious_nodes, select)
+        n, configured = len(replies), self.num_malicious_nodes
+        f = round_f(self.name, configured, n, server_round)
+        if self.num_nodes_to_select:
+            select = min(self.num_nodes_to_select, n - f)
+        else:
+            select = max(1, n - configured)
+        contents = select_on_weights([r.content for r in replies], f, select)
         chosen = {id(c) for c in contents}
         return FedAvg.aggregate_train(
             self, server_round, [r for r in replies if id(r.content) in chosen]
         )
+
+
+class AdaptiveBulyan(Bulyan):
+    """Flower's Bulyan with each round's f lowered to what its updates allow (n >= 4f+3);
+    at f = 0 it averages all updates (no protection: the round's log line says so)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [r for r in replies if not r.has_error()]
+        if not replies or _too_few("bulyan", len(replies), server_round):
+            return None, None
+        configured = self.num_malicious_nodes
+        self.num_malicious_nodes = round_f("bulyan", configured, len(replies), server_round)
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self.num_malicious_nodes = configured
+
+
+class AdaptiveTrimmedAvg(FedTrimmedAvg):
+    """Flower's trimmed mean, cutting f = max(1, int(beta * n)) updates at each end of each
+    coordinate (``beta`` > 0; none at 0), lowered to (n - 1) // 2 so one is left.
+
+    Flower cuts int(beta * n), none at all when a round has fewer than 1 / beta updates
+    (beta 0.2 and 4 sites: a plain mean); a positive ``trim-beta`` here always cuts."""
+
+    def configured_f(self, n: int) -> int:
+        return max(1, int(self.beta * n)) if self.beta > 0 else 0
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        n = len(valid)
+        why = f", from trim-beta={self.beta:g}"
+        cut = round_f("fedtrimmedavg", self.configured_f(n), n, server_round, why)
+        key = next(iter(valid[0].content.array_records))
+        arrays = ArrayRecord()
+        for name in list(valid[0].content[key].keys()):
+            stacked = np.stack([msg.content[key].pop(name).numpy() for msg in valid])
+            arrays[name] = Array(np.asarray(trimmed_mean(stacked, cut)))
+        metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        return arrays, metrics
+
+
+def trimmed_mean(stacked: np.ndarray, cut: int) -> np.ndarray:
+    """The mean along axis 0 after dropping the ``cut`` lowest and highest values."""
+    n = stacked.shape[0]
+    if cut < 0 or 2 * cut >= n:
+        raise ValueError(f"cannot cut {cut} at each end of {n} values")
+    if cut == 0:
+        return stacked.mean(axis=0)
+    return np.partition(stacked, (cut, n - cut - 1), axis=0)[cut : n - cut].mean(axis=0)
 
 
 class SyncedFedAvgM(FedAvgM):
