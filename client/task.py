@@ -290,7 +290,15 @@ def site_feature_stats(
 
 
 def _projection_of(msg: Message, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The centre (D,) and projection (D, d) of a DP query; ValueError naming what is wrong."""
+    """The centre (D,) and projection (D, d) of a DP query; ValueError naming what is wrong.
+
+    Both must be finite and bounded: every projection entry at most
+    ``MAX_PROJECTION_ENTRY`` (1e12, above anything ``dp_projection`` sends) in size, every
+    centre entry at most float32's largest. The release clips whatever it gets
+    (common/headfit.py: clipped_projections); this refuses a malformed query before any
+    budget is spent on it."""
+    from common.headfit import MAX_CENTRE_ENTRY, MAX_PROJECTION_ENTRY
+
     if "projection" not in msg.content.array_records:
         raise ValueError("a DP feature-statistics query needs a 'projection' ArrayRecord")
     record = msg.content.array_records["projection"]
@@ -300,8 +308,14 @@ def _projection_of(msg: Message, dim: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"the projection record needs 'centre' ({dim},) and 'projection'")
     if projection.ndim != 2 or projection.shape[0] != dim or not 1 <= projection.shape[1] <= dim:
         raise ValueError(f"'projection' has shape {projection.shape}, expected ({dim}, d<={dim})")
-    if not (np.isfinite(centre).all() and np.isfinite(projection).all()):
-        raise ValueError("the projection record is not finite")
+    for key, value, bound in (
+        ("centre", centre, MAX_CENTRE_ENTRY),
+        ("projection", projection, MAX_PROJECTION_ENTRY),
+    ):
+        if not np.isfinite(value).all():
+            raise ValueError(f"the projection record's {key!r} is not finite")
+        if np.abs(value).max() > bound:
+            raise ValueError(f"the projection record's {key!r} has entries above {bound:.3g}")
     return centre, projection
 
 

@@ -503,6 +503,35 @@ def _attach_prox(
     dp_opt.attach_step_hook(add_prox)
 
 
+def zero_nonfinite_grad_samples(dp_opt: Any) -> None:
+    """Replace every sample's per-sample gradient that has a non-finite entry (in any
+    parameter) by zero, in place, before Opacus clips them (DPOptimizer.clip_and_accumulate).
+
+    Why: Opacus scales each sample's gradient by ``C / norm``; an infinite entry gives norm
+    inf, factor 0, and 0 x inf = NaN in the summed gradient, and NaN plus noise is NaN. A
+    model the server crafts can make one image's gradient overflow, and the reply would then
+    show, with no noise involved, whether that image was in the batch. Zero is a constant
+    that depends on no data, so each sample still adds a vector of norm <= C computed from
+    that sample alone: the sensitivity the noise is scaled to holds for any model. (Finite
+    but huge gradients need nothing: Opacus' clip maps them to norm <= C or to 0.)
+
+    Works on the per-sample gradients of the ``hooks`` and ``functorch`` engines
+    (``p.grad_sample``, one tensor or a list of them per backward pass). ``ghost`` clipping
+    never forms them: it is not covered (its second backward pass sums the batch)."""
+    with torch.no_grad():
+        params = [p for p in dp_opt.params if getattr(p, "grad_sample", None) is not None]
+        per_param = [gs if isinstance(gs, list) else [gs] for gs in (p.grad_sample for p in params)]
+        for parts in zip(*per_param, strict=True):  # one backward pass's tensors, all params
+            n = len(parts[0]) if parts else 0
+            if n == 0:
+                continue
+            bad = torch.zeros(n, dtype=torch.bool, device=parts[0].device)
+            for gs in parts:
+                bad |= ~torch.isfinite(gs.reshape(n, -1)).all(dim=1).to(bad.device)
+            for gs in parts:
+                gs.masked_fill_(bad.to(gs.device).view(n, *[1] * (gs.dim() - 1)), 0.0)
+
+
 def _dp_step(r: _Round, private: _Private, idx: torch.Tensor, g: torch.Generator) -> None:
     """One DP-SGD step on one Poisson logical batch: physical chunks accumulate per-sample
     gradients (as Opacus' BatchMemoryManager) and only the last one steps; an empty batch
@@ -521,6 +550,7 @@ def _dp_step(r: _Round, private: _Private, idx: torch.Tensor, g: torch.Generator
             r.tally.add(r.criterion(logits.detach(), y), logits, y)
         loss = private.criterion(logits, y)
         loss.backward()
+        zero_nonfinite_grad_samples(private.opt)  # before Opacus clips them
         private.opt.step()
         private.opt.zero_grad(set_to_none=True)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -220,3 +222,177 @@ def test_simulation_under_dp_refits_from_noised_statistics(tmp_path: Path) -> No
     assert seen["query.feature_stats"]["stats"].startswith("ArrayRecord: feature statistics")
     report = (tmp_path / "run" / "report.md").read_text()
     assert "noised (sample-level DP); each site's ε after them: rosendahl" in report
+
+
+# ------------------------------------------- a DP release that holds for any server input
+def _hostile_queries(dim: int, d: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(centre, projection) pairs a hostile server could send, several of which overflow."""
+    rng = np.random.default_rng(7)
+    big = np.finfo(np.float64).max
+    centre, base = rng.normal(size=dim), rng.normal(size=(dim, d))
+    one_column = base.copy()
+    one_column[:, 0] *= 1e300
+    with_inf, with_nan = base.copy(), base.copy()
+    with_inf[::3, 1] = np.inf
+    # The finding's attack: column j overflows exactly for the images whose feature 1 is
+    # above t_j in size (NaN after the old clip), reading its maximum off the NaN pattern.
+    thresholds = np.zeros((dim, d))
+    thresholds[1] = big * np.geomspace(0.5, 1.0, d)  # t_j from 2 down to 1
+    with_nan[::5, 2] = np.nan
+    return {
+        "huge": (centre, 1e300 * base),
+        "float max": (centre, big * np.sign(base)),
+        "one huge column": (centre, one_column),
+        "inf entries": (centre, with_inf),
+        "nan entries": (centre, with_nan),
+        "thresholds": (np.zeros(dim), thresholds),
+        "all zero": (centre, np.zeros((dim, d))),
+        "rank one": (centre, np.outer(base[:, 0], np.ones(d))),
+        "tiny": (centre, 1e-300 * base),
+        "huge centre": (np.full(dim, big), base),
+        "centre with inf and nan": (np.where(np.arange(dim) % 2, np.inf, np.nan), base),
+    }
+
+
+def _change(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """The L2 distance of two releases over what is released independently (the counts, the
+    sums and the moment's upper triangle: the mechanism's sensitivity norm)."""
+    return float(
+        np.sqrt(
+            sum(np.sum((a[k] - b[k]) ** 2) for k in ("counts", "sums"))
+            + np.sum(np.triu(a["moment"] - b["moment"]) ** 2)
+        )
+    )
+
+
+def _assert_neighbours_within_sensitivity(model, images, labels, centre, projection) -> None:
+    """Noiseless releases of the images and of each neighbour without image 0, 5 or the last
+    (image 5 is the one whose feature 1 trips the "thresholds" query): all finite, and each
+    neighbour within the sensitivity of the full release."""
+    from common.headfit import SENSITIVITY, private_stats
+
+    rng = np.random.default_rng(0)
+    n = len(images)
+
+    def release(keep: np.ndarray) -> dict[str, np.ndarray]:
+        args = (model, images[keep], labels[keep], 7, centre, projection, 0.0)
+        with np.errstate(all="raise", under="ignore"):  # no overflow or NaN escapes
+            return private_stats(*args, rng=rng)
+
+    full = release(np.arange(n))
+    for drop in (0, 5, n - 1):
+        less = release(np.delete(np.arange(n), drop))
+        for stats in (full, less):
+            for key, value in stats.items():
+                assert np.isnan(value).sum() == 0 and np.isfinite(value).all(), key
+        assert _change(full, less) <= SENSITIVITY * (1 + 1e-12), drop
+        assert np.abs(full["counts"] - less["counts"]).sum() == 1.0  # counted, even if zeroed
+
+
+def test_private_statistics_hold_their_sensitivity_for_any_projection() -> None:
+    """Hostile queries (huge, float-max, inf or NaN entries that a lower layer would refuse,
+    all-zero, rank-deficient, one huge column, a centre at float max): the noiseless release
+    is finite everywhere and one image moves it by at most sqrt(3). (Before, a huge
+    projection overflowed to inf, the clip made NaN, and which columns were NaN told the
+    server per-class feature maxima, with no noise involved.)"""
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", 7, dp=True)
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    labels = np.arange(8) % 7
+    for name, (centre, projection) in _hostile_queries(model.num_features).items():
+        try:
+            _assert_neighbours_within_sensitivity(model, images, labels, centre, projection)
+        except AssertionError as e:
+            raise AssertionError(f"query {name!r}: {e}") from e
+
+
+def test_private_statistics_of_a_crafted_model_with_overflowing_features() -> None:
+    """A model whose weights make some images' features inf or NaN in float32: those
+    features count as 0, the release stays finite and within the sensitivity."""
+    from common.headfit import clipped_projections
+
+    torch.manual_seed(1)
+    model = build_model("test_efficientnet", 7, dp=True)
+    with torch.no_grad():
+        model.conv_head.weight.mul_(1e37)  # the last conv before pooling
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    feats = penultimate(model, images, batch_size=1).numpy()
+    assert not np.isfinite(feats).all()  # the crafting worked
+    labels = np.arange(8) % 7
+    rng = np.random.default_rng(2)
+    centre, projection = rng.normal(size=model.num_features), rng.normal(size=(feats.shape[1], 4))
+    _assert_neighbours_within_sensitivity(model, images, labels, centre, projection)
+    _assert_neighbours_within_sensitivity(model, images, labels, centre, 1e300 * projection)
+    z = clipped_projections(feats, centre, projection)
+    assert np.isfinite(z).all() and (np.linalg.norm(z, axis=1) <= 1.0).all()
+
+
+def test_clipped_projections_are_finite_unit_bounded_and_per_row() -> None:
+    """The clip itself: rows of any size (overflowing, subnormal, exactly 1, 0) come out
+    finite with norm <= 1, a small row is kept as it is, and a row depends on its own
+    features only (the same row whatever the others are)."""
+    from common.headfit import clipped_projections
+
+    big = np.finfo(np.float64).max
+    x = np.array(
+        [
+            [3.0, 4.0, 0.0],  # norm 5: scaled to (0.6, 0.8, 0)
+            [0.3, 0.4, 0.0],  # norm 0.5: kept
+            [big, big, big],  # float max: the clip must not overflow
+            [np.inf, 1.0, 0.0],  # inf feature counts as 0
+            [np.nan, np.nan, np.nan],
+            [1e-310, 0.0, 0.0],  # subnormal
+            [1.0, 0.0, 0.0],  # norm exactly 1
+            [0.0, 0.0, 0.0],
+            [1e200, -1e200, 1e200],  # squares overflow: the clip must not square them
+        ]
+    )
+    z = clipped_projections(x, np.zeros(3), np.eye(3))
+    assert np.isfinite(z).all() and (np.linalg.norm(z, axis=1) <= 1.0).all()
+    np.testing.assert_allclose(z[0], [0.6, 0.8, 0.0], rtol=1e-9)
+    np.testing.assert_array_equal(z[1], x[1])
+    np.testing.assert_allclose(z[2], np.ones(3) / np.sqrt(3), rtol=1e-9)
+    np.testing.assert_allclose(z[3], [0.0, 1.0, 0.0], rtol=1e-9)
+    np.testing.assert_array_equal(z[4], 0.0)
+    np.testing.assert_allclose(z[6], [1.0, 0.0, 0.0], rtol=1e-9)
+    np.testing.assert_allclose(z[8], np.array([1, -1, 1]) / np.sqrt(3), rtol=1e-9)
+    summed = clipped_projections(x, np.zeros(3), np.ones((3, 3)))  # row 2 overflows: zeroed
+    np.testing.assert_array_equal(summed[2], 0.0)
+    assert np.isfinite(summed).all() and (np.linalg.norm(summed, axis=1) <= 1.0).all()
+    for i in range(len(x)):
+        np.testing.assert_array_equal(
+            clipped_projections(x[i : i + 1], np.zeros(3), np.eye(3))[0], z[i]
+        )
+
+
+def _query(centre: np.ndarray, projection: np.ndarray) -> SimpleNamespace:
+    """What _projection_of reads of a query message: its content's "projection" record."""
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    record = ArrayRecord({"centre": Array(centre), "projection": Array(projection)})
+    return SimpleNamespace(content=RecordDict({"projection": record}))
+
+
+def test_site_refuses_a_projection_out_of_bounds() -> None:
+    """The first line of defence (client/task.py): a non-finite or oversized centre or
+    projection is refused with a one-line error naming it, before any budget is spent;
+    what dp_projection sends (even at its 1e-12 scale floor) passes."""
+    from client.task import _projection_of
+    from common.headfit import MAX_PROJECTION_ENTRY
+
+    dim, rng = 6, np.random.default_rng(3)
+    centre, base = rng.normal(size=dim), np.linalg.qr(rng.normal(size=(dim, 3)))[0]
+    _projection_of(_query(centre, base), dim)
+    _projection_of(_query(centre, base / 1e-12), dim)  # dp_projection's largest
+    _projection_of(_query(centre, np.zeros((dim, 3))), dim)  # harmless: releases zeros
+    bad = {
+        "'projection' has entries above 1e+12": [1e300 * base, 2 * MAX_PROJECTION_ENTRY * base],
+        "'projection' is not finite": [np.where(base > 0, np.inf, base), base * np.nan],
+        "'centre' has entries above": [np.full(dim, 1e300)],
+        "'centre' is not finite": [np.full(dim, np.nan)],
+    }
+    for words, values in bad.items():
+        for value in values:
+            query = (value, base) if "centre" in words else (centre, value)
+            with pytest.raises(ValueError, match=re.escape(words)):
+                _projection_of(_query(*query), dim)

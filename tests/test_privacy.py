@@ -243,3 +243,75 @@ def test_budget_kept_for_the_feature_statistics() -> None:
     over.record_steps(10 * over.steps_per_round)  # twice the planned rounds (a tampered file)
     with pytest.raises(ValueError, match="would spend epsilon"):
         over.release_head()
+
+
+def _crafted(weight_scale: float = 1e38) -> torch.nn.Module:
+    """A linear model whose class-0 score reads ten pixels at ``weight_scale``: an image
+    bright there overflows to inf (its loss and gradient are NaN), a mid-grey one does not."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    with torch.no_grad():
+        model[1].weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
+        model[1].bias.zero_()
+        model[1].weight[0] = 0.0
+        model[1].weight[0, :10] = weight_scale  # channel 0, first ten pixels of row 0
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_a_crafted_model_cannot_make_one_image_leak_outside_the_noise(mode, monkeypatch) -> None:
+    """The server crafts weights that make one image's gradient NaN. Opacus alone would clip
+    it to 0 x inf = NaN and the whole update would be NaN: whether the image was in the
+    batch, read off the reply with no noise. Its per-sample gradient is zeroed before the
+    clip instead: the step is finite and equals the step without that image (noise 0,
+    every image in the batch: q = 1; the mean is over the expected batch size)."""
+    import common.train
+
+    x, y = tiny(4)
+    x[:, 0, :10, 0] = 124  # mid-grey (about the ImageNet mean) in the pixels read at 1e38
+    x[2, 0, :10, 0] = 255  # image 2: bright there, class-0 score inf
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = _crafted()
+        n = len(images)
+        cfg = DPConfig(noise_multiplier=1.0, target_epsilon=0.0, grad_sample_mode=mode)
+        session = DPSession(cfg, n, n, 1)  # sample rate 1: every image in the one batch
+        session.noise_multiplier = 0.0  # no noise: the comparison is exact
+        train_cfg = TrainConfig(batch_size=n, augment=False, optimizer="sgd", lr=0.5, loss="ce")
+        train_local(model, images, labels, train_cfg, num_classes=3, dp=session, seed=1)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    start = {k: v.detach().clone() for k, v in _crafted().state_dict().items()}
+    keep = torch.tensor([0, 1, 3])
+    with_it, without = step(x, y), step(x[keep], y[keep])
+    assert all(torch.isfinite(v).all() for v in with_it.values())
+    for k in start:  # SGD's first step: (w - w0) x expected batch = -lr x clipped sum
+        torch.testing.assert_close(
+            (with_it[k] - start[k]) * 4, (without[k] - start[k]) * 3, rtol=1e-5, atol=1e-6
+        )
+    assert not torch.equal(with_it["1.bias"], start["1.bias"])  # the others did train
+    monkeypatch.setattr(common.train, "zero_nonfinite_grad_samples", lambda opt: None)
+    assert not torch.isfinite(step(x, y)["1.bias"]).all()  # the leak this closes
+
+
+def test_nonfinite_per_sample_gradients_are_zeroed_whole() -> None:
+    """A sample with a non-finite entry in any parameter's gradient loses its whole
+    gradient (every parameter), the others are untouched; per-backward-pass lists too."""
+    from types import SimpleNamespace
+
+    from common.train import zero_nonfinite_grad_samples
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3, 2))
+    a.grad_sample = torch.ones(4, 2)
+    b.grad_sample = torch.ones(4, 3, 2)
+    a.grad_sample[1, 0] = float("nan")
+    b.grad_sample[3, 2, 1] = float("inf")
+    b.grad_sample[0, 0, 0] = 3e38  # finite: kept (Opacus' clip handles its size)
+    zero_nonfinite_grad_samples(SimpleNamespace(params=[a, b]))
+    assert a.grad_sample[[1, 3]].eq(0).all() and b.grad_sample[[1, 3]].eq(0).all()
+    assert a.grad_sample[[0, 2]].eq(1).all() and b.grad_sample[0, 0, 0] == 3e38
+    a.grad_sample = [torch.ones(2, 2), torch.full((1, 2), float("-inf"))]
+    b.grad_sample = [torch.ones(2, 3, 2), torch.ones(1, 3, 2)]
+    zero_nonfinite_grad_samples(SimpleNamespace(params=[a, b]))
+    assert a.grad_sample[0].eq(1).all() and b.grad_sample[0].eq(1).all()
+    assert a.grad_sample[1].eq(0).all() and b.grad_sample[1].eq(0).all()
