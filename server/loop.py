@@ -47,6 +47,7 @@ from common.rundir import (
 )
 from common.wire import layout_of, pack, unpack
 from server.guard import leave_one_out, model_output_error, statistics_error
+from server.headcheck import min_head_noise_std, screen_statistics
 from server.replies import (
     arrays_error,
     discovery_error,
@@ -1029,11 +1030,13 @@ class Federation:
             log.error("head calibration: no projection for the DP query (%s); head kept", err)
             return arrays, {"method": "lda", "sites": [], "kept": False, "error": str(err)}
         stats, problems, noise = self._feature_stats(arrays, weight_key, state.run_tag, private)
+        stats, screened = self._screen(stats, noise if private is not None else None)
         out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
         out |= {"failures": problems.failures, "rejected": problems.rejected}
+        out["screened"] = screened
         if private is not None:
             out["epsilon"] = {site: eps for site, (_, eps) in sorted(noise.items())}
-            total_std = float(np.sqrt(sum(std**2 for std, _ in noise.values())))
+            total_std = float(np.sqrt(sum(noise[site][0] ** 2 for site in stats)))
             private = private | {"noise_std": total_std}
         if not stats:
             log.warning("head calibration: no site sent usable statistics; head kept")
@@ -1058,6 +1061,31 @@ class Federation:
             return arrays, out
         self._save("best", candidate, state, strategy)
         return candidate, out
+
+    def _screen(
+        self,
+        stats: dict[str, dict[str, np.ndarray]],
+        noise: Mapping[str, tuple[float, float]] | None,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+        """The statistics the refit may use (server/headcheck.py): counts that fit the
+        pinned n-train, a symmetric PSD moment (within the declared noise), a declared noise
+        no smaller than the run's epsilon allows, and no site that alone moves the head."""
+        pinned = {s.site: s.n_train for s in self.ordered_sites()}
+        if noise is None:
+            kept, dropped = screen_statistics(stats, n_train=pinned)
+        else:
+            # the floor holds for any dp-head-share a site sets itself (head_share=1)
+            floors = {
+                site: min_head_noise_std(self.run_config, pinned.get(site), head_share=1.0)
+                for site in stats
+            }
+            stds = {site: std for site, (std, _) in noise.items()}
+            kept, dropped = screen_statistics(
+                stats, noise_std=stds, min_noise_std=floors, n_train=pinned
+            )
+        for why in dropped.values():
+            log.warning("head calibration: %s; statistics dropped", printable(why))
+        return dict(kept), dropped  # type: ignore[arg-type]
 
     def _dp_projection(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
         """The centre and projection sent with a DP query, from the model alone."""
