@@ -84,6 +84,7 @@ from server.strategies import (
 )
 
 log = logging.getLogger("fedskin")
+REASON_LIMIT = 4000  # a site's error text, cleaned to one line: long enough for a traceback
 
 
 def _with_head(
@@ -104,7 +105,13 @@ def _with_head(
     refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
     for key, value in zip(head, (weight, bias), strict=True):
         refit[key] = value.astype(refit[key].dtype)
-    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in refit.items()})
+    return _record(refit)
+
+
+def _record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A state dict as an ArrayRecord, every array's shape kept (``np.ascontiguousarray``
+    turns the 0-d BatchNorm step counters into shape (1,), which no model loads)."""
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in state.items()})
 
 
 @dataclass
@@ -253,7 +260,7 @@ class _Problems:
         for nid, reply in replies:
             name = by_node[nid].site
             if reply.has_error():  # the site's own words: one clean line (server/replies.py)
-                self.failures[name] = printable(reply.error.reason)
+                self.failures[name] = printable(reply.error.reason, REASON_LIMIT)
                 log.error(self.wording.failed, self.wording.context, name, self.failures[name])
                 continue
             if why := guarded(take, by_node[nid], reply):
@@ -311,6 +318,23 @@ class _Updates:
         }
 
 
+def _snapshot(strategy: Any) -> tuple[dict[str, Any], Any]:
+    """A copy of the strategy's state to restore after a rolled-back round: its attributes
+    (FedAdam's moments, a clipping norm, ...) and a site-level DP accountant's state (the
+    accountant itself holds modules, which do not copy)."""
+    attrs = {k: v for k, v in vars(strategy).items() if k != "accountant"}
+    accountant = getattr(strategy, "accountant", None)
+    saved = None if accountant is None else copy.deepcopy(accountant.state_dict())
+    return copy.deepcopy(attrs), saved
+
+
+def _restore(strategy: Any, snapshot: tuple[dict[str, Any], Any]) -> None:
+    attrs, accountant = snapshot
+    vars(strategy).update(copy.deepcopy(attrs))
+    if accountant is not None:
+        strategy.accountant.load_state_dict(copy.deepcopy(accountant))
+
+
 def _farthest(updates: _Updates) -> str | None:
     """The usable update farthest (L2) from the coordinate-wise median of the round's
     updates; None with fewer than 3."""
@@ -345,7 +369,7 @@ class Federation:
         self._resumed: dict[str, Any] | None = None  # the checkpoint a resumed run started from
         self._claims: dict[str, list[int]] = {}  # site name -> nodes that claimed it
         # the last round's model before it, strategy state, updates and layout (rollback)
-        self._undo: tuple[ArrayRecord, dict[str, Any], _Updates, Any] | None = None
+        self._undo: tuple[ArrayRecord, tuple[dict[str, Any], Any], _Updates, Any] | None = None
         self._new_model: Callable[[], torch.nn.Module] | None = None  # set by run()
 
     def _exchange(
@@ -417,7 +441,8 @@ class Federation:
             log.error("node %s did not answer the query within %.0fs", nid, self.timeout)
         for nid, reply in replies.items():  # in the order they arrived
             if reply.has_error():
-                log.error("node %s failed to load its data: %s", nid, printable(reply.error.reason))
+                why = printable(reply.error.reason, REASON_LIMIT)
+                log.error("node %s failed to load its data: %s", nid, why)
                 continue
             if why := guarded(self._keep_site, nid, reply.content):
                 self._reject_node(nid, _claimed(reply), why)
@@ -665,17 +690,17 @@ class Federation:
         if not self._enough_updates(server_round, len(updates.good)):
             record["aggregated"] = False
             return arrays
-        backup = copy.deepcopy(strategy.__dict__)  # a rolled-back round leaves no trace
+        backup = _snapshot(strategy)  # a rolled-back round leaves no trace
         self._undo = (arrays, backup, updates, layout)
         new = self._aggregated(strategy, server_round, updates, layout, record)
         if new is None:
             record["aggregated"] = False
             return arrays
-        why = guarded(self._broken, arrays, new, server_round)
+        why = self._broken(arrays, new, server_round)
         if why is None:
             return new
         # The round broke the model: roll it back, name the site whose update did it.
-        strategy.__dict__.update(copy.deepcopy(backup))
+        _restore(strategy, backup)
         culprit = self._culprit(arrays, updates, layout)
         record["rolled_back"] = {"why": why, "site": culprit or ""}
         log.error(
@@ -696,8 +721,8 @@ class Federation:
             record["aggregated"] = False
             return arrays
         new = self._aggregated(strategy, server_round, updates, layout, record)
-        if new is None or guarded(self._broken, arrays, new, server_round) is not None:
-            strategy.__dict__.update(copy.deepcopy(backup))
+        if new is None or self._broken(arrays, new, server_round) is not None:
+            _restore(strategy, backup)
             record["aggregated"] = False
             return arrays
         return new
@@ -726,7 +751,7 @@ class Federation:
         from the others) sitting out ``exclude-rounds``."""
         assert self._undo is not None
         previous, backup, updates, layout = self._undo
-        strategy.__dict__.update(copy.deepcopy(backup))
+        _restore(strategy, backup)
         culprit = self._culprit(previous, updates, layout) or _farthest(updates)
         record["aggregated"] = False
         record["rolled_back"] = {"why": why, "site": culprit or ""}
@@ -821,7 +846,7 @@ class Federation:
         ]
         state = {k: np.asarray(v.numpy()) for k, v in unpacked.items()}
         mean = with_mean_statistics(state, sites, self.statistics)
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in mean.items()})
+        return _record(mean)
 
     def _send_train(
         self,

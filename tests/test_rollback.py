@@ -26,6 +26,7 @@ from common.config import RunConfig
 from common.fedmetrics import site_summary
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import get_weights, model_for_run, set_weights
+from common.rundir import load_checkpoint
 from common.wire import layout_of, pack, unpack
 from server.guard import noise_images
 from server.loop import Federation
@@ -225,16 +226,18 @@ def test_an_honest_run_is_never_rolled_back(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("attack", "reason"),
+    ("attack", "reason", "strategy"),
     [
-        (negative_variance, "is negative"),
-        (vanishing_variance, "changed by a factor"),
+        (negative_variance, "is negative", "fedavg"),
+        (negative_variance, "is negative", "fedadam"),
+        (vanishing_variance, "changed by a factor", "fedavg"),
     ],
 )
 def test_a_statistic_that_breaks_the_model_is_rolled_back_and_its_site_named(
-    attack: Callable[[int, State], State], reason: str, tmp_path: Path
+    attack: Callable[[int, State], State], reason: str, strategy: str, tmp_path: Path
 ) -> None:
-    metrics, grid = run(tmp_path, attack, rounds=4, **{"exclude-rounds": 1})
+    cfg = {"exclude-rounds": 1, "strategy": strategy}
+    metrics, grid = run(tmp_path, attack, rounds=4, **cfg)
     assert "rolled_back" not in metrics["rounds"][0]
     second = metrics["rounds"][1]
     assert second["rolled_back"]["site"] == ATTACKER and reason in second["rolled_back"]["why"]
@@ -243,6 +246,9 @@ def test_a_statistic_that_breaks_the_model_is_rolled_back_and_its_site_named(
     assert all(not r["validation"]["failures"] for r in metrics["rounds"])
     assert ATTACKER not in grid.trained_by[3] and ATTACKER in grid.trained_by[4]
     assert metrics["rounds"][-1]["validation"]["global"]["balanced_accuracy"] > 0.5
+    for name in ("best", "last"):  # every checkpoint loads into the run's model as it is
+        arrays = load_checkpoint(tmp_path / "checkpoints" / f"{name}.pt")["arrays"]
+        set_weights(run_model(), arrays)
 
 
 def test_a_round_whose_validation_collapses_below_chance_is_rolled_back(tmp_path: Path) -> None:
