@@ -17,12 +17,21 @@ fedmedian        n >= 2f+1  1      3      5
 ===============  =========  =====  =====  =====
 
 Below f = 0's minimum a round keeps the global model (:func:`updates_needed`).
+
+Each strategy is a short factory in :data:`REGISTRY`, registered by name with
+:func:`register_strategy` (its site-count rule and the attributes that are its state
+declared there); :func:`make_strategy` looks the name up and adds the site-level DP
+wrapper (:data:`CENTRAL_DP_WRAPPERS`, which declares the wrappers' state the same way).
+:func:`strategy_state` and :func:`load_strategy_state` save and restore exactly the
+declared attributes (:class:`StateField`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -46,15 +55,163 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from common.config import STRATEGIES, ConfigError, RunConfig, as_run_config
+from common.config import ConfigError, RunConfig, as_run_config
 
 log = logging.getLogger("fedskin")
 
 FEDAVGM_SERVER_LR = 1.0  # FedAvgM's server learning rate: fixed (server-lr is FedAdam's 0.01)
-CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 # Site-level DP bounds each site's influence on the *mean* of clipped updates by C/m; a
 # mean weighted by example counts would give a large site more and break that bound.
 UNIFORM_WEIGHT_KEY = "site-weight"
+
+
+# ----------------------------------------------------------------------------- state fields
+@dataclass(frozen=True)
+class StateField:
+    """How one attribute of a strategy is saved in a checkpoint and restored from it.
+
+    ``save`` turns the attribute's value into storable data (numpy arrays, numbers, plain
+    dicts and lists: common/rundir.py stores the arrays as tensors), or None to store
+    nothing (no moments yet, no accountant); ``load`` takes the attribute's current value
+    and the stored data and returns the value to set (it may update the current one)."""
+
+    save: Callable[[Any], Any]
+    load: Callable[[Any, Any], Any]
+
+
+def _load_accountant(accountant: Any, saved: Any) -> Any:
+    if accountant is None:
+        raise ValueError("the checkpoint has site-level privacy spending but this run has none")
+    accountant.load_state_dict(saved)
+    return accountant
+
+
+ARRAYS_BY_NAME = StateField(  # FedOpt's moments: {array name: ndarray}, None before round 1
+    save=lambda value: {k: np.asarray(v) for k, v in value.items()} if value else None,
+    load=lambda _, saved: {k: np.asarray(v) for k, v in saved.items()},
+)
+ARRAY_LIST = StateField(  # FedAvgM's momentum: [ndarray, ...], None before round 2
+    save=lambda value: None if value is None else [np.asarray(v) for v in value],
+    load=lambda _, saved: [np.asarray(v) for v in saved],
+)
+NUMBER = StateField(save=float, load=lambda _, saved: float(saved))
+ACCOUNTANT = StateField(  # Flower's RDP accountant: its own state_dict
+    save=lambda accountant: None if accountant is None else accountant.state_dict(),
+    load=_load_accountant,
+)
+FEDOPT_STATE = MappingProxyType({"m_t": ARRAYS_BY_NAME, "v_t": ARRAYS_BY_NAME})
+FEDAVGM_STATE = MappingProxyType({"momentum_vector": ARRAY_LIST})
+
+# Site-level DP (``central-dp``): Flower's wrapper for each kind and the attributes of the
+# wrapper that are its state: adaptive clipping moves its norm; fixed clipping may hold the
+# accountant of the privacy spent so far.
+CENTRAL_DP_WRAPPERS: Mapping[str, tuple[type[Strategy], Mapping[str, StateField]]] = (
+    MappingProxyType(
+        {
+            "server-fixed": (
+                DifferentialPrivacyServerSideFixedClipping,
+                MappingProxyType({"clipping_norm": NUMBER, "accountant": ACCOUNTANT}),
+            ),
+            "server-adaptive": (
+                DifferentialPrivacyServerSideAdaptiveClipping,
+                MappingProxyType({"clipping_norm": NUMBER}),
+            ),
+            "client-fixed": (
+                DifferentialPrivacyClientSideFixedClipping,
+                MappingProxyType({"clipping_norm": NUMBER, "accountant": ACCOUNTANT}),
+            ),
+            "client-adaptive": (
+                DifferentialPrivacyClientSideAdaptiveClipping,
+                MappingProxyType({"clipping_norm": NUMBER}),
+            ),
+        }
+    )
+)
+CENTRAL_DP = ("", *CENTRAL_DP_WRAPPERS)
+_WRAPPER_STATE_KEYS = frozenset(k for _, fields in CENTRAL_DP_WRAPPERS.values() for k in fields)
+
+
+# ----------------------------------------------------------------------------- the registry
+Factory = Callable[[RunConfig, int], Strategy]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: its factory and what :func:`register_strategy` declared.
+
+    ``build(run, num_sampled)`` returns the base strategy (no DP wrapper). ``state``: the
+    attributes of the built strategy that a resumed server needs (:class:`StateField`).
+    ``sites`` = (a, b): f malicious updates need n >= a*f + b (``rule`` says it as the log
+    lines do); ``adaptive_f``: each round lowers the configured f to what its updates
+    allow; ``server_optimizer``: a server optimizer moves every array, statistics too
+    (:func:`statistics_averaged_plainly`)."""
+
+    name: str
+    build: Factory
+    state: Mapping[str, StateField]
+    sites: tuple[int, int] | None = None
+    rule: str = ""
+    adaptive_f: bool = False
+    server_optimizer: bool = False
+
+
+_REGISTRY: dict[str, StrategySpec] = {}
+REGISTRY: Mapping[str, StrategySpec] = MappingProxyType(_REGISTRY)  # name -> spec, read-only
+# The attribute by which a built strategy names its registry entry (set by make_strategy).
+NAME_ATTR = "fedskin_strategy"
+
+
+def register_strategy(
+    name: str,
+    *,
+    state: Mapping[str, StateField] | None = None,
+    sites: tuple[int, int] | None = None,
+    rule: str = "",
+    adaptive_f: bool = False,
+    server_optimizer: bool = False,
+) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory(run, num_sampled) -> Strategy`` under ``name``."""
+    if name in _REGISTRY:
+        raise ValueError(f"strategy {name!r} is already registered")
+    if (sites is None) != (rule == "") or (adaptive_f and sites is None):
+        raise ValueError(f"strategy {name!r}: a site-count rule needs both sites and rule")
+    clash = set(state or {}) & _WRAPPER_STATE_KEYS
+    if clash:
+        raise ValueError(f"strategy {name!r}: state {sorted(clash)} is the DP wrapper's")
+
+    def decorate(factory: Factory) -> Factory:
+        _REGISTRY[name] = StrategySpec(
+            name,
+            factory,
+            MappingProxyType(dict(state or {})),
+            sites,
+            rule,
+            adaptive_f,
+            server_optimizer,
+        )
+        return factory
+
+    return decorate
+
+
+def strategy_spec(name: str) -> StrategySpec:
+    """The registry entry of ``name``; ValueError naming the choices for an unknown one."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}") from None
+
+
+def flower_options(run: RunConfig) -> dict[str, Any]:
+    """The options every Flower strategy gets: it sees exactly the sampled nodes."""
+    return dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,  # unused: the loop evaluates every site itself
+        min_train_nodes=1,
+        min_evaluate_nodes=0,
+        min_available_nodes=1,
+        weighted_by_key=UNIFORM_WEIGHT_KEY if run.central_dp else "num-examples",
+    )
 
 
 def make_strategy(
@@ -75,55 +232,16 @@ def make_strategy(
     is impossible, or when ``multikrum-select`` cannot be met with every site present.
     """
     run = as_run_config(cfg)
-    common = dict(
-        fraction_train=1.0,
-        fraction_evaluate=1.0,  # unused: the loop evaluates every site itself
-        min_train_nodes=1,
-        min_evaluate_nodes=0,
-        min_available_nodes=1,
-        weighted_by_key=UNIFORM_WEIGHT_KEY if run.central_dp else "num-examples",
-    )
-    n, f = num_sampled, run.robust_malicious
-    if run.strategy in ADAPTIVE_F and n < min_sites(run.strategy, 0):
+    spec = strategy_spec(run.strategy)  # RunConfig allows only STRATEGIES
+    n = num_sampled
+    if spec.adaptive_f and n < min_sites(spec.name, 0):
         raise ConfigError(
-            f"strategy={run.strategy} needs at least {min_sites(run.strategy, 0)} sampled "
-            f"sites even with f=0 ({RULES[run.strategy]}); {n} are sampled per round"
+            f"strategy={spec.name} needs at least {min_sites(spec.name, 0)} sampled "
+            f"sites even with f=0 ({spec.rule}); {n} are sampled per round"
         )
-    if run.strategy == "fedavg":
-        strategy: Strategy = FedAvg(**common)
-    elif run.strategy == "fedprox":
-        strategy = FedProx(**common, proximal_mu=run.proximal_mu)
-    elif run.strategy in ("fedadam", "fedyogi"):
-        cls = FedAdam if run.strategy == "fedadam" else FedYogi
-        strategy = cls(**common, eta=run.server_lr, eta_l=run.lr)
-    elif run.strategy == "fedavgm":
-        strategy = SyncedFedAvgM(
-            **common, server_learning_rate=FEDAVGM_SERVER_LR, server_momentum=run.server_momentum
-        )
-    elif run.strategy == "fedmedian":
-        strategy = FedMedian(**common)
-    elif run.strategy == "fedtrimmedavg":
-        strategy = AdaptiveTrimmedAvg(**common, beta=run.trim_beta)
-    elif run.strategy in ("krum", "multikrum"):
-        select = 1 if run.strategy == "krum" else run.multikrum_select
-        full = min(f, largest_f(run.strategy, n))  # the f of a round with every site
-        if select > n - full:
-            less = f"robust-malicious={f}" if full == f else f"the f={full} that {n} sites allow"
-            raise ConfigError(
-                f"multikrum-select={select} is more than the {n} sampled sites less {less}: "
-                f"use multikrum-select <= {n - full} (or 0)"
-            )
-        strategy = WeightKrum(
-            **common, num_malicious_nodes=f, num_nodes_to_select=select, name=run.strategy
-        )
-    elif run.strategy == "bulyan":
-        strategy = AdaptiveBulyan(**common, num_malicious_nodes=f, selection_rule=select_on_weights)
-    else:  # RunConfig allows only STRATEGIES
-        raise ValueError(f"unknown strategy {run.strategy!r}; choose one of {STRATEGIES}")
+    strategy = spec.build(run, num_sampled)
+    setattr(strategy, NAME_ATTR, spec.name)
     return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
-
-
-SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedavgm")
 
 
 def statistics_averaged_plainly(cfg: RunConfig | Mapping[str, Any]) -> bool:
@@ -137,7 +255,7 @@ def statistics_averaged_plainly(cfg: RunConfig | Mapping[str, Any]) -> bool:
     of everything is what the guarantee covers.
     """
     run = as_run_config(cfg)
-    return run.strategy in SERVER_OPTIMIZERS and not run.central_dp
+    return strategy_spec(run.strategy).server_optimizer and not run.central_dp
 
 
 def with_mean_statistics(
@@ -167,26 +285,7 @@ def updates_needed(cfg: RunConfig | Mapping[str, Any]) -> int:
     a round's updates allow; with fewer the loop keeps the global model instead of letting
     the strategy fail."""
     run = as_run_config(cfg)
-    return min_sites(run.strategy, 0) if run.strategy in ADAPTIVE_F else 1
-
-
-# The conditions on n updates for f malicious ones: the rules need n >= a*f + b.
-_MIN_SITES = {
-    "krum": (2, 3),  # n > 2f+2
-    "multikrum": (2, 3),
-    "bulyan": (4, 3),  # n >= 4f+3
-    "fedtrimmedavg": (2, 1),  # f cut at each end, one left
-    "fedmedian": (2, 1),  # a majority of honest values per coordinate
-}
-RULES = {
-    "krum": "n > 2f+2",
-    "multikrum": "n > 2f+2",
-    "bulyan": "n >= 4f+3",
-    "fedtrimmedavg": "n >= 2f+1",
-    "fedmedian": "n >= 2f+1",
-}
-# The strategies whose f adapts to each round's updates (fedmedian has no f to adapt).
-ADAPTIVE_F = ("krum", "multikrum", "bulyan", "fedtrimmedavg")
+    return min_sites(run.strategy, 0) if strategy_spec(run.strategy).adaptive_f else 1
 
 
 def min_sites(strategy_name: str, f: int) -> int:
@@ -195,22 +294,22 @@ def min_sites(strategy_name: str, f: int) -> int:
     end) and the median 2f+1; 1 for the others, which tolerate none (f > 0: ValueError)."""
     if f < 0:
         raise ValueError(f"f={f}: must be >= 0")
-    if strategy_name not in _MIN_SITES:
-        if strategy_name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy_name!r}; choose one of {STRATEGIES}")
+    sites = strategy_spec(strategy_name).sites  # (a, b): n >= a*f + b, declared at registration
+    if sites is None:
         if f > 0:
             raise ValueError(f"strategy={strategy_name} tolerates no malicious update (f={f})")
         return 1
-    a, b = _MIN_SITES[strategy_name]
+    a, b = sites
     return a * f + b
 
 
 def largest_f(strategy_name: str, n: int) -> int:
     """The largest f that ``strategy_name``'s rule allows with ``n`` updates (the inverse of
     :func:`min_sites`); -1 when even f = 0 is impossible, 0 for non-robust strategies."""
-    if strategy_name not in _MIN_SITES:
+    spec = REGISTRY.get(strategy_name)
+    if spec is None or spec.sites is None:
         return 0 if n >= 1 else -1
-    a, b = _MIN_SITES[strategy_name]
+    a, b = spec.sites
     return (n - b) // a
 
 
@@ -226,7 +325,7 @@ def round_f(name: str, configured: int, n: int, server_round: int, why: str = ""
             used,
             configured,
             why,
-            RULES[name],
+            REGISTRY[name].rule,
         )
     return used
 
@@ -239,7 +338,7 @@ def _too_few(name: str, n: int, server_round: int) -> bool:
         server_round,
         name,
         n,
-        RULES[name],
+        REGISTRY[name].rule,
     )
     return True
 
@@ -369,6 +468,87 @@ class SyncedFedAvgM(FedAvgM):
         return super().configure_train(server_round, arrays, config, grid)
 
 
+# ----------------------------------------------------------------------------- the strategies
+# Registered in common.config.STRATEGIES's order (tests/test_config.py checks the two equal).
+@register_strategy("fedavg")
+def _fedavg(run: RunConfig, num_sampled: int) -> Strategy:
+    return FedAvg(**flower_options(run))
+
+
+@register_strategy("fedprox")
+def _fedprox(run: RunConfig, num_sampled: int) -> Strategy:
+    return FedProx(**flower_options(run), proximal_mu=run.proximal_mu)
+
+
+@register_strategy("fedadam", state=FEDOPT_STATE, server_optimizer=True)
+def _fedadam(run: RunConfig, num_sampled: int) -> Strategy:
+    return FedAdam(**flower_options(run), eta=run.server_lr, eta_l=run.lr)
+
+
+@register_strategy("fedyogi", state=FEDOPT_STATE, server_optimizer=True)
+def _fedyogi(run: RunConfig, num_sampled: int) -> Strategy:
+    return FedYogi(**flower_options(run), eta=run.server_lr, eta_l=run.lr)
+
+
+@register_strategy("fedavgm", state=FEDAVGM_STATE, server_optimizer=True)
+def _fedavgm(run: RunConfig, num_sampled: int) -> Strategy:
+    return SyncedFedAvgM(
+        **flower_options(run),
+        server_learning_rate=FEDAVGM_SERVER_LR,
+        server_momentum=run.server_momentum,
+    )
+
+
+# A majority of honest values per coordinate; no f setting (its breakdown point is 1/2).
+@register_strategy("fedmedian", sites=(2, 1), rule="n >= 2f+1")
+def _fedmedian(run: RunConfig, num_sampled: int) -> Strategy:
+    return FedMedian(**flower_options(run))
+
+
+# f (from trim-beta) cut at each end of each coordinate, one left.
+@register_strategy("fedtrimmedavg", sites=(2, 1), rule="n >= 2f+1", adaptive_f=True)
+def _fedtrimmedavg(run: RunConfig, num_sampled: int) -> Strategy:
+    return AdaptiveTrimmedAvg(**flower_options(run), beta=run.trim_beta)
+
+
+def _weight_krum(run: RunConfig, num_sampled: int, select: int) -> Strategy:
+    """Krum (``select`` 1) or MultiKrum; ``select`` must leave out the f of a full round."""
+    name, n, f = run.strategy, num_sampled, run.robust_malicious
+    full = min(f, largest_f(name, n))  # the f of a round with every site
+    if select > n - full:
+        less = f"robust-malicious={f}" if full == f else f"the f={full} that {n} sites allow"
+        raise ConfigError(
+            f"multikrum-select={select} is more than the {n} sampled sites less {less}: "
+            f"use multikrum-select <= {n - full} (or 0)"
+        )
+    return WeightKrum(
+        **flower_options(run), num_malicious_nodes=f, num_nodes_to_select=select, name=name
+    )
+
+
+@register_strategy("krum", sites=(2, 3), rule="n > 2f+2", adaptive_f=True)
+def _krum(run: RunConfig, num_sampled: int) -> Strategy:
+    return _weight_krum(run, num_sampled, select=1)
+
+
+@register_strategy("multikrum", sites=(2, 3), rule="n > 2f+2", adaptive_f=True)
+def _multikrum(run: RunConfig, num_sampled: int) -> Strategy:
+    return _weight_krum(run, num_sampled, select=run.multikrum_select)
+
+
+@register_strategy("bulyan", sites=(4, 3), rule="n >= 4f+3", adaptive_f=True)
+def _bulyan(run: RunConfig, num_sampled: int) -> Strategy:
+    return AdaptiveBulyan(
+        **flower_options(run),
+        num_malicious_nodes=run.robust_malicious,
+        selection_rule=select_on_weights,
+    )
+
+
+STRATEGIES = tuple(REGISTRY)  # the code's own set: common/config.py copies it
+SERVER_OPTIMIZERS = tuple(name for name, spec in REGISTRY.items() if spec.server_optimizer)
+
+
 def central_accountant(cfg: RunConfig | Mapping[str, Any], num_sites: int) -> Any:
     """Flower's RDP accountant for site-level DP: add/remove one site, no sampling credit.
 
@@ -439,12 +619,8 @@ def wrap_central_dp(
     if kind == "":
         return strategy
     noise, clip = central_noise(run), run.central_clip
+    cls, _ = CENTRAL_DP_WRAPPERS[kind]
     if kind in ("server-fixed", "client-fixed"):
-        cls = (
-            DifferentialPrivacyServerSideFixedClipping
-            if kind == "server-fixed"
-            else DifferentialPrivacyClientSideFixedClipping
-        )
         accountant = None
         if type(strategy).aggregate_train is FedAvg.aggregate_train and noise > 0:
             accountant = central_accountant(run, num_sites)
@@ -460,11 +636,6 @@ def wrap_central_dp(
             f"central-epsilon needs Flower's accountant, which adaptive clipping ({kind}) "
             "does not support; use server-fixed or client-fixed, or set central-noise"
         )
-    cls = (
-        DifferentialPrivacyServerSideAdaptiveClipping
-        if kind == "server-adaptive"
-        else DifferentialPrivacyClientSideAdaptiveClipping
-    )
     return cls(strategy, noise, num_sampled, initial_clipping_norm=clip)
 
 
@@ -484,34 +655,51 @@ def _base(strategy: Strategy) -> Strategy:
     return getattr(strategy, "strategy", strategy)
 
 
-def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """What a resumed server needs to continue the strategy exactly (FedOpt moments)."""
+def declared_state(strategy: Strategy) -> list[tuple[Any, Mapping[str, StateField]]]:
+    """The objects that hold ``strategy``'s state and the fields each declares: the base
+    strategy (its registry entry's ``state``) and, under site-level DP, the wrapper
+    (:data:`CENTRAL_DP_WRAPPERS`). Only strategies built by :func:`make_strategy`."""
     base = _base(strategy)
+    name = getattr(base, NAME_ATTR, None)
+    if name not in REGISTRY:
+        raise TypeError(f"{type(base).__name__} was not built by make_strategy: no declared state")
+    held = [(base, REGISTRY[name].state)]
+    if base is not strategy:
+        fields = [f for cls, f in CENTRAL_DP_WRAPPERS.values() if isinstance(strategy, cls)]
+        if not fields:
+            raise TypeError(f"{type(strategy).__name__} is no site-level DP wrapper of fedskin")
+        held.append((strategy, fields[0]))
+    return held
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What a resumed server needs to continue the strategy exactly: the declared fields
+    (FedOpt moments, FedAvgM momentum, the DP wrapper's clipping norm and accountant), by
+    attribute name; a field with nothing to keep yet (None, no moments) is left out."""
     state: dict[str, Any] = {}
-    for attr in ("m_t", "v_t"):
-        value = getattr(base, attr, None)
-        if value:
-            state[attr] = {k: np.asarray(v) for k, v in value.items()}
-    if getattr(base, "momentum_vector", None) is not None:  # FedAvgM's server momentum
-        state["momentum_vector"] = [np.asarray(v) for v in base.momentum_vector]
-    for attr in ("clipping_norm",):  # adaptive clipping moves its norm
-        if hasattr(strategy, attr):
-            state[attr] = float(getattr(strategy, attr))
-    if getattr(strategy, "accountant", None) is not None:  # site-level privacy spent so far
-        state["accountant"] = strategy.accountant.state_dict()
+    for holder, fields in declared_state(strategy):
+        for attr, field in fields.items():
+            value = field.save(getattr(holder, attr))
+            if value is not None:
+                state[attr] = value
     return state
 
 
-def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
-    base = _base(strategy)
-    for attr in ("m_t", "v_t"):
-        if attr in state:
-            setattr(base, attr, {k: np.asarray(v) for k, v in state[attr].items()})
-    if "momentum_vector" in state and hasattr(base, "momentum_vector"):
-        base.momentum_vector = [np.asarray(v) for v in state["momentum_vector"]]
-    if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
-        strategy.clipping_norm = state["clipping_norm"]
-    if "accountant" in state:
-        if getattr(strategy, "accountant", None) is None:
-            raise ValueError("the checkpoint has site-level privacy spending but this run has none")
-        strategy.accountant.load_state_dict(state["accountant"])
+def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+    """Restore what :func:`strategy_state` saved (also from a checkpoint, arrays as tensors).
+
+    Site-level privacy spending that this run cannot account is refused; other saved
+    fields that this strategy does not declare (a forced resume under another strategy)
+    are left out, with a log line."""
+    declared: set[str] = set()
+    for holder, fields in declared_state(strategy):
+        for attr, field in fields.items():
+            declared.add(attr)
+            if attr in state:
+                setattr(holder, attr, field.load(getattr(holder, attr), state[attr]))
+    if "accountant" in state and "accountant" not in declared:
+        _load_accountant(None, state["accountant"])  # refused: the run has no accountant
+    unused = sorted(set(state) - declared)
+    if unused:
+        name = getattr(_base(strategy), NAME_ATTR)
+        log.warning("strategy state %s not used by strategy %s: left out", unused, name)
