@@ -1,10 +1,15 @@
 """`fedskin evaluate`: score a trained checkpoint on any supported data set, no training.
 
-External validation: a hospital checks the consortium's model on its own images. The run
-directory the checkpoint came from (``RUN/checkpoints/best.pt`` beside ``RUN/config.toml``)
-says which backbone, image size and label set the model has; the data may be in any
-supported on-disk format as long as it has the same classes. Outputs (``metrics.json``,
-``confusion.png``, ``report.md``) go to ``RUN/external/<data-format>`` unless told otherwise.
+Two uses. **Reproduce a run**: ``fedskin evaluate --checkpoint RUN --split test`` scores the
+run's best checkpoint on exactly the run's test split (its own data and its manifest,
+``RUN/manifest.csv``), and gives the pooled test figure the run reported. **External
+validation**: a hospital checks the consortium's model on its own images, in any supported
+on-disk format with the same classes (``--split`` then means the publisher's split, or a
+``--manifest``'s). The run directory (``RUN/config.toml``) says which backbone, image size
+and label set the model has. Images the run trained on are never scored by accident: a
+selection that holds any image of the run's training split is refused unless
+``--include-training-images``. Outputs (``metrics.json``, ``confusion.png``, ``report.md``)
+go to ``RUN/external/<data-format>`` unless told otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +44,21 @@ SPLITS = ("all", "train", "validation", "test")
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def checkpoint_path(given: Path) -> Path:
+    """``given`` itself, or for a run directory its best checkpoint (its last if no round
+    was ever best)."""
+    given = Path(given).expanduser()
+    if not given.is_dir():
+        return given
+    paths = RunDir(given)
+    best, last = paths.checkpoint("best"), paths.checkpoint("last")
+    if best.is_file():
+        return best
+    if last.is_file():
+        return last
+    raise DataError(f"checkpoint not found: {given} has no checkpoints/best.pt or last.pt")
 
 
 def run_config_of(checkpoint: Path) -> RunConfig:
@@ -114,18 +134,56 @@ def select_split(source: SourceData, split: str) -> Any:
     return part
 
 
+def select_manifest_split(source: SourceData, manifest: Path, split: str) -> Any:
+    """Rows of the metadata in ``split`` of ``manifest`` (every row of it for ``all``)."""
+    from common.data.partition import read_manifest
+
+    table = read_manifest(manifest)
+    if split != "all":
+        table = table[table["split"] == split]
+    ids = set(table["image_id"].astype(str))
+    meta = source.meta
+    part = meta[meta["image_id"].astype(str).isin(ids)]
+    if part.empty or len(part) < len(ids):
+        raise DataError(
+            f"{manifest}: {len(ids) - len(part)} of the {len(ids)} images of split {split!r} "
+            f"are not in this {source.format} data set"
+        )
+    return part
+
+
+def training_ids(run_dir: RunDir) -> set[str]:
+    """The image ids of the run's training split (its manifest), or none if it has none."""
+    from common.data.partition import read_manifest
+
+    if not run_dir.manifest.is_file():
+        return set()
+    table = read_manifest(run_dir.manifest)
+    return set(table.loc[table["split"] == "train", "image_id"].astype(str))
+
+
 def load_images(
-    data_format: str, data_path: Path, size: int, split: str
-) -> tuple[SourceData, np.ndarray, np.ndarray, np.ndarray]:
-    """(source, uint8 image cache, row numbers into it, labels) of the images to score."""
+    data_format: str,
+    data_path: Path,
+    size: int,
+    split: str,
+    manifest: Path | None = None,
+    cache_root: Path | None = None,
+) -> tuple[SourceData, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(source, uint8 image cache, row numbers into it, labels, image ids) of the images to
+    score: ``split`` of ``manifest`` when one is given, else the publisher's split."""
     from common.data.cache import build_cache
     from common.data.sources import load_source
 
     source = load_source(data_format, data_path)
-    cache = build_cache(source, size, progress=True)  # drops unreadable rows from meta
-    part = select_split(source, split)
-    rows = cache.rows(part["image_id"].astype(str).tolist())
-    return source, cache.images, rows, part["label"].to_numpy(dtype="int64")
+    cache = build_cache(source, size, cache_root, progress=True)  # drops unreadable rows
+    if manifest is not None:
+        part = select_manifest_split(source, manifest, split)
+    else:
+        part = select_split(source, split)
+    ids = part["image_id"].astype(str).tolist()
+    rows = cache.rows(ids)
+    return source, cache.images, rows, part["label"].to_numpy(dtype="int64"), ids
 
 
 def predict_all(
@@ -196,14 +254,19 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _heading(metrics: dict[str, Any]) -> str:
+    own = metrics.get("split_of") == "the run's manifest"
+    return "The run's own data" if own else "External validation"
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     lines = [
-        f"# External validation on `{metrics['data_format']}`",
+        f"# {_heading(metrics)} on `{metrics['data_format']}`",
         "",
         f"Checkpoint `{metrics['checkpoint']}` (model **{metrics['model']}**, trained on "
         f"`{metrics['trained_on']}`), scored at {metrics['image_size']} px on "
-        f"{metrics['n']} images of `{metrics['data_path']}` (split: {metrics['split']}), "
-        "without any training.",
+        f"{metrics['n']} images of `{metrics['data_path']}` (split {metrics['split']} of "
+        f"{metrics.get('split_of', 'the publisher')}), without any training.",
         "",
         "| balanced accuracy | accuracy | AUROC | AUROC mel |",
         "|---|---|---|---|",
@@ -229,7 +292,7 @@ def write_results(out: Path, metrics: dict[str, Any]) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / METRICS, metrics, indent=1)
-    title = f"External validation on {metrics.get('data_format', 'external data')}"
+    title = f"{_heading(metrics)}: {metrics.get('data_format', '')} {metrics.get('split', '')}"
     plot_confusion(
         np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png", title
     )
@@ -260,45 +323,88 @@ def print_table(console: Console, metrics: dict[str, Any], out: Path) -> None:
 
 def evaluate_checkpoint(
     checkpoint: Path,
-    data_format: str,
-    data_path: Path,
+    data_format: str | None = None,
+    data_path: Path | None = None,
     out: Path | None = None,
     image_size: int | None = None,
     split: str = "all",
     batch_size: int = 256,
     console: Console | None = None,
+    manifest: Path | None = None,
+    include_training_images: bool = False,
 ) -> dict[str, Any]:
-    """Score ``checkpoint`` on a data set and write the results; returns metrics.json's dict."""
-    from common.data.site_data import classes_for
+    """Score ``checkpoint`` (a file, or a run directory: its best) and write the results;
+    returns metrics.json's dict. Data format and path default to the run's own, and then
+    the manifest to the run's (``RUN/manifest.csv``): ``split`` is the run's split."""
+    from common.data.site_data import cache_dir, classes_for, resolve_source
     from common.train import pick_device
 
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-    checkpoint = Path(checkpoint).expanduser()
+    checkpoint = checkpoint_path(checkpoint)
     run = run_config_of(checkpoint)
+    run_dir = RunDir(checkpoint.resolve().parent.parent)
+    own_format, own_path = resolve_source(run)
+    if data_format is None:
+        if data_path is not None:
+            raise DataError("--data-path needs --data-format (or neither: the run's own data)")
+        data_format, data_path = own_format, own_path
+    elif data_path is None:
+        raise DataError(f"--data-format {data_format} needs --data-path")
+    data_path = Path(data_path).expanduser()
+    own = data_format == own_format and data_path.resolve() == Path(own_path).resolve()
+    if manifest is None and own and run_dir.manifest.is_file():
+        manifest = run_dir.manifest
     trained_on = run.data_format
     classes = classes_for(trained_on)
     check_classes(classes, trained_on, classes_for(data_format), data_format)
     size = int(image_size or run.image_size)
     model = model_from_checkpoint(run, load_checkpoint(checkpoint, console), classes, checkpoint)
-    source, images, rows, labels = load_images(
-        data_format, Path(data_path).expanduser(), size, split
+    cache_root = cache_dir(run) if own else None
+    source, images, rows, labels, ids = load_images(
+        data_format, data_path, size, split, manifest, cache_root
     )
     check_classes(classes, trained_on, source.classes, data_format)
+    seen = training_ids(run_dir) & set(ids)
+    if seen and not own and console is not None:  # other data may reuse ids for other images
+        console.print(
+            f"[yellow]note: {len(seen)} image ids coincide with the run's training split; "
+            "if they are the same images, the figures are optimistic[/yellow]"
+        )
+    if seen and own and not include_training_images:
+        raise DataError(
+            f"{len(seen)} of the {len(ids)} images of split {split!r} are in the run's "
+            f"training split ({run_dir.manifest}); score --split test or validation, or pass "
+            "--include-training-images"
+        )
     device = pick_device()
     probs = predict_all(model, images, rows, device, batch_size, progress=console is not None)
+    if manifest is None:
+        whose = "the publisher's splits"
+    elif manifest == run_dir.manifest:
+        whose = "the run's manifest"
+    else:
+        whose = f"manifest {manifest}"
     info = {
         "checkpoint": str(checkpoint.resolve()),
         "model": run.model,
         "trained_on": trained_on,
         "data_format": data_format,
-        "data_path": str(Path(data_path).expanduser().resolve()),
+        "data_path": str(data_path.resolve()),
         "split": split,
+        "split_of": whose,
+        "manifest": str(manifest) if manifest is not None else None,
+        "training_images_scored": len(seen),
         "image_size": size,
         "skipped": source.report.n_skipped(),
     }
+    if run.personalize:
+        info["note"] = (
+            f"personalize={run.personalize}: the run tested each site's own model; "
+            "this scores the global one"
+        )
     metrics = summarize(labels, probs, classes, info)
-    out = Path(out) if out else RunDir(checkpoint.resolve().parent.parent).external(data_format)
+    out = Path(out) if out else run_dir.external(data_format)
     write_results(out, metrics)
     if console is not None:
         print_table(console, metrics, out)
@@ -307,13 +413,23 @@ def evaluate_checkpoint(
 
 def evaluate_cli(
     checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", help="RUN/checkpoints/best.pt of a finished run")
+        Path,
+        typer.Option(
+            "--checkpoint", help="a run directory (its best checkpoint) or RUN/checkpoints/X.pt"
+        ),
     ],
     data_format: Annotated[
-        str,
-        typer.Option("--data-format", help="ham-hf | ham-dataverse | isic2020 | fedisic2019"),
-    ],
-    data_path: Annotated[Path, typer.Option("--data-path", help="folder of the data set")],
+        str | None,
+        typer.Option(
+            "--data-format",
+            help="ham-hf | ham-dataverse | isic2020 | fedisic2019 | synth-ham "
+            "(default: the run's own data)",
+        ),
+    ] = None,
+    data_path: Annotated[
+        Path | None,
+        typer.Option("--data-path", help="folder of the data set (default: the run's own)"),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="results folder (default RUN/external/FORMAT)")
     ] = None,
@@ -321,16 +437,40 @@ def evaluate_cli(
         int | None, typer.Option("--image-size", help="default: the run's image size")
     ] = None,
     split: Annotated[
-        str, typer.Option("--split", help="all | train | validation | test (publisher's split)")
+        str,
+        typer.Option(
+            "--split",
+            help="all | train | validation | test: the manifest's split (the run's own on its "
+            "own data), else the publisher's",
+        ),
     ] = "all",
+    manifest: Annotated[
+        Path | None,
+        typer.Option("--manifest", help="a manifest whose --split to score (fedskin partition)"),
+    ] = None,
+    include_training_images: Annotated[
+        bool,
+        typer.Option(
+            "--include-training-images", help="allow scoring images of the run's training split"
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
 ) -> None:
-    """Score a trained model on a data set without training (external validation)."""
+    """Score a trained model without training: the run's own test split, or external data."""
     from rich.console import Console
 
     try:
         evaluate_checkpoint(
-            checkpoint, data_format, data_path, out, image_size, split, batch_size, Console()
+            checkpoint,
+            data_format,
+            data_path,
+            out,
+            image_size,
+            split,
+            batch_size,
+            Console(),
+            manifest=manifest,
+            include_training_images=include_training_images,
         )
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

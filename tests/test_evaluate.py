@@ -23,6 +23,7 @@ TINY = {
     "model": "test_efficientnet",
     "num-server-rounds": 1,
     "local-epochs": 1,
+    "head-calibration": "lda",  # best.pt may be the refitted model (its counters 0-d)
 }
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -101,3 +102,43 @@ def test_evaluate_needs_the_run_config(best_checkpoint, tmp_path):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "config.toml" in lines[0], result.output
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory, ray_head: str | None) -> Path:
+    """A tiny run under sample-level DP (GroupNorm model, noised head refit)."""
+    out = tmp_path_factory.mktemp("eval-dp") / "run"
+    with on_ray(ray_head):
+        simulate(None, dict(TINY) | {"dp": True, "target-epsilon": 8.0}, out=out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lda", "dp"])
+def test_evaluate_reproduces_the_runs_pooled_test_figure(kind, best_checkpoint, dp_run):
+    """`fedskin evaluate --checkpoint RUN --split test` needs nothing else: the run's own
+    data, its manifest's test split and its best checkpoint give the figure it reported."""
+    run = best_checkpoint.parent.parent if kind == "lda" else dp_run
+    reported = json.loads((run / "metrics.json").read_text())["test"]
+
+    result = _evaluate("--checkpoint", str(run), "--split", "test", "--out", str(run / "again"))
+
+    assert result.exit_code == 0, result.output
+    m = json.loads((run / "again" / "metrics.json").read_text())
+    assert m["split"] == "test" and m["split_of"] == "the run's manifest"
+    assert m["n"] == int(reported["global"]["n"])
+    assert m["balanced_accuracy"] == pytest.approx(
+        reported["global"]["balanced_accuracy"], abs=1e-3
+    )
+    assert m["accuracy"] == pytest.approx(reported["global"]["accuracy"], abs=1e-3)
+    assert np.asarray(m["confusion"]).tolist() == reported["confusion"]
+    assert "The run's own data" in (run / "again" / "report.md").read_text()
+
+
+def test_evaluate_refuses_the_runs_training_images(best_checkpoint):
+    run = best_checkpoint.parent.parent
+    result = _evaluate("--checkpoint", str(run), "--split", "all", "--out", str(run / "all"))
+
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "are in the run's training split" in line and "--include-training-images" in line
+    assert not (run / "all").exists()
