@@ -281,7 +281,7 @@ def site_feature_stats(
     if release is None:
         stats = feature_stats(model, images, labels, len(data.classes))
     else:
-        centre, projection = _projection_of(msg, model.num_features)
+        centre, projection = dp_query_projection(msg, model.num_features)
         noise, seed = release()
         rng = np.random.default_rng([seed, 1])
         args = (model, images, labels, len(data.classes), centre, projection, noise)
@@ -289,7 +289,7 @@ def site_feature_stats(
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
 
 
-def _projection_of(msg: Message, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def dp_query_projection(msg: Message, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The centre (D,) and projection (D, d) of a DP query; ValueError naming what is wrong.
 
     Both must be finite and bounded: every projection entry at most

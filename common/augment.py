@@ -52,7 +52,7 @@ _CONSTANT_VALUES = {
 }
 
 
-def _constant(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def cached_constant(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A (1,3,1,1) constant on ``device``: same values as a fresh ``torch.tensor`` each time."""
     key = (name, device, dtype)
     t = _CONSTANTS.get(key)
@@ -63,8 +63,8 @@ def _constant(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = _constant("mean", x.device, x.dtype)
-    std = _constant("std", x.device, x.dtype)
+    mean = cached_constant("mean", x.device, x.dtype)
+    std = cached_constant("std", x.device, x.dtype)
     return (x - mean) / std
 
 
@@ -145,7 +145,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     def factor(i: int) -> torch.Tensor:
         return factors[:, i].reshape(b, 1, 1, 1)
 
-    gray_w = _constant("gray", dev, x.dtype)
+    gray_w = cached_constant("gray", dev, x.dtype)
     x = x * factor(0)
     mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
     x = (x - mean) * factor(1) + mean

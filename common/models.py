@@ -258,7 +258,7 @@ def set_weights(model: nn.Module, state: Mapping[str, torch.Tensor | np.ndarray]
 # ----------------------------------------------------------------------------- DP surgery
 
 
-class _DPBasicBlock(BasicBlock):
+class DPBasicBlock(BasicBlock):
     """timm ResNet BasicBlock with the residual add done out of place.
 
     timm's ``x += shortcut`` modifies the output of the preceding module in place, which
@@ -279,8 +279,8 @@ class _DPBasicBlock(BasicBlock):
         return self.act2(x + shortcut)
 
 
-class _DPBottleneck(Bottleneck):
-    """timm ResNet Bottleneck with the residual add done out of place (see _DPBasicBlock)."""
+class DPBottleneck(Bottleneck):
+    """timm ResNet Bottleneck with the residual add done out of place (see DPBasicBlock)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -297,8 +297,8 @@ class _DPBottleneck(Bottleneck):
 
 
 _OUT_OF_PLACE: dict[type[nn.Module], type[nn.Module]] = {
-    BasicBlock: _DPBasicBlock,
-    Bottleneck: _DPBottleneck,
+    BasicBlock: DPBasicBlock,
+    Bottleneck: DPBottleneck,
 }
 # In-place tensor updates in a forward() ("x += y", "x.add_(y)"); integer counters excluded.
 _INPLACE_RE = re.compile(r"^\s*x\s*[-+*/]=|\.(add|mul|sub|div|clamp)_\(", re.MULTILINE)

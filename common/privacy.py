@@ -101,7 +101,9 @@ class DPConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
     """Noise multiplier reaching ``target_epsilon`` after ``steps`` (cached: the binary
     search over RDP is slow for small sigma, and simulated sites often share n)."""
     return get_noise_multiplier(
@@ -192,7 +194,9 @@ class DPSession:
         elif cfg.noise_multiplier > 0:
             self.noise_multiplier = float(cfg.noise_multiplier)
         elif cfg.head_share > 0:
-            self.head_noise = _calibrate(cfg.target_epsilon * cfg.head_share, self.delta, 1.0, 1)
+            self.head_noise = calibrate_noise_multiplier(
+                cfg.target_epsilon * cfg.head_share, self.delta, 1.0, 1
+            )
             self.noise_multiplier = _calibrate_with_head(
                 cfg.target_epsilon,
                 self.delta,
@@ -201,7 +205,7 @@ class DPSession:
                 self.head_noise,
             )
         else:
-            self.noise_multiplier = _calibrate(
+            self.noise_multiplier = calibrate_noise_multiplier(
                 cfg.target_epsilon, self.delta, self.sample_rate, cfg.total_rounds * steps_per_round
             )
         log.info(

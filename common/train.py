@@ -187,7 +187,7 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _epoch_batches(
+def epoch_batches(
     n: int, batch_size: int, steps: int, g: torch.Generator, device: torch.device
 ) -> Iterator[torch.Tensor]:
     """``steps`` index batches from successive seeded permutations (epochs) of 0..n-1.
@@ -420,7 +420,7 @@ def _plain_step(r: _Round, net: nn.Module, idx: torch.Tensor, g: torch.Generator
 def _train_plain(r: _Round, g: torch.Generator, steps: int, progress: bool | str) -> None:
     """``steps`` steps over successive seeded epochs of the split."""
     net = torch.compile(r.model) if r.cfg.compile and r.cuda else r.model
-    batches = _epoch_batches(len(r.images), r.cfg.batch_size, steps, g, r.images.device)
+    batches = epoch_batches(len(r.images), r.cfg.batch_size, steps, g, r.images.device)
     with _progress(progress, steps) as advance:
         for idx in batches:
             _plain_step(r, net, idx, g)

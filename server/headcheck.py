@@ -55,7 +55,8 @@ import numpy as np
 
 from common.config import RunConfig, run_config_of
 from common.headfit import SENSITIVITY, lda_head, private_lda_head, stats_error
-from common.privacy import DPConfig, _calibrate
+from common.privacy import DPConfig
+from common.privacy import calibrate_noise_multiplier as _calibrate
 
 Stats = Mapping[str, np.ndarray]
 Head = tuple[np.ndarray, np.ndarray]

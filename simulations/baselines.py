@@ -55,7 +55,9 @@ def _score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class
     return float(compute_metrics(labels, probs, classes)["balanced_accuracy"])
 
 
-def _fit(cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str) -> torch.nn.Module:
+def fit_baseline(
+    cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str
+) -> torch.nn.Module:
     """A model trained on these sites' train splits with the federation's budget and rules.
 
     One round's worth of local training at a time (the run's local steps or epochs, a fresh
@@ -91,11 +93,11 @@ def _fit(cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str) -> 
             best, best_score = copy.deepcopy(model.state_dict()), score
     model.load_state_dict(best)
     if run.head_calibration == "lda":
-        return _refit_head(model, (x, y), (vx, vy), best_score, classes, label)
+        return refit_baseline_head(model, (x, y), (vx, vy), best_score, classes, label)
     return model
 
 
-def _refit_head(
+def refit_baseline_head(
     model: torch.nn.Module,
     train: tuple[np.ndarray, np.ndarray],
     validation: tuple[np.ndarray, np.ndarray],
@@ -129,7 +131,7 @@ def _baseline_row(
 ) -> dict[str, float]:
     """One baseline's row: its test bacc at every site, on the pooled test, and its time."""
     t0 = time.time()
-    model = _fit(cfg, fit_on, label)
+    model = fit_baseline(cfg, fit_on, label)
     x, y = _split(sites, "test")
     return {
         **score_on_sites(model, sites),
@@ -254,13 +256,13 @@ def compare(
         ]
     ]
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False, float_format="%.4f"))
-    atomic_write_text(out / "comparison.md", _markdown(table))
+    atomic_write_text(out / "comparison.md", markdown_table(table))
     atomic_write_json(out / "comparison.json", table.to_dict(orient="records"), indent=1)
     console.print(comparison_table(table))
     return table
 
 
-def _markdown(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
     head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
     body = "".join(
         "| " + " | ".join(_cell(c, v) for c, v in zip(df.columns, r, strict=True)) + " |\n"

@@ -125,7 +125,7 @@ def simulate(
     last checkpoint, refused (one line with the difference) when the config changes the
     result (common/rundir.py); ``force_resume`` resumes even then.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     run = resolve_run_config(config_path, overrides)
     from common.personal import personalize_mode
 
@@ -251,7 +251,7 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
     )
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("fedskin")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(console=console, show_path=False, markup=False))

@@ -65,9 +65,11 @@ def _message():
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
     from flwr.supercore.task_identity import TaskIdentity
 
+    from tests.helpers import assign_message_id
+
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 0  # ServerApp
     msg = Message(RecordDict(), dst_node_id=NODE_ID, message_type="query")
-    msg.metadata.__dict__["_message_id"] = msg.object_id
+    assign_message_id(msg, msg.object_id)
     return msg, get_all_nested_objects(msg)
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from common.data.schema import HAM_CLASSES
+
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 # ----------------------------------------------------------------- shared synthetic data sets
 SYNTH_SIZE = 32  # image side of the shared fixtures
@@ -74,3 +79,49 @@ def check_network_json(run_dir: Path) -> None:
     assert sorted(seen["evaluate"]) == ["metrics", "site"]  # no arrays back from evaluation
     scalars = set(seen["evaluate"]["metrics"]) - set(AGGREGATE_KEYS)
     assert scalars and all(SCALAR.match(k) for k in scalars), sorted(scalars)
+
+
+# ----------------------------------------------------------------- Flower messages and grids
+def assign_message_id(msg: Message, message_id: str) -> Message:
+    """``msg`` with the id a Flower grid gives a message when it is pushed; returns ``msg``.
+
+    A new Message's id is "" until the SuperLink stores it, and Flower 1.41 has no public
+    setter: its own grid (``flwr.superlink.grid.inmemory_grid.InMemoryGrid.push_messages``)
+    writes the metadata's ``_message_id`` directly. This is the one place the tests do the
+    same, for a message a grid pushes or one handed straight to a ClientApp."""
+    msg.metadata.__dict__["_message_id"] = message_id
+    return msg
+
+
+class FakeGrid:
+    """The part of Flower's ``Grid`` that ``server.loop.Federation`` uses, answered in
+    process: build a real Federation with ``Federation(grid, cfg, run_dir, classes)``.
+
+    ``nodes`` maps each node id to what stands behind it (a site, a name: the subclass
+    decides). ``push_messages`` numbers the messages ``m1``, ``m2``, ... over the grid's
+    life, as a grid assigns ids on push, and keeps the last batch in ``outbox``;
+    ``pull_messages`` returns :meth:`answer` of each pushed message asked for, in the
+    order sent (every site answers at once)."""
+
+    def __init__(self, nodes: Mapping[int, Any]) -> None:
+        self.nodes = dict(nodes)
+        self.outbox: list[Message] = []
+        self.count = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.outbox = []
+        for m in messages:
+            self.count += 1
+            self.outbox.append(assign_message_id(m, f"m{self.count}"))
+        return [m.metadata.message_id for m in self.outbox]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        ids = set(message_ids)
+        return [self.answer(m) for m in self.outbox if m.metadata.message_id in ids]
+
+    def answer(self, msg: Message) -> Message:
+        """The reply to one pushed message (``Message(content, reply_to=msg)``)."""
+        raise NotImplementedError

@@ -8,9 +8,9 @@ import pytest
 from simulations.baselines import (
     POOLED_TEST,
     SECONDS,
-    _markdown,
     compare,
     federated_row,
+    markdown_table,
     run_baselines,
 )
 from simulations.runner import prepare_data, resolve_config
@@ -41,7 +41,7 @@ def test_pooled_and_local_table():
     fed = federated_row(
         {"test": {"sites": {s: {"balanced_accuracy": 0.5} for s in SITES}}}, "fedavg"
     )
-    md = _markdown(pd.concat([table, pd.DataFrame([{**fed, "mean": 0.5}])]))
+    md = markdown_table(pd.concat([table, pd.DataFrame([{**fed, "mean": 0.5}])]))
     assert "| fedavg |" in md and md.count("\n") == 2 + len(SITES) + 2
 
 
@@ -50,7 +50,7 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch, capsys):
     import torch
 
     import simulations.baselines as baselines
-    from simulations.baselines import _fit, load_all_sites
+    from simulations.baselines import fit_baseline, load_all_sites
 
     cfg = prepare_data(
         resolve_config(
@@ -66,7 +66,7 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch, capsys):
         return next(scores)
 
     monkeypatch.setattr(baselines, "_score", fake_score)
-    model = _fit(cfg, sites[:1], "local")
+    model = fit_baseline(cfg, sites[:1], "local")
     assert len(states) == 3 and not torch.equal(
         states[1]["conv_stem.weight"], states[2]["conv_stem.weight"]
     )
@@ -86,7 +86,7 @@ def test_baseline_head_refit_is_the_federations_and_kept_only_if_validation_impr
 
     from common.headfit import feature_stats, lda_head
     from common.models import build_model
-    from simulations.baselines import _refit_head, load_all_sites
+    from simulations.baselines import load_all_sites, refit_baseline_head
 
     cfg = prepare_data(resolve_config(None, {"builtin-images": 300, "image-size": 16}))
     sites = load_all_sites(cfg)
@@ -97,16 +97,16 @@ def test_baseline_head_refit_is_the_federations_and_kept_only_if_validation_impr
     vy = np.concatenate([s.labels["validation"] for s in sites])
     torch.manual_seed(0)
     model = build_model("test_efficientnet", len(classes))
-    kept = _refit_head(model, (x, y), (vx, vy), -1.0, classes, "pooled")
+    kept = refit_baseline_head(model, (x, y), (vx, vy), -1.0, classes, "pooled")
     weight, bias = lda_head([feature_stats(model, torch.from_numpy(x), y, len(classes))])
     head = kept.get_classifier()
     assert kept is not model and np.allclose(head.weight.detach().numpy(), weight, atol=1e-5)
     assert np.allclose(head.bias.detach().numpy(), bias, rtol=1e-5)
     said = capsys.readouterr().out
     assert "pooled: head refit (LDA), validation balanced accuracy -1.000 ->" in said
-    assert _refit_head(model, (x, y), (vx, vy), 2.0, classes, "pooled") is model  # no gain
+    assert refit_baseline_head(model, (x, y), (vx, vy), 2.0, classes, "pooled") is model  # no gain
     assert "previous head kept" in capsys.readouterr().out
-    one = _refit_head(model, (x[:1], y[:1]), (vx, vy), -1.0, classes, "local a")
+    one = refit_baseline_head(model, (x[:1], y[:1]), (vx, vy), -1.0, classes, "local a")
     assert one is model and "not possible (too few images" in capsys.readouterr().out
 
 

@@ -27,7 +27,7 @@ from flwr.app import (
 from client.client_app import central_dp_mod
 from server.strategies import calibrate_central_noise, central_epsilon
 from simulations.runner import simulate
-from tests.helpers import SITES, TINY
+from tests.helpers import SITES, TINY, assign_message_id
 from tests.ray_harness import on_ray
 
 
@@ -53,9 +53,7 @@ def _train_message(weights: list[np.ndarray], clip: float) -> Message:
             "config": ConfigRecord({"clipping_norm": clip, "server-round": 1}),
         }
     )
-    msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
-    msg.metadata.__dict__["_message_id"] = "m1"
-    return msg
+    return assign_message_id(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), "m1")
 
 
 def _context(central: str) -> Context:

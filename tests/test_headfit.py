@@ -366,7 +366,7 @@ def test_clipped_projections_are_finite_unit_bounded_and_per_row() -> None:
 
 
 def _query(centre: np.ndarray, projection: np.ndarray) -> SimpleNamespace:
-    """What _projection_of reads of a query message: its content's "projection" record."""
+    """What dp_query_projection reads of a query message: its content's "projection" record."""
     from flwr.app import Array, ArrayRecord, RecordDict
 
     record = ArrayRecord({"centre": Array(centre), "projection": Array(projection)})
@@ -377,14 +377,14 @@ def test_site_refuses_a_projection_out_of_bounds() -> None:
     """The first line of defence (client/task.py): a non-finite or oversized centre or
     projection is refused with a one-line error naming it, before any budget is spent;
     what dp_projection sends (even at its 1e-12 scale floor) passes."""
-    from client.task import _projection_of
+    from client.task import dp_query_projection
     from common.headfit import MAX_PROJECTION_ENTRY
 
     dim, rng = 6, np.random.default_rng(3)
     centre, base = rng.normal(size=dim), np.linalg.qr(rng.normal(size=(dim, 3)))[0]
-    _projection_of(_query(centre, base), dim)
-    _projection_of(_query(centre, base / 1e-12), dim)  # dp_projection's largest
-    _projection_of(_query(centre, np.zeros((dim, 3))), dim)  # harmless: releases zeros
+    dp_query_projection(_query(centre, base), dim)
+    dp_query_projection(_query(centre, base / 1e-12), dim)  # dp_projection's largest
+    dp_query_projection(_query(centre, np.zeros((dim, 3))), dim)  # harmless: releases zeros
     bad = {
         "'projection' has entries above 1e+12": [1e300 * base, 2 * MAX_PROJECTION_ENTRY * base],
         "'projection' is not finite": [np.where(base > 0, np.inf, base), base * np.nan],
@@ -395,4 +395,4 @@ def test_site_refuses_a_projection_out_of_bounds() -> None:
         for value in values:
             query = (value, base) if "centre" in words else (centre, value)
             with pytest.raises(ValueError, match=re.escape(words)):
-                _projection_of(_query(*query), dim)
+                dp_query_projection(_query(*query), dim)

@@ -19,8 +19,8 @@ from torch import nn
 
 from common.models import (
     SUPPORTED_MODELS,
-    _DPBasicBlock,
-    _DPBottleneck,
+    DPBasicBlock,
+    DPBottleneck,
     build_model,
     get_weights,
     make_dp_compatible,
@@ -74,7 +74,7 @@ def test_batchnormact_becomes_groupnormact_with_same_activation() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cls", "dp_cls"), [(BasicBlock, _DPBasicBlock), (Bottleneck, _DPBottleneck)]
+    ("cls", "dp_cls"), [(BasicBlock, DPBasicBlock), (Bottleneck, DPBottleneck)]
 )
 def test_out_of_place_resnet_blocks_compute_the_same(cls: type, dp_cls: type) -> None:
     planes = 8

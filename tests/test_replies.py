@@ -51,6 +51,7 @@ from server.replies import (
     train_reply_error,
     update_norm,
 )
+from tests import helpers
 
 CLASSES = ["mel", "nv"]
 HONEST = {"alpha": 40, "bravo": 60, "charlie": 80}  # site -> n-train
@@ -174,37 +175,20 @@ class Site:
         return tamper(content) if tamper else content
 
 
-class FakeGrid:
+class FakeGrid(helpers.FakeGrid):
     """Answers every pushed message at once, in the order sent; keeps the global models
     that the first site (``alpha``) was asked to evaluate (each round's and the test's)."""
 
     def __init__(self, sites: list[Site]) -> None:
-        self.nodes = {100 + i: s for i, s in enumerate(sites)}
-        self.outbox: list[Message] = []
-        self.count = 0
+        super().__init__({100 + i: s for i, s in enumerate(sites)})
         self.evaluated: list[dict[str, np.ndarray]] = []
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        for m in messages:
-            self.count += 1
-            m.metadata.__dict__["_message_id"] = f"m{self.count}"
-        self.outbox = list(messages)
-        return [m.metadata.message_id for m in messages]
-
-    def pull_messages(self, ids: set[str]) -> list[Message]:
-        out = []
-        for m in self.outbox:
-            if m.metadata.message_id not in ids:
-                continue
-            site = self.nodes[m.metadata.dst_node_id]
-            if site.name == "alpha" and m.metadata.message_type == MessageType.EVALUATE:
-                arrays = m.content.array_records["arrays"]
-                self.evaluated.append({k: np.array(v.numpy()) for k, v in arrays.items()})
-            out.append(Message(site.answer(m), reply_to=m))
-        return out
+    def answer(self, msg: Message) -> Message:
+        site = self.nodes[msg.metadata.dst_node_id]
+        if site.name == "alpha" and msg.metadata.message_type == MessageType.EVALUATE:
+            arrays = msg.content.array_records["arrays"]
+            self.evaluated.append({k: np.array(v.numpy()) for k, v in arrays.items()})
+        return Message(site.answer(msg), reply_to=msg)
 
 
 def initial_model() -> dict[str, torch.Tensor]:

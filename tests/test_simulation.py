@@ -168,7 +168,7 @@ def test_flowers_lines_are_printed_once_and_not_its_debug_ones():
 
     import opacus  # noqa: F401  (its root handler, as in a run)
 
-    from simulations.runner import _setup_logging
+    from simulations.runner import setup_logging
 
     flower = logging.getLogger("flwr")
     before = flower.level, flower.propagate
@@ -177,7 +177,7 @@ def test_flowers_lines_are_printed_once_and_not_its_debug_ones():
     catch.emit = seen.append  # type: ignore[method-assign]
     logging.getLogger().addHandler(catch)
     try:
-        _setup_logging(verbose=False)
+        setup_logging(verbose=False)
         import flwr.simulation  # noqa: F401
 
         for level in (logging.DEBUG, logging.INFO, logging.WARNING):

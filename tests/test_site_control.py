@@ -31,6 +31,7 @@ from common.siteconfig import (
     site_config,
 )
 from simulations.runner import default_config
+from tests.helpers import assign_message_id
 
 SITES = ["hospital-a", "hospital-b"]
 RUN = {
@@ -108,9 +109,7 @@ def message(kind: str, config: dict, arrays: ArrayRecord | None = None) -> Messa
     content = RecordDict({"config": ConfigRecord(config)})
     if arrays is not None:
         content["arrays"] = arrays
-    msg = Message(content, dst_node_id=1, message_type=kind)
-    msg.metadata.__dict__["_message_id"] = f"m-{kind}"
-    return msg
+    return assign_message_id(Message(content, dst_node_id=1, message_type=kind), f"m-{kind}")
 
 
 def metrics_of(reply: Message) -> dict:
@@ -217,7 +216,7 @@ def test_paths_are_confined(tmp_path) -> None:
 
 def test_derived_manifest_name_stays_in_the_cache(tmp_path, synth_ham_dataverse) -> None:
     """Run-config values are part of a derived manifest's file name: no '/' may escape."""
-    from common.data.site_data import ensure_manifest
+    from common.siteconfig import ensure_manifest
 
     cfg = {
         "data-format": "ham-dataverse",

@@ -197,10 +197,10 @@ def test_losses_weights_and_focal_reduces_to_ce() -> None:
 
 
 def test_epoch_batches_are_slices_of_one_seeded_permutation_per_epoch() -> None:
-    from common.train import _epoch_batches
+    from common.train import epoch_batches
 
     g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    batches = list(_epoch_batches(10, 4, 5, g, torch.device("cpu")))
+    batches = list(epoch_batches(10, 4, 5, g, torch.device("cpu")))
     first, second = torch.randperm(10, generator=ref), torch.randperm(10, generator=ref)
     expected = [*first.split(4), *second.split(4)][:5]  # 3 batches per epoch, 5 steps
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4]
@@ -252,11 +252,11 @@ def test_train_loss_is_the_batch_weighted_data_loss_without_the_prox_term() -> N
 
 
 def test_normalisation_constants_are_built_once_per_device() -> None:
-    from common.augment import IMAGENET_MEAN, IMAGENET_STD, _constant
+    from common.augment import IMAGENET_MEAN, IMAGENET_STD, cached_constant
 
     x, _ = colour_task(4)
-    a = _constant("mean", torch.device("cpu"), torch.float32)
-    assert _constant("mean", torch.device("cpu"), torch.float32) is a  # cached, not rebuilt
+    a = cached_constant("mean", torch.device("cpu"), torch.float32)
+    assert cached_constant("mean", torch.device("cpu"), torch.float32) is a  # cached, not rebuilt
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     expected = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
