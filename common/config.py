@@ -24,13 +24,18 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from common.data.partition import SCHEMES
-from common.data.schema import DataError
-from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
-from common.data.site_data import FORMAT_CLASSES
+from common.data.formats import FORMAT_CLASSES  # the format registry: imports no loader
+from common.errors import ConfigError as ConfigError
 
-# Allowed values owned by modules that import torch or flwr: copied here so that checking a
-# config stays light; tests/test_config.py checks each equals the code's own constant.
+# Defined once, in a leaf that imports nothing: the code that acts on them imports them too.
+from common.names import GRAD_SAMPLE_MODES as GRAD_SAMPLE_MODES  # common/privacy.py
+from common.names import MANIFEST_KEYS as MANIFEST_KEYS  # common/data/site_data.py
+from common.names import OPTIMIZERS as OPTIMIZERS  # common/train.py
+from common.names import SCHEMES as SCHEMES  # common/data/partition.py
+
+# The other allowed values. STRATEGIES is owned here; the rest copy constants of modules that
+# import torch, so that checking a config stays light (tests/test_config.py checks each
+# equals the code's own constant).
 STRATEGIES = (  # owned here; server/strategies.py builds each of them
     "fedavg",
     "fedprox",
@@ -43,21 +48,16 @@ STRATEGIES = (  # owned here; server/strategies.py builds each of them
     "multikrum",
     "bulyan",
 )
-CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")  # idem
-OPTIMIZERS = ("adam", "adamw", "sgd")  # common/train.py
+# server/strategies.py derives its own from its DP wrappers (CENTRAL_DP_WRAPPERS)
+CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 LR_SCHEDULES = ("constant", "cosine")  # common/train.py: round_lr
 CLASS_PRIORS = ("federation", "site")  # whose class counts the loss uses (common/train.py)
 LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
 PERSONALIZE = ("", "fedbn", "finetune", "ditto")  # common/personal.py
 HEAD_CALIBRATIONS = ("none", "lda")  # common/headfit.py
 
 FLAMBY_PROXIMAL_MU = 0.001  # FedProx's mu in FLamby's benchmarks (the packaged default)
 DEFAULTS_FILE = "defaults.toml"  # package data of ``common``
-
-
-class ConfigError(DataError):
-    """A run config that is not allowed; the message is one line naming the key at fault."""
 
 
 def _rule(

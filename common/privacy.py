@@ -29,10 +29,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from common.config import RunConfig, run_config_of
+from common.names import GRAD_SAMPLE_MODES
 
 log = logging.getLogger(__name__)
-
-GRAD_SAMPLE_MODES = ["auto", "hooks", "functorch", "ghost"]
 
 # What "auto" picks, per backbone family. Measured on the CPU (1 thread, process CPU time,
 # torch 2.14 / opacus 1.6, dp=True models, 16 images of 32 px, logical = physical batch 16,
@@ -68,7 +67,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(
-                f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}, "
+                f"grad-sample-mode must be one of {list(GRAD_SAMPLE_MODES)}, "
                 f"got {self.grad_sample_mode!r}"
             )
         if self.noise_multiplier <= 0 and self.target_epsilon <= 0:

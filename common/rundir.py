@@ -1,4 +1,4 @@
-"""The run directory: every path in it, the checkpoint format, and the one atomic writer.
+"""The run directory: every path in it, the checkpoint format, and checked resumes.
 
 A run directory (``runs/<run-name>`` unless ``out-dir`` names another) holds::
 
@@ -17,11 +17,9 @@ A run directory (``runs/<run-name>`` unless ``out-dir`` names another) holds::
     external/<format>/     ``fedskin evaluate`` results (simulations/evaluate.py)
     bench-writes/          scratch of ``fedskin bench`` (simulations/bench.py)
 
-Every file fedskin writes goes through :func:`atomic_write` (a temporary file in the same
-folder, flushed and fsynced, then ``os.replace``): a crash mid-write leaves the old file
-or the new one, never a truncated one. It never writes through a symbolic link: not at the
-file itself, nor at a run folder's subfolder (``checkpoints/``, ``site-state/``, ...) on
-the way to it; each folder is opened relative to the one before without following links.
+Every file fedskin writes goes through :func:`atomic_write` (common/fileio.py, imported
+here under its old name): a crash mid-write leaves the old file or the new one, never a
+truncated one, and it never writes through a symbolic link.
 
 Checkpoints hold only tensors and plain data (dicts, lists, str, int, float, bool, None),
 so :func:`load_checkpoint` reads them with ``torch.load(..., weights_only=True)``: a
@@ -35,30 +33,50 @@ state dataclass: an unknown key is refused with one line naming the file and the
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
+import dataclasses
+import importlib
 import logging
-import os
+import os  # noqa: F401 - tests patch common.rundir.os.replace (the atomic rename)
 import pickle
 import re
-import secrets
-import stat
 import tomllib
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from common.data.schema import DataError
+from common.config import RunConfig, run_config_of
+from common.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
-    from common.config import RunConfig
+# The one atomic writer and the manifest seal live in common/fileio.py (the data pipeline
+# uses them without this module); imported here by their old names, which callers use.
+from common.fileio import BENCH_WRITES as BENCH_WRITES
+from common.fileio import CHECKPOINTS as CHECKPOINTS
+from common.fileio import CONFIG as CONFIG
+from common.fileio import EXTERNAL as EXTERNAL
+from common.fileio import RUN_SUBFOLDERS as RUN_SUBFOLDERS
+from common.fileio import SITE_STATE as SITE_STATE
+from common.fileio import atomic_copy as atomic_copy
+from common.fileio import atomic_savefig as atomic_savefig
+from common.fileio import atomic_torch_save as atomic_torch_save
+from common.fileio import atomic_write as atomic_write
+from common.fileio import atomic_write_bytes as atomic_write_bytes
+from common.fileio import atomic_write_json as atomic_write_json
+from common.fileio import atomic_write_text as atomic_write_text
+from common.fileio import check_seal as check_seal
+from common.fileio import file_sha256 as file_sha256
+from common.fileio import link_refused as link_refused
+from common.fileio import manifest_seal as manifest_seal
+from common.fileio import one_line as one_line
+from common.fileio import open_folder as open_folder
+from common.fileio import open_subfolder as open_subfolder
+from common.fileio import seal_path as seal_path
+from common.fileio import write_at as write_at
 
 log = logging.getLogger("fedskin")
 
-CONFIG = "config.toml"
 MANIFEST = "manifest.csv"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
@@ -66,12 +84,8 @@ REPORT = "report.md"
 LEARNING_CURVES = "learning_curves.png"
 CONFUSION = "confusion_test.png"
 NETWORK = "network.json"
-CHECKPOINTS = "checkpoints"
-SITE_STATE = "site-state"
 AUDIT_JSON = "audit.json"
 AUDIT_PNG = "audit.png"
-EXTERNAL = "external"
-BENCH_WRITES = "bench-writes"
 DEFAULT_RUNS = Path("runs")
 
 CHECKPOINT_FORMAT = "fedskin-checkpoint/1"
@@ -169,231 +183,8 @@ class RunDir:
 
 def run_dir_for(cfg: RunConfig | Mapping[str, Any]) -> Path:
     """``out-dir``, or ``runs/<run-name>`` when it is empty."""
-    from common.config import run_config_of  # common.config's imports use this module
-
     run = run_config_of(cfg)
     return Path(run.out_dir).expanduser() if run.out_dir else DEFAULT_RUNS / run.run_name
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-# Folders of a run directory fedskin writes into (and makes itself): never through a link.
-RUN_SUBFOLDERS = frozenset({CHECKPOINTS, SITE_STATE, EXTERNAL, BENCH_WRITES})
-
-
-def link_refused(path: str | Path) -> DataError:
-    """The one-line error for a symbolic link where fedskin writes."""
-    return DataError(f"refusing to write through a symbolic link: {path}")
-
-
-def _is_link(name: str, dir_fd: int | None) -> bool:
-    try:
-        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
-    except OSError:
-        return False
-
-
-def open_subfolder(
-    dir_fd: int,
-    name: str,
-    shown: str | Path,
-    *,
-    mode: int | None = None,
-    force_mode: bool = False,
-    follow: bool = False,
-) -> int:
-    """An fd of the folder ``name`` inside the folder ``dir_fd``, made when missing.
-
-    Opened relative to ``dir_fd`` with ``O_DIRECTORY | O_NOFOLLOW``: a symbolic link there
-    is refused (:class:`DataError` of one line naming ``shown``), and the fd stays on the
-    folder that was checked even if a link is swapped in afterwards. A folder it makes gets
-    exactly ``mode`` (made 0700, then ``fchmod``: the umask can neither widen nor narrow
-    it) or, ``mode`` None, the usual 0777 less the umask; ``force_mode`` also sets ``mode``
-    on a folder that was there already. ``follow``: a link to a folder is followed.
-    """
-    created = False
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o777 if mode is None else 0o700, dir_fd=dir_fd)
-        created = True
-    flags = os.O_RDONLY | _DIRECTORY | (0 if follow else _NOFOLLOW)
-    try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
-    except OSError:
-        if not follow and _is_link(name, dir_fd):
-            raise link_refused(shown) from None
-        raise
-    try:
-        if mode is not None and (created or force_mode):
-            os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def open_folder(
-    root: str | Path,
-    parts: tuple[str, ...] | list[str] = (),
-    *,
-    follow_root: bool = True,
-    mode: int | None = None,
-) -> int:
-    """An fd of ``root/parts...``, each part opened by :func:`open_subfolder` (made with
-    ``mode`` when missing; a link refused, one line naming it). ``root`` is made when
-    missing (with its parents) and, ``follow_root`` False, may not be a link itself; the
-    folders above it are the user's and are followed."""
-    root = Path(root)
-    if follow_root:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root, os.O_RDONLY | _DIRECTORY)
-    else:
-        root = root.absolute()
-        root.parent.mkdir(parents=True, exist_ok=True)
-        parent = os.open(root.parent, os.O_RDONLY | _DIRECTORY)
-        try:
-            fd = open_subfolder(parent, root.name, root, mode=mode)
-        finally:
-            os.close(parent)
-    shown = root
-    for part in parts:
-        shown = shown / part
-        try:
-            sub = open_subfolder(fd, part, shown, mode=mode)
-        finally:
-            os.close(fd)
-        fd = sub
-    return fd
-
-
-def write_at(
-    dir_fd: int,
-    name: str,
-    data: bytes | str | Callable[[IO[bytes]], Any],
-    *,
-    mode: int | None = None,
-    shown: str | Path | None = None,
-) -> None:
-    """Write the file ``name`` inside the folder ``dir_fd`` atomically (see
-    :func:`atomic_write`); ``name`` may not be a symbolic link (one line naming ``shown``).
-
-    The temporary file is created relative to ``dir_fd`` with ``O_CREAT | O_EXCL |
-    O_WRONLY | O_NOFOLLOW`` and ``mode`` from the start, and renamed over ``name`` inside the
-    same folder: the bytes land in the folder that was checked, whatever is swapped in
-    along the path meanwhile.
-    """
-    shown = name if shown is None else shown
-    if _is_link(name, dir_fd):
-        raise link_refused(shown)
-    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
-    fd = os.open(tmp, flags, 0o666 if mode is None else mode, dir_fd=dir_fd)
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)  # exactly this mode, whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-    with contextlib.suppress(OSError):
-        os.fsync(dir_fd)  # the rename itself durable (POSIX)
-
-
-def _guarded_root(path: Path) -> tuple[Path, tuple[str, ...]]:
-    """Where the link checks of :func:`atomic_write` start: above the outermost run-folder
-    subfolder (:data:`RUN_SUBFOLDERS`, in a folder holding a config.toml) among the file's
-    three nearest folders, else at the file's own folder."""
-    root, parts = path.parent, ()
-    for folder in list(path.parents)[:3]:
-        if folder.name in RUN_SUBFOLDERS and (folder.parent / CONFIG).is_file():
-            root, parts = folder.parent, path.parent.relative_to(folder.parent).parts
-    return root, parts
-
-
-def atomic_write(
-    path: str | Path,
-    data: bytes | str | Callable[[IO[bytes]], Any],
-    *,
-    mode: int | None = None,
-    root: str | Path | None = None,
-) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole.
-
-    ``data`` is bytes, text (UTF-8) or a function that writes to a binary file object. It
-    goes to a uniquely named temporary file beside ``path`` (same file system), which is
-    flushed and fsynced, then renamed over ``path`` with ``os.replace``; on any error the
-    temporary file is removed and ``path`` is left as it was. Missing parent folders are
-    created. The new file gets the usual permissions (0666 less the umask), or exactly
-    ``mode`` (a private key: 0600 from its creation, never briefly readable by others). The
-    temporary file is opened ``O_EXCL | O_NOFOLLOW``: never an existing file or a link.
-
-    Never through a symbolic link: ``path`` itself may not be one, nor any folder below
-    ``root`` on the way to it (each opened relative to the one before, ``O_NOFOLLOW``, so
-    a link swapped in after the check is not followed either); a :class:`DataError` of one
-    line names it. Without ``root``, the checks start above a run folder's subfolder
-    (``checkpoints/``, ``site-state/``, ``external/``, ``bench-writes/`` of a folder with a
-    config.toml), else at ``path``'s own folder; the folders above are the user's.
-    """
-    path = Path(path)
-    if root is None:
-        start, parts = _guarded_root(path)
-    else:
-        start = Path(root)
-        try:
-            parts = path.parent.relative_to(start).parts
-        except ValueError:
-            raise ValueError(f"{path} is not inside {start}") from None
-        if ".." in parts:
-            raise ValueError(f"{path} leaves {start}")
-    fd = open_folder(start, parts)
-    try:
-        write_at(fd, path.name, data, mode=mode, shown=path)
-    finally:
-        os.close(fd)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, text)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, data)
-
-
-def atomic_write_json(path: str | Path, obj: Any, **dumps: Any) -> Path:
-    """``json.dumps(obj, **dumps)`` written atomically."""
-    return atomic_write(path, json.dumps(obj, **dumps))
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> Path:
-    """Copy a (small) file atomically: ``dst`` is never seen half-copied."""
-    return atomic_write(dst, Path(src).read_bytes())
-
-
-def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    """``torch.save(obj)`` written atomically."""
-    import torch
-
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
-    """A matplotlib figure saved atomically (format from the file name, as savefig does)."""
-    buf = io.BytesIO()
-    kwargs.setdefault("format", Path(path).suffix.lstrip(".") or "png")
-    fig.savefig(buf, **kwargs)
-    return atomic_write(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- config files
@@ -407,13 +198,7 @@ def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
     except FileNotFoundError:
         raise DataError(f"{what} file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a valid TOML {what} ({_one_line(err)})") from None
-
-
-def _one_line(err: BaseException) -> str:
-    """The first sentence of an error message, on one line."""
-    text = " ".join(str(err).split()).split(". ")[0]
-    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__
+        raise DataError(f"{path}: not a valid TOML {what} ({one_line(err)})") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -422,7 +207,7 @@ def _one_line(err: BaseException) -> str:
 def _storable(obj: Any, arrays: str = "tensor") -> Any:
     """Plain data and tensors only: numpy scalars become Python ones, numpy arrays tensors
     (``arrays="tensor"``: same dtype and bytes) or nested lists (``arrays="list"``)."""
-    import numpy as np
+    import numpy as np  # lazily, as torch: a run directory's paths need neither
     import torch
 
     if isinstance(obj, np.ndarray):
@@ -465,7 +250,7 @@ def save_checkpoint(
 
 
 def _torch_save(obj: Any, f: IO[bytes]) -> None:
-    import torch
+    import torch  # lazily: heavy, needed only to write a checkpoint
 
     torch.save(obj, f)
 
@@ -476,19 +261,10 @@ def _config_manifest(config: Mapping[str, Any] | None) -> Path | None:
     return Path(value).expanduser() if isinstance(value, str) and value else None
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _numpy_globals() -> list[Any]:
     """What the weights-only unpickler needs for plain numpy arrays and scalars (older
     checkpoints kept FedAdam's moments as numpy arrays); never arbitrary objects."""
-    import numpy as np
+    import numpy as np  # lazily: needed only to read an older checkpoint
 
     core = getattr(np, "_core", None) or np.core
     dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type)]
@@ -502,7 +278,7 @@ def read_checkpoint(path: str | Path) -> Any:
     file or one that is not a torch checkpoint is a :class:`DataError` of one line naming
     the file.
     """
-    import torch
+    import torch  # lazily: heavy, needed only to read a checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -518,7 +294,7 @@ def read_checkpoint(path: str | Path) -> Any:
     except pickle.UnpicklingError as err:
         found = re.findall(r"GLOBAL (\S+)", str(err))
         if not found and "weights_only" not in str(err).lower():
-            raise DataError(f"{path}: truncated or not a checkpoint ({_one_line(err)})") from None
+            raise DataError(f"{path}: truncated or not a checkpoint ({one_line(err)})") from None
         what = f" ({found[0]})" if found else ""
         raise DataError(
             f"{path}: refused, it holds objects other than weights{what}; it was not loaded "
@@ -526,7 +302,7 @@ def read_checkpoint(path: str | Path) -> Any:
         ) from None
     except Exception as err:  # noqa: BLE001 - damaged bytes fail in many ways inside torch
         raise DataError(
-            f"{path}: truncated or not a checkpoint ({_one_line(err)}); delete it to start again"
+            f"{path}: truncated or not a checkpoint ({one_line(err)}); delete it to start again"
         ) from None
 
 
@@ -538,9 +314,6 @@ STATE_CLASS = "server.loop:LoopState"
 
 def _accepted(hint: Any) -> tuple[type, ...]:
     """The runtime types a value annotated ``hint`` may have (``object``: any)."""
-    import types
-    import typing
-
     origin = typing.get_origin(hint) or hint
     if origin in (typing.Union, types.UnionType):
         return tuple(t for a in typing.get_args(hint) for t in _accepted(a))
@@ -557,10 +330,6 @@ def state_fields(
     """``({field: accepted types}, required fields)`` of the loop-state dataclass named by
     ``spec`` (default :data:`STATE_CLASS`); None when it cannot be imported (a state is
     then not checked key by key)."""
-    import dataclasses
-    import importlib
-    import typing
-
     module, _, name = (spec or STATE_CLASS).partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -608,7 +377,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     naming the file and the key, never a TypeError when the loop builds its state.
     Older checkpoints (no ``format``/``config`` entry) load too; their ``config`` is None.
     """
-    import torch
+    import torch  # lazily: heavy, needed only to read a checkpoint
 
     path = Path(path)
     ckpt = read_checkpoint(path)
@@ -674,8 +443,6 @@ def check_resume(
     cannot be checked). Returns the changes (accepted when ``force``); otherwise raises a
     one-line :class:`common.config.ConfigError` with the difference.
     """
-    from common.config import ConfigError
-
     if saved is None:
         log.warning("%s stores no run config: the resumed config cannot be checked", where)
         return []
@@ -756,74 +523,3 @@ def check_known_manifest(
     if expected is None:
         return
     check_seal(current, None, None, known_sha256=expected)
-
-
-# ----------------------------------------------------------------------------- manifest seal
-
-
-def seal_path(manifest: str | Path) -> Path:
-    """``<stem>.check.json`` beside a derived manifest: its row count, sites and SHA-256."""
-    path = Path(manifest)
-    return path.with_name(f"{path.stem}.check.json")
-
-
-def manifest_seal(text: str, rows: int, sites: int) -> dict[str, Any]:
-    return {
-        "rows": rows,
-        "sites": sites,
-        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-    }
-
-
-def check_seal(
-    manifest: str | Path,
-    rows: int | None,
-    sites: int | None,
-    *,
-    known_sha256: str | None = None,
-) -> None:
-    """Refuse a manifest that no longer matches what was recorded of it.
-
-    Two records are checked:
-
-    * the seal written beside a derived manifest (:func:`seal_path`): its row count
-      (``rows``), site count (``sites``; None: not compared) and SHA-256 must match;
-    * ``known_sha256``, the hash a run recorded of the manifest it trained on (its
-      checkpoint, :func:`known_manifest`): the file must have exactly those bytes.
-
-    The rule: a manifest a run already knows is checked against the run's own record, so
-    deleting (or rewriting) the seal beside it does not get a relabelled manifest past the
-    resume. A manifest no run knows yet and without a seal (written by hand, or by
-    ``fedskin partition``) is accepted as it is: it starts a new run, which records it.
-    A seal is no signature: anyone who can rewrite the manifest can rewrite the seal; it
-    catches truncation and accidental edits of a derived manifest.
-    """
-    path = Path(manifest)
-    if known_sha256 is not None:
-        try:
-            sha = file_sha256(path)
-        except OSError as err:
-            raise DataError(f"{path}: unreadable manifest ({_one_line(err)})") from None
-        if sha != known_sha256:
-            raise DataError(
-                f"{path}: changed since the run trained on it (SHA-256 {sha[:12]}..., the run "
-                f"recorded {known_sha256[:12]}...); restore it, or start a new run "
-                "(another out-dir) on the changed manifest"
-            )
-    seal = seal_path(path)
-    if not seal.is_file():
-        return
-    try:
-        expected = json.loads(seal.read_text(encoding="utf-8"))
-        want_rows, want_sites, want_sha = expected["rows"], expected["sites"], expected["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{seal}: unreadable manifest check file ({_one_line(err)})") from None
-    sha = file_sha256(path)
-    rows = want_rows if rows is None else rows
-    sites = want_sites if sites is None else sites
-    if sha != want_sha or rows != want_rows or sites != want_sites:
-        raise DataError(
-            f"{path}: truncated or changed since it was written ({rows} rows and {sites} "
-            f"sites, {want_rows} and {want_sites} expected by {seal.name}); delete both "
-            "files to rebuild it"
-        )

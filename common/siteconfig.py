@@ -41,15 +41,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig, known_keys, run_config_of
-from common.data.schema import DataError
-from common.data.site_data import _MANIFEST_KEYS as MANIFEST_KEYS
-from common.data.site_data import DATA_KEYS
+from common.config import RunConfig, known_keys, run_config_of
+from common.data import site_data
+from common.data.schema import SourceData
+from common.data.site_data import SiteData, node_data_values
+from common.errors import ConfigError
+from common.errors import SiteConfigError as SiteConfigError
+from common.fileio import confined as confined  # path confinement, used here and by the data
+from common.names import DATA_KEYS, MANIFEST_KEYS
 
 log = logging.getLogger("fedskin")
 
 # Where the site's data is (DATA_KEYS) and how its manifest is derived (MANIFEST_KEYS): both
-# from common/data/site_data.py.
+# from common/names.py.
 IDENTITY_KEYS = ("partition-id", "num-partitions")
 DP_KEYS = (
     "dp",
@@ -76,10 +80,6 @@ WRITTEN_DIRS = ("cache-dir", "state-dir")  # the site writes below these
 EVAL_SPLITS = ("validation", "test")
 _KNOWN = known_keys()  # the run-config keys
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
-
-class SiteConfigError(DataError):
-    """A setting the site refuses; the message is one line."""
 
 
 def is_simulation(node_config: Mapping[str, Any]) -> bool:
@@ -215,15 +215,6 @@ def run_tag(value: Any) -> str:
     return tag
 
 
-def confined(folder: str | Path, name: str) -> Path:
-    """``folder / name``, refused unless it resolves to an entry directly in ``folder``."""
-    base = Path(folder).expanduser().resolve()
-    path = (base / name).resolve()
-    if path.parent != base:
-        raise SiteConfigError(f"{name!r} would leave the folder {base}")
-    return path
-
-
 def eval_split(split: str) -> str:
     """The split the server asks a site to score: validation or test, never train."""
     if split not in EVAL_SPLITS:
@@ -255,3 +246,27 @@ def require_state_dir(cfg: RunConfig | Mapping[str, Any], node_config: Mapping[s
             f"{site}: dp=true needs state-dir in the site's --node-config (where its privacy "
             "accountant survives a restart); refusing to train"
         )
+
+
+# ---------------------------------------------------------------- the data, from a flat dict
+# common/data/ takes the typed run config only (it never imports common/config.py); these
+# are its entry points for code that holds the run config as a flat dict.
+
+
+def load_site(
+    cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any] | None = None
+) -> SiteData:
+    """:func:`common.data.site_data.load_site` of a run config that may be a flat dict: the
+    site's node config on top of it, the site named by the node config's ``site`` or else
+    the dict's own."""
+    node_config = node_config or {}
+    if isinstance(cfg, RunConfig):
+        return site_data.load_site(cfg, node_config)
+    flat = {**cfg, **node_data_values(node_config)}
+    site = str(node_config.get("site") or flat.pop("site", "") or "")
+    return site_data.load_site(RunConfig.from_flat(flat), {**node_config, "site": site})
+
+
+def ensure_manifest(cfg: RunConfig | Mapping[str, Any], source: SourceData | None = None) -> Path:
+    """:func:`common.data.site_data.ensure_manifest` of a run config that may be a flat dict."""
+    return site_data.ensure_manifest(run_config_of(cfg), source)

@@ -34,14 +34,13 @@ from common.augment import augment_batch, to_float
 from common.config import RunConfig, run_config_of, steps_for
 from common.losses import make_loss
 from common.metrics import compute_metrics
+from common.names import OPTIMIZERS
 from common.privacy import empty_grad_samples, make_private, unwrap
 
 if TYPE_CHECKING:
     from common.privacy import DPSession
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ["adam", "adamw", "sgd"]
 
 
 @dataclass
@@ -69,7 +68,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
             raise ValueError("batch-size must be >= 1, lr > 0 and proximal-mu >= 0")
         if self.local_steps <= 0 and self.local_epochs < 1:

@@ -706,8 +706,8 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     import numpy as np
     import torch
 
-    from common.data.site_data import load_site
     from common.models import build_model, set_weights
+    from common.siteconfig import load_site
     from common.train import predict
     from server.server_app import initial_weights
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from common.data.imaging import fit_square
 from common.data.schema import DataError, SourceData, default_home
-from common.rundir import atomic_write_text
+from common.fileio import atomic_write_text
 
 
 @dataclass
@@ -152,7 +152,7 @@ def build_cache(
                 raise
             failed[i] = str(exc)
 
-    from rich.progress import Progress
+    from rich.progress import Progress  # lazily: only when images are cached
 
     pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2))
     try:

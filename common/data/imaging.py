@@ -76,7 +76,7 @@ def read_dicom(path: str | Path) -> np.ndarray:
     three channels. Compressed pixel data needs a pydicom decoding plugin (Pillow handles
     JPEG baseline); without one the error says what to install.
     """
-    import pydicom
+    import pydicom  # lazily: heavy, DICOM files only
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import convert_color_space, pixel_array
 

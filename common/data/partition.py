@@ -19,7 +19,7 @@ import pandas as pd
 
 from common.data.institutions import assign_institutions, group_table, resolve_names
 from common.data.schema import DataError
-from common.rundir import (
+from common.fileio import (
     atomic_savefig,
     atomic_write_json,
     atomic_write_text,
@@ -27,12 +27,12 @@ from common.rundir import (
     manifest_seal,
     seal_path,
 )
+from common.names import SCHEMES as SCHEMES  # the run config checks scheme against them too
+from common.names import SPLITS as SPLITS
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS: list[str] = ["image_id", "group_id", "label", "label_name", "site", "split"]
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-SCHEMES: tuple[str, ...] = ("natural", "institutions", "dirichlet", "iid")
 MOVE_COLUMNS: list[str] = ["image_id", "group_id", "from_site", "to_site"]
 NO_SITE_MSG = "this source records no site; use scheme=institutions, dirichlet or iid"
 _MAX_DIRICHLET_DRAWS = 200
@@ -166,8 +166,8 @@ def _group_split(
     """Split group ids, stratified by label if counts allow; returns (rest, held, how)."""
     if frac <= 0:
         return ids, ids[:0], "none"
-    # Here, not at the top: common.config imports this module's SCHEMES, and every Flower
-    # process (each message's ClientApp at a default SuperNode) would pay sklearn's ~2 CPU-s.
+    # Here, not at the top: sklearn is heavy (~2 CPU-s), and every Flower process that
+    # imports the data pipeline (each message's ClientApp at a default SuperNode) would pay it.
     from sklearn.model_selection import train_test_split
 
     # Stratify on every class if sklearn can; else keep the k commonest classes as strata and
@@ -489,7 +489,7 @@ def site_class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.Data
 
 def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path) -> Path:
     """PNG: per site, a stacked bar of class proportions with its image count."""
-    import matplotlib
+    import matplotlib  # lazily: heavy, plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,9 +12,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+from common.errors import DataError as DataError  # defined at the bottom of common
+
+if TYPE_CHECKING:  # annotations only: the run config reads the format table without them
+    import numpy as np
+    import pandas as pd
 
 # Normalised metadata columns, in order. ``group_id`` is the leakage unit: HAM ``lesion_id``,
 # ISIC 2020 ``patient_id``. ``source_site`` is the hospital the data itself records (HAM
@@ -36,10 +40,6 @@ COLUMNS: list[str] = [
 HAM_CLASSES: list[str] = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 ISIC2019_CLASSES: list[str] = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 ISIC2020_CLASSES: list[str] = ["benign", "malignant"]
-
-
-class DataError(ValueError):
-    """Bad input found while loading: the message names the file or row at fault."""
 
 
 @dataclass

@@ -3,6 +3,11 @@
 In simulation the runner writes a manifest for all sites and each simulated SuperNode picks
 its site by partition id; in a real deployment the SuperNode's ``--node-config`` names the
 site and its local files. Both end in :func:`load_site`, so there is one code path.
+
+This package never imports the run config (common/config.py): its functions take the typed
+settings (:class:`DataSettings`, which :class:`common.config.RunConfig` fulfils). Code that
+holds the run config as a flat dict types it first (``common.config.run_config_of``), or
+calls the flat-dict forms in common/siteconfig.py.
 """
 
 from __future__ import annotations
@@ -12,36 +17,71 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Self, TypeVar
 
 import numpy as np
 import pandas as pd
 
+from common.data import synth  # synth.ensure_builtin looked up when called
+from common.data.cache import ImageCache, build_cache
 from common.data.formats import BUILTIN_FORMAT, FORMAT_CLASSES
+from common.data.partition import (
+    moves_report_path,
+    partition,
+    read_manifest,
+    write_manifest,
+    write_moves_report,
+)
 from common.data.schema import DataError, SourceData, default_home
-
-if TYPE_CHECKING:
-    from common.config import RunConfig
-    from common.data.cache import ImageCache
+from common.data.sources import load_source
+from common.fileio import confined
+from common.names import DATA_KEYS, SPLITS
+from common.names import MANIFEST_KEYS as MANIFEST_KEYS  # what DataSettings.manifest_key joins
 
 log = logging.getLogger("fedskin")
 
-# BUILTIN_FORMAT, FORMAT_CLASSES: derived from the format registry (common/data/formats.py)
-SPLITS = ("train", "validation", "test")
-
-# What a data location is made of; node config overrides run config for these keys.
-DATA_KEYS = ("data-format", "data-path", "manifest", "site", "cache-dir", "state-dir")
+# BUILTIN_FORMAT, FORMAT_CLASSES: derived from the format registry (common/data/formats.py);
+# SPLITS, DATA_KEYS, MANIFEST_KEYS: defined once in common/names.py.
 
 
-# What the derived manifest depends on (besides the source itself).
-_MANIFEST_KEYS = (
-    "scheme",
-    "num-sites",
-    "dirichlet-alpha",
-    "institutions",
-    "seed",
-    "builtin-images",
-)
+class DataSettings(Protocol):
+    """The settings the data pipeline reads (:class:`common.config.RunConfig` has them)."""
+
+    @property
+    def data_format(self) -> str: ...
+    @property
+    def data_path(self) -> str: ...
+    @property
+    def manifest(self) -> str: ...
+    @property
+    def cache_dir(self) -> str: ...
+    @property
+    def state_dir(self) -> str: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def builtin_images(self) -> int: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def num_sites(self) -> int: ...
+    @property
+    def dirichlet_alpha(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
+    def manifest_key(self) -> str:
+        """The derived manifest's name part: the values of :data:`MANIFEST_KEYS`."""
+        ...
+
+    def institution_list(self) -> list[str] | None: ...
+
+    def with_values(self, values: Mapping[str, Any]) -> Self:
+        """A copy with some kebab-case keys changed, checked again."""
+        ...
+
+
+S = TypeVar("S", bound=DataSettings)
 
 
 def classes_for(fmt: str) -> list[str]:
@@ -54,34 +94,29 @@ def classes_for(fmt: str) -> list[str]:
         ) from None
 
 
-def _typed(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
-    from common.config import run_config_of  # common.config imports this module
+def node_data_values(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The data keys (:data:`DATA_KEYS`, but ``site``) the site's node config sets."""
+    return {
+        key: node_config[key]
+        for key in DATA_KEYS
+        if key != "site" and key in node_config and node_config[key] != ""
+    }
 
-    return run_config_of(cfg)
 
-
-def merged_config(
-    run_config: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any]
-) -> tuple[RunConfig, str]:
+def merged_config(run: S, node_config: Mapping[str, Any]) -> tuple[S, str]:
     """The run config with the site's own node config on top (data paths are the site's),
     and the site's name (``site``: a node-config key; "" lets the partition id pick one)."""
-    flat = dict(run_config) if isinstance(run_config, Mapping) else run_config.to_flat()
-    site = str(node_config.get("site") or flat.pop("site", "") or "")
-    for key in DATA_KEYS:
-        if key != "site" and key in node_config and node_config[key] != "":
-            flat[key] = node_config[key]
-    return _typed(flat), site
+    site = str(node_config.get("site") or "")
+    return run.with_values(node_data_values(node_config)), site
 
 
-def resolve_source(cfg: RunConfig | Mapping[str, Any]) -> tuple[str, Path]:
+def resolve_source(run: DataSettings) -> tuple[str, Path]:
     """Return (format, path); the built-in default is synthesized once and cached."""
-    run = _typed(cfg)
     if run.data_format == BUILTIN_FORMAT:
-        from common.data.synth import ensure_builtin
-
         size = max(run.image_size, 32)
         n_images = run.builtin_images
-        return "ham-dataverse", ensure_builtin("ham-dataverse", n_images=n_images, image_size=size)
+        folder = synth.ensure_builtin("ham-dataverse", n_images=n_images, image_size=size)
+        return "ham-dataverse", folder
     classes_for(run.data_format)
     if not run.data_path:
         raise DataError(
@@ -90,38 +125,27 @@ def resolve_source(cfg: RunConfig | Mapping[str, Any]) -> tuple[str, Path]:
     return run.data_format, Path(run.data_path).expanduser()
 
 
-def cache_dir(cfg: RunConfig | Mapping[str, Any]) -> Path:
-    d = _typed(cfg).cache_dir
+def cache_dir(run: DataSettings) -> Path:
+    d = run.cache_dir
     return Path(d).expanduser() if d else default_home() / "cache"
 
 
-def ensure_manifest(cfg: RunConfig | Mapping[str, Any], source: SourceData | None = None) -> Path:
+def ensure_manifest(run: DataSettings, source: SourceData | None = None) -> Path:
     """The manifest named in the config, or one made deterministically from the scheme.
 
     Every process that derives it from the same config writes byte-identical content via
     an atomic rename, so simulated clients racing on it cannot corrupt it. Pass the
     already-loaded ``source`` to avoid reading its metadata twice.
     """
-    run = _typed(cfg)
     given = run.manifest
     if given:
         p = Path(given).expanduser()
         if not p.is_file():
             raise DataError(f"manifest file not found: {p}")
         return p
-    from common.data.partition import (
-        moves_report_path,
-        partition,
-        write_manifest,
-        write_moves_report,
-    )
-
     if source is None:
-        from common.data.sources import load_source
-
         source = load_source(*resolve_source(run))
-    from common.siteconfig import confined  # config values are in the name: stay inside
-
+    # Config values are in the name: it must stay inside the cache's manifests folder.
     out = confined(cache_dir(run) / "manifests", f"{source.fingerprint}-{run.manifest_key()}.csv")
     if not out.is_file():
         manifest = partition(
@@ -192,14 +216,9 @@ class PreparedData:
     cache: ImageCache
 
 
-def data_pipeline(cfg: RunConfig | Mapping[str, Any], *, progress: bool = False) -> PreparedData:
+def data_pipeline(run: DataSettings, *, progress: bool = False) -> PreparedData:
     """The data pipeline, one code path for simulation and deployment: load the source (the
     built-in one is synthesized once), derive (or read) the manifest, fill the uint8 cache."""
-    from common.data.cache import build_cache
-    from common.data.partition import read_manifest
-    from common.data.sources import load_source
-
-    run = _typed(cfg)
     source = load_source(*resolve_source(run))
     manifest_path = ensure_manifest(run, source)
     manifest = read_manifest(manifest_path)
@@ -210,12 +229,10 @@ def data_pipeline(cfg: RunConfig | Mapping[str, Any], *, progress: bool = False)
 _SITE_CACHE: dict[tuple, SiteData] = {}
 
 
-def load_site(
-    cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any] | None = None
-) -> SiteData:
+def load_site(run: DataSettings, node_config: Mapping[str, Any] | None = None) -> SiteData:
     """Load (once per process) the site's splits from the preprocessed uint8 cache."""
     node_config = node_config or {}
-    run, named = merged_config(cfg, node_config)
+    run, named = merged_config(run, node_config)
     # Keyed on the config alone, so a site's second message reads no file at all.
     where = (run.data_format, run.data_path, run.manifest, run.cache_dir, run.state_dir)
     key = (

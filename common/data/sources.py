@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.data import synth  # imports no loader: no cycle (synth.ensure_builtin at call time)
 from common.data.formats import FORMATS, get_format
 from common.data.imaging import decode_image_bytes, decode_image_file, read_dicom
 from common.data.schema import (
@@ -108,7 +109,7 @@ class ParquetImageReader:
         self._lock = threading.Lock()
 
     def _group(self, shard: str, rg: int) -> Any:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazily: heavy, parquet sources only
 
         key = (shard, rg)
         with self._lock:
@@ -315,7 +316,7 @@ def _verify(
     df: pd.DataFrame, reader: Callable[[str], np.ndarray], report: LoadReport, on_bad: str
 ) -> pd.DataFrame:
     """Decode every image once (threads, rich progress bar); unreadable ones are bad rows."""
-    from rich.progress import Progress
+    from rich.progress import Progress  # lazily: only when images are verified
 
     def check(image_id: str) -> str | None:
         try:
@@ -443,7 +444,7 @@ def _ham_columns(df: pd.DataFrame, report: LoadReport, file: Path | str) -> pd.D
 
 def _load_ham_hub(repo_id: str, on_bad: str, verify_images: bool) -> SourceData:
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets  # type: ignore[import-not-found]  # optional (extra "hub"), heavy
     except ImportError:
         raise DataError(
             f"{repo_id!r} is not a local folder. Loading it from the Hugging Face hub needs the "
@@ -477,7 +478,7 @@ def _load_ham_hub(repo_id: str, on_bad: str, verify_images: bool) -> SourceData:
 
 def load_ham_hf(path: str | Path, on_bad: str = "error", verify_images: bool = False) -> SourceData:
     """HAM10000 as the HF hub copy ``marmal88/skin_cancer``: parquet shards, split by name."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazily: heavy, parquet sources only
 
     root = Path(path)
     if not root.exists():
@@ -583,7 +584,7 @@ def _institutions(
 
     Returns (site by id, header error by id).
     """
-    import pydicom
+    import pydicom  # lazily: heavy, DICOM sources only
     from rich.progress import track
 
     dcm = [i for i in ids if paths[i].suffix.lower() == ".dcm"]
@@ -783,9 +784,7 @@ def open_source(
     if entry.builtin and path is not None:
         raise DataError(f"{fmt} is the built-in synthetic data set: it takes no data path")
     if entry.builtin or path is None:
-        from common.data.synth import ensure_builtin  # synth imports no loader: no cycle
-
         stored = entry.stored_as or entry.name
-        folder = ensure_builtin(stored, n_images=n_images, image_size=image_size)
+        folder = synth.ensure_builtin(stored, n_images=n_images, image_size=image_size)
         return load_source(stored, folder)
     return load_source(fmt, path)

@@ -414,7 +414,7 @@ def write_ham_dataverse(out: Path, n_images: int, size: int, seed: int) -> None:
 
 
 def write_ham_hf(out: Path, n_images: int, size: int, seed: int) -> None:
-    import pyarrow as pa
+    import pyarrow as pa  # lazily: heavy, the parquet layout only
     import pyarrow.parquet as pq
 
     df = ham_table(n_images, seed)
@@ -470,7 +470,7 @@ def write_ham_hf(out: Path, n_images: int, size: int, seed: int) -> None:
 
 def _dicom_bytes(arr: np.ndarray, row: pd.Series, institution: str, seed: int) -> bytes:
     """A valid VL Photographic Image DICOM (RGB, explicit VR little endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset, FileMetaDataset  # lazily: heavy, DICOM only
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     name = row["image_name"]
