@@ -110,6 +110,16 @@ REGISTRY: dict[str, DataFormat] = {
             "lesion",
             "FLamby Fed-ISIC2019: train_test_split + preprocessed JPEGs",
         ),
+        DataFormat(
+            "csv",
+            tuple(HAM_CLASSES),  # a hospital's export joins a HAM-classed federation
+            "load_csv_export",
+            "write_csv_export",
+            "csv",
+            "group",
+            "a hospital's own export: labels.csv (image, label[, group, site, split, age, sex, "
+            "anatom_site]) + JPEG/PNG/DICOM files beside it (optional label-map.csv: from,to)",
+        ),
     )
 }
 

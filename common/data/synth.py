@@ -634,6 +634,62 @@ def write_fedisic2019(out: Path, n_images: int, size: int, seed: int) -> None:
         (img_dir / f"{name}.jpg").write_bytes(_jpeg(images[i]))
 
 
+# Words a hospital's own export might use for a class, mapped by the label-map.csv written
+# beside its labels.csv (the other rows use the HAM class names in mixed case).
+CSV_EXPORT_WORDS = {"mel": "Melanoma", "nv": "Naevus", "bcc": "Basal cell carcinoma"}
+
+
+def write_csv_export(out: Path, n_images: int, size: int, seed: int) -> None:
+    """A hospital's own export (format ``csv``): ``labels.csv`` listing JPEG, PNG and DICOM
+    images under ``images/`` (every third file of each kind), with a ``label-map.csv`` for
+    the hospital's own class words, patient-level groups and a group-safe split."""
+    df = ham_table(n_images, seed)
+    images = _render_all(
+        df["dx"].tolist(), df["dataset"].tolist(), df["_lesion"].tolist(), size, seed
+    )
+    rng = np.random.default_rng([seed, 50])
+    lesions = np.unique(df["_lesion"].to_numpy())
+    shares = {"train": 0.7, "validation": 0.15, "test": 0.15}
+    split_of = dict(zip(lesions, _pick(rng, shares, len(lesions)), strict=True))
+    (out / "images").mkdir()
+    names, labels = [], []
+    for i, row in df.iterrows():
+        kind = ("jpg", "png", "dcm")[int(i) % 3]
+        rel = f"images/{row['image_id']}.{kind}"
+        if kind == "jpg":
+            data = _jpeg(images[i])
+        elif kind == "png":
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG")
+            data = buf.getvalue()
+        else:
+            fields = {
+                "image_name": row["image_id"], "patient_id": row["lesion_id"],
+                "sex": row["sex"], "age_approx": row["age"],
+                "anatom_site_general_challenge": row["localization"], "diagnosis": row["dx"],
+            }  # fmt: skip
+            data = _dicom_bytes(images[i], pd.Series(fields), "Hospital A", seed)
+        (out / rel).write_bytes(data)
+        names.append(rel)
+        word = CSV_EXPORT_WORDS.get(row["dx"]) if rng.random() < 0.3 else None
+        labels.append(word or (row["dx"].upper() if rng.random() < 0.5 else row["dx"]))
+    table = pd.DataFrame(
+        {
+            "image": names,
+            "label": labels,
+            "group": df["lesion_id"],
+            "site": "hospital-a",
+            "split": df["_lesion"].map(split_of),
+            "age": df["age"],
+            "sex": df["sex"],
+            "anatom_site": df["localization"],
+        }
+    )
+    _write_csv(table, out / "labels.csv")
+    words = pd.DataFrame({"from": list(CSV_EXPORT_WORDS.values()), "to": list(CSV_EXPORT_WORDS)})
+    _write_csv(words, out / "label-map.csv")
+
+
 # ----------------------------------------------------------------------------- public API
 
 
