@@ -34,7 +34,7 @@ from common.data.partition import (
 )
 from common.data.schema import DataError, SourceData, default_home
 from common.data.sources import load_source
-from common.fileio import confined
+from common.fileio import confined, seal_path
 from common.names import DATA_KEYS, SPLITS
 from common.names import MANIFEST_KEYS as MANIFEST_KEYS  # what DataSettings.manifest_key joins
 
@@ -147,7 +147,9 @@ def ensure_manifest(run: DataSettings, source: SourceData | None = None) -> Path
         source = load_source(*resolve_source(run))
     # Config values are in the name: it must stay inside the cache's manifests folder.
     out = confined(cache_dir(run) / "manifests", f"{source.fingerprint}-{run.manifest_key()}.csv")
-    if not out.is_file():
+    # A derived manifest whose seal is gone is derived again (it is deterministic): deleting
+    # the seal must not let a relabelled cached manifest through.
+    if not out.is_file() or not seal_path(out).is_file():
         manifest = partition(
             source.meta,
             run.scheme,
