@@ -146,7 +146,15 @@ def site_config(
                 )
         elif key in _KNOWN:
             asked[key] = value
-    return check_image_size(check_paths(_checked(site, asked, "the server's message")))
+    merged = check_image_size(check_paths(_checked(site, asked, "the server's message")))
+    if merged.dp and merged.grad_sample_mode == "ghost" and not is_simulation(node_config):
+        # ghost clipping never forms per-sample gradients, so one image's non-finite
+        # gradient cannot be zeroed before the clip (common/train.py): not at a real site
+        raise SiteConfigError(
+            "grad-sample-mode='ghost': refused under DP at a deployed site (its per-sample "
+            "gradients cannot be checked for non-finite values); use auto, hooks or functorch"
+        )
+    return merged
 
 
 def check_image_size(run: RunConfig) -> RunConfig:

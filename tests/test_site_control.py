@@ -677,3 +677,21 @@ def test_the_statistics_release_is_on_the_sites_lifetime_budget(sites, tmp_path)
     with pytest.raises(SiteConfigError, match="privacy budget spent"):
         release("runA", small)
     assert not list((tmp_path / "s2").glob("*.json"))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_ghost_clipping_is_refused_under_dp_at_a_deployed_site(sites) -> None:
+    """Ghost clipping never forms per-sample gradients, so a crafted model's non-finite
+    gradient of one image could not be zeroed before the clip: a real site refuses it."""
+    node = node_config(sites, "hospital-a", None, dp=True)
+    for run, sent in (
+        (run_config(**{"grad-sample-mode": "ghost"}), {}),
+        (run_config(), {"grad-sample-mode": "ghost"}),
+    ):
+        with pytest.raises(SiteConfigError, match=r"^grad-sample-mode='ghost': refused under DP"):
+            client_app.query(message(MessageType.QUERY, sent), context(node, run))
+    plain = node_config(sites, "hospital-a", None)  # without DP there is nothing to protect
+    reply = client_app.query(
+        message(MessageType.QUERY, {"grad-sample-mode": "ghost"}), context(plain, run_config())
+    )
+    assert reply.content.config_records["info"]["site"] == "hospital-a"
