@@ -5,23 +5,54 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from common.data.schema import DataError
 from server.deploy import deploy_cli
 from simulations.bench import bench_cli
 from simulations.data_cli import partition_cli, synth_cli
-from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
+from simulations.keys import keys_cli
+from simulations.runner import RAY_ADDRESS_HELP, shipped_configs, use_ray_address
 from simulations.sweep import sweep_cli
 from simulations.weights import weights_save_cli
 
-SHIPPED = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.toml")))
+SHIPPED = ", ".join(shipped_configs())
 CONFIG_HELP = f"experiment TOML file, or the name of a shipped one: {SHIPPED}"
 RUN_CONFIG_HELP = "overrides of any config key: \"key=value key2='text'\" (as flwr run)"
 RayAddress = Annotated[str | None, typer.Option("--ray-address", help=RAY_ADDRESS_HELP)]
 
+# `fedskin --help` lists the user commands in the order of the work; commands this list
+# does not name come after them. Internal commands (site-exec, deploy-overhead) are hidden
+# there and documented where they are used (docs/deployment.md, docs/benchmarks.md).
+WORKFLOW = (
+    "synth",
+    "partition",
+    "simulate",
+    "compare",
+    "sweep",
+    "evaluate",
+    "deploy",
+    "weights",
+    "bench",
+    "keys",
+)
+
+
+class WorkflowGroup(TyperGroup):
+    """A command group whose help lists the commands in :data:`WORKFLOW` order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(WORKFLOW)}
+        return sorted(names, key=lambda n: rank.get(n, len(WORKFLOW)))
+
+
 app = typer.Typer(
-    help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus).",
+    cls=WorkflowGroup,
+    help="Federated skin-lesion classification across hospital sites (Flower + timm + Opacus). "
+    "Every run-config key, its default and allowed values: fedskin keys [WORD].",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
@@ -44,12 +75,14 @@ app.command("deploy", help="Create the CA, server certificate and site keys of a
 from client.warm_exec import site_exec_cli  # noqa: E402
 from simulations.deploy_overhead import deploy_overhead_cli  # noqa: E402
 
-app.command("site-exec", help="A site's warm ClientApp launcher (supernode --isolation process).")(
-    site_exec_cli
-)
-app.command("deploy-overhead", help="Benchmark: ClientApp start per message, cold vs warm.")(
-    deploy_overhead_cli
-)
+app.command(
+    "site-exec",
+    hidden=True,
+    help="A site's warm ClientApp launcher (supernode --isolation process).",
+)(site_exec_cli)
+app.command(
+    "deploy-overhead", hidden=True, help="Benchmark: ClientApp start per message, cold vs warm."
+)(deploy_overhead_cli)
 weights_app = typer.Typer(help="Pretrained backbone weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 weights_app.command("save", help="Save a backbone's pretrained weights for an offline server.")(
@@ -122,6 +155,10 @@ from simulations.evaluate import evaluate_cli  # noqa: E402
 
 app.command("evaluate", help="Score a trained checkpoint on a data set, without training.")(
     evaluate_cli
+)
+
+app.command("keys", help="Every run-config key: default, type, allowed values, help [WORD].")(
+    keys_cli
 )
 
 

@@ -8,11 +8,14 @@ the current environment (no per-run reinstall) with the resolved run config.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,13 +47,42 @@ def default_config() -> dict[str, Any]:
     return RunConfig.defaults().to_flat()
 
 
+# flwr run's own pattern for one ``key=value`` pair (flwr.common.config.parse_config_args)
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
 def parse_overrides(text: str | None) -> dict[str, Any]:
-    """Parse ``--run-config "key=value key2='text'"`` exactly as ``flwr run`` does."""
+    """Parse ``--run-config "key=value key2='text'"`` exactly as ``flwr run`` does.
+
+    What Flower would refuse with a generic "invalid format" (or silently drop) is a
+    one-line :class:`DataError` naming the pair, e.g. an unquoted string:
+    ``data-path=/x/y`` -> use ``data-path='/x/y'``.
+    """
     if not text:
         return {}
+    if not text.strip().endswith(".toml"):  # a file: Flower reads it whole
+        _check_pairs(text)
     from flwr.common.config import parse_config_args
 
     return dict(parse_config_args([text]))
+
+
+def _check_pairs(text: str) -> None:
+    """Each ``key=value`` of ``--run-config`` a TOML value, and nothing else in ``text``."""
+    if leftover := _PAIR.sub(" ", text).split():
+        raise DataError(
+            f"--run-config: {leftover[0]!r} is not key=value "
+            "(e.g. \"num-server-rounds=10 data-path='/data/ham'\")"
+        )
+    for key, value in _PAIR.findall(text):
+        try:
+            tomllib.loads(f"v = {value}")
+        except tomllib.TOMLDecodeError:
+            quote = '"' if "'" in value else "'"
+            raise DataError(
+                f"--run-config: {key}={value} is not a number, true/false or quoted string; "
+                f"quote a string: {key}={quote}{value}{quote}"
+            ) from None
 
 
 def resolve_config(
@@ -77,7 +109,7 @@ def resolve_run_config(
             if not path.is_file() and known.is_file():
                 path = known
         if not path.is_file():
-            raise DataError(f"config file not found: {config_path}")
+            raise DataError(f"config file not found: {config_path}{_config_hint(path)}")
         layers.append((str(path), read_toml(path)))  # malformed: one line naming the file
         cfg.update({"run-name": path.stem})
     if overrides:
@@ -90,6 +122,21 @@ def resolve_run_config(
             raise ConfigError(f"{origin}: {err}") from None
         cfg.update(layer)
     return RunConfig.from_mapping(cfg)
+
+
+def shipped_configs() -> list[str]:
+    """The names of the experiment files shipped in simulations/configs (``-c NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def _config_hint(path: Path) -> str:
+    """The shipped config names nearest to a name that was not found (or all of them)."""
+    names = shipped_configs()
+    stem = path.name.removesuffix(".toml")
+    near = difflib.get_close_matches(stem, names, n=3, cutoff=0.6)
+    if near:
+        return f" (did you mean {' or '.join(near)}?)"
+    return f" (shipped: {', '.join(names)})" if names else ""
 
 
 def prepare_data(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:

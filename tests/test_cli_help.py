@@ -1,0 +1,155 @@
+"""`fedskin --help` in workflow order, `fedskin keys`, and one-line errors for a mistyped
+config name or an unquoted --run-config string."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+
+import pytest
+from typer.testing import CliRunner
+
+from common.config import RunConfig, config_keys, packaged_defaults
+from common.data.schema import DataError
+from simulations.cli import WORKFLOW, app
+from simulations.keys import defaults_text, key_infos, matching, show_default, toml_comments
+from simulations.runner import parse_overrides, resolve_config
+
+WIDE = {"COLUMNS": "400"}  # rich wraps table cells at the terminal's width
+
+
+def _commands_listed(output: str) -> list[str]:
+    """The command names of the help's Commands panel, in the order shown."""
+    panel = output.split("Commands")[1]
+    return re.findall(r"^│ ([a-z][a-z-]*)\s{2,}", panel, flags=re.MULTILINE)
+
+
+def test_help_lists_user_commands_in_workflow_order_and_hides_internal_ones():
+    result = CliRunner().invoke(app, ["--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    listed = _commands_listed(result.output)
+    assert listed[:9] == [
+        "synth",
+        "partition",
+        "simulate",
+        "compare",
+        "sweep",
+        "evaluate",
+        "deploy",
+        "weights",
+        "bench",
+    ]
+    assert listed == list(WORKFLOW)
+    assert "site-exec" not in result.output
+    assert "deploy-overhead" not in result.output
+
+
+@pytest.mark.parametrize("hidden", ["site-exec", "deploy-overhead"])
+def test_hidden_commands_still_run_and_have_their_own_help(hidden):
+    result = CliRunner().invoke(app, [hidden, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert f"fedskin {hidden}" in result.output or "Usage" in result.output
+
+
+def test_every_runconfig_field_is_a_key_with_its_packaged_default():
+    infos = {k.key: k for k in key_infos()}
+    defaults = packaged_defaults()
+    assert list(infos) == config_keys()
+    for f in fields(RunConfig):
+        key = f.name.replace("_", "-")
+        assert infos[key].default == defaults[key]
+        assert infos[key].type == f.type
+    result = CliRunner().invoke(app, ["keys"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    for key, info in infos.items():
+        row = next(line for line in result.output.splitlines() if line.startswith(f"│ {key} "))
+        assert row.split("│")[2].strip() == show_default(info.default), (key, row)
+
+
+def test_a_keys_help_is_its_toml_comment():
+    helps = {k.key: k.help for k in key_infos()}
+    assert helps["lr-schedule"] == "constant | cosine (annealed over the rounds)"
+    assert helps["dirichlet-alpha"] == ""  # no comment, no help
+    # a comment continued on indented "#" lines is one line
+    assert helps["class-prior"] == (
+        "site | federation: whose class counts set the loss's prior or weights: the site's "
+        "own, or all sites' training images together (each site reports its counts at "
+        "discovery; never under DP)"
+    )
+    # the same, from the file's own lines: the text after '#' on the key's line
+    for line in defaults_text().splitlines():
+        key, sep, rest = line.partition("=")
+        key = key.strip()
+        if sep and key in helps and "#" in rest and not line.startswith(" "):
+            assert helps[key].startswith(rest.split("#", 1)[1].strip()), key
+
+
+def test_toml_comments_parser():
+    text = (
+        "# header\n"
+        "a = 1            # first\n"
+        "                 # continued\n"
+        'b = "x # not a comment"  # real\n'
+        "# section\n"
+        "c = true\n"
+        "  # an indented comment after a key without one\n"
+    )
+    assert toml_comments(text) == {
+        "a": "first continued",
+        "b": "real",
+        "c": "an indented comment after a key without one",
+    }
+
+
+def test_keys_shows_rules_and_filters_by_word_in_key_or_help():
+    infos = {k.key: k for k in key_infos()}
+    assert infos["fraction-train"].allowed == "> 0 and <= 1"
+    assert infos["momentum"].allowed == ">= 0 and < 1"
+    assert infos["strategy"].allowed.startswith("fedavg | fedprox")
+    assert infos["personalize"].allowed.startswith("'' | fedbn")
+    assert infos["run-name"].allowed == "not empty"
+    assert infos["amp"].allowed == "true | false"
+    by_help = [k.key for k in matching("ray reserves")]
+    assert by_help == ["client-num-cpus", "client-memory-mb"]
+    result = CliRunner().invoke(app, ["keys", "DP"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    shown = {k.key for k in matching("dp")}
+    assert {"dp", "central-dp", "dp-head-share", "class-prior"} <= shown  # class-prior: "DP"
+    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if "│" in line]
+    assert set(rows) - {"key"} == shown
+    assert "lr" not in rows
+    result = CliRunner().invoke(app, ["keys", "learning-rat"], env=WIDE)
+    assert result.exit_code == 1
+    assert "no run-config key" in result.stderr
+
+
+def test_mistyped_config_name_suggests_the_nearest_shipped_ones():
+    result = CliRunner().invoke(app, ["simulate", "-c", "ham_natural_cpus"])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: config file not found: ham_natural_cpus")
+    assert "did you mean ham_natural_cpu" in lines[0]
+    with pytest.raises(DataError, match=r"shipped: default, "):
+        resolve_config("zzzz")
+
+
+def test_unquoted_string_in_run_config_names_the_key_and_the_quoted_form():
+    result = CliRunner().invoke(app, ["simulate", "--run-config", "data-path=/x/y"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "data-path=/x/y" in lines[0]
+    assert "data-path='/x/y'" in lines[0]
+    with pytest.raises(DataError, match=r"""model="it's" """.strip()):
+        parse_overrides("model=it's")
+    with pytest.raises(DataError, match="not key=value"):
+        parse_overrides("lr 0.1")
+    # what flwr run accepts is unchanged
+    assert parse_overrides("data-path='/x/y' lr=0.01 amp=false name=\"a b\"") == {
+        "data-path": "/x/y",
+        "lr": 0.01,
+        "amp": False,
+        "name": "a b",
+    }
