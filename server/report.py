@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from common.config import RunConfig, run_config_of  # noqa: E402
 from common.rundir import RunDir, atomic_savefig, atomic_write_text  # noqa: E402
@@ -74,11 +75,9 @@ def write_outputs(
     atomic_write_text(paths.metrics, json.dumps(metrics, indent=1, default=_json_default))
     hist = history_frame(rounds)
     atomic_write_text(paths.history, hist.to_csv(index=False, float_format="%.6g"))
-    if plots and len(hist):
-        plot_learning_curves(hist, paths.learning_curves)
+    if plots:
+        _draw(paths, metrics, hist)
     if test is not None:
-        if plots:
-            plot_confusion(np.asarray(test["confusion"]), classes, paths.confusion)
         atomic_write_text(paths.report, markdown_report(cfg, hist, test, classes))
 
 
@@ -89,15 +88,34 @@ def redraw_plots(run_dir: Path) -> list[Path]:
     """
     paths = RunDir(run_dir)
     metrics = json.loads(paths.metrics.read_text())
+    return _draw(paths, metrics, history_frame(metrics["rounds"]))
+
+
+def _draw(paths: RunDir, metrics: dict[str, Any], hist: pd.DataFrame) -> list[Path]:
+    """The PNGs of one run from its metrics (as metrics.json holds them): the learning
+    curves once a round is done, the test confusion once the test is done."""
     written: list[Path] = []
-    hist = history_frame(metrics["rounds"])
+    test = metrics.get("test")
+    head = (test or {}).get("head_calibration")
     if len(hist):
-        plot_learning_curves(hist, paths.learning_curves)
+        plot_learning_curves(
+            hist,
+            paths.learning_curves,
+            best_round=metrics.get("best_round") or None,
+            num_classes=len(metrics["classes"]) or None,
+            loss=_loss_key(metrics["config"]),
+            head_calibration=head,
+        )
         written.append(paths.learning_curves)
-    if "test" in metrics:
-        path = paths.confusion
-        plot_confusion(np.asarray(metrics["test"]["confusion"]), metrics["classes"], path)
-        written.append(path)
+    if test is not None:
+        plot_confusion(
+            np.asarray(test["confusion"]),
+            metrics["classes"],
+            paths.confusion,
+            round_tested=test.get("best_round") or metrics.get("best_round") or None,
+            head_refit=_refit_point(head) is not None,
+        )
+        written.append(paths.confusion)
     return written
 
 
@@ -111,44 +129,150 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def plot_learning_curves(hist: pd.DataFrame, path: Path) -> None:
+# What each ``loss`` key trains with, for the loss axis (common/losses.py)
+LOSS_NAMES = {
+    "ce": "cross-entropy",
+    "weighted-ce": "class-weighted cross-entropy",
+    "focal": "focal loss",
+    "weighted-focal": "class-weighted focal loss",
+    "balanced-softmax": "balanced-softmax cross-entropy",
+}
+
+
+def _loss_key(cfg: RunConfig | Mapping[str, Any]) -> str:
+    """The run's ``loss`` key ("" when a partial config does not say)."""
+    return cfg.loss if isinstance(cfg, RunConfig) else str(cfg.get("loss", "") or "")
+
+
+def _refit_point(head: Mapping[str, Any] | None) -> float | None:
+    """The refitted model's validation score, when the head refit was kept (else None)."""
+    if not head or not head.get("kept"):
+        return None
+    after = head.get("validation_after")
+    return None if after is None or not math.isfinite(float(after)) else float(after)
+
+
+def plot_learning_curves(
+    hist: pd.DataFrame,
+    path: Path,
+    *,
+    best_round: int | None = None,
+    num_classes: int | None = None,
+    loss: str = "",
+    head_calibration: Mapping[str, Any] | None = None,
+) -> Figure:
+    """learning_curves.png: validation balanced accuracy per round (pooled and per site)
+    and the mean local training loss; returns the (closed) figure.
+
+    Rounds are whole-number ticks. ``best_round`` (the round the test uses) is a vertical
+    line, ``num_classes`` K draws chance (1/K) on the balanced-accuracy axis, ``loss`` (the
+    run's ``loss`` key) names the training loss, and a kept head refit
+    (``head_calibration["kept"]``) is its own marker after the last round.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = hist["round"].to_numpy()
+    last = int(rounds.max()) if len(rounds) else 0
+    refit = _refit_point(head_calibration)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    ax.plot(hist["round"], hist["val_balanced_accuracy"], "k-o", lw=2, label="pooled validation")
+    ax.plot(rounds, hist["val_balanced_accuracy"], "k-o", lw=2, label="pooled validation")
     for col in [c for c in hist.columns if c.startswith("val_bacc[")]:
-        ax.plot(hist["round"], hist[col], "--", marker=".", label=col[9:-1])
-    ax.set(xlabel="round", ylabel="balanced accuracy", title="Global model, validation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.plot(rounds, hist[col], "--", marker=".", alpha=0.8, label=col[9:-1])
+    if num_classes:
+        ax.axhline(1 / num_classes, color="grey", ls=":", lw=1, label=f"chance (1/{num_classes})")
+    if refit is not None:
+        ax.plot([last + 0.5], [refit], "r*", ms=12, ls="none", label="head refit", gid="head-refit")
+        ax.annotate(
+            "head refit",
+            (last + 0.5, refit),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=7,
+            color="red",
+        )
+    ax.set_ylim(0, 1)
+    ax.set(xlabel="round", ylabel="balanced accuracy (validation)")
+    ax.set_title("Global model, validation")
     ax = axes[1]
-    ax.plot(hist["round"], hist["train_loss"], "b-o", label="mean local train loss")
-    ax.set(xlabel="round", ylabel="loss", title="Local training")
-    ax.grid(alpha=0.3)
+    named = LOSS_NAMES.get(loss, loss)
+    ylabel = f"train loss ({loss})" if loss else "train loss"
+    title = f"Local training: {named}" if loss else "Local training"
+    ax.plot(rounds, hist["train_loss"], "b-o", label="mean local train loss")
+    if hist["train_loss"].isna().all():
+        ax.text(
+            0.5,
+            0.5,
+            "no train loss reported\n(sites under sample-level DP publish none)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="grey",
+        )
+    ax.set(xlabel="round", ylabel=ylabel, title=title)
     eps_cols = [c for c in hist.columns if c.startswith("epsilon[")]
     if eps_cols:
         ax2 = ax.twinx()
         for col in eps_cols:
-            ax2.plot(hist["round"], hist[col], ":", marker="x", label=f"ε {col[8:-1]}")
+            ax2.plot(rounds, hist[col], ":", marker="x", label=f"ε {col[8:-1]}")
         ax2.set_ylabel("cumulative ε per site")
         ax2.legend(fontsize=7, loc="upper right")
+    for ax in axes:
+        if best_round:
+            ax.axvline(
+                best_round,
+                color="green",
+                ls="--",
+                lw=1,
+                label=f"best round ({best_round})",
+                gid="best-round",
+            )
+            ax.annotate(
+                f"best round {best_round}",
+                (best_round, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -10),
+                textcoords="offset points",
+                fontsize=7,
+                color="green",
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(rounds):
+            ax.set_xlim(min(0.5, rounds.min() - 0.5), last + (0.8 if refit is not None else 0.5))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def plot_confusion(
     conf: np.ndarray,
     classes: list[str],
     path: Path,
-    title: str = "Pooled test confusion (best round)",
-) -> None:
-    norm = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45)
-    ax.set_yticks(range(len(classes)), classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
+    title: str | None = None,
+    *,
+    round_tested: int | None = None,
+    head_refit: bool = False,
+) -> Figure:
+    """A confusion matrix coloured by each true class's share (its recall on the diagonal),
+    counts in the cells; the title gives n (and the round of the model tested, if known).
+    Returns the (closed) figure."""
+    conf = np.asarray(conf)
+    rows = conf.sum(axis=1)
+    norm = conf / np.maximum(rows[:, None], 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * k, 1.2 + 0.6 * k))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), [f"{c} ({int(n)})" for c, n in zip(classes, rows, strict=True)])
+    for i in range(k):
+        for j in range(k):
             ax.text(
                 j,
                 i,
@@ -158,10 +282,15 @@ def plot_confusion(
                 fontsize=7,
                 color="white" if norm[i, j] > 0.5 else "black",
             )
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    tested = f"n={int(conf.sum())}"
+    if round_tested:
+        tested += f", model of round {round_tested}" + (" + head refit" if head_refit else "")
+    ax.set_title(f"{title or 'Pooled test confusion'}\n{tested}", fontsize=10)
+    ax.set(xlabel="predicted", ylabel="true class (n)")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def _fmt(v: Any) -> str:
