@@ -17,6 +17,7 @@ from common.data.formats import ALL_FORMATS, SYNTH_FORMATS
 from common.data.institutions import resolve_names
 from common.data.partition import (
     SPLITS,
+    one_site,
     partition,
     plot_sites,
     site_class_counts,
@@ -30,7 +31,10 @@ from common.data.synth import synthesize
 
 def synth_cli(
     fmt: Annotated[
-        str, typer.Argument(help="Format: " + " | ".join(SYNTH_FORMATS))
+        str,
+        typer.Argument(
+            help="Format: " + " | ".join(SYNTH_FORMATS) + " (csv: a hospital's own export)"
+        ),
     ] = "ham-dataverse",
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default: FEDSKIN_HOME/synth/..)")
@@ -108,16 +112,30 @@ def site_table(
 def partition_cli(
     fmt: Annotated[
         str,
-        typer.Argument(help="data format: " + ", ".join(ALL_FORMATS)),
+        typer.Argument(
+            help="data format: " + ", ".join(ALL_FORMATS) + " (csv: a hospital's own export)"
+        ),
     ],
     data_path: Annotated[
         Path | None,
         typer.Option("--data-path", help="source folder; omit for the built-in synthetic set"),
     ] = None,
     scheme: Annotated[
-        str, typer.Option(help="natural | institutions | dirichlet | iid")
-    ] = "natural",
-    num_sites: Annotated[int, typer.Option(help="sites for dirichlet / iid")] = 4,
+        str | None,
+        typer.Option(help="natural | institutions | dirichlet | iid  [default: natural]"),
+    ] = None,
+    num_sites: Annotated[
+        int | None, typer.Option(help="sites for dirichlet / iid  [default: 4]")
+    ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            "--site",
+            help="ONE named site holding every image (a hospital's own data): keeps the "
+            "export's own split if it has one, else a group-safe split; replaces "
+            "--scheme/--num-sites",
+        ),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = more skew)")] = 0.5,
     institutions: Annotated[
         str, typer.Option(help="comma subset of vienna,barcelona,mskcc,mia,queensland,athens")
@@ -134,20 +152,34 @@ def partition_cli(
 ) -> None:
     """Split a data source into hospital sites with leak-free train/validation/test splits."""
     console = Console()
+    if site is not None and (scheme is not None or num_sites is not None):
+        raise typer.BadParameter("--site makes one site: drop --scheme and --num-sites")
+    scheme = scheme or "natural"
     try:
         src = open_source(fmt, data_path)
-        manifest = partition(
-            src.meta,
-            scheme,
-            classes=list(src.classes),
-            num_sites=num_sites,
-            alpha=alpha,
-            institutions=resolve_names(institutions) if scheme == "institutions" else None,
-            seed=seed,
-            val_frac=val_frac,
-            test_frac=test_frac,
-            min_site_images=min_site_images,
-        )
+        if site is not None:
+            manifest = one_site(
+                src.meta,
+                site,
+                classes=list(src.classes),
+                seed=seed,
+                val_frac=val_frac,
+                test_frac=test_frac,
+                min_site_images=min_site_images,
+            )
+        else:
+            manifest = partition(
+                src.meta,
+                scheme,
+                classes=list(src.classes),
+                num_sites=4 if num_sites is None else num_sites,
+                alpha=alpha,
+                institutions=resolve_names(institutions) if scheme == "institutions" else None,
+                seed=seed,
+                val_frac=val_frac,
+                test_frac=test_frac,
+                min_site_images=min_site_images,
+            )
     except DataError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -160,3 +192,19 @@ def partition_cli(
     console.print(f"manifest: {csv}\nplot:     {png}")
     if moves is not None:
         console.print(f"moves:    {moves}")
+    console.print(next_commands(fmt, data_path, csv, site), soft_wrap=True, markup=False)
+
+
+def next_commands(fmt: str, data_path: Path | None, manifest: Path, site: str | None) -> str:
+    """What to run with a manifest just written: a simulation, and a site's SuperNode."""
+    data = f"data-format='{fmt}'"
+    if data_path is not None:
+        data += f" data-path='{data_path.resolve()}'"
+    data += f" manifest='{manifest.resolve()}'"
+    lines = ["next: simulate with it:", f'  fedskin simulate --run-config "{data}"']
+    if site is not None:
+        lines += [
+            "or serve it as this site's data in a deployment:",
+            f"  flower-supernode ... --node-config \"site='{site}' {data}\"",
+        ]
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -286,7 +287,10 @@ def partition(
             f"got {val_frac}, {test_frac}"
         )
     if scheme in ("dirichlet", "iid") and num_sites < 2:
-        raise DataError(f"num_sites must be at least 2 for scheme={scheme}, got {num_sites}")
+        raise DataError(
+            f"num_sites must be at least 2 for scheme={scheme}, got {num_sites}; for a "
+            "single site use `fedskin partition --site NAME` (partition.one_site)"
+        )
     if scheme == "dirichlet" and not alpha > 0:
         raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     m = _validate_meta(meta, classes)
@@ -356,6 +360,126 @@ def partition(
     out.attrs["moved"] = moved[MOVE_COLUMNS].to_dict("records")
     out.attrs["moves_note"] = moves_note
     return out
+
+
+# ------------------------------------------------------------------ one named site
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a site name a manifest may hold
+ONE_SITE_SCHEME = "one-site"  # manifest.attrs["scheme"] of a one_site() manifest
+
+
+def one_site(
+    meta: pd.DataFrame,
+    site: str,
+    *,
+    classes: list[str],
+    seed: int = 0,
+    val_frac: float = 0.15,
+    test_frac: float = 0.15,
+    min_site_images: int = 20,
+) -> pd.DataFrame:
+    """Manifest of ONE named site holding every image (a hospital's own data, any format).
+
+    The export's own split (``source_split``) is kept when every image has one and no group
+    is in two of them; a held-out split it lacks (Fed-ISIC2019 has no validation) is made
+    from its train groups. Without a split, the site is split by group as :func:`partition`
+    splits each site. Any fallback is listed in ``manifest.attrs["notes"]``.
+    """
+    if not SITE_NAME.match(site):
+        raise DataError(
+            f"site name {site!r}: use letters, digits, '_', '.', '-' (starting with a letter "
+            "or digit)"
+        )
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(
+            "need 0 < val_frac, test_frac and val_frac + test_frac < 1; "
+            f"got {val_frac}, {test_frac}"
+        )
+    m = _validate_meta(meta, classes)
+    m["site"] = site
+    if len(m) < min_site_images:
+        raise DataError(f"site {site}: {len(m)} images, below min_site_images={min_site_images}")
+    groups = group_table(m[["image_id", "group_id", "label"]], classes)
+    given = (
+        m["source_split"].fillna("").astype(str).str.strip()
+        if "source_split" in m.columns
+        else pd.Series("", index=m.index)
+    )
+    notes: list[str] = []
+    if (given == "").all():
+        by_group, notes = _split_site(site, groups, val_frac, test_frac, seed)
+        m["split"] = by_group.reindex(m["group_id"]).to_numpy()
+    else:
+        ids = m["image_id"]
+        if (given == "").any():
+            raise DataError(
+                f"{int((given == '').sum())} of {len(m)} images have no split in the export "
+                f"(first: {ids[given == ''].head(_FIRST).tolist()}) while the others have "
+                "one: give every image a split, or none for a group-safe split"
+            )
+        unknown = ~given.isin(SPLITS)
+        if unknown.any():
+            raise DataError(
+                f"the export's split has value(s) {sorted(given[unknown].unique())[:_FIRST]} "
+                f"(allowed {list(SPLITS)}); first images: {ids[unknown].head(_FIRST).tolist()}"
+            )
+        n_splits = given.groupby(m["group_id"]).nunique()
+        straddle = n_splits.index[n_splits > 1]
+        if len(straddle):
+            by_group, notes = _split_site(site, groups, val_frac, test_frac, seed)
+            m["split"] = by_group.reindex(m["group_id"]).to_numpy()
+            notes.insert(
+                0,
+                f"the export's split puts {len(straddle)} group(s) in more than one split "
+                f"(first: {list(straddle[:_FIRST])}), so it leaks: made a group-safe split "
+                "instead",
+            )
+        else:
+            m["split"] = given.to_numpy()
+            notes.append(f"site {site}: kept the export's own train/validation/test split")
+            notes += _carve_missing_splits(m, groups, site, val_frac, test_frac, seed)
+    for note in notes:
+        log.info(note)
+    out = m[MANIFEST_COLUMNS].copy()
+    out["label_name"] = out["label_name"].astype(str)
+    out = _sorted(out)
+    _check_invariants(out, "one-site manifest")
+    out.attrs["notes"] = notes
+    out.attrs["scheme"] = ONE_SITE_SCHEME
+    out.attrs["moved"] = []
+    out.attrs["moves_note"] = ""
+    return out
+
+
+def _carve_missing_splits(
+    m: pd.DataFrame, groups: pd.DataFrame, site: str, val_frac: float, test_frac: float, seed: int
+) -> list[str]:
+    """Make each held-out split the export lacks from its train groups (in place)."""
+    notes = []
+    for stage, (name, frac) in enumerate((("test", test_frac), ("validation", val_frac)), 2):
+        if (m["split"] == name).any():
+            continue
+        train = m.loc[m["split"] == "train", "group_id"].unique()
+        train = np.sort(train)
+        if len(train) < 2:
+            raise DataError(
+                f"site {site}: the export has no {name} split and {len(train)} train group(s) "
+                f"to make one from"
+            )
+        try:
+            _, held, how = _group_split(
+                train, groups.loc[train, "label"].to_numpy(), frac, _sub_seed(seed, site, stage)
+            )
+        except ValueError:
+            raise DataError(
+                f"site {site}: the export has no {name} split and too few train groups "
+                f"({len(train)}) to make one"
+            ) from None
+        m.loc[m["group_id"].isin(held), "split"] = name
+        notes.append(
+            f"site {site}: the export has no {name} split; made one from {len(held)} of its "
+            f"{len(train)} train groups ({how})"
+        )
+    return notes
 
 
 def _sorted(manifest: pd.DataFrame) -> pd.DataFrame:
