@@ -83,14 +83,16 @@ def _one_line_error(path: Path, **kw) -> str:
 )
 def test_path_leaving_the_folder_is_refused(tmp_path: Path, image: str) -> None:
     _png(tmp_path / "outside.jpg", fmt="JPEG")
-    root = _export(tmp_path / "export", f"a.jpg,nv,g1,train\n{image},mel,g2,train\n")
+    rows = f"a.jpg,nv,g1,train\n{image},mel,g2,train\nmissing.jpg,nv,g3,train\n"
+    root = _export(tmp_path / "export", rows)
     msg = _one_line_error(root)
-    assert "path leaves the folder" in msg
+    assert "path leaves the folder" in msg  # reported before any other bad row
     assert "labels.csv" in msg and "line 3" in msg
     # skip mode drops that row and says why; the good row stays
     src = load_source("csv", root, on_bad="skip")
     assert src.meta["image_id"].tolist() == ["a.jpg"]
     assert "path leaves the folder" in src.report.skipped
+    assert "image file missing" in src.report.skipped
 
 
 def test_symlink_to_outside_is_refused(tmp_path: Path) -> None:

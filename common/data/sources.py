@@ -769,6 +769,7 @@ def load_fedisic2019(
 CSV_LABELS = "labels.csv"  # what a csv export folder holds (or pass the CSV file itself)
 CSV_LABEL_MAP = "label-map.csv"  # optional, beside the CSV: from,to (to: a HAM class name)
 _CSV_SUFFIXES = (*_IMAGE_SUFFIXES, ".dcm")
+_LEAVES = "path leaves the folder"
 
 
 def _csv_label_map(file: Path, classes: list[str]) -> dict[str, str]:
@@ -796,13 +797,13 @@ def _csv_image_path(root: Path, value: str) -> tuple[str, Path | None, str]:
     if not text:
         return "", None, "no image path"
     if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
-        return text, None, "path leaves the folder"
+        return text, None, _LEAVES
     rel = Path(os.path.normpath(text)).as_posix()
     if rel == ".." or rel.startswith("../"):
-        return text, None, "path leaves the folder"
+        return text, None, _LEAVES
     path = (root / rel).resolve()  # follows symlinks: one pointing outside is refused too
     if not path.is_relative_to(root.resolve()):
-        return rel, None, "path leaves the folder"
+        return rel, None, _LEAVES
     if path.suffix.lower() not in _CSV_SUFFIXES:
         return rel, None, f"not a JPEG, PNG or DICOM file (suffix {path.suffix or 'none'})"
     return rel, path, ""
@@ -863,8 +864,9 @@ def load_csv_export(
     df["source_split"] = split.map(lambda s: _SPLIT_ALIASES.get(s, s)) if split is not None else ""
     df["_where"] = _lines(csv.name, len(raw))
     df["_path"] = [c[1] if c[1] is not None and c[1].is_file() else None for c in cells]
-    # Refused paths first (never looked at again), then values this format alone checks.
-    for reason in sorted(set(refused) - {""}):
+    # Refused paths first (never looked at again; leaving the folder before anything else),
+    # then the values this format alone checks, then the shared checks.
+    for reason in sorted(set(refused) - {""}, key=lambda r: (r != _LEAVES, r)):
         df = _flag_bad(df, refused.loc[df.index] == reason, reason, csv, report, on_bad)
         refused = refused.loc[df.index]
     bad_split = ~df["source_split"].isin(["", *SPLITS])
