@@ -122,10 +122,10 @@ def partition_cli(
     ] = None,
     scheme: Annotated[
         str | None,
-        typer.Option(help="natural | institutions | dirichlet | iid  [default: natural]"),
+        typer.Option(help="natural | institutions | dirichlet | iid (default: natural)"),
     ] = None,
     num_sites: Annotated[
-        int | None, typer.Option(help="sites for dirichlet / iid  [default: 4]")
+        int | None, typer.Option(help="sites for dirichlet / iid (default: 4)")
     ] = None,
     site: Annotated[
         str | None,
