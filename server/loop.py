@@ -13,12 +13,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from flwr.app import (
@@ -46,10 +45,10 @@ from common.rundir import (
     save_checkpoint,
 )
 from common.wire import layout_of, pack, unpack
+from server.arrays import array_record
 from server.guard import leave_one_out, model_output_error, statistics_error
 from server.headcheck import min_head_noise_std, screen_statistics
 from server.replies import (
-    arrays_error,
     discovery_error,
     evaluate_reply_error,
     guarded,
@@ -62,6 +61,7 @@ from server.replies import (
 )
 from server.report import write_outputs
 from server.sizes import (
+    SiteInfo,
     Sizes,
     capped,
     capped_counts,
@@ -82,9 +82,17 @@ from server.strategies import (
     updates_needed,
     with_mean_statistics,
 )
+from server.transport import (
+    REASON_LIMIT,
+    Problems,
+    SelectedGrid,
+    Wording,
+    claimed,
+    node_ids,
+    reported_exchange,
+)
 
 log = logging.getLogger("fedskin")
-REASON_LIMIT = 4000  # a site's error text, cleaned to one line: long enough for a traceback
 
 
 def _with_head(
@@ -105,26 +113,7 @@ def _with_head(
     refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
     for key, value in zip(head, (weight, bias), strict=True):
         refit[key] = value.astype(refit[key].dtype)
-    return _record(refit)
-
-
-def _record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """A state dict as an ArrayRecord, every array's shape kept (``np.ascontiguousarray``
-    turns the 0-d BatchNorm step counters into shape (1,), which no model loads)."""
-    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in state.items()})
-
-
-@dataclass
-class SiteInfo:
-    node_id: int
-    site: str
-    n_train: int
-    n_validation: int
-    n_test: int
-    train_counts: tuple[int, ...] | None = None  # reported for class-prior = "federation"
-
-    def sizes(self) -> Sizes:
-        return Sizes(self.n_train, self.n_validation, self.n_test, self.train_counts)
+    return array_record(refit)
 
 
 @dataclass
@@ -141,143 +130,6 @@ class LoopState:
     excluded: dict[str, int] = field(default_factory=dict)  # site -> first round it may return
 
 
-class _SelectedGrid:
-    """A view of the grid that shows the strategy only the nodes the loop sampled."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid, self._ids = grid, node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-def _transient(err: Exception) -> bool:
-    """A SuperLink error worth retrying: a 5xx answer (e.g. its SQLite state was locked
-    for longer than Flower's 5 s busy timeout on a loaded server) or a dropped connection.
-    The SuperLink rolls such a request back, so asking again loses nothing."""
-    if isinstance(err, httpx.HTTPStatusError):
-        return err.response.status_code >= 500
-    return isinstance(err, httpx.TransportError)
-
-
-def with_retries(call: Any, what: str, patience: float = 120.0) -> Any:
-    """``call()``, retried with back-off while the SuperLink answers with transient errors,
-    so one busy moment at the server does not fail a whole federated run."""
-    deadline, wait = time.monotonic() + patience, 0.5
-    while True:
-        try:
-            return call()
-        except Exception as err:
-            if not _transient(err) or time.monotonic() + wait > deadline:
-                raise
-            log.warning("SuperLink error while %s (retrying in %.1f s): %s", what, wait, err)
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
-
-
-def exchange(
-    grid: Grid,
-    messages: list[Message],
-    timeout: float,
-    poll: float = 0.25,
-    on_reply: Any = None,
-) -> tuple[dict[int, Message], list[int]]:
-    """Send messages and collect the replies by the node each was *sent to*.
-
-    ``Grid.send_and_receive`` returns bare replies and polls every 3 s; an error reply the
-    SuperLink writes for a node that went offline names the SuperLink as its source, not
-    the site. Matching ``reply_to_message_id`` against what was sent names the site either
-    way. Returns replies by node id and the node ids that did not answer within ``timeout``.
-    Polling backs off from ``poll`` to 2 s while nothing arrives, to spare the SuperLink.
-    ``on_reply(node_id, reply, done, total)`` is called as each reply arrives (progress).
-    """
-    pending = {i for i in with_retries(lambda: grid.push_messages(messages), "sending") if i}
-    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    replies: dict[int, Message] = {}
-    deadline = time.monotonic() + timeout
-    wait = poll
-    while pending and time.monotonic() < deadline:
-        ids = set(pending)
-        got = list(with_retries(lambda ids=ids: list(grid.pull_messages(ids)), "collecting"))
-        for reply in got:
-            mid = reply.metadata.reply_to_message_id
-            pending.discard(mid)
-            if mid in sent:
-                replies[sent[mid]] = reply
-                if on_reply is not None:
-                    on_reply(sent[mid], reply, len(replies), len(sent))
-        if pending:
-            wait = poll if got else min(wait * 1.5, 2.0)
-            time.sleep(wait)
-    return replies, [nid for nid in sent.values() if nid not in replies]
-
-
-def _claimed(reply: Message) -> str | None:
-    """The site name a reply claims, for the log, when there is a readable one."""
-    try:
-        name = reply.content.config_records["info"]["site"]
-    except Exception:
-        return None
-    return printable(name, 80) if isinstance(name, str) and name.strip() else None
-
-
-_arrays_ok = arrays_error  # the update checks live in server/replies.py
-
-
-@dataclass(frozen=True)
-class _Wording:
-    """The log lines of one exchange's problems. Each format takes ``context`` (the round or
-    the split) first, then the site name, so training and evaluation keep their own words."""
-
-    context: int | str
-    failed: str  # ... site, reason
-    rejected: str  # ... site, why
-    silent: str  # ... site
-
-
-@dataclass
-class _Problems:
-    """Sites of one exchange that failed (an error reply, or none in time) or were rejected
-    (a reply that failed its checks), by site name in the order found: metrics.json records
-    both, and the same loop serves training and evaluation."""
-
-    wording: _Wording
-    timeout: float
-    failures: dict[str, str] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-
-    def collect(
-        self,
-        replies: Iterable[tuple[int, Message]],
-        by_node: Mapping[int, SiteInfo],
-        take: Callable[[SiteInfo, Message], str | None],
-    ) -> None:
-        """Pass each reply that is not an error to ``take`` (server/replies.py checks);
-        any defect, or exception, rejects that site only."""
-        for nid, reply in replies:
-            name = by_node[nid].site
-            if reply.has_error():  # the site's own words: one clean line (server/replies.py)
-                self.failures[name] = printable(reply.error.reason, REASON_LIMIT)
-                log.error(self.wording.failed, self.wording.context, name, self.failures[name])
-                continue
-            if why := guarded(take, by_node[nid], reply):
-                self.reject(name, why)
-
-    def reject(self, name: str, why: str) -> None:
-        self.rejected[name] = why
-        log.error(self.wording.rejected, self.wording.context, name, why)
-
-    def missing(self, node_ids: Iterable[int], by_node: Mapping[int, SiteInfo]) -> None:
-        """Sites that did not reply within the round timeout."""
-        for nid in node_ids:
-            site = by_node[nid].site
-            self.failures[site] = f"no reply within {self.timeout:.0f}s"
-            log.error(self.wording.silent, self.wording.context, site)
-
-
 _Update = tuple[Message, ArrayRecord, MetricRecord]
 
 
@@ -288,7 +140,7 @@ class _Updates:
 
     server_round: int
     reference: dict[str, np.ndarray]  # the round's global model, packed
-    problems: _Problems
+    problems: Problems
     good: dict[str, _Update] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
@@ -375,42 +227,13 @@ class Federation:
     def _exchange(
         self, messages: list[Message], what: str = ""
     ) -> tuple[dict[int, Message], list[int]]:
-        t0 = time.monotonic()
-
-        def progress(nid: int, reply: Message, done: int, total: int) -> None:
-            """A long round is never silent: one line per site as its reply arrives, with
-            the site's training speed when it reports one."""
-            site = self.sites[nid].site if nid in self.sites else str(nid)
-            speed = ""
-            if reply.has_content() and "metrics" in reply.content.metric_records:
-                ips = reply.content.metric_records["metrics"].get("images_per_second")
-                speed = f", {float(ips):.0f} images/s" if isinstance(ips, (int, float)) else ""
-            log.info(
-                "%s: %s replied (%d/%d sites, %.0fs%s)",
-                what,
-                site,
-                done,
-                total,
-                time.monotonic() - t0,
-                speed,
-            )
-
-        replies, missing = exchange(
-            self.grid, messages, self.timeout, on_reply=progress if what else None
-        )
-        for reply in replies.values():
-            if reply.has_content():
-                seen = self.received.setdefault(reply.metadata.message_type, {})
-                for name, record in reply.content.items():
-                    if isinstance(record, ArrayRecord):
-                        what = "feature statistics" if name == "stats" else "model weights"
-                        seen[name] = f"ArrayRecord: {what} ({len(record)} arrays)"
-                    else:
-                        seen[name] = sorted(set(seen.get(name, [])) | set(record.keys()))
-        return replies, missing
+        """Send and collect (server/transport.py), one log line per reply when ``what``
+        names the exchange, the record names and keys received noted for network.json."""
+        names = {nid: s.site for nid, s in self.sites.items()}
+        return reported_exchange(self.grid, messages, self.timeout, what, names, self.received)
 
     def _node_ids(self) -> list[int]:
-        return list(with_retries(lambda: list(self.grid.get_node_ids()), "listing the sites"))
+        return node_ids(self.grid)
 
     def _write_network(self) -> None:
         """network.json: every record name and key that crossed the network to the server."""
@@ -445,7 +268,7 @@ class Federation:
                 log.error("node %s failed to load its data: %s", nid, why)
                 continue
             if why := guarded(self._keep_site, nid, reply.content):
-                self._reject_node(nid, _claimed(reply), why)
+                self._reject_node(nid, claimed(reply), why)
         self._drop_contested()
         self._pin_to_registry()
         if not self.sites:
@@ -846,7 +669,7 @@ class Federation:
         ]
         state = {k: np.asarray(v.numpy()) for k, v in unpacked.items()}
         mean = with_mean_statistics(state, sites, self.statistics)
-        return _record(mean)
+        return array_record(mean)
 
     def _send_train(
         self,
@@ -863,7 +686,7 @@ class Federation:
         if (counts := self.class_counts()) is not None:
             config["class-counts"] = counts  # the prior of every site's loss
         messages = list(
-            strategy.configure_train(server_round, wire, config, _SelectedGrid(self.grid, node_ids))
+            strategy.configure_train(server_round, wire, config, SelectedGrid(self.grid, node_ids))
         )
         return self._exchange(messages, f"round {server_round} training")
 
@@ -875,14 +698,14 @@ class Federation:
         by_node: Mapping[int, SiteInfo],
     ) -> _Updates:
         """Check every reply (in arrival order) and keep the usable updates."""
-        wording = _Wording(
+        wording = Wording(
             server_round,
             failed="round %d: site %s failed: %s",
             rejected="round %d: update from site %s rejected: %s",
             silent="round %d: site %s did not reply in time",
         )
         reference = {k: v.numpy() for k, v in wire.items()}
-        updates = _Updates(server_round, reference, _Problems(wording, self.timeout))
+        updates = _Updates(server_round, reference, Problems(wording, self.timeout))
         updates.problems.collect(replies.items(), by_node, updates.take)
         return updates
 
@@ -985,13 +808,13 @@ class Federation:
         replies, missing = self._exchange(
             messages, "test" if split == "test" else f"round {server_round} {split}"
         )
-        wording = _Wording(
+        wording = Wording(
             split,
             failed="%s evaluation failed at site %s: %s",
             rejected="%s evaluation: reply from site %s rejected: %s",
             silent="%s evaluation: site %s did not reply in time",
         )
-        problems = _Problems(wording, self.timeout)
+        problems = Problems(wording, self.timeout)
         problems.missing(missing, by_node)
 
         def take(site: SiteInfo, reply: Message) -> str | None:
@@ -1126,7 +949,7 @@ class Federation:
         weight_key: str,
         run_tag: str,
         private: Mapping[str, np.ndarray] | None = None,
-    ) -> tuple[dict[str, dict[str, np.ndarray]], _Problems, dict[str, tuple[float, float]]]:
+    ) -> tuple[dict[str, dict[str, np.ndarray]], Problems, dict[str, tuple[float, float]]]:
         """Every site's feature statistics of this model (``query.feature_stats``), each
         checked (shapes, finite, counts = its training images) before it is kept. Under DP
         (``private``: the projection sent along) the statistics are noised and projected,
@@ -1140,13 +963,13 @@ class Federation:
             )
         messages = [Message(RecordDict(content), n, kind) for n in by_node]
         replies, missing = self._exchange(messages, "head calibration")
-        wording = _Wording(
+        wording = Wording(
             "head calibration",
             failed="%s: site %s sent no feature statistics: %s",
             rejected="%s: statistics from site %s rejected: %s",
             silent="%s: site %s did not reply in time",
         )
-        problems = _Problems(wording, self.timeout)
+        problems = Problems(wording, self.timeout)
         problems.missing(missing, by_node)
         stats: dict[str, dict[str, np.ndarray]] = {}
         noise: dict[str, tuple[float, float]] = {}

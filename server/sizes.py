@@ -65,6 +65,21 @@ class Sizes:
         )
 
 
+@dataclass
+class SiteInfo:
+    """A site as discovery found it: its node and the sizes it declared."""
+
+    node_id: int
+    site: str
+    n_train: int
+    n_validation: int
+    n_test: int
+    train_counts: tuple[int, ...] | None = None  # reported for class-prior = "federation"
+
+    def sizes(self) -> Sizes:
+        return Sizes(self.n_train, self.n_validation, self.n_test, self.train_counts)
+
+
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

@@ -5,7 +5,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import RunConfig
-from server.loop import Federation, SiteInfo, _arrays_ok
+from server.loop import Federation
+from server.replies import arrays_error as _arrays_ok
+from server.sizes import SiteInfo
 from server.strategies import load_strategy_state, make_strategy, strategy_state
 
 CFG = {"strategy": "fedavg", "lr": 0.01, "seed": 3, "min-train-nodes": 1, "fraction-train": 0.5}
@@ -147,7 +149,7 @@ def test_superlink_5xx_is_retried_and_4xx_is_not() -> None:
     import httpx
     import pytest
 
-    from server.loop import with_retries
+    from server.transport import with_retries
 
     request = httpx.Request("POST", "https://superlink/v1/runtime/pull-messages")
 
@@ -183,7 +185,7 @@ def test_a_site_that_never_answers_is_reported_after_the_timeout() -> None:
 
     from flwr.app import Message, MessageType, RecordDict
 
-    from server.loop import exchange
+    from server.transport import exchange
 
     class HangingGrid(_RecordingGrid):
         """Node 1 answers at once, node 2 never does."""
