@@ -8,7 +8,6 @@ and adds those, so the same loop serves simulation and a real deployment.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -46,15 +45,13 @@ from common.rundir import (
 )
 from common.wire import layout_of, pack, unpack
 from server.arrays import array_record
+from server.discovery import Roster, class_counts, ordered
 from server.guard import leave_one_out, model_output_error, statistics_error
 from server.headcheck import min_head_noise_std, screen_statistics
 from server.replies import (
-    discovery_error,
     evaluate_reply_error,
-    guarded,
     norm_bound_errors,
     printable,
-    site_name_error,
     skipped_reason,
     train_reply_error,
     update_norm,
@@ -62,15 +59,10 @@ from server.replies import (
 from server.report import write_outputs
 from server.sizes import (
     SiteInfo,
-    Sizes,
     capped,
-    capped_counts,
-    changed,
-    read_registry,
     scale_factors,
     split_size_error,
     weighted_balanced_accuracy,
-    write_registry,
 )
 from server.strategies import (
     UNIFORM_WEIGHT_KEY,
@@ -83,12 +75,9 @@ from server.strategies import (
     with_mean_statistics,
 )
 from server.transport import (
-    REASON_LIMIT,
     Problems,
     SelectedGrid,
     Wording,
-    claimed,
-    node_ids,
     reported_exchange,
 )
 
@@ -219,7 +208,7 @@ class Federation:
         self.paths = RunDir(run_dir)  # every file of the run directory (common/rundir.py)
         self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
         self._resumed: dict[str, Any] | None = None  # the checkpoint a resumed run started from
-        self._claims: dict[str, list[int]] = {}  # site name -> nodes that claimed it
+        self._roster = Roster(self.run_config, classes, self.sites, self.discovery_rejected)
         # the last round's model before it, strategy state, updates and layout (rollback)
         self._undo: tuple[ArrayRecord, tuple[dict[str, Any], Any], _Updates, Any] | None = None
         self._new_model: Callable[[], torch.nn.Module] | None = None  # set by run()
@@ -232,154 +221,25 @@ class Federation:
         names = {nid: s.site for nid, s in self.sites.items()}
         return reported_exchange(self.grid, messages, self.timeout, what, names, self.received)
 
-    def _node_ids(self) -> list[int]:
-        return node_ids(self.grid)
-
     def _write_network(self) -> None:
         """network.json: every record name and key that crossed the network to the server."""
         atomic_write_json(self.paths.network, self.received, indent=1, sort_keys=True)
 
     # ------------------------------------------------------------------ discovery
     def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
-        """Wait for the sites, then ask each which site it is and what it holds.
-
-        ``expected`` is ``min-nodes``: fewer usable sites after ``wait`` seconds (nodes that
-        connected, answered and sent a valid reply; see server/replies.py) is a RuntimeError
-        with the numbers. A reply that fails its checks, or names a site that an earlier
-        reply already claimed, rejects that node (logged, and kept in ``discovery_rejected``).
-        """
-        deadline = time.time() + wait
-        while len(ids := self._node_ids()) < expected and time.time() < deadline:
-            time.sleep(0.5)
-        if len(ids) < expected:
-            raise RuntimeError(
-                f"only {len(ids)} site(s) connected within wait-for-nodes={wait:g}s; "
-                f"min-nodes={expected} are needed"
-            )
-        msgs = [
-            Message(RecordDict({"config": ConfigRecord()}), nid, MessageType.QUERY) for nid in ids
-        ]
-        replies, missing = self._exchange(msgs)
-        for nid in missing:
-            log.error("node %s did not answer the query within %.0fs", nid, self.timeout)
-        for nid, reply in replies.items():  # in the order they arrived
-            if reply.has_error():
-                why = printable(reply.error.reason, REASON_LIMIT)
-                log.error("node %s failed to load its data: %s", nid, why)
-                continue
-            if why := guarded(self._keep_site, nid, reply.content):
-                self._reject_node(nid, claimed(reply), why)
-        self._drop_contested()
-        self._pin_to_registry()
-        if not self.sites:
-            raise RuntimeError("no site answered; check the SuperNodes' logs")
-        if len(self.sites) < expected:
-            raise RuntimeError(
-                f"only {len(self.sites)} usable site(s) of the {len(ids)} connected "
-                f"(min-nodes={expected}); see the errors above"
-            )
-        self._log_prior()
+        """Wait for ``expected`` (min-nodes) usable sites, at most ``wait`` seconds, and ask
+        each which site it is and what it holds (server/discovery.py; RuntimeError when
+        too few are usable, rejected nodes in ``discovery_rejected``)."""
+        self._roster.discover(self.grid, self._exchange, expected, wait)
         return self.ordered_sites()
 
-    def _reject_node(self, nid: int, name: str | None, why: str) -> None:
-        who = f"node {nid}" + (f" (site {name!r})" if name else "")
-        self.discovery_rejected[who] = why
-        log.error("%s rejected at discovery: %s", who, why)
-
-    def _keep_site(self, nid: int, content: RecordDict) -> str | None:
-        """Check a query reply and keep its site; why it is rejected, or None."""
-        if why := discovery_error(content):
-            return why
-        info = content.config_records["info"]
-        name = str(info["site"])
-        taken = [s.site for s in self.sites.values()]
-        self._claims.setdefault(name, []).append(nid)
-        if name in taken:
-            return f"site {name!r} is claimed by more than one node"
-        if why := site_name_error(name, taken):
-            return why
-        if "classes" in info and info["classes"] != json.dumps(self.classes):
-            return f"classes={str(info['classes'])[:120]} are not the run's {self.classes}"
-        counts = info.get("train-counts")
-        if counts is not None and len(counts) != len(self.classes):
-            return f"train-counts has {len(counts)} entries for {len(self.classes)} classes"
-        self.sites[nid] = SiteInfo(
-            nid,
-            name,
-            int(info["n-train"]),
-            int(info["n-validation"]),
-            int(info["n-test"]),
-            None if counts is None else tuple(int(c) for c in counts),
-        )
-        return None
-
-    def _drop_contested(self) -> None:
-        """A name claimed by two nodes belongs to neither: the first to answer would win
-        otherwise, and an impostor answers fast (both are rejected, by node)."""
-        for nid, site in list(self.sites.items()):
-            if len(self._claims.get(site.site, [])) > 1:
-                del self.sites[nid]
-                self._reject_node(
-                    nid, site.site, f"site {site.site!r} is claimed by more than one node"
-                )
-
-    def _pin_to_registry(self) -> None:
-        """``site-registry``: sizes that differ from the enrolled ones are rejected; sites
-        not enrolled yet are enrolled (the file written before round 1)."""
-        path = self.run_config.site_registry
-        if not path:
-            return
-        registry = read_registry(path)
-        for nid, site in sorted(self.sites.items(), key=lambda kv: kv[1].site):
-            if site.site not in registry:
-                registry[site.site] = site.sizes()
-                log.info("site %s enrolled in %s", site.site, path)
-            elif why := changed(site.site, registry[site.site], site.sizes(), path):
-                del self.sites[nid]
-                self._reject_node(nid, site.site, why)
-        write_registry(path, registry)
-
-    def _pin_to_checkpoint(self, state: LoopState) -> None:
-        """A resumed run's sites must declare what they declared when the run began."""
-        for nid, site in list(self.sites.items()):
-            if site.site in state.pinned:
-                pinned = Sizes.from_json(state.pinned[site.site], "checkpoint")
-                if why := changed(site.site, pinned, site.sizes(), "the run's checkpoint"):
-                    del self.sites[nid]
-                    self._reject_node(nid, site.site, why)
-                    continue
-            state.pinned[site.site] = site.sizes().to_json()
-        if not self.sites:
-            raise RuntimeError("no site declares the sizes it was pinned at; see the errors above")
-
     def class_counts(self) -> list[int] | None:
-        """The federation's training class counts, which every site's loss uses with
-        ``class-prior = "federation"``: the sum of what the sites reported, or None (each
-        site uses its own) when any site did not report them (DP, or its own choice)."""
-        if self.run_config.class_prior != "federation" or not self.sites:
-            return None
-        reported = {s.site: s.train_counts for s in self.ordered_sites()}
-        if any(c is None for c in reported.values()):
-            return None
-        return capped_counts(reported, self.run_config.max_site_weight)  # type: ignore[arg-type]
-
-    def _log_prior(self) -> None:
-        """Say once which class prior the sites' losses use."""
-        if self.run_config.class_prior != "federation":
-            return
-        counts = self.class_counts()
-        if counts is None:
-            silent = [s.site for s in self.ordered_sites() if s.train_counts is None]
-            log.warning(
-                "class-prior = federation: %s sent no class counts (DP or its own setting); "
-                "every site uses its own prior",
-                ", ".join(silent),
-            )
-        else:
-            log.info("class prior: the federation's training counts %s", counts)
+        """The federation's training class counts for ``class-prior = "federation"``, or
+        None (server/discovery.py)."""
+        return class_counts(self.run_config, self.sites)
 
     def ordered_sites(self) -> list[SiteInfo]:
-        return sorted(self.sites.values(), key=lambda s: s.site)
+        return ordered(self.sites)
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -416,7 +276,7 @@ class Federation:
         (outputs on noise images; without it only the statistics are checked)."""
         self.statistics, self._new_model = statistics, model
         state, arrays = self._start(initial, resume)
-        self._pin_to_checkpoint(state)
+        self._roster.pin_to_checkpoint(state.pinned)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
         if self._resumed is not None:
             load_strategy_state(strategy, self._resumed["strategy"])
