@@ -11,7 +11,6 @@ import copy
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +36,11 @@ from common.headfit import dp_projection, lda_head, private_lda_head, stats_erro
 from common.models import model_for_run, set_weights
 from common.protocol import FEATURE_STATS
 from common.rundir import (
-    RunDir,
     atomic_write_json,
-    load_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
 )
 from common.wire import layout_of, pack, unpack
 from server.arrays import array_record
+from server.checkpoints import Checkpoints, LoopState
 from server.discovery import Roster, class_counts, ordered
 from server.guard import leave_one_out, model_output_error, statistics_error
 from server.headcheck import min_head_noise_std, screen_statistics
@@ -70,7 +66,6 @@ from server.strategies import (
     load_strategy_state,
     make_strategy,
     statistics_averaged_plainly,
-    strategy_state,
     updates_needed,
     with_mean_statistics,
 )
@@ -81,6 +76,7 @@ from server.transport import (
     reported_exchange,
 )
 
+__all__ = ["Federation", "LoopState", "SiteInfo"]
 log = logging.getLogger("fedskin")
 
 
@@ -103,20 +99,6 @@ def _with_head(
     for key, value in zip(head, (weight, bias), strict=True):
         refit[key] = value.astype(refit[key].dtype)
     return array_record(refit)
-
-
-@dataclass
-class LoopState:
-    """Everything a restarted server needs: written after every completed round."""
-
-    run_tag: str
-    round: int = 0
-    best_round: int = 0
-    best_score: float = -1.0
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    stopped: str = ""  # why training ended before num-server-rounds, if it did
-    pinned: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> Sizes.to_json
-    excluded: dict[str, int] = field(default_factory=dict)  # site -> first round it may return
 
 
 _Update = tuple[Message, ArrayRecord, MetricRecord]
@@ -205,7 +187,8 @@ class Federation:
         self.discovery_rejected: dict[str, str] = {}  # node (and claimed site) -> why
         # What the sites sent, by message type and record: names and keys, never values.
         self.received: dict[str, dict[str, Any]] = {}
-        self.paths = RunDir(run_dir)  # every file of the run directory (common/rundir.py)
+        self.checkpoints = Checkpoints(run_dir, self.cfg, self.run_config.force_resume)
+        self.paths = self.checkpoints.paths  # every file of the run directory
         self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
         self._resumed: dict[str, Any] | None = None  # the checkpoint a resumed run started from
         self._roster = Roster(self.run_config, classes, self.sites, self.discovery_rejected)
@@ -314,7 +297,7 @@ class Federation:
             )
             self._write_network()
             self._print_round(record)
-        best = self._load_arrays("best") if state.best_round else arrays
+        best = self.checkpoints.load_arrays("best") if state.best_round else arrays
         calibration = None
         if self.run_config.head_calibration == "lda" and state.rounds:
             best, calibration = self._calibrate_head(best, head, state, strategy)
@@ -333,18 +316,9 @@ class Federation:
     def _start(
         self, initial: dict[str, torch.Tensor], resume: bool
     ) -> tuple[LoopState, ArrayRecord]:
-        last = self.paths.checkpoint("last")
-        # weights only (no code runs from the file); a changed config is refused unless forced
-        force = self.run_config.force_resume
-        ck = resume_checkpoint(self.run_dir, self.cfg, force) if resume else None
-        if ck is not None:
-            self._resumed = ck
-            st = LoopState(**ck["state"])  # keys checked in common/rundir.py
-            log.info("resuming after round %d from %s", st.round, last)
-            return st, ArrayRecord(ck["arrays"])
-        if resume:
-            log.warning("resume asked but no checkpoint in %s: starting fresh", self.run_dir)
-        return LoopState(run_tag=uuid.uuid4().hex[:12]), ArrayRecord(initial)
+        """The state and weights to start from (server/checkpoints.py)."""
+        state, arrays, self._resumed = self.checkpoints.start(initial, resume)
+        return state, arrays
 
     def _train_round(
         self,
@@ -859,19 +833,7 @@ class Federation:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:
-        save_checkpoint(  # atomic: a crash mid-write never corrupts the last checkpoint
-            self.paths.checkpoint(name),
-            {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()},
-            state.__dict__,
-            strategy_state(strategy),
-            self.cfg,
-        )
-
-    def _checkpoint(self, name: str) -> dict[str, Any]:
-        return load_checkpoint(self.paths.checkpoint(name))  # weights only: no code runs
-
-    def _load_arrays(self, name: str) -> ArrayRecord:
-        return ArrayRecord(self._checkpoint(name)["arrays"])
+        self.checkpoints.save(name, arrays, state, strategy)
 
     def _print_round(self, record: dict[str, Any]) -> None:
         g = record["validation"]["global"]
