@@ -23,7 +23,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -31,10 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.config import RunConfig, run_config_of
-from common.fedmetrics import pooled_confusion, pooled_metrics
-from common.headfit import dp_projection, lda_head, private_lda_head, stats_error
-from common.models import model_for_run, set_weights
-from common.protocol import FEATURE_STATS
+from common.models import set_weights
 from common.rundir import (
     atomic_write_json,
 )
@@ -42,12 +38,11 @@ from common.wire import layout_of, pack, unpack
 from server.arrays import array_record
 from server.checkpoints import Checkpoints, LoopState
 from server.discovery import Roster, class_counts, ordered
+from server.evaluation import evaluate
 from server.guard import leave_one_out, model_output_error, statistics_error
-from server.headcheck import min_head_noise_std, screen_statistics
+from server.refit import HeadRefit
 from server.replies import (
-    evaluate_reply_error,
     norm_bound_errors,
-    printable,
     skipped_reason,
     train_reply_error,
     update_norm,
@@ -56,9 +51,6 @@ from server.report import write_outputs
 from server.sizes import (
     SiteInfo,
     capped,
-    scale_factors,
-    split_size_error,
-    weighted_balanced_accuracy,
 )
 from server.strategies import (
     UNIFORM_WEIGHT_KEY,
@@ -78,27 +70,6 @@ from server.transport import (
 
 __all__ = ["Federation", "LoopState", "SiteInfo"]
 log = logging.getLogger("fedskin")
-
-
-def _with_head(
-    arrays: ArrayRecord,
-    head: tuple[str, str],
-    stats: list[Mapping[str, np.ndarray]],
-    private: Mapping[str, Any] | None = None,
-) -> ArrayRecord:
-    """``arrays`` with the classifier replaced by the LDA head of the summed statistics
-    (ValueError from :func:`lda_head` when there is none); ``private``: the noised
-    statistics' projection and noise (common/headfit.py: private_lda_head)."""
-    if private:
-        weight, bias = private_lda_head(
-            stats, private["centre"], private["projection"], private["noise_std"]
-        )
-    else:
-        weight, bias = lda_head(stats)
-    refit = {key: np.asarray(v.numpy()) for key, v in arrays.items()}
-    for key, value in zip(head, (weight, bias), strict=True):
-        refit[key] = value.astype(refit[key].dtype)
-    return array_record(refit)
 
 
 _Update = tuple[Message, ArrayRecord, MetricRecord]
@@ -300,7 +271,12 @@ class Federation:
         best = self.checkpoints.load_arrays("best") if state.best_round else arrays
         calibration = None
         if self.run_config.head_calibration == "lda" and state.rounds:
-            best, calibration = self._calibrate_head(best, head, state, strategy)
+            refit = HeadRefit(
+                self.run_config, self.classes, self.ordered_sites(), self._exchange, self._evaluate
+            )
+            best, calibration = refit.calibrate(best, head, state)
+            if calibration["kept"]:
+                self._save("best", best, state, strategy)
         test = self._evaluate(best, "test", state.round + 1, state.best_round or state.round)
         test["best_round"] = state.best_round
         if calibration is not None:
@@ -622,214 +598,17 @@ class Federation:
     def _evaluate(
         self, arrays: ArrayRecord, split: str, server_round: int, best_round: int = 0
     ) -> dict[str, Any]:
-        """Every site scores the model; pooled metrics come from their aggregates.
-
-        At the test, ``best_round`` is the round ``arrays`` come from: a personalising site
-        scores the personal state it held then (client/task.py)."""
-        by_node = {s.node_id: s for s in self.ordered_sites()}
-        config = ConfigRecord({"split": split, "server-round": server_round})
-        if best_round:
-            config["best-round"] = best_round
-        wire = pack(arrays)
-        messages = [
-            Message(RecordDict({"arrays": wire, "config": config}), nid, MessageType.EVALUATE)
-            for nid in by_node
-        ]
-        sites: dict[str, dict[str, float]] = {}
-        summaries = []
-        confusions: dict[str, list[int]] = {}
-        sizes: dict[str, int] = {}
-        replies, missing = self._exchange(
-            messages, "test" if split == "test" else f"round {server_round} {split}"
-        )
-        wording = Wording(
+        """Every site scores the model (server/evaluation.py)."""
+        return evaluate(
+            self.run_config,
+            self.classes,
+            self.ordered_sites(),
+            self._exchange,
+            arrays,
             split,
-            failed="%s evaluation failed at site %s: %s",
-            rejected="%s evaluation: reply from site %s rejected: %s",
-            silent="%s evaluation: site %s did not reply in time",
+            server_round,
+            best_round,
         )
-        problems = Problems(wording, self.timeout)
-        problems.missing(missing, by_node)
-
-        def take(site: SiteInfo, reply: Message) -> str | None:
-            """One reply, checked (server/replies.py) before anything of it is kept."""
-            size = site.n_test if split == "test" else site.n_validation
-            if why := evaluate_reply_error(reply.content, self.classes, size):
-                return why
-            m = dict(reply.content.metric_records["metrics"])
-            if why := split_size_error(m, size):
-                return why
-            confusions[site.site], sizes[site.site] = list(m["confusion"]), size
-            summary = {
-                "confusion": list(m.pop("confusion")),
-                "score-hist": list(m.pop("score-hist")),
-            }
-            scores = {k: float(v) for k, v in m.items()}
-            summaries.append(summary)
-            sites[site.site] = scores
-            return None
-
-        problems.collect(sorted(replies.items(), key=lambda kv: by_node[kv[0]].site), by_node, take)
-        out: dict[str, Any] = {
-            "sites": dict(sorted(sites.items())),
-            "failures": problems.failures,
-            "rejected": problems.rejected,
-        }
-        out["global"] = pooled_metrics(summaries, self.classes) if summaries else {}
-        out["decision_balanced_accuracy"] = self._decision_score(out, confusions, sizes)
-        out["confusion"] = pooled_confusion(summaries, len(self.classes)).tolist()
-        baccs = [
-            v["balanced_accuracy"] for v in sites.values() if not math.isnan(v["balanced_accuracy"])
-        ]
-        out["mean_site_balanced_accuracy"] = float(np.mean(baccs)) if baccs else float("nan")
-        return out
-
-    def _decision_score(
-        self, out: dict[str, Any], confusions: dict[str, list[int]], sizes: dict[str, int]
-    ) -> float:
-        """The pooled balanced accuracy the loop decides by (best round, head refit): each
-        site's counts weighed by its pinned size capped at ``max-site-weight``; the pooled
-        figure itself where no site is capped."""
-        factors = scale_factors(sizes, self.run_config.max_site_weight)
-        if all(f >= 1.0 for f in factors.values()):
-            return float(out["global"].get("balanced_accuracy", float("nan")))
-        return weighted_balanced_accuracy(confusions, factors, len(self.classes))
-
-    # ------------------------------------------------------------------ head calibration
-    def _calibrate_head(
-        self, arrays: ArrayRecord, head: tuple[str, str], state: LoopState, strategy: Any
-    ) -> tuple[ArrayRecord, dict[str, Any]]:
-        """``head-calibration = "lda"``: the best model's classifier refitted from every
-        site's feature statistics (common/headfit.py), kept (and saved as the best
-        checkpoint) only if it scores higher on validation, as rounds are chosen."""
-        weight_key, bias_key = head
-        if weight_key not in arrays or bias_key not in arrays:
-            log.error("head calibration: no classifier %r in the model; head kept", weight_key)
-            return arrays, {"method": "lda", "sites": [], "kept": False, "error": "no classifier"}
-        try:
-            private = self._dp_projection(arrays) if self.run_config.dp else None
-        except (ValueError, RuntimeError) as err:  # nothing was sent: the run's result stands
-            log.error("head calibration: no projection for the DP query (%s); head kept", err)
-            return arrays, {"method": "lda", "sites": [], "kept": False, "error": str(err)}
-        stats, problems, noise = self._feature_stats(arrays, weight_key, state.run_tag, private)
-        stats, screened = self._screen(stats, noise if private is not None else None)
-        out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
-        out |= {"failures": problems.failures, "rejected": problems.rejected}
-        out["screened"] = screened
-        if private is not None:
-            out["epsilon"] = {site: eps for site, (_, eps) in sorted(noise.items())}
-            total_std = float(np.sqrt(sum(noise[site][0] ** 2 for site in stats)))
-            private = private | {"noise_std": total_std}
-        if not stats:
-            log.warning("head calibration: no site sent usable statistics; head kept")
-            return arrays, out
-        try:  # statistics that passed the checks can still be degenerate (or crafted)
-            candidate = _with_head(arrays, head, [stats[name] for name in sorted(stats)], private)
-        except (ValueError, np.linalg.LinAlgError) as err:
-            log.error("head calibration failed (%s); head kept", err)
-            return arrays, out | {"error": str(err)}
-        scored = self._evaluate(candidate, "validation", state.round + 1)
-        after = scored["decision_balanced_accuracy"]
-        out |= {"validation_before": state.best_score, "validation_after": after}
-        out["kept"] = bool(after > state.best_score)  # NaN never wins
-        log.info(
-            "head calibration (LDA from %d sites): validation balanced accuracy %.3f -> %.3f, %s",
-            len(stats),
-            state.best_score,
-            after,
-            "refitted head kept" if out["kept"] else "previous head kept",
-        )
-        if not out["kept"]:
-            return arrays, out
-        self._save("best", candidate, state, strategy)
-        return candidate, out
-
-    def _screen(
-        self,
-        stats: dict[str, dict[str, np.ndarray]],
-        noise: Mapping[str, tuple[float, float]] | None,
-    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """The statistics the refit may use (server/headcheck.py): counts that fit the
-        pinned n-train, a symmetric PSD moment (within the declared noise), a declared noise
-        no smaller than the run's epsilon allows, and no site that alone moves the head."""
-        pinned = {s.site: s.n_train for s in self.ordered_sites()}
-        if noise is None:
-            kept, dropped = screen_statistics(stats, n_train=pinned)
-        else:
-            # the floor holds for any dp-head-share a site sets itself (head_share=1)
-            floors = {
-                site: min_head_noise_std(self.run_config, pinned.get(site), head_share=1.0)
-                for site in stats
-            }
-            stds = {site: std for site, (std, _) in noise.items()}
-            kept, dropped = screen_statistics(
-                stats, noise_std=stds, min_noise_std=floors, n_train=pinned
-            )
-        for why in dropped.values():
-            log.warning("head calibration: %s; statistics dropped", printable(why))
-        return dict(kept), dropped  # type: ignore[arg-type]
-
-    def _dp_projection(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        """The centre and projection sent with a DP query, from the model alone."""
-        model = model_for_run(self.run_config, len(self.classes), pretrained=False)
-        set_weights(model, {k: v.numpy() for k, v in arrays.items()})
-        run = self.run_config
-        centre, projection = dp_projection(model, run.image_size, run.dp_head_dims, run.seed)
-        return {"centre": centre, "projection": projection}
-
-    def _feature_stats(
-        self,
-        arrays: ArrayRecord,
-        weight_key: str,
-        run_tag: str,
-        private: Mapping[str, np.ndarray] | None = None,
-    ) -> tuple[dict[str, dict[str, np.ndarray]], Problems, dict[str, tuple[float, float]]]:
-        """Every site's feature statistics of this model (``query.feature_stats``), each
-        checked (shapes, finite, counts = its training images) before it is kept. Under DP
-        (``private``: the projection sent along) the statistics are noised and projected,
-        and each site says its noise's std and its epsilon after the release (returned)."""
-        by_node = {s.node_id: s for s in self.ordered_sites()}
-        kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
-        content = {"arrays": pack(arrays), "config": ConfigRecord({"run-tag": run_tag})}
-        if private is not None:
-            content["projection"] = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in private.items()}
-            )
-        messages = [Message(RecordDict(content), n, kind) for n in by_node]
-        replies, missing = self._exchange(messages, "head calibration")
-        wording = Wording(
-            "head calibration",
-            failed="%s: site %s sent no feature statistics: %s",
-            rejected="%s: statistics from site %s rejected: %s",
-            silent="%s: site %s did not reply in time",
-        )
-        problems = Problems(wording, self.timeout)
-        problems.missing(missing, by_node)
-        stats: dict[str, dict[str, np.ndarray]] = {}
-        noise: dict[str, tuple[float, float]] = {}
-        k, dim = np.asarray(arrays[weight_key].numpy()).shape
-        if private is not None:
-            dim = private["projection"].shape[1]
-
-        def take(site: SiteInfo, reply: Message) -> str | None:
-            if "stats" not in reply.content.array_records:
-                return "no 'stats' ArrayRecord"
-            got = {
-                n: np.asarray(a.numpy()) for n, a in reply.content.array_records["stats"].items()
-            }
-            if why := stats_error(got, k, dim, None if private is not None else site.n_train):
-                return why
-            if private is not None:
-                meta = reply.content.config_records.get("site", ConfigRecord())
-                std, eps = meta.get("noise-std"), meta.get("epsilon")
-                if not isinstance(std, float) or not std > 0 or not isinstance(eps, float):
-                    return "noised statistics without a positive noise-std and an epsilon"
-                noise[site.site] = (std, eps)
-            stats[site.site] = got
-            return None
-
-        problems.collect(sorted(replies.items(), key=lambda kv: by_node[kv[0]].site), by_node, take)
-        return stats, problems, noise
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:

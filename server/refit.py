@@ -1,0 +1,195 @@
+"""``head-calibration = "lda"``: the best model's classifier refitted from the sites'
+feature statistics (common/headfit.py), kept only if it scores higher on validation.
+
+Each site's statistics are checked (shapes, finite, counts = its training images), then
+screened (server/headcheck.py) before the solve; under DP the sites send noised statistics
+of a projection the server computes from the model alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common.config import RunConfig
+from common.headfit import dp_projection, lda_head, private_lda_head, stats_error
+from common.models import model_for_run, set_weights
+from common.protocol import FEATURE_STATS
+from common.wire import pack
+from server.arrays import array_record, numpy_state
+from server.checkpoints import LoopState
+from server.headcheck import min_head_noise_std, screen_statistics
+from server.replies import printable
+from server.sizes import SiteInfo
+from server.transport import Problems, Send, Wording, by_site
+
+log = logging.getLogger("fedskin")
+Evaluate = Callable[[ArrayRecord, str, int], dict[str, Any]]  # (model, split, round) -> scores
+
+
+def with_head(
+    arrays: ArrayRecord,
+    head: tuple[str, str],
+    stats: list[Mapping[str, np.ndarray]],
+    private: Mapping[str, Any] | None = None,
+) -> ArrayRecord:
+    """``arrays`` with the classifier replaced by the LDA head of the summed statistics
+    (ValueError from :func:`lda_head` when there is none); ``private``: the noised
+    statistics' projection and noise (common/headfit.py: private_lda_head)."""
+    if private:
+        weight, bias = private_lda_head(
+            stats, private["centre"], private["projection"], private["noise_std"]
+        )
+    else:
+        weight, bias = lda_head(stats)
+    refit = numpy_state(arrays)
+    for key, value in zip(head, (weight, bias), strict=True):
+        refit[key] = value.astype(refit[key].dtype)
+    return array_record(refit)
+
+
+class HeadRefit:
+    """The refit for one run: its config and classes, the sites (``sites``: by name) to
+    ask through ``send``, and ``evaluate`` to score the candidate on validation."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        classes: Sequence[str],
+        sites: Sequence[SiteInfo],
+        send: Send,
+        evaluate: Evaluate,
+    ) -> None:
+        self.run, self.classes, self.sites = run, list(classes), list(sites)
+        self.send, self.evaluate = send, evaluate
+
+    def calibrate(
+        self, arrays: ArrayRecord, head: tuple[str, str], state: LoopState
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        """The model to test and what the refit did: the refitted model only if it scores
+        higher on validation than the best round (``kept``; the caller saves it as best)."""
+        weight_key, bias_key = head
+        if weight_key not in arrays or bias_key not in arrays:
+            log.error("head calibration: no classifier %r in the model; head kept", weight_key)
+            return arrays, {"method": "lda", "sites": [], "kept": False, "error": "no classifier"}
+        try:
+            private = self._dp_projection(arrays) if self.run.dp else None
+        except (ValueError, RuntimeError) as err:  # nothing was sent: the run's result stands
+            log.error("head calibration: no projection for the DP query (%s); head kept", err)
+            return arrays, {"method": "lda", "sites": [], "kept": False, "error": str(err)}
+        stats, problems, noise = self._feature_stats(arrays, weight_key, state.run_tag, private)
+        stats, screened = self._screen(stats, noise if private is not None else None)
+        out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
+        out |= {"failures": problems.failures, "rejected": problems.rejected}
+        out["screened"] = screened
+        if private is not None:
+            out["epsilon"] = {site: eps for site, (_, eps) in sorted(noise.items())}
+            total_std = float(np.sqrt(sum(noise[site][0] ** 2 for site in stats)))
+            private = private | {"noise_std": total_std}
+        if not stats:
+            log.warning("head calibration: no site sent usable statistics; head kept")
+            return arrays, out
+        try:  # statistics that passed the checks can still be degenerate (or crafted)
+            candidate = with_head(arrays, head, [stats[name] for name in sorted(stats)], private)
+        except (ValueError, np.linalg.LinAlgError) as err:
+            log.error("head calibration failed (%s); head kept", err)
+            return arrays, out | {"error": str(err)}
+        scored = self.evaluate(candidate, "validation", state.round + 1)
+        after = scored["decision_balanced_accuracy"]
+        out |= {"validation_before": state.best_score, "validation_after": after}
+        out["kept"] = bool(after > state.best_score)  # NaN never wins
+        log.info(
+            "head calibration (LDA from %d sites): validation balanced accuracy %.3f -> %.3f, %s",
+            len(stats),
+            state.best_score,
+            after,
+            "refitted head kept" if out["kept"] else "previous head kept",
+        )
+        return (candidate if out["kept"] else arrays), out
+
+    def _screen(
+        self,
+        stats: dict[str, dict[str, np.ndarray]],
+        noise: Mapping[str, tuple[float, float]] | None,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+        """The statistics the refit may use (server/headcheck.py): counts that fit the
+        pinned n-train, a symmetric PSD moment (within the declared noise), a declared noise
+        no smaller than the run's epsilon allows, and no site that alone moves the head."""
+        pinned = {s.site: s.n_train for s in self.sites}
+        if noise is None:
+            kept, dropped = screen_statistics(stats, n_train=pinned)
+        else:
+            # the floor holds for any dp-head-share a site sets itself (head_share=1)
+            floors = {
+                site: min_head_noise_std(self.run, pinned.get(site), head_share=1.0)
+                for site in stats
+            }
+            stds = {site: std for site, (std, _) in noise.items()}
+            kept, dropped = screen_statistics(
+                stats, noise_std=stds, min_noise_std=floors, n_train=pinned
+            )
+        for why in dropped.values():
+            log.warning("head calibration: %s; statistics dropped", printable(why))
+        return dict(kept), dropped  # type: ignore[arg-type]
+
+    def _dp_projection(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The centre and projection sent with a DP query, from the model alone."""
+        model = model_for_run(self.run, len(self.classes), pretrained=False)
+        set_weights(model, numpy_state(arrays))
+        run = self.run
+        centre, projection = dp_projection(model, run.image_size, run.dp_head_dims, run.seed)
+        return {"centre": centre, "projection": projection}
+
+    def _feature_stats(
+        self,
+        arrays: ArrayRecord,
+        weight_key: str,
+        run_tag: str,
+        private: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], Problems, dict[str, tuple[float, float]]]:
+        """Every site's feature statistics of this model (``query.feature_stats``), each
+        checked (shapes, finite, counts = its training images) before it is kept. Under DP
+        (``private``: the projection sent along) the statistics are noised and projected,
+        and each site says its noise's std and its epsilon after the release (returned)."""
+        by_node = {s.node_id: s for s in self.sites}
+        kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
+        content = {"arrays": pack(arrays), "config": ConfigRecord({"run-tag": run_tag})}
+        if private is not None:
+            content["projection"] = array_record(private)
+        messages = [Message(RecordDict(content), n, kind) for n in by_node]
+        replies, missing = self.send(messages, "head calibration")
+        wording = Wording(
+            "head calibration",
+            failed="%s: site %s sent no feature statistics: %s",
+            rejected="%s: statistics from site %s rejected: %s",
+            silent="%s: site %s did not reply in time",
+        )
+        problems = Problems(wording, self.run.round_timeout)
+        problems.missing(missing, by_node)
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        noise: dict[str, tuple[float, float]] = {}
+        k, dim = np.asarray(arrays[weight_key].numpy()).shape
+        if private is not None:
+            dim = private["projection"].shape[1]
+
+        def take(site: SiteInfo, reply: Message) -> str | None:
+            if "stats" not in reply.content.array_records:
+                return "no 'stats' ArrayRecord"
+            got = numpy_state(reply.content.array_records["stats"])
+            if why := stats_error(got, k, dim, None if private is not None else site.n_train):
+                return why
+            if private is not None:
+                meta = reply.content.config_records.get("site", ConfigRecord())
+                std, eps = meta.get("noise-std"), meta.get("epsilon")
+                if not isinstance(std, float) or not std > 0 or not isinstance(eps, float):
+                    return "noised statistics without a positive noise-std and an epsilon"
+                noise[site.site] = (std, eps)
+            stats[site.site] = got
+            return None
+
+        problems.collect(by_site(replies, by_node), by_node, take)
+        return stats, problems, noise
