@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from common.config import RunConfig, run_config_of  # noqa: E402
+from common.config import ConfigError, RunConfig, run_config_of  # noqa: E402
 from common.rundir import RunDir, atomic_savefig, atomic_write_text  # noqa: E402
 
 
@@ -141,7 +141,12 @@ LOSS_NAMES = {
 
 def _loss_key(cfg: RunConfig | Mapping[str, Any]) -> str:
     """The run's ``loss`` key ("" when a partial config does not say)."""
-    return cfg.loss if isinstance(cfg, RunConfig) else str(cfg.get("loss", "") or "")
+    if isinstance(cfg, RunConfig):
+        return cfg.loss
+    try:  # metrics.json's config: the run's flat keys, typed as everywhere else
+        return run_config_of(cfg).loss
+    except ConfigError:
+        return ""
 
 
 def _refit_point(head: Mapping[str, Any] | None) -> float | None:

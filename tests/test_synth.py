@@ -82,7 +82,7 @@ def test_synthesize_refuses_non_empty(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         synthesize("ham-dataverse", tmp_path / "x", n_images=10)
     with pytest.raises(ValueError, match="unknown format"):
-        synthesize("csv", tmp_path / "y")
+        synthesize("kaggle", tmp_path / "y")
 
 
 def _dataset(classes: list[str], per_class: int, size: int, seed: int) -> tuple:
