@@ -1,13 +1,13 @@
 """Round guards: checks on an aggregate before it becomes the global model.
 
-Pure functions the server loop calls after aggregation (server/loop.py). Why: the update
-norm bounds (server/replies.py) cannot see an update that is harmless by norm but breaks
-the model: one BatchNorm ``running_var`` entry, in an update whose norm matched the honest
-median, made every honest site fail evaluation in every round under FedAvg and FedAdam;
-a fixed-direction or sign-flipped update at 0.9 x the norm bound drove FedAvg's outputs
-non-finite. So the aggregate's normalisation statistics are checked against the previous
-round's (:func:`statistics_error`), the model's outputs on seeded noise images against
-the previous model's (:func:`model_output_error`), and when a round fails,
+Pure functions the rollback guard calls after aggregation (server/rollback.py). Why: the
+update norm bounds (server/replies.py) cannot see an update that is harmless by norm but
+breaks the model: one BatchNorm ``running_var`` entry, in an update whose norm matched the
+honest median, made every honest site fail evaluation in every round under FedAvg and
+FedAdam; a fixed-direction or sign-flipped update at 0.9 x the norm bound drove FedAvg's
+outputs non-finite. So the aggregate's normalisation statistics are checked against the
+previous round's (:func:`statistics_error`), the model's outputs on seeded noise images
+against the previous model's (:func:`model_output_error`), and when a round fails,
 :func:`leave_one_out` names the site whose update explains it.
 """
 
