@@ -43,7 +43,7 @@ DP_SHRINKAGE = 0.5
 REFERENCE_IMAGES = 256
 # L2 sensitivity of (counts, sums, upper triangle of the moment) to one image of norm <= 1.
 SENSITIVITY = float(np.sqrt(3.0))
-# The largest projection entry a site accepts (client/task.py: _projection_of). What
+# The largest projection entry a site accepts (client/task.py: dp_query_projection). What
 # dp_projection sends is orthonormal directions (every entry <= 1 in size) over a scale it
 # floors at 1e-12, so no honest projection exceeds it; with it, the product (x - c) P of
 # float32 features stays below 1e60, far from float64's overflow. (private_stats does not

@@ -294,7 +294,7 @@ def test_server_momentum_would_push_a_falling_variance_below_zero_so_statistics_
         list(strategy.configure_train(rnd, pack(model), ConfigRecord(), grid))
         arrays, _ = strategy.aggregate_train(rnd, [reply(s, n) for s, n in sites])
         layout = {k: (np.asarray(v).shape, np.asarray(v).dtype) for k, v in start.items()}
-        # as the loop does (server/loop.py: _finite_unpacked): back to the layout's dtypes
+        # as the loop does (server/updates.py: Aggregation): back to the layout's dtypes
         raw = {k: np.asarray(v).astype(layout[k][1]) for k, v in unpack(arrays, layout).items()}
         model = with_mean_statistics(raw, sites, {"bn.running_var", "bn.num_batches_tracked"})
         mean = (variances[0] * 1 + variances[1] * 3) / 4
