@@ -217,6 +217,23 @@ def flipped_head(rnd: int, state: State) -> State:
     return out
 
 
+def fixed_direction(rnd: int, state: State) -> State:
+    """From round 2, an update along one fixed direction (against the classifier) at 0.9 x
+    the norm bound: 10 x the smallest honest update's norm (the honest steps are seeded, so
+    the attacker can compute them; the loop's bound is at least this)."""
+    if rnd < 2:
+        return honest_step(ATTACKER, rnd, state)
+    norms = []
+    for name in HONEST:
+        step = honest_step(name, rnd, state)
+        norms.append(np.sqrt(sum(float(np.sum((step[k] - state[k]) ** 2.0)) for k in step)))
+    key = next(k for k in state if k.endswith("weight") and state[k].ndim == 2)
+    direction = -state[key] / np.linalg.norm(state[key])
+    out = {k: np.array(v) for k, v in state.items()}
+    out[key] = (state[key] + 0.9 * 10.0 * min(norms) * direction).astype(state[key].dtype)
+    return out
+
+
 def test_an_honest_run_is_never_rolled_back(tmp_path: Path) -> None:
     metrics, grid = run(tmp_path, None)
     assert [r["aggregated"] for r in metrics["rounds"]] == [True] * ROUNDS
@@ -251,8 +268,11 @@ def test_a_statistic_that_breaks_the_model_is_rolled_back_and_its_site_named(
         set_weights(run_model(), arrays)
 
 
-def test_a_round_whose_validation_collapses_below_chance_is_rolled_back(tmp_path: Path) -> None:
-    metrics, grid = run(tmp_path, flipped_head, **{"exclude-rounds": 1})
+@pytest.mark.parametrize("attack", [flipped_head, fixed_direction])
+def test_a_round_whose_validation_collapses_below_chance_is_rolled_back(
+    attack: Callable[[int, State], State], tmp_path: Path
+) -> None:
+    metrics, grid = run(tmp_path, attack, **{"exclude-rounds": 1})
     second = metrics["rounds"][1]
     assert second["rolled_back"]["site"] == ATTACKER
     assert "below half of chance" in second["rolled_back"]["why"]
