@@ -48,6 +48,7 @@ from common.siteconfig import (
     site_config,
     site_delta,
 )
+from common.version import version
 
 log = logging.getLogger("fedskin")
 
@@ -200,12 +201,14 @@ def _record(
 # ------------------------------------------------------------------------------ handlers
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which site this node is and how much data it holds; with
+    """Tell the server which site this node is, the fedskin it runs (also logged: the
+    first message of a run) and how much data it holds; with
     ``class-prior = "federation"`` and no DP, also its training class counts (the server
     sums them into the prior every site's loss uses; under DP they are not covered by the
     accountant, so they are never sent)."""
     run, _ = _config(context, msg)
     data = load_site(run, context.node_config)
+    log.info("site %s: fedskin %s", data.site, version())
     info = ConfigRecord(
         {
             "site": data.site,
@@ -213,6 +216,7 @@ def query(msg: Message, context: Context) -> Message:
             "n-train": data.n("train"),
             "n-validation": data.n("validation"),
             "n-test": data.n("test"),
+            "version": version(),
         }
     )
     if run.class_prior == "federation" and not run.private:

@@ -3,7 +3,8 @@
 Each connected node is asked once; a reply that fails its checks (server/replies.py), or
 names a site another node also claims, rejects that node by name. The sizes a site
 declares are pinned (server/sizes.py): against ``site-registry`` at discovery, and against
-the run's checkpoint when a run resumes.
+the run's checkpoint when a run resumes. A site whose reported fedskin version differs from
+the server's (common/version.py) is kept, and named in one warning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.version import version
 from server.replies import discovery_error, guarded, printable, site_name_error
 from server.sizes import (
     SiteInfo,
@@ -149,7 +151,19 @@ class Roster:
             int(info["n-test"]),
             None if counts is None else tuple(int(c) for c in counts),
         )
+        self._compare_version(name, info.get("version"))
         return None
+
+    @staticmethod
+    def _compare_version(name: str, reported: Any) -> None:
+        """One warning for a kept site that runs another fedskin than the server (not a
+        rejection: a site may lag an upgrade). A site older than the ``version`` key
+        reports none; that is said at INFO."""
+        mine = version()
+        if reported is None:
+            log.info("site %s did not report its fedskin version; the server runs %s", name, mine)
+        elif reported != mine:
+            log.warning("site %s runs fedskin %s, the server %s", name, printable(reported), mine)
 
     def _drop_contested(self) -> None:
         """A name claimed by two nodes belongs to neither: the first to answer would win

@@ -14,8 +14,9 @@ What an honest site sends is fixed by the client code of this version:
   privacy budget spent) sends ``num-examples = 0`` and some of those keys;
 - evaluate (``client/task.py`` ``evaluate_site``): :func:`evaluate_keys` for the run's
   classes, with the poolable ``confusion`` and ``score-hist`` of ``common/fedmetrics.py``;
-- query: an ``info`` ConfigRecord with :data:`INFO_KEYS`, and ``train-counts`` (the
-  training images per class) from a site that reports them (``class-prior``).
+- query: an ``info`` ConfigRecord with :data:`INFO_KEYS`, ``train-counts`` (the training
+  images per class) from a site that reports them (``class-prior``), and ``version`` (the
+  site's fedskin version, ``common/version.py``) from a site of this version or later.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from common.protocol import TRAIN_KEYS, TRAIN_KEYS_DP
 OPTIONAL_TRAIN_KEYS = frozenset({"norm_bit"})
 INFO_KEYS = ("site", "n-train", "n-validation", "n-test")
 MAX_SITE_NAME = 200
+MAX_VERSION = 100  # characters of a site's reported fedskin version
 
 
 def guarded(check: Callable[..., str | None], *args: Any, **kwargs: Any) -> str | None:
@@ -310,7 +312,8 @@ def evaluate_reply_error(content: RecordDict, classes: list[str], split_size: in
 # ------------------------------------------------------------------------- discovery
 def discovery_error(content: RecordDict) -> str | None:
     """Why a query reply must be rejected, or None: an ``info`` ConfigRecord whose ``site``
-    is a non-empty printable name and whose split sizes are non-negative integers."""
+    is a non-empty printable name and whose split sizes are non-negative integers; its
+    optional ``version`` a non-empty printable string of at most :data:`MAX_VERSION`."""
     info = _record(content, "info", ConfigRecord)
     if info is None:
         return "no 'info' ConfigRecord in the reply"
@@ -329,6 +332,12 @@ def discovery_error(content: RecordDict) -> str | None:
             return f"train-counts={_shown(counts)} is not a list of non-negative integers"
         if sum(counts) != int(info["n-train"]):
             return f"train-counts sum to {sum(counts)}, not n-train={int(info['n-train'])}"
+    if "version" in info:
+        version = info["version"]
+        if not isinstance(version, str) or not version.strip():
+            return f"version={_shown(version)} is not a non-empty string"
+        if len(version) > MAX_VERSION or not version.isprintable():
+            return f"version={_shown(version)} is not a printable string of at most {MAX_VERSION}"
     return None
 
 

@@ -21,6 +21,7 @@ from common.headfit import classifier_keys
 from common.models import get_weights, model_for_run
 from common.personal import personalize_mode
 from common.rundir import resume_checkpoint, run_dir_for
+from common.version import version
 from server.loop import Federation
 
 log = logging.getLogger("fedskin")
@@ -49,6 +50,7 @@ def statistics_of(model: torch.nn.Module) -> frozenset[str]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fedskin").setLevel(logging.INFO)
+    log.info("fedskin %s", version())
     # Checked before any site is contacted: `flwr run` and a deployment do not go through
     # fedskin's runner. The error propagates so that Flower marks the run as failed (with
     # this one line as its reason); SystemExit would escape Flower's handlers.

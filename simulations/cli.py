@@ -56,6 +56,32 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from common.version import version
+
+        typer.echo(version())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="print fedskin's version (and git commit, in a checkout) and exit",
+        ),
+    ] = False,
+) -> None:
+    # No docstring: the help above stays the app's. --version is eager: no command needed.
+    pass
+
+
 sweep_app = typer.Typer(help="Grids of experiments.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
 

@@ -71,7 +71,8 @@ def check_network_json(run_dir: Path) -> None:
     assert sorted(seen) == ["evaluate", "query", "train"]
     assert sorted(seen["query"]) == ["info"]
     info = {"site", "classes", "n-train", "n-validation", "n-test"}
-    assert info <= set(seen["query"]["info"]) <= info | {"train-counts"}  # see class-prior
+    optional = {"train-counts", "version"}  # class-prior; common/version.py
+    assert info <= set(seen["query"]["info"]) <= info | optional
     assert sorted(seen["train"]) == ["arrays", "metrics", "site"]
     assert seen["train"]["arrays"].startswith("ArrayRecord: model weights")
     assert set(seen["train"]["metrics"]) <= TRAIN_KEYS, seen["train"]["metrics"]
