@@ -208,7 +208,10 @@ def query(msg: Message, context: Context) -> Message:
     accountant, so they are never sent)."""
     run, _ = _config(context, msg)
     data = load_site(run, context.node_config)
-    log.info("site %s: fedskin %s", data.site, version())
+    # At a hospital the line goes to the SuperNode's console (Flower's logger); in a
+    # simulation every site runs the server's code, and fedskin's logger keeps it quiet.
+    say = log.info if is_simulation(context.node_config) else logging.getLogger("flwr").info
+    say("site %s: fedskin %s", data.site, version())
     info = ConfigRecord(
         {
             "site": data.site,
