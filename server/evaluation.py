@@ -31,12 +31,14 @@ def evaluate(
     split: str,
     server_round: int,
     best_round: int = 0,
+    label: str = "",
 ) -> dict[str, Any]:
     """``sites`` score ``arrays`` on ``split``: their scores, failures and rejections, the
     pooled metrics and the decision score.
 
     At the test, ``best_round`` is the round ``arrays`` come from: a personalising site
-    scores the personal state it held then (client/task.py)."""
+    scores the personal state it held then (client/task.py). ``label`` names the exchange
+    in the log (default: ``test``, or ``round N validation``)."""
     classes = list(classes)
     by_node = {s.node_id: s for s in sites}
     config = ConfigRecord({"split": split, "server-round": server_round})
@@ -51,9 +53,8 @@ def evaluate(
     summaries = []
     confusions: dict[str, list[int]] = {}
     sizes: dict[str, int] = {}
-    replies, missing = send(
-        messages, "test" if split == "test" else f"round {server_round} {split}"
-    )
+    label = label or ("test" if split == "test" else f"round {server_round} {split}")
+    replies, missing = send(messages, label)
     wording = Wording(
         split,
         failed="%s evaluation failed at site %s: %s",

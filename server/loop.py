@@ -227,9 +227,15 @@ class Federation:
         return self._exchange(messages, f"round {server_round} training")
 
     def _evaluate(
-        self, arrays: ArrayRecord, split: str, server_round: int, best_round: int = 0
+        self,
+        arrays: ArrayRecord,
+        split: str,
+        server_round: int,
+        best_round: int = 0,
+        label: str = "",
     ) -> dict[str, Any]:
-        """Every site scores the model (server/evaluation.py)."""
+        """Every site scores the model (server/evaluation.py); ``label`` names it in the log
+        (the head refit's ``head refit validation``; default ``round N validation``, ``test``)."""
         return evaluate(
             self.run_config,
             self.classes,
@@ -239,6 +245,7 @@ class Federation:
             split,
             server_round,
             best_round,
+            label,
         )
 
     # ------------------------------------------------------------------ messages, files
@@ -270,7 +277,11 @@ class Federation:
         eps_txt = f" eps max {max(eps.values()):.2f}" if eps else ""
         if central := record.get("central"):
             eps_txt += f" site-level eps {central['epsilon']:.2f}"
-        problems = {**record.get("failures", {}), **record.get("rejected", {})}
+        problems = ""  # by name: the sites that failed (an error, or no reply) or were rejected
+        for where, said in (("", record), ("validation ", record["validation"])):
+            for kind, key in (("failed", "failures"), ("rejected", "rejected")):
+                if names := sorted(said.get(key) or {}):
+                    problems += f" | {where}{kind}: {', '.join(names)}"
         log.info(
             "round %d | val bal-acc %.3f acc %.3f auroc %.3f | %d sites trained%s%s | %.1fs",
             record["round"],
@@ -279,6 +290,6 @@ class Federation:
             g.get("auroc", float("nan")),
             len(record.get("train", {})),
             eps_txt,
-            f" | problems: {sorted(problems)}" if problems else "",
+            problems,
             record["seconds"],
         )

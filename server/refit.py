@@ -28,7 +28,8 @@ from server.sizes import SiteInfo
 from server.transport import Problems, Send, Wording, by_site
 
 log = logging.getLogger("fedskin")
-Evaluate = Callable[[ArrayRecord, str, int], dict[str, Any]]  # (model, split, round) -> scores
+# (model, split, round, label=name in the log) -> scores
+Evaluate = Callable[..., dict[str, Any]]
 
 
 def with_head(
@@ -98,7 +99,9 @@ class HeadRefit:
         except (ValueError, np.linalg.LinAlgError) as err:
             log.error("head calibration failed (%s); head kept", err)
             return arrays, out | {"error": str(err)}
-        scored = self.evaluate(candidate, "validation", state.round + 1)
+        scored = self.evaluate(
+            candidate, "validation", state.round + 1, label="head refit validation"
+        )
         after = scored["decision_balanced_accuracy"]
         out |= {"validation_before": state.best_score, "validation_after": after}
         out["kept"] = bool(after > state.best_score)  # NaN never wins

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from server.replies import guarded, printable
 from server.sizes import SiteInfo
 
 log = logging.getLogger("fedskin")
+# Each reply's line, at DEBUG: a logger of its own, so ``-v`` shows it even where the
+# ServerApp holds "fedskin" at INFO (simulations/runner.py: setup_logging).
+detail = logging.getLogger("fedskin.detail")
 REASON_LIMIT = 4000  # a site's error text, cleaned to one line: long enough for a traceback
 
 
@@ -99,20 +102,25 @@ def reported_exchange(
     names: Mapping[int, str],
     received: dict[str, dict[str, Any]],
 ) -> tuple[dict[int, Message], list[int]]:
-    """:func:`exchange`, with one log line per reply as it arrives when ``what`` names the
+    """:func:`exchange`, with one DEBUG line per reply as it arrives when ``what`` names the
     exchange (``names``: site by node id), and every record name and key that came back
-    noted in ``received`` (by message type; names and keys, never values: network.json)."""
+    noted in ``received`` (by message type; names and keys, never values: network.json).
+
+    The run's first training exchange is named at INFO (``round 1 training ...``): it holds
+    the sites' start-up (model, data), the longest silence before the first round's line."""
     t0 = time.monotonic()
+    if what and first_training(messages, received):
+        log.info("%s on %d sites ...", what, len(messages))
 
     def progress(nid: int, reply: Message, done: int, total: int) -> None:
-        """A long round is never silent: one line per site as its reply arrives, with
-        the site's training speed when it reports one."""
+        """Under ``-v`` a long round is never silent: one line per site as its reply
+        arrives, with the site's training speed when it reports one."""
         site = names.get(nid, str(nid))
         speed = ""
         if reply.has_content() and "metrics" in reply.content.metric_records:
             ips = reply.content.metric_records["metrics"].get("images_per_second")
             speed = f", {float(ips):.0f} images/s" if isinstance(ips, (int, float)) else ""
-        log.info(
+        detail.debug(
             "%s: %s replied (%d/%d sites, %.0fs%s)",
             what,
             site,
@@ -133,6 +141,12 @@ def reported_exchange(
                 else:
                     seen[name] = sorted(set(seen.get(name, [])) | set(record.keys()))
     return replies, missing
+
+
+def first_training(messages: list[Message], received: Mapping[str, Any]) -> bool:
+    """Training messages, and no training reply received yet in this run."""
+    kind = MessageType.TRAIN
+    return bool(messages) and messages[0].metadata.message_type == kind and kind not in received
 
 
 Send = Callable[[list[Message], str], tuple[dict[int, Message], list[int]]]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +17,7 @@ from server.deploy import deploy_cli
 from simulations.bench import bench_cli
 from simulations.data_cli import partition_cli, synth_cli
 from simulations.keys import keys_cli
-from simulations.runner import RAY_ADDRESS_HELP, shipped_configs, use_ray_address
+from simulations.runner import RAY_ADDRESS_HELP, shipped_configs, use_ray_address, use_verbose
 from simulations.sweep import sweep_cli
 from simulations.weights import weights_save_cli
 
@@ -22,6 +25,25 @@ SHIPPED = ", ".join(shipped_configs())
 CONFIG_HELP = f"experiment TOML file, or the name of a shipped one: {SHIPPED}"
 RUN_CONFIG_HELP = "overrides of any config key: \"key=value key2='text'\" (as flwr run)"
 RayAddress = Annotated[str | None, typer.Option("--ray-address", help=RAY_ADDRESS_HELP)]
+VERBOSE_HELP = "debug logging: each site's reply, each message, Flower's own log"
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)]
+
+
+def with_verbose(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with a ``-v/--verbose`` option: every run it starts logs at DEBUG."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, verbose: bool = False, **kwargs: object) -> None:
+        use_verbose(verbose)
+        command(*args, **kwargs)
+
+    sig = inspect.signature(command, eval_str=True)
+    option = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False)
+    params = [*sig.parameters.values(), option.replace(annotation=Verbose)]
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return wrapper
+
 
 # `fedskin --help` lists the user commands in the order of the work; commands this list
 # does not name come after them. Internal commands (site-exec, deploy-overhead) are hidden
@@ -94,7 +116,9 @@ app.command("partition", help="Split a data source into hospital sites (writes a
 app.command(
     "bench", help="Benchmarks: throughput, data pipeline, round overhead, DP cost, scaling."
 )(bench_cli)
-sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x seeds.")(sweep_cli)
+sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x seeds.")(
+    with_verbose(sweep_cli)
+)
 app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
     deploy_cli
 )
@@ -136,15 +160,14 @@ def simulate(
             help="resume even though the config differs from the checkpoint's",
         ),
     ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="debug logging, Flower's included")
-    ] = False,
+    verbose: Verbose = False,
     ray_address: RayAddress = None,
 ) -> None:
     """Run a federated experiment on this machine (no arguments: the built-in default)."""
     from simulations.runner import simulate as run
 
     use_ray_address(ray_address)
+    use_verbose(verbose)
     try:
         run(config, run_config, out, resume=resume, verbose=verbose, force_resume=force_resume)
     except DataError as err:
@@ -163,12 +186,14 @@ def compare(
         "runs/compare"
     ),
     local: Annotated[bool, typer.Option(help="train one local model per site")] = True,
+    verbose: Verbose = False,
     ray_address: RayAddress = None,
 ) -> None:
     """Pooled, local and federated models on the same sites: FLamby's per-site table."""
     from simulations.baselines import compare as run
 
     use_ray_address(ray_address)
+    use_verbose(verbose)
     try:
         run(config, run_config, [s.strip() for s in strategies.split(",") if s.strip()], out, local)
     except DataError as err:

@@ -8,6 +8,7 @@ the current environment (no per-run reinstall) with the resolved run config.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from common.config import ConfigError, RunConfig, check_keys, run_config_of
-from common.data.schema import DataError
+from common.data.schema import DataError, LoadReport
 from common.rundir import (
     RunDir,
     atomic_copy,
@@ -139,17 +140,32 @@ def _config_hint(path: Path) -> str:
     return f" (shipped: {', '.join(names)})" if names else ""
 
 
+# The built-in synthetic set leaves some ages and sexes empty on purpose (as HAM10000 does):
+# nothing the user can act on, so the console leaves them out (the load report keeps them).
+_SYNTHETIC_NOISE = re.compile(r"row\(s\) with empty/unknown (age|sex) ")
+
+
+def shown_report(report: LoadReport, builtin: bool) -> LoadReport:
+    """The load report as the console shows it: without the built-in set's empty age/sex."""
+    if not builtin:
+        return report
+    kept = [w for w in report.warnings if not _SYNTHETIC_NOISE.search(w)]
+    return dataclasses.replace(report, warnings=kept)
+
+
 def prepare_data(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here."""
-    from common.data.site_data import classes_for, data_pipeline
+    from common.data.site_data import BUILTIN_FORMAT, classes_for, data_pipeline
     from simulations.data_cli import site_table
 
     run = run_config_of(cfg)
     classes_for(run.data_format)
+    log.info("loading data ...")
     prepared = data_pipeline(run, progress=True)
     source, manifest_path, manifest = prepared.source, prepared.manifest_path, prepared.manifest
-    if source.report.n_skipped() or source.report.warnings:
-        console.print(source.report.summary())
+    report = shown_report(source.report, run.data_format == BUILTIN_FORMAT)
+    if report.n_skipped() or report.warnings:
+        console.print(report.summary())
     console.print(site_table(manifest, source.classes))
     resolved = run.with_values({"manifest": str(manifest_path.resolve())}).to_flat()
     resolved["num-sites-found"] = int(manifest["site"].nunique())
@@ -172,7 +188,7 @@ def simulate(
     last checkpoint, refused (one line with the difference) when the config changes the
     result (common/rundir.py); ``force_resume`` resumes even then.
     """
-    setup_logging(verbose)
+    setup_logging(verbose or _verbose)
     run = resolve_run_config(config_path, overrides)
     from common.personal import personalize_mode
 
@@ -288,6 +304,8 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
     )
     if ray_address():
         console.print(f"sites run on the Ray cluster at {ray_address()}")
+    where = "on that cluster" if ray_address() else "on this machine"
+    log.info("starting Ray: %d sites %s ...", n_sites, where)
     run_simulation(
         dict(cfg),
         num_supernodes=n_sites,
@@ -298,11 +316,26 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
     )
 
 
+_verbose = False  # --verbose of compare and sweep, for every run they start (use_verbose)
+
+
+def use_verbose(on: bool) -> None:
+    """``-v`` of a command that runs many experiments: each run logs at DEBUG, Flower too."""
+    global _verbose
+    _verbose = bool(on)
+    setup_logging(_verbose)
+
+
 def setup_logging(verbose: bool) -> None:
+    """The console: INFO (one line per round, warnings, errors); ``verbose``: DEBUG (each
+    site's reply, each message), Flower's own log included."""
     logger = logging.getLogger("fedskin")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(console=console, show_path=False, markup=False))
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # each site's reply (server/transport.py): its own level, as the ServerApp sets "fedskin"
+    # to INFO when it starts; unset, it follows "fedskin"
+    logging.getLogger("fedskin.detail").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     logger.propagate = False
     # Flower's logger sets itself to DEBUG when first imported: import it before setting it.
     # It prints through its own handler; not propagating keeps a root handler (Opacus calls
@@ -311,8 +344,7 @@ def setup_logging(verbose: bool) -> None:
 
     flower = logging.getLogger("flwr")
     flower.propagate = False
-    if not verbose:
-        flower.setLevel(logging.WARNING)
+    flower.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _print_summary(metrics: dict[str, Any], seconds: float, run_dir: Path) -> None:

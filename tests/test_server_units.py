@@ -223,10 +223,10 @@ def test_each_reply_is_reported_as_it_arrives(tmp_path):
     fed.grid, fed.timeout, fed.received = AnsweringGrid(), 5.0, {}
     msgs = [Message(RecordDict(), nid, MessageType.TRAIN) for nid in (901, 17)]
     records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
+    handler = logging.Handler(logging.DEBUG)  # reply lines are DEBUG: shown under -v
     handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger("fedskin")  # the runner may have stopped its propagation
-    level, logger.level = logger.level, logging.INFO
+    level, logger.level = logger.level, logging.DEBUG
     logger.addHandler(handler)
     try:
         replies, missing = fed._exchange(msgs, "round 3 training")

@@ -160,7 +160,9 @@ def ensure_manifest(run: DataSettings, source: SourceData | None = None) -> Path
             seed=run.seed,
         )
         for note in manifest.attrs.get("notes", []):
-            log.info("manifest: %s", note)
+            # a site's held-out splits stratified on fewer classes: detail, under -v
+            level = logging.DEBUG if "held-out splits" in note else logging.INFO
+            log.log(level, "manifest: %s", note)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_moves_report(manifest, out)  # before the manifest: a cached one has its report
         write_manifest(manifest, out, seal=True)  # atomic; reuse checks its seal
