@@ -218,7 +218,8 @@ def fedskin_log() -> Iterator[list[str]]:
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logger = logging.getLogger("fedskin")
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level=: it clears the loggers' caches
     logger.addHandler(handler)
     yield lines
     logger.removeHandler(handler)

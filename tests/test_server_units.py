@@ -226,7 +226,8 @@ def test_each_reply_is_reported_as_it_arrives(tmp_path):
     handler = logging.Handler(logging.DEBUG)  # reply lines are DEBUG: shown under -v
     handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger("fedskin")  # the runner may have stopped its propagation
-    level, logger.level = logger.level, logging.DEBUG
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # setLevel, not .level=: it clears the loggers' caches
     logger.addHandler(handler)
     try:
         replies, missing = fed._exchange(msgs, "round 3 training")

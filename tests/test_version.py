@@ -35,7 +35,8 @@ def records() -> Iterator[list[logging.LogRecord]]:
     handler = logging.Handler(logging.INFO)
     handler.emit = out.append  # type: ignore[method-assign]
     logger = logging.getLogger("fedskin")
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level=: it clears the loggers' caches
     logger.addHandler(handler)
     yield out
     logger.removeHandler(handler)
