@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.fedmetrics import pooled_confusion, pooled_metrics
 from common.wire import pack
 from server.replies import evaluate_reply_error
-from server.sizes import SiteInfo, scale_factors, split_size_error, weighted_balanced_accuracy
+from server.sizes import SiteInfo, scale_factors, weighted_balanced_accuracy
 from server.transport import Problems, Send, Wording, by_site
 
 
@@ -70,8 +70,6 @@ def evaluate(
         if why := evaluate_reply_error(reply.content, classes, size):
             return why
         m = dict(reply.content.metric_records["metrics"])
-        if why := split_size_error(m, size):
-            return why
         confusions[site.site], sizes[site.site] = list(m["confusion"]), size
         summary = {
             "confusion": list(m.pop("confusion")),

@@ -306,6 +306,11 @@ def evaluate_reply_error(content: RecordDict, classes: list[str], split_size: in
     for key, value in scalars.items():
         if not math.isnan(float(value)) and not 0.0 <= float(value) <= 1.0:
             return f"metric {key!r}={value} is outside [0, 1]"
+    # an honest site scores every image of its (pinned) split once
+    if int(n) != split_size:
+        return f"num-examples={int(n)} is not the pinned split size {split_size}"
+    if (seen := sum(metrics["confusion"])) != split_size:
+        return f"confusion counts {seen} images, not the pinned split size {split_size}"
     return None
 
 

@@ -149,18 +149,6 @@ def capped_counts(counts: Mapping[str, tuple[int, ...]], max_weight: float) -> l
     return [int(math.floor(t + 0.5)) for t in total]
 
 
-def split_size_error(metrics: Mapping[str, Any], size: int) -> str | None:
-    """An evaluation reply whose counts do not add up to the site's pinned split size (an
-    honest site scores every image of its split once), or None."""
-    n = int(metrics["num-examples"])
-    if n != size:
-        return f"num-examples={n} is not the pinned split size {size}"
-    seen = int(sum(metrics["confusion"]))
-    if seen != size:
-        return f"confusion counts {seen} images, not the pinned split size {size}"
-    return None
-
-
 def weighted_balanced_accuracy(
     confusions: Mapping[str, list[int]], factors: Mapping[str, float], num_classes: int
 ) -> float:
