@@ -30,6 +30,7 @@ from common.wire import layout_of, pack
 from server.checkpoints import Checkpoints, LoopState
 from server.discovery import Roster, class_counts, ordered
 from server.evaluation import evaluate
+from server.progress import round_line
 from server.refit import HeadRefit
 from server.report import write_outputs
 from server.rollback import Rollback
@@ -152,7 +153,7 @@ class Federation:
                 plots=False,
             )
             self._write_network()
-            self._print_round(record)
+            log.info(round_line(record, num_rounds, [r["seconds"] for r in state.rounds]))
         best = self.checkpoints.load_arrays("best") if state.best_round else arrays
         calibration = None
         if self.run_config.head_calibration == "lda" and state.rounds:
@@ -270,26 +271,3 @@ class Federation:
     def _write_network(self) -> None:
         """network.json: every record name and key that crossed the network to the server."""
         atomic_write_json(self.paths.network, self.received, indent=1, sort_keys=True)
-
-    def _print_round(self, record: dict[str, Any]) -> None:
-        g = record["validation"]["global"]
-        eps = record.get("epsilon") or {}
-        eps_txt = f" eps max {max(eps.values()):.2f}" if eps else ""
-        if central := record.get("central"):
-            eps_txt += f" site-level eps {central['epsilon']:.2f}"
-        problems = ""  # by name: the sites that failed (an error, or no reply) or were rejected
-        for where, said in (("", record), ("validation ", record["validation"])):
-            for kind, key in (("failed", "failures"), ("rejected", "rejected")):
-                if names := sorted(said.get(key) or {}):
-                    problems += f" | {where}{kind}: {', '.join(names)}"
-        log.info(
-            "round %d | val bal-acc %.3f acc %.3f auroc %.3f | %d sites trained%s%s | %.1fs",
-            record["round"],
-            g.get("balanced_accuracy", float("nan")),
-            g.get("accuracy", float("nan")),
-            g.get("auroc", float("nan")),
-            len(record.get("train", {})),
-            eps_txt,
-            problems,
-            record["seconds"],
-        )

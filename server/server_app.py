@@ -49,7 +49,9 @@ def statistics_of(model: torch.nn.Module) -> frozenset[str]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.getLogger("fedskin").setLevel(logging.INFO)
+    logger = logging.getLogger("fedskin")
+    if logger.getEffectiveLevel() > logging.INFO:  # keep the runner's -v (DEBUG), if set
+        logger.setLevel(logging.INFO)
     log.info("fedskin %s", version())
     # Checked before any site is contacted: `flwr run` and a deployment do not go through
     # fedskin's runner. The error propagates so that Flower marks the run as failed (with

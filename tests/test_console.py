@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.data.schema import LoadReport
-from server.loop import Federation
+from server.progress import eta_text, round_line
 from simulations.runner import console, setup_logging, shown_report, simulate
 from tests.helpers import SITES
 from tests.ray_harness import on_ray
@@ -27,7 +27,7 @@ SMALL = {
     "model": "test_efficientnet",
     "head-calibration": "lda",  # the refit's evaluation is named as such
 }
-ROUND_LINE = re.compile(r"^round (\d+) \|")
+ROUND_LINE = re.compile(rf"^round (\d+)/{ROUNDS} \|")
 
 
 class Lines(logging.Handler):
@@ -106,19 +106,10 @@ def test_verbose_console_adds_each_reply(verbose):
     assert not [line for line in lines if line.startswith(f"round {ROUNDS + 1} ")], lines
 
 
-def _said(record: dict) -> str:
-    lines = Lines()
-    logger = logging.getLogger("fedskin")
-    level = logger.level
-    logger.addHandler(lines)
-    logger.setLevel(logging.INFO)
-    try:
-        Federation._print_round(None, record)  # type: ignore[arg-type]  # reads only record
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
-    assert len(lines.lines) == 1 and lines.lines[0][0] == logging.INFO
-    return lines.text()[0]
+def _said(record: dict, num_rounds: int = 10, seconds: tuple[float, ...] = ()) -> str:
+    line = round_line(record, num_rounds, seconds or (record["seconds"],))
+    assert "\n" not in line
+    return line
 
 
 def test_round_line_names_the_sites_that_failed_or_were_rejected():
@@ -133,10 +124,11 @@ def test_round_line_names_the_sites_that_failed_or_were_rejected():
         "epsilon": {"vienna": 1.5, "oslo": 2.25},
     }
     line = _said(record)
-    assert line.startswith("round 3 | val bal-acc 0.500"), line
+    assert line.startswith("round 3/10 | val bal-acc 0.500"), line
     assert "| failed: barcelona, oslo |" in line and "| rejected: lyon |" in line, line
     assert "| validation failed: bern |" in line and "eps max 2.25" in line, line
-    assert line.endswith("| 1.2s") or line.endswith("| 1.3s"), line
+    assert "| 1.2s |" in line or "| 1.3s |" in line, line
+    assert line.endswith("| ETA 9s"), line  # 7 rounds left at 1.25 s each: 8.75 s
     quiet = _said({"round": 1, "seconds": 2.0, "validation": {"global": {}}})
     assert "failed" not in quiet and "rejected" not in quiet, quiet
 
@@ -153,3 +145,12 @@ def test_built_in_set_hides_empty_age_and_sex_only():
     assert shown_report(report, builtin=True).warnings == report.warnings[2:]
     assert shown_report(report, builtin=False).warnings == report.warnings
     assert len(report.warnings) == 3  # the load report itself keeps them
+
+
+def test_round_line_gives_the_time_left_from_the_mean_round_so_far():
+    record = {"round": 2, "seconds": 30.0, "validation": {"global": {}}}
+    line = _said(record, num_rounds=6, seconds=(50.0, 30.0))
+    assert line.endswith("| 30.0s | ETA 2m40s"), line  # 4 rounds left at 40 s: 160 s
+    last = _said({"round": 6, "seconds": 3.0, "validation": {"global": {}}}, num_rounds=6)
+    assert "ETA" not in last and last.endswith("| 3.0s"), last
+    assert eta_text([], 3) == "" and eta_text([59.6], 1) == "ETA 1m00s"
