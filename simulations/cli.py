@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from common.data.schema import DataError
-from server.deploy import deploy_cli
+from server.deploy_cli import deploy_app
 from simulations.bench import bench_cli
 from simulations.data_cli import partition_cli, synth_cli
 from simulations.keys import keys_cli
@@ -119,8 +119,8 @@ app.command(
 sweep_app.command("privacy", help="Privacy-utility grid: epsilons x strategies x seeds.")(
     with_verbose(sweep_cli)
 )
-app.command("deploy", help="Create the CA, server certificate and site keys of a federation.")(
-    deploy_cli
+app.add_typer(
+    deploy_app, name="deploy", help="Key material of a federation: deploy init, deploy add-site."
 )
 from client.warm_exec import site_exec_cli  # noqa: E402
 from simulations.deploy_overhead import deploy_overhead_cli  # noqa: E402

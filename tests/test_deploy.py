@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import typer
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
@@ -22,7 +21,8 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from flwr.cli.supernode.register import try_load_public_key
 from typer.testing import CliRunner
 
-from server.deploy import FederationFiles, add_site_keys, deploy_cli, make_federation
+from server.deploy import FederationFiles, add_site_keys, make_federation
+from server.deploy_cli import deploy_app
 
 SITES = ["hospital-a", "hospital_b", "clinic.c"]
 
@@ -146,7 +146,7 @@ def test_overwrite_fixes_loose_permissions(tmp_path: Path) -> None:
     ("sites", "match"),
     [
         ([], "at least one site"),
-        (["a", "a"], "duplicate"),
+        (["a", "a"], "given twice: a$"),
         (["../etc"], "invalid site name"),
         (["has space"], "invalid site name"),
         (["superlink"], "reserved"),
@@ -175,12 +175,12 @@ def test_readme_says_where_each_file_goes(fed: FederationFiles) -> None:
     assert "offline" in text
 
 
-def test_deploy_cli(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(deploy_cli)
+def test_deploy_init(tmp_path: Path) -> None:
+    app = deploy_app
     runner = CliRunner()
     out = tmp_path / "keys"
-    args = [str(out), "--site", "a", "--site", "b", "--server-name", "fl.example.org"]
+    args = ["init", "--out", str(out), "--site", "a", "--site", "b"]
+    args += ["--server-name", "fl.example.org"]
     res = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "sites/a/supernode.key" in res.output
@@ -192,7 +192,9 @@ def test_deploy_cli(tmp_path: Path) -> None:
 
     again = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert again.exit_code == 1
-    assert "refusing to overwrite" in again.output
+    (line,) = [line for line in again.output.splitlines() if line.strip()]
+    assert "refusing to overwrite" in line and "sites/b/supernode.key" in line, line
+    assert "--overwrite" in line
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
 
 
@@ -212,16 +214,39 @@ def test_add_site_keys_keeps_the_federation(tmp_path: Path) -> None:
         add_site_keys(tmp_path / "empty", ["b"])
 
 
-def test_deploy_cli_add_sites(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(deploy_cli)
+def test_deploy_add_site(tmp_path: Path) -> None:
+    app = deploy_app
     out = tmp_path / "keys"
     runner = CliRunner()
-    assert runner.invoke(app, [str(out), "--site", "a"]).exit_code == 0
-    res = runner.invoke(app, [str(out), "--site", "b", "--add-sites"], env={"COLUMNS": "200"})
+    assert runner.invoke(app, ["init", "--out", str(out), "--site", "a"]).exit_code == 0
+    res = runner.invoke(app, ["add-site", "--out", str(out), "--site", "b"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "sites/b/supernode.key" in res.output
     assert (out / "sites" / "b" / "supernode.pub").is_file()
+
+
+def test_deploy_add_site_in_the_wrong_folder_says_what_to_do(tmp_path: Path) -> None:
+    """The folder given is not a federation's: one line naming the missing file and the
+    command that makes one, no internal name."""
+    res = CliRunner().invoke(
+        deploy_app, ["add-site", "--out", str(tmp_path / "elsewhere"), "--site", "b"],
+        env={"COLUMNS": "400"},
+    )  # fmt: skip
+    assert res.exit_code == 1
+    (line,) = [line for line in res.output.splitlines() if line.strip()]
+    assert line.startswith(f"error: {tmp_path / 'elsewhere' / 'ca' / 'ca.crt'} not found"), line
+    assert "fedskin deploy init --out" in line and "make_federation" not in line, line
+    assert not (tmp_path / "elsewhere").exists()  # nothing written
+
+
+def test_deploy_needs_its_verb_and_out(tmp_path: Path) -> None:
+    """The old form (the output folder as the first argument) is refused, not mistaken."""
+    runner = CliRunner()
+    old = runner.invoke(deploy_app, [str(tmp_path / "federation-keys"), "--site", "a"])
+    assert old.exit_code == 2 and "No such command" in old.output, old.output
+    no_out = runner.invoke(deploy_app, ["init", "--site", "a"])
+    assert no_out.exit_code == 2 and "--out" in no_out.output, no_out.output
+    assert not any(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------ hostile neighbours
@@ -380,15 +405,15 @@ def test_add_sites_refuses_a_ca_certificate_that_is_not_one(tmp_path: Path) -> N
         add_site_keys(out, ["b"])
 
 
-def test_deploy_cli_add_sites_with_a_replaced_ca_is_one_line(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(deploy_cli)
+def test_deploy_add_site_with_a_replaced_ca_is_one_line(tmp_path: Path) -> None:
+    app = deploy_app
     out = tmp_path / "keys"
     runner = CliRunner()
-    assert runner.invoke(app, [str(out), "--site", "a"]).exit_code == 0
+    assert runner.invoke(app, ["init", "--out", str(out), "--site", "a"]).exit_code == 0
     evil = _other_ca(tmp_path)
     (out / "ca" / "ca.crt").write_bytes(evil.ca_cert.read_bytes())
-    res = runner.invoke(app, [str(out), "--site", "b", "--add-sites"], env={"COLUMNS": "400"})
+    args = ["add-site", "--out", str(out), "--site", "b"]
+    res = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert res.exit_code == 1, res.output
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "ca.crt: refusing to copy it to new sites" in lines[0], lines

@@ -370,17 +370,15 @@ def test_deploy_refuses_symlinks_at_output_paths(tmp_path, where) -> None:
 
 
 def test_deploy_cli_symlink_is_one_line(tmp_path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from server.deploy import deploy_cli
+    from server.deploy_cli import deploy_app
 
-    app = typer.Typer()
-    app.command()(deploy_cli)
     out = tmp_path / "keys"
     (out / "superlink").mkdir(parents=True)
     (out / "superlink" / "server.key").symlink_to(tmp_path / "stolen.key")
-    res = CliRunner().invoke(app, [str(out), "--site", "a"], env={"COLUMNS": "300"})
+    args = ["init", "--out", str(out), "--site", "a"]
+    res = CliRunner().invoke(deploy_app, args, env={"COLUMNS": "300"})
     assert res.exit_code == 1, res.output
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "refusing to write through a symbolic link" in lines[0], lines
