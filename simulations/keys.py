@@ -1,26 +1,19 @@
 """`fedskin keys [WORD]`: every run-config key with its default, type, rule and help.
 
-Nothing here is written twice: the keys, their types and rules are the fields of
-:class:`common.config.RunConfig` (their ``_rule`` metadata), the defaults are the packaged
-``common/defaults.toml`` and each key's help is the comment after it in that file (with the
-indented ``#`` lines that continue it).
+Nothing here is written twice: the keys, their defaults, types, rules and one-line help are
+the fields of the schema, :class:`common.config.RunConfig` (help: each field's description).
 """
 
 from __future__ import annotations
 
 import difflib
-import re
-from dataclasses import dataclass, fields
-from importlib.resources import files
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
-from common.config import DEFAULTS_FILE, RunConfig, config_keys, packaged_defaults
-
-_KEY_LINE = re.compile(r"^([A-Za-z0-9_-]+)\s*=")
-_CONTINUATION = re.compile(r"^\s+#\s?(.*)$")
-_SYMBOL = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+from common.config import RunConfig, config_keys, key_help, key_rule, key_type
+from common.keyrules import bounds_text
 
 
 @dataclass(frozen=True)
@@ -34,68 +27,23 @@ class KeyInfo:
     help: str
 
 
-def _comment_of(line: str) -> str:
-    """The ``# ...`` comment of a TOML line, outside any quoted string ("" if none)."""
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#":
-            return line[i + 1 :].strip()
-    return ""
-
-
-def toml_comments(text: str) -> dict[str, str]:
-    """Each top-level key's comment in a TOML text, continuation lines joined by a space.
-
-    A key's comment is the ``# ...`` after its value; lines that follow it and start with
-    whitespace then ``#`` continue it. Anything else (a key, a ``#`` at the line start)
-    ends it.
-    """
-    helps: dict[str, list[str]] = {}
-    current: str | None = None
-    for line in text.splitlines():
-        if match := _KEY_LINE.match(line):
-            current = match.group(1)
-            comment = _comment_of(line[match.end() :])
-            helps[current] = [comment] if comment else []
-        elif current is not None and (cont := _CONTINUATION.match(line)):
-            if cont.group(1).strip():
-                helps[current].append(cont.group(1).strip())
-        else:
-            current = None
-    return {key: " ".join(parts) for key, parts in helps.items()}
-
-
-def defaults_text() -> str:
-    """The packaged defaults file's text (common/defaults.toml), comments included."""
-    return files("common").joinpath(DEFAULTS_FILE).read_text(encoding="utf-8")
-
-
 def _allowed(kind: str, rule: dict[str, Any]) -> str:
     if kind == "bool":
         return "true | false"
     if "choices" in rule:
         return " | ".join(c or "''" for c in rule["choices"])
-    bounds = [f"{_SYMBOL[op]} {rule[op]:g}" for op in ("ge", "gt", "le", "lt") if op in rule]
-    if rule.get("nonempty"):
-        bounds.append("not empty")
-    return " and ".join(bounds)
+    return "not empty" if rule.get("nonempty") else bounds_text(rule)
 
 
 def key_infos() -> list[KeyInfo]:
     """Every run-config key in declaration order (that of common/config.py)."""
-    defaults = packaged_defaults()
-    helps = toml_comments(defaults_text())
-    infos = []
-    for f, key in zip(fields(RunConfig), config_keys(), strict=True):
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        allowed = _allowed(kind, dict(f.metadata))
-        infos.append(KeyInfo(key, defaults.get(key), kind, allowed, helps.get(key, "")))
-    return infos
+    defaults = RunConfig.defaults().to_flat()
+    return [
+        KeyInfo(
+            key, defaults[key], key_type(key), _allowed(key_type(key), key_rule(key)), key_help(key)
+        )
+        for key in config_keys()
+    ]
 
 
 def matching(word: str | None) -> list[KeyInfo]:

@@ -4,18 +4,61 @@ config name or an unquoted --run-config string."""
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+import tomllib
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from common.config import RunConfig, config_keys, packaged_defaults
+from common.config import RunConfig, config_keys, key_type
 from common.data.schema import DataError
 from simulations.cli import WORKFLOW, app
-from simulations.keys import defaults_text, key_infos, matching, show_default, toml_comments
+from simulations.keys import key_infos, matching, show_default
 from simulations.runner import parse_overrides, resolve_config
 
 WIDE = {"COLUMNS": "400"}  # rich wraps table cells at the terminal's width
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+_KEY_LINE = re.compile(r"^([A-Za-z0-9_-]+)\s*=")
+_CONTINUATION = re.compile(r"^\s+#\s?(.*)$")
+
+
+def _comment_of(line: str) -> str:
+    """The ``# ...`` comment of a TOML line, outside any quoted string ("" if none)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            return line[i + 1 :].strip()
+    return ""
+
+
+def toml_comments(text: str) -> dict[str, str]:
+    """Each top-level key's comment in a TOML text, continuation lines joined by a space:
+    the ``# ...`` after its value, then lines that start with whitespace then ``#``."""
+    helps: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        if match := _KEY_LINE.match(line):
+            current = match.group(1)
+            comment = _comment_of(line[match.end() :])
+            helps[current] = [comment] if comment else []
+        elif current is not None and (cont := _CONTINUATION.match(line)):
+            if cont.group(1).strip():
+                helps[current].append(cont.group(1).strip())
+        else:
+            current = None
+    return {key: " ".join(parts) for key, parts in helps.items()}
+
+
+def pyproject_config_text() -> str:
+    """pyproject.toml's [tool.flwr.app.config] table, comments included."""
+    text = PYPROJECT.read_text(encoding="utf-8")
+    table = text.split("[tool.flwr.app.config]\n", 1)[1]
+    return table.split("\n[", 1)[0]
 
 
 def _commands_listed(output: str) -> list[str]:
@@ -51,14 +94,15 @@ def test_hidden_commands_still_run_and_have_their_own_help(hidden):
     assert f"fedskin {hidden}" in result.output or "Usage" in result.output
 
 
-def test_every_runconfig_field_is_a_key_with_its_packaged_default():
+def test_every_runconfig_field_is_a_key_with_its_schema_default():
     infos = {k.key: k for k in key_infos()}
-    defaults = packaged_defaults()
+    defaults = RunConfig.defaults().to_flat()
+    with open(PYPROJECT, "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     assert list(infos) == config_keys()
-    for f in fields(RunConfig):
-        key = f.name.replace("_", "-")
-        assert infos[key].default == defaults[key]
-        assert infos[key].type == f.type
+    for key in config_keys():
+        assert infos[key].default == defaults[key] == table[key]
+        assert infos[key].type == key_type(key)
     result = CliRunner().invoke(app, ["keys"], env=WIDE)
     assert result.exit_code == 0, result.output
     for key, info in infos.items():
@@ -66,8 +110,14 @@ def test_every_runconfig_field_is_a_key_with_its_packaged_default():
         assert row.split("│")[2].strip() == show_default(info.default), (key, row)
 
 
-def test_a_keys_help_is_its_toml_comment():
+def test_a_keys_help_is_its_schema_description_and_pyprojects_comment():
+    """`fedskin keys` prints the schema's help; pyproject's table says the same in its
+    comments (checked key by key, so neither drifts from the other)."""
     helps = {k.key: k.help for k in key_infos()}
+    assert helps == {
+        k: RunConfig.model_fields[k.replace("-", "_")].description or "" for k in helps
+    }
+    assert toml_comments(pyproject_config_text()) == helps
     assert helps["lr-schedule"] == "constant | cosine (annealed over the rounds)"
     assert helps["dirichlet-alpha"] == ""  # no comment, no help
     # a comment continued on indented "#" lines is one line
@@ -77,7 +127,7 @@ def test_a_keys_help_is_its_toml_comment():
         "discovery; never under DP)"
     )
     # the same, from the file's own lines: the text after '#' on the key's line
-    for line in defaults_text().splitlines():
+    for line in pyproject_config_text().splitlines():
         key, sep, rest = line.partition("=")
         key = key.strip()
         if sep and key in helps and "#" in rest and not line.startswith(" "):

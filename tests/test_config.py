@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,15 @@ from common.config import (
     ConfigError,
     RunConfig,
     config_keys,
-    packaged_defaults,
+    key_rule,
+    key_type,
 )
 from common.data.schema import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
-NUMERIC = sorted(k for k, f in FIELDS.items() if f.type in ("int", "float"))
-BOOLS = sorted(k for k, f in FIELDS.items() if f.type == "bool")
-CHOICES = sorted(k for k, f in FIELDS.items() if "choices" in f.metadata)
+NUMERIC = sorted(k for k in config_keys() if key_type(k) in ("int", "float"))
+BOOLS = sorted(k for k in config_keys() if key_type(k) == "bool")
+CHOICES = sorted(k for k in config_keys() if "choices" in key_rule(k))
 
 
 def pyproject_table() -> dict:
@@ -61,30 +60,35 @@ def test_one_field_per_pyproject_key_and_vice_versa():
     assert set(keys) == set(pyproject_table())
 
 
-def test_packaged_defaults_equal_pyproject_table():
-    assert typed(packaged_defaults()) == typed(pyproject_table())
+def test_the_schemas_defaults_equal_pyproject_table_both_ways():
+    """The schema is the one place a default is written; pyproject's table (which `flwr run`
+    reads) holds the same keys with the same typed values, checked key by key both ways."""
+    schema, table = typed(RunConfig.defaults().to_flat()), typed(pyproject_table())
+    assert [k for k in schema if k not in table] == []
+    assert [k for k in table if k not in schema] == []
+    assert {k: v for k, v in schema.items() if table[k] != v} == {}
     with open(ROOT / "pyproject.toml", "rb") as f:
         package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
-    assert "defaults.toml" in package_data["common"]
-    assert (ROOT / "common" / "defaults.toml").is_file()
+    assert "common" not in package_data  # no defaults file shipped beside the schema
+    assert not (ROOT / "common" / "defaults.toml").exists()
 
 
 def test_defaults_are_valid_and_typed_as_declared():
     flat = RunConfig.defaults().to_flat()
     assert typed(flat) == typed(pyproject_table())
     for key, value in flat.items():
-        assert type(value).__name__ == FIELDS[key].type, key
+        assert type(value).__name__ == key_type(key), key
     assert RunConfig.from_mapping(flat) == RunConfig.defaults()  # idempotent
 
 
 def test_allowed_values_equal_the_codes_constants():
     from common.losses import LOSSES as code_losses
-    from common.personal import PERSONALIZE as code_personalize
-    from server.strategies import CENTRAL_DP as code_central_dp
+    from common.names import PERSONALIZE as code_personalize
+    from server.central_dp import CENTRAL_DP_WRAPPERS
     from server.strategies import STRATEGIES as code_strategies
 
     assert STRATEGIES == tuple(code_strategies)
-    assert CENTRAL_DP == tuple(code_central_dp)
+    assert CENTRAL_DP == ("", *CENTRAL_DP_WRAPPERS)
     assert set(LOSSES) == set(code_losses)
     assert PERSONALIZE == tuple(code_personalize)
 
@@ -95,7 +99,7 @@ def test_shared_names_are_defined_once():
     from common import names
     from common.data import partition, site_data
     from common.privacy import GRAD_SAMPLE_MODES as code_modes
-    from common.train import OPTIMIZERS as code_optimizers
+    from common.train_config import OPTIMIZERS as code_optimizers
 
     assert OPTIMIZERS is names.OPTIMIZERS is code_optimizers
     assert GRAD_SAMPLE_MODES is names.GRAD_SAMPLE_MODES is code_modes
@@ -126,11 +130,11 @@ def test_checking_a_config_imports_neither_torch_nor_flwr():
 
 # ------------------------------------------------------------------ each key's rule
 def _wrong_types(key: str) -> list[object]:
-    return ["abc", True, 2.5] if FIELDS[key].type == "int" else ["abc", True, None]
+    return ["abc", True, 2.5] if key_type(key) == "int" else ["abc", True, None]
 
 
 def _out_of_range(key: str) -> list[float]:
-    rule, kind = FIELDS[key].metadata, FIELDS[key].type
+    rule, kind = key_rule(key), key_type(key)
     out = []
     if "ge" in rule:
         out.append(rule["ge"] - 1)
@@ -197,7 +201,7 @@ def test_bool_keys_take_bools_and_true_false_strings_only(key):
 
 @pytest.mark.parametrize("key", CHOICES)
 def test_choice_keys_list_what_is_allowed(key):
-    allowed = FIELDS[key].metadata["choices"]
+    allowed = key_rule(key)["choices"]
     text = one_line_error({key: "nope"}, key)
     assert text.startswith(f"{key}='nope': must be one of ")
     assert all((c or "''") in text for c in allowed)
