@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ["ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax"]
+from common.names import LOSSES
 
 
 def class_weights(class_counts: np.ndarray) -> np.ndarray:

@@ -32,3 +32,21 @@ MANIFEST_KEYS: tuple[str, ...] = (
 # ------------------------------------------------------------------------------ training
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")  # common/train.py
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
+LOSSES: tuple[str, ...] = (  # common/losses.py
+    "ce",
+    "weighted-ce",
+    "focal",
+    "weighted-focal",
+    "balanced-softmax",
+)
+PERSONALIZE: tuple[str, ...] = ("", "fedbn", "finetune", "ditto")  # common/personal.py
+
+# ------------------------------------------------------------------------------ server
+# Site-level DP kinds: "" (off) and one Flower wrapper each (server/central_dp.py).
+CENTRAL_DP: tuple[str, ...] = (
+    "",
+    "server-fixed",
+    "server-adaptive",
+    "client-fixed",
+    "client-adaptive",
+)

@@ -26,7 +26,6 @@ from torch import nn
 from common.config import RunConfig, run_config_of
 from common.train import TrainConfig, train_local
 
-PERSONALIZE = ("", "fedbn", "finetune", "ditto")
 # Methods that train at the site outside the rounds' (accounted) DP-SGD steps.
 NOT_UNDER_DP = ("finetune", "ditto")
 

@@ -20,11 +20,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from common.config import RunConfig
 from common.wire import unpack
 from server.arrays import array_record, numpy_state
+from server.central_dp import central_spent
 from server.replies import norm_bound_errors, skipped_reason, train_reply_error, update_norm
 from server.sizes import SiteInfo, capped
 from server.strategies import (
     UNIFORM_WEIGHT_KEY,
-    central_spent,
     statistics_averaged_plainly,
     updates_needed,
     with_mean_statistics,

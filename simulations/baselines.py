@@ -210,7 +210,7 @@ def compare(
     A method is a strategy (fedavg, fedprox, ...) or a personalised method (fedbn, finetune,
     ditto: FedAvg with ``personalize=<method>``, scored by the sites' personalised models).
     """
-    from common.personal import PERSONALIZE
+    from common.names import PERSONALIZE
     from simulations.runner import (
         parse_overrides,
         prepare_data,

@@ -25,7 +25,7 @@ from flwr.app import (
 )
 
 from client.client_app import central_dp_mod
-from server.strategies import calibrate_central_noise, central_epsilon
+from server.central_dp import calibrate_central_noise, central_epsilon
 from simulations.runner import simulate
 from tests.helpers import SITES, TINY, assign_message_id
 from tests.ray_harness import on_ray

@@ -265,7 +265,7 @@ def test_a_crafted_model_cannot_make_one_image_leak_outside_the_noise(mode, monk
     batch, read off the reply with no noise. Its per-sample gradient is zeroed before the
     clip instead: the step is finite and equals the step without that image (noise 0,
     every image in the batch: q = 1; the mean is over the expected batch size)."""
-    import common.train
+    import common.train_dp
 
     x, y = tiny(4)
     x[:, 0, :10, 0] = 124  # mid-grey (about the ImageNet mean) in the pixels read at 1e38
@@ -290,7 +290,7 @@ def test_a_crafted_model_cannot_make_one_image_leak_outside_the_noise(mode, monk
             (with_it[k] - start[k]) * 4, (without[k] - start[k]) * 3, rtol=1e-5, atol=1e-6
         )
     assert not torch.equal(with_it["1.bias"], start["1.bias"])  # the others did train
-    monkeypatch.setattr(common.train, "zero_nonfinite_grad_samples", lambda opt: None)
+    monkeypatch.setattr(common.train_dp, "zero_nonfinite_grad_samples", lambda opt: None)
     assert not torch.isfinite(step(x, y)["1.bias"]).all()  # the leak this closes
 
 
@@ -299,7 +299,7 @@ def test_nonfinite_per_sample_gradients_are_zeroed_whole() -> None:
     gradient (every parameter), the others are untouched; per-backward-pass lists too."""
     from types import SimpleNamespace
 
-    from common.train import zero_nonfinite_grad_samples
+    from common.train_dp import zero_nonfinite_grad_samples
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3, 2))
     a.grad_sample = torch.ones(4, 2)

@@ -15,15 +15,14 @@ from scipy.stats import norm
 from common.config import ConfigError, RunConfig
 from common.wire import pack, unpack
 from server.strategies import (
-    largest_f,
     load_strategy_state,
     make_strategy,
-    min_sites,
     statistics_averaged_plainly,
     strategy_state,
     updates_needed,
     with_mean_statistics,
 )
+from server.strategy_registry import largest_f, min_sites
 
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 POISON = 1e3

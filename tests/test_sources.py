@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from common.data.imaging import read_dicom
+from common.data.isic import FEDISIC_CENTERS
 from common.data.schema import (
     COLUMNS,
     HAM_CLASSES,
@@ -22,8 +23,9 @@ from common.data.schema import (
     DataError,
     SourceData,
 )
-from common.data.sources import FEDISIC_CENTERS, load_source
-from common.data.synth import ISIC2020_INSTITUTIONS, synthesize
+from common.data.sources import load_source
+from common.data.synth import synthesize
+from common.data.synth_tables import ISIC2020_INSTITUTIONS
 from tests.helpers import SYNTH_N, SYNTH_SIZE
 
 HAM_SITES = {"vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias"}
@@ -160,8 +162,8 @@ def test_one_registry_lists_the_formats() -> None:
     builtin = formats.REGISTRY[formats.BUILTIN_FORMAT]
     assert builtin.stored_as in formats.FORMATS
     for entry in formats.REGISTRY.values():
-        assert callable(getattr(sources, entry.loader)), entry.name
-        assert callable(getattr(synth, entry.writer)), entry.name
+        assert callable(entry.load_function), entry.name
+        assert callable(entry.write_function), entry.name
         assert site_data.classes_for(entry.name) == list(entry.classes)
 
 

@@ -17,18 +17,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from common import rundir
 from common.config import CENTRAL_DP, STRATEGIES, ConfigError, RunConfig
+from common.names import CENTRAL_DP as NAMED_CENTRAL_DP
 from common.wire import pack, unpack
-from server.strategies import (
-    CENTRAL_DP_WRAPPERS,
+from server.central_dp import CENTRAL_DP_WRAPPERS
+from server.strategies import SERVER_OPTIMIZERS, load_strategy_state, make_strategy, strategy_state
+from server.strategy_registry import (
     NAME_ATTR,
     REGISTRY,
-    SERVER_OPTIMIZERS,
+    WRAPPER_STATE_KEYS,
     StrategySpec,
-    load_strategy_state,
-    make_strategy,
     register_strategy,
     strategy_spec,
-    strategy_state,
 )
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "bn.weight": (4,), "fc.weight": (2, 16)}
@@ -128,7 +127,9 @@ def round_trip(tmp_path: Path, cfg: dict) -> tuple[dict, ArrayRecord, ArrayRecor
 # ----------------------------------------------------------------------------- the names
 def test_the_registrys_names_equal_the_configs_strategies():
     assert tuple(REGISTRY) == STRATEGIES
-    assert ("", *CENTRAL_DP_WRAPPERS) == CENTRAL_DP
+    assert ("", *CENTRAL_DP_WRAPPERS) == CENTRAL_DP == NAMED_CENTRAL_DP
+    # the wrappers' state names, which no strategy may declare as its own
+    assert WRAPPER_STATE_KEYS == {k for _, fields in CENTRAL_DP_WRAPPERS.values() for k in fields}
     assert all(isinstance(spec, StrategySpec) and spec.name == n for n, spec in REGISTRY.items())
 
 

@@ -13,17 +13,11 @@ from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
 from common.data.imaging import fit_square
+from common.data.lesion_image import SITE_STYLES, render_lesion
 from common.data.schema import HAM_CLASSES, ISIC2019_CLASSES
 from common.data.sources import load_source
-from common.data.synth import (
-    ISIC2020_INSTITUTIONS,
-    SITE_STYLES,
-    ensure_builtin,
-    ham_table,
-    isic2020_table,
-    render_lesion,
-    synthesize,
-)
+from common.data.synth import ensure_builtin, synthesize
+from common.data.synth_tables import ISIC2020_INSTITUTIONS, ham_table, isic2020_table
 from simulations.data_cli import synth_cli
 
 

@@ -8,19 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import log_loss
 
 from common.augment import augment_batch, to_float
 from common.config import ConfigError, RunConfig
 from common.losses import class_weights, make_loss
+from common.metrics import compute_metrics
 from common.models import build_model, get_weights, set_weights
-from common.train import (
-    TrainConfig,
-    evaluate,
-    predict,
-    proximal_term,
-    round_lr,
-    train_local,
-)
+from common.train import TrainConfig, predict, train_local
+from common.train_config import proximal_term, round_lr
 
 CLASSES = ["red", "green", "mel"]
 
@@ -121,13 +117,20 @@ def test_fedprox_keeps_weights_near_global_at_every_step() -> None:
     assert drift(5.0) < 0.8 * drift(0.0)
 
 
+def _metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The site's metrics of ``predict``'s scores, with sklearn's log-loss and the count."""
+    probs = predict(model, x)
+    out = compute_metrics(y.numpy(), probs, CLASSES)
+    return {**out, "loss": log_loss(y.numpy(), probs, labels=[0, 1, 2]), "n": len(probs)}
+
+
 def test_learns_separable_task_with_test_efficientnet() -> None:
     x, y = colour_task(48)
     model = build_model("test_efficientnet", 3)
-    before = evaluate(model, x, y, CLASSES)
+    before = _metrics(model, x, y)
     cfg = TrainConfig(local_epochs=8, batch_size=16, lr=3e-3)
     out = train_local(model, x, y, cfg, num_classes=3, progress=True)
-    after = evaluate(model, x, y, CLASSES)
+    after = _metrics(model, x, y)
     assert out["steps"] == 8 * 3 and out["num_examples"] == 48
     assert out["images_per_second"] > 0 and np.isfinite(out["train_loss"])
     assert after["accuracy"] >= 0.9 > before["accuracy"]
@@ -197,7 +200,7 @@ def test_losses_weights_and_focal_reduces_to_ce() -> None:
 
 
 def test_epoch_batches_are_slices_of_one_seeded_permutation_per_epoch() -> None:
-    from common.train import epoch_batches
+    from common.train_round import epoch_batches
 
     g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     batches = list(epoch_batches(10, 4, 5, g, torch.device("cpu")))
@@ -318,7 +321,7 @@ def test_with_the_federations_counts_the_sites_losses_add_up_to_the_pooled_loss(
     pooled step), even when a class lives at one site only; with each site's own prior it
     does not (the global model then never predicted the classes of one HAM10000 source)."""
     from common.losses import make_loss
-    from common.train import TrainConfig, loss_counts
+    from common.train_config import TrainConfig, loss_counts
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(90, 5, generator=g)

@@ -101,7 +101,7 @@ def fabs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 @pytest.fixture
 def impostor(fabs: dict, tmp_path: Path) -> Iterator[Impostor]:
-    from client.warm_exec import tcp_listeners
+    from client.peer_check import tcp_listeners
     from tests.deploy_harness import base_env, free_port
 
     port = free_port()
@@ -246,7 +246,7 @@ def test_fab_policy_accepts_the_installed_app_and_refuses_any_other(fabs, tmp_pa
     """The decision on real FABs (Flower's build code): the installed project's own FAB
     passes; one changed byte, an extra file or another name is refused, unless the FAB's
     SHA-256 is on the site's allowlist (--allow-fab-hash)."""
-    from client.warm_exec import FabPolicy, InstalledApp
+    from client.fab_policy import FabPolicy, InstalledApp
     from tests.fake_runtime import build_fab, copy_app
 
     policy = FabPolicy(InstalledApp.find())

@@ -3,9 +3,10 @@
 Every list of formats is derived from :data:`REGISTRY`: the loaders ``load_source`` accepts
 (:data:`FORMATS`), the formats ``synthesize`` can write (:data:`SYNTH_FORMATS`), the class
 names a model head is sized from (:data:`FORMAT_CLASSES`) and the ``data-format`` values a
-run config allows. A format's loader lives in ``common/data/sources.py`` and its writer in
-``common/data/synth.py``; the entry names them, and they are looked up when called, so this
-module imports neither (both import it) and there is no import cycle.
+run config allows. A format's loader lives in ``common/data/ham.py``, ``isic.py`` or
+``csv_export.py`` and its writer in ``common/data/synth_writers.py``; the entry names them
+(``module:function``), and they are looked up when called, so this module imports neither
+(both import it) and there is no import cycle.
 
 ``synth-ham`` is the built-in data: synthetic HAM10000 made on first use and stored in the
 ``ham-dataverse`` layout (``stored_as``), so it is loaded and written as that format.
@@ -27,9 +28,6 @@ from common.data.schema import (
     SourceData,
 )
 
-_SOURCES = "common.data.sources"
-_SYNTH = "common.data.synth"
-
 
 @dataclass(frozen=True)
 class DataFormat:
@@ -37,8 +35,8 @@ class DataFormat:
 
     name: str
     classes: tuple[str, ...]
-    loader: str  # function in common/data/sources.py: (path, on_bad=, verify_images=) -> data
-    writer: str  # function in common/data/synth.py: (out, n_images, size, seed, **options)
+    loader: str  # module:function, (path, on_bad=, verify_images=) -> data
+    writer: str  # module:function, (out, n_images, size, seed, **options)
     dataset: str  # the data set it holds (SourceData.name)
     group: str  # what a group_id is: the unit that must not straddle sites or splits
     layout: str  # what its folder holds (help text)
@@ -49,13 +47,25 @@ class DataFormat:
     def builtin(self) -> bool:
         return bool(self.stored_as)
 
+    @property
+    def load_function(self) -> Callable[..., SourceData]:
+        return _function(self.loader)
+
+    @property
+    def write_function(self) -> Callable[..., None]:
+        return _function(self.writer)
+
     def load(self, path: str | Path, *, on_bad: str = "error", verify_images: bool = False):
-        fn: Callable[..., SourceData] = getattr(importlib.import_module(_SOURCES), self.loader)
-        return fn(path, on_bad=on_bad, verify_images=verify_images)
+        return self.load_function(path, on_bad=on_bad, verify_images=verify_images)
 
     def write(self, out: Path, n_images: int, size: int, seed: int, **options: Any) -> None:
-        fn: Callable[..., None] = getattr(importlib.import_module(_SYNTH), self.writer)
-        fn(out, n_images, size, seed, **options)
+        self.write_function(out, n_images, size, seed, **options)
+
+
+def _function(ref: str) -> Callable[..., Any]:
+    """``module:function`` looked up when called (the loaders and writers import this module)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 BUILTIN_FORMAT = "synth-ham"
@@ -66,8 +76,8 @@ REGISTRY: dict[str, DataFormat] = {
         DataFormat(
             BUILTIN_FORMAT,
             tuple(HAM_CLASSES),
-            "load_ham_dataverse",
-            "write_ham_dataverse",
+            "common.data.ham:load_ham_dataverse",
+            "common.data.synth_writers:write_ham_dataverse",
             "ham10000",
             "lesion",
             "built-in synthetic HAM10000, made on first use (no data-path)",
@@ -76,8 +86,8 @@ REGISTRY: dict[str, DataFormat] = {
         DataFormat(
             "ham-hf",
             tuple(HAM_CLASSES),
-            "load_ham_hf",
-            "write_ham_hf",
+            "common.data.ham:load_ham_hf",
+            "common.data.synth_writers:write_ham_hf",
             "ham10000",
             "lesion",
             "HAM10000 as the HF hub copy: parquet shards (or a hub id)",
@@ -85,8 +95,8 @@ REGISTRY: dict[str, DataFormat] = {
         DataFormat(
             "ham-dataverse",
             tuple(HAM_CLASSES),
-            "load_ham_dataverse",
-            "write_ham_dataverse",
+            "common.data.ham:load_ham_dataverse",
+            "common.data.synth_writers:write_ham_dataverse",
             "ham10000",
             "lesion",
             "HAM10000 from Harvard Dataverse: HAM10000_metadata.csv + JPEG folders",
@@ -94,8 +104,8 @@ REGISTRY: dict[str, DataFormat] = {
         DataFormat(
             "isic2020",
             tuple(ISIC2020_CLASSES),
-            "load_isic2020",
-            "write_isic2020",
+            "common.data.isic:load_isic2020",
+            "common.data.synth_writers:write_isic2020",
             "isic2020",
             "patient",
             "SIIM-ISIC 2020: train.csv + train/<image_name>.dcm (or JPEG copies)",
@@ -104,8 +114,8 @@ REGISTRY: dict[str, DataFormat] = {
         DataFormat(
             "fedisic2019",
             tuple(ISIC2019_CLASSES),
-            "load_fedisic2019",
-            "write_fedisic2019",
+            "common.data.isic:load_fedisic2019",
+            "common.data.synth_writers:write_fedisic2019",
             "fedisic2019",
             "lesion",
             "FLamby Fed-ISIC2019: train_test_split + preprocessed JPEGs",
@@ -113,8 +123,8 @@ REGISTRY: dict[str, DataFormat] = {
         DataFormat(
             "csv",
             tuple(HAM_CLASSES),  # a hospital's export joins a HAM-classed federation
-            "load_csv_export",
-            "write_csv_export",
+            "common.data.csv_export:load_csv_export",
+            "common.data.synth_writers:write_csv_export",
             "csv",
             "group",
             "a hospital's own export: labels.csv (image, label[, group, site, split, age, sex, "

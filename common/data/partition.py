@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,15 @@ import pandas as pd
 
 from common.data.institutions import assign_institutions, group_table, resolve_names
 from common.data.schema import DataError
+from common.data.site_schemes import (
+    NO_SITE_MSG,
+    describe_moves,
+    dirichlet_sites,
+    iid_sites,
+    natural_sites,
+    numbered_site_names,
+)
+from common.data.splits import group_split, split_site, sub_seed
 from common.fileio import (
     atomic_savefig,
     atomic_write_json,
@@ -35,189 +43,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS: list[str] = ["image_id", "group_id", "label", "label_name", "site", "split"]
 MOVE_COLUMNS: list[str] = ["image_id", "group_id", "from_site", "to_site"]
-NO_SITE_MSG = "this source records no site; use scheme=institutions, dirichlet or iid"
-_MAX_DIRICHLET_DRAWS = 200
 _STREAMS = {"natural": 0, "institutions": 1, "dirichlet": 2, "iid": 3}
 _FIRST = 5  # offending ids/rows quoted in error messages
-
-
-# ------------------------------------------------------------------ site assignment schemes
-def _site_names(n: int) -> list[str]:
-    width = len(str(n - 1))
-    return [f"site{i:0{width}d}" for i in range(n)]
-
-
-def _natural_sites(meta: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
-    """The hospital the data itself records, with each group kept whole at one of its sites.
-
-    A group (lesion/patient) recorded at more than one ``source_site`` (HAM10000 has 9
-    lesions with images in two ``dataset`` values) cannot be split across sites without
-    leaking it, so all its images go to ONE site: the source holding most of that group's
-    images, ties broken by taking the alphabetically first source name. The rule depends
-    only on the metadata (not on row order or seed). Returns the site per row and the moved
-    images (``image_id, group_id, from_site, to_site``, sorted by group then image).
-    """
-    site = meta["source_site"].fillna("").astype(str).str.strip()
-    empty = site == ""
-    if empty.all():
-        raise DataError(NO_SITE_MSG)
-    if empty.any():
-        ids = meta.loc[empty, "image_id"].head(_FIRST).tolist()
-        raise DataError(
-            f"{int(empty.sum())} of {len(meta)} images have no source_site (first: {ids}); "
-            "scheme=natural needs a site for every image — use scheme=institutions, "
-            "dirichlet or iid, or drop those rows"
-        )
-    rows = pd.DataFrame({"image_id": meta["image_id"], "group_id": meta["group_id"], "site": site})
-    n_sites = rows.groupby("group_id")["site"].nunique()
-    spanning = rows[rows["group_id"].isin(n_sites.index[n_sites > 1])]
-    tally = spanning.groupby(["group_id", "site"]).size().rename("n").reset_index()
-    chosen = (
-        tally.sort_values(["group_id", "n", "site"], ascending=[True, False, True], kind="stable")
-        .drop_duplicates("group_id")
-        .set_index("group_id")["site"]
-    )
-    to_site = rows["site"].copy()
-    spans = rows["group_id"].isin(chosen.index)
-    to_site[spans] = rows.loc[spans, "group_id"].map(chosen)
-    moved = (
-        rows.loc[to_site != rows["site"], ["image_id", "group_id", "site"]]
-        .rename(columns={"site": "from_site"})
-        .assign(to_site=to_site[to_site != rows["site"]])
-        .sort_values(["group_id", "image_id"], kind="stable")
-        .reset_index(drop=True)
-    )
-    return to_site.rename("site"), moved
-
-
-def _moves_note(moved: pd.DataFrame, meta: pd.DataFrame, listed: int = 10) -> str:
-    """One line: how many groups and images were moved, and the first ``listed`` groups."""
-    size = meta["group_id"].value_counts()
-    recorded = meta["source_site"].astype(str).str.strip()
-    n_sources = recorded.groupby(meta["group_id"]).nunique()
-    groups = moved.groupby("group_id", sort=True)
-    spans = {int(n_sources[g]) for g in groups.groups}
-    at = "two sources" if spans == {2} else "more than one source"
-    parts = [
-        f"{g}: {', '.join(sorted(d['from_site'].unique()))} -> {d['to_site'].iloc[0]} "
-        f"({len(d)} of {int(size[g])} images)"
-        for g, d in groups
-    ]
-    more = f", ... and {len(parts) - listed} more" if len(parts) > listed else ""
-    n_img = len(moved)
-    return (
-        f"{len(parts)} groups (lesion or patient) recorded at {at} were each kept whole at "
-        f"the source holding most of their images (ties: alphabetically first source): "
-        f"{n_img} image{'s' if n_img != 1 else ''} moved ({'; '.join(parts[:listed])}{more})"
-    )
-
-
-def _dirichlet_sites(
-    groups: pd.DataFrame, num_sites: int, alpha: float, rng: np.random.Generator, min_images: int
-) -> np.ndarray:
-    """Label skew: per class, Dirichlet(alpha) shares of its groups go to each site.
-
-    Like the usual FL benchmark recipe (Hsu et al. 2019; FedML/FedLab), a draw leaving a
-    site with fewer than ``min_images`` images or 3 groups is redrawn, up to a limit; the
-    site-size check later reports what is left.
-    """
-    labels = groups["label"].to_numpy()
-    sizes = groups["n_images"].to_numpy()
-    best: np.ndarray | None = None
-    for _ in range(_MAX_DIRICHLET_DRAWS):
-        site = np.empty(len(groups), dtype=int)
-        for k in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == k))
-            shares = rng.dirichlet(np.full(num_sites, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-            for s, chunk in enumerate(np.split(members, cuts)):
-                site[chunk] = s
-        n_img = np.bincount(site, weights=sizes, minlength=num_sites)
-        n_grp = np.bincount(site, minlength=num_sites)
-        best = site
-        if n_img.min() >= min_images and n_grp.min() >= len(SPLITS):
-            break
-    assert best is not None
-    return best
-
-
-def _iid_sites(groups: pd.DataFrame, num_sites: int, rng: np.random.Generator) -> np.ndarray:
-    """Shuffled groups dealt to whichever site has the fewest images so far (balanced)."""
-    sizes = groups["n_images"].to_numpy()
-    site = np.empty(len(groups), dtype=int)
-    load = np.zeros(num_sites)
-    for g in rng.permutation(len(groups)):
-        s = int(load.argmin())
-        site[g] = s
-        load[s] += sizes[g]
-    return site
-
-
-# ------------------------------------------------------------------ per-site splits
-def _sub_seed(seed: int, site: str, stage: int) -> int:
-    """Stable per-site seed (zlib.crc32, not hash(), which is salted per process)."""
-    return int(
-        np.random.SeedSequence([seed, zlib.crc32(site.encode()), stage]).generate_state(1)[0]
-    )
-
-
-def _group_split(
-    ids: np.ndarray, strata: np.ndarray, frac: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Split group ids, stratified by label if counts allow; returns (rest, held, how)."""
-    if frac <= 0:
-        return ids, ids[:0], "none"
-    # Here, not at the top: sklearn is heavy (~2 CPU-s), and every Flower process that
-    # imports the data pipeline (each message's ClientApp at a default SuperNode) would pay it.
-    from sklearn.model_selection import train_test_split
-
-    # Stratify on every class if sklearn can; else keep the k commonest classes as strata and
-    # pool the rarer ones (a class with one group, or more classes than held-out slots, makes
-    # full stratification impossible); a plain group split is the last resort.
-    counts = (
-        pd.Series(strata).value_counts().sort_index().sort_values(ascending=False, kind="stable")
-    )
-    for keep in range(len(counts), 0, -1):
-        y = np.where(np.isin(strata, counts.index[:keep]), strata, -1)
-        try:
-            rest, held = train_test_split(ids, test_size=frac, stratify=y, random_state=seed)
-        except ValueError:
-            continue
-        how = "stratified" if keep == len(counts) else f"stratified on its {keep} commonest classes"
-        return np.asarray(rest), np.asarray(held), how
-    rest, held = train_test_split(ids, test_size=frac, random_state=seed)
-    return np.asarray(rest), np.asarray(held), "group (not stratified)"
-
-
-def _split_site(
-    site: str, groups: pd.DataFrame, val_frac: float, test_frac: float, seed: int
-) -> tuple[pd.Series, list[str]]:
-    """train/validation/test per group of one site, with notes on any fallback."""
-    ids = groups.index.to_numpy()
-    labels = groups["label"].to_numpy()
-    too_few = DataError(
-        f"site {site!r} has {int(groups['n_images'].sum())} images in {len(ids)} groups; "
-        f"too few for non-empty train/validation/test splits (val_frac={val_frac}, "
-        f"test_frac={test_frac}, at least 3 groups needed)"
-    )
-    if len(ids) < len(SPLITS):
-        raise too_few
-    try:
-        rest, test, how_t = _group_split(ids, labels, test_frac, _sub_seed(seed, site, 0))
-        rest_labels = groups.loc[rest, "label"].to_numpy()
-        train, val, how_v = _group_split(
-            rest, rest_labels, val_frac / (1.0 - test_frac), _sub_seed(seed, site, 1)
-        )
-    except ValueError:  # sklearn: a split would be empty
-        raise too_few from None
-    if min(len(train), len(val), len(test)) == 0:
-        raise too_few
-    split = pd.Series("train", index=groups.index, dtype=object)
-    split[val] = "validation"
-    split[test] = "test"
-    fallbacks = {how for how in (how_t, how_v) if how not in ("stratified", "none")}
-    notes = [f"site {site}: held-out splits {' / '.join(sorted(fallbacks))}"] if fallbacks else []
-    return split, notes
 
 
 # ------------------------------------------------------------------ public API
@@ -271,7 +98,7 @@ def partition(
 
     Schemes: ``natural`` (the recorded ``source_site``; a group recorded at several sites
     goes wholly to the one holding most of its images, ties to the alphabetically first,
-    see :func:`_natural_sites`), ``institutions`` (simulated ISIC hospitals, see
+    see :func:`natural_sites`), ``institutions`` (simulated ISIC hospitals, see
     institutions.py), ``dirichlet`` (label skew, Dirichlet(alpha) per class at group level)
     and ``iid`` (balanced random groups). Each site is then split by group,
     stratified by the group's label where counts allow (fractions are of groups). Any
@@ -301,26 +128,26 @@ def partition(
     if scheme == "natural":
         if "source_site" not in m.columns:
             raise DataError(NO_SITE_MSG)
-        site, moved = _natural_sites(m)
+        site, moved = natural_sites(m)
         m["site"] = site.to_numpy()
         if len(moved):
-            moves_note = _moves_note(moved, m)
+            moves_note = describe_moves(moved, m)
             notes.append(moves_note)
     elif scheme == "institutions":
         m["site"] = assign_institutions(m, classes, resolve_names(institutions), seed).to_numpy()
     else:
         groups = group_table(m, classes)
         if scheme == "dirichlet":
-            idx = _dirichlet_sites(groups, num_sites, alpha, rng, min_site_images)
+            idx = dirichlet_sites(groups, num_sites, alpha, rng, min_site_images)
         else:
-            idx = _iid_sites(groups, num_sites, rng)
-        names = np.asarray(_site_names(num_sites))
+            idx = iid_sites(groups, num_sites, rng)
+        names = np.asarray(numbered_site_names(num_sites))
         m["site"] = pd.Series(names[idx], index=groups.index).reindex(m["group_id"]).to_numpy()
 
     expected = (
         resolve_names(institutions)
         if scheme == "institutions"
-        else _site_names(num_sites)
+        else numbered_site_names(num_sites)
         if scheme in ("dirichlet", "iid")
         else sorted(m["site"].unique())
     )
@@ -343,7 +170,7 @@ def partition(
     groups["site"] = site_of_group.reindex(groups.index).to_numpy()
     split_of_group: list[pd.Series] = []
     for site, site_groups in groups.groupby("site", sort=True):
-        by_group, site_notes = _split_site(str(site), site_groups, val_frac, test_frac, seed)
+        by_group, site_notes = split_site(str(site), site_groups, val_frac, test_frac, seed)
         split_of_group.append(by_group)
         notes += site_notes
     m["split"] = pd.concat(split_of_group).reindex(m["group_id"]).to_numpy()
@@ -406,7 +233,7 @@ def one_site(
     )
     notes: list[str] = []
     if (given == "").all():
-        by_group, notes = _split_site(site, groups, val_frac, test_frac, seed)
+        by_group, notes = split_site(site, groups, val_frac, test_frac, seed)
         m["split"] = by_group.reindex(m["group_id"]).to_numpy()
     else:
         ids = m["image_id"]
@@ -425,7 +252,7 @@ def one_site(
         n_splits = given.groupby(m["group_id"]).nunique()
         straddle = n_splits.index[n_splits > 1]
         if len(straddle):
-            by_group, notes = _split_site(site, groups, val_frac, test_frac, seed)
+            by_group, notes = split_site(site, groups, val_frac, test_frac, seed)
             m["split"] = by_group.reindex(m["group_id"]).to_numpy()
             notes.insert(
                 0,
@@ -466,8 +293,8 @@ def _carve_missing_splits(
                 f"to make one from"
             )
         try:
-            _, held, how = _group_split(
-                train, groups.loc[train, "label"].to_numpy(), frac, _sub_seed(seed, site, stage)
+            _, held, how = group_split(
+                train, groups.loc[train, "label"].to_numpy(), frac, sub_seed(seed, site, stage)
             )
         except ValueError:
             raise DataError(
