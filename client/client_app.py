@@ -32,6 +32,8 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.message import ServerAsks, message_config
+from client.secagg import answer as secure_answer
+from client.secagg import refuse_plaintext, stage_of
 from common.config import RunConfig
 from common.data.site_data import load_site
 from common.protocol import FEATURE_STATS, TRAIN_KEYS, TRAIN_KEYS_DP
@@ -238,6 +240,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     from client.task import dp_seed, site_feature_stats
     from common.headfit import SENSITIVITY
 
+    refuse_plaintext(context, "feature-statistics")
     run, asks = _config(context, msg)
     if run.head_calibration == "none":
         raise SiteConfigError("site refuses to send feature statistics: head-calibration='none'")
@@ -275,6 +278,15 @@ def _none() -> Iterator[None]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A training request; SecAgg+ stages go to client/secagg.py, which trains through
+    :func:`plain_train` at its collect stage."""
+    if stage := stage_of(msg):
+        return secure_answer(msg, context, stage, plain_train)
+    refuse_plaintext(context, "train")
+    return plain_train(msg, context)
+
+
+def plain_train(msg: Message, context: Context) -> Message:
     from client.task import train_site
     from common.personal import personalize_mode
 

@@ -505,11 +505,6 @@ def _secure_conflict(run: RunConfig) -> str | None:
     """Why SecAgg+ cannot serve the rest of ``run`` (the server sees only the sum)."""
     if run.strategy in NEEDS_EACH_UPDATE:
         return f"strategy={run.strategy} needs each site's update, which SecAgg+ hides"
-    if run.update_norm_factor > 0:
-        return (
-            f"update-norm-factor={run.update_norm_factor:g} compares each site's update, which "
-            "SecAgg+ hides; set it to 0 (each site clips to update-norm-cap instead)"
-        )
     if run.central_dp:
         return f"central-dp={run.central_dp} clips or weighs each site's update; not with SecAgg+"
     if run.head_calibration != "none":

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,11 @@ from server.progress import round_line
 from server.refit import HeadRefit
 from server.report import write_outputs
 from server.rollback import Rollback
+from server.secagg import SecureRound
 from server.sizes import SiteInfo
 from server.strategies import load_strategy_state, make_strategy
 from server.transport import SelectedGrid, reported_exchange
-from server.updates import Aggregation, Updates, enough_updates
+from server.updates import Aggregation, SecureAggregation, Updates, enough_updates
 
 __all__ = ["Federation", "LoopState", "SiteInfo"]
 log = logging.getLogger("fedskin")
@@ -189,10 +191,17 @@ class Federation:
         by_node = {s.node_id: s for s in chosen}
         # The strategy configures, clips and aggregates the packed form (common/wire.py).
         layout, wire = layout_of(arrays), pack(arrays)
-        replies, missing = self._send_train(strategy, server_round, wire, state, list(by_node))
-        updates = Updates.checked(server_round, wire, replies, by_node, self.timeout)
-        updates.bound_norms(chosen, self.run_config)
-        updates.problems.missing(missing, by_node)
+        if secure := self.run_config.secure_aggregation == "secagg+":  # server/secagg.py
+            configure = partial(self._train_messages, strategy, server_round, wire, state)
+            run, timeout = self.run_config, self.timeout
+            updates = SecureRound(run, self._exchange, server_round, chosen, timeout).run(
+                configure, wire
+            )
+        else:
+            replies, missing = self._send_train(strategy, server_round, wire, state, list(by_node))
+            updates = Updates.checked(server_round, wire, replies, by_node, self.timeout)
+            updates.bound_norms(chosen, self.run_config)
+            updates.problems.missing(missing, by_node)
         record.update(
             sampled=[s.site for s in chosen],
             train=updates.train_metrics(),
@@ -200,10 +209,10 @@ class Federation:
             rejected=updates.problems.rejected,
             epsilon=updates.epsilon,
         )
-        if not enough_updates(self.run_config, server_round, len(updates.good)):
+        if not enough_updates(self.run_config, server_round, updates.usable):
             record["aggregated"] = False
             return arrays
-        aggregation = Aggregation(
+        aggregation = (SecureAggregation if secure else Aggregation)(
             self.run_config, strategy, self.statistics, self.ordered_sites(), layout
         )
         return guard.aggregate(aggregation, server_round, arrays, updates, state, record)
@@ -218,14 +227,24 @@ class Federation:
     ) -> tuple[dict[int, Message], list[int]]:
         """The strategy configures the round for the sampled nodes; their replies and the
         nodes that sent none in time."""
+        messages = self._train_messages(strategy, server_round, wire, state, node_ids)
+        return self._exchange(messages, f"round {server_round} training")
+
+    def _train_messages(
+        self,
+        strategy: Any,
+        server_round: int,
+        wire: ArrayRecord,
+        state: LoopState,
+        node_ids: list[int],
+    ) -> list[Message]:
+        """The strategy's train messages of the round for the sampled nodes."""
         # best-round: the best round so far, for sites that keep personal state (client/task.py)
         config = ConfigRecord({"run-tag": state.run_tag, "best-round": state.best_round})
         if (counts := self.class_counts()) is not None:
             config["class-counts"] = counts  # the prior of every site's loss
-        messages = list(
-            strategy.configure_train(server_round, wire, config, SelectedGrid(self.grid, node_ids))
-        )
-        return self._exchange(messages, f"round {server_round} training")
+        grid = SelectedGrid(self.grid, node_ids)
+        return list(strategy.configure_train(server_round, wire, config, grid))
 
     def _evaluate(
         self,

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from common.config import RunConfig
+from common.secagg import float_keys
 from common.wire import unpack
 from server.arrays import array_record, numpy_state
 from server.central_dp import central_spent
@@ -95,6 +96,11 @@ class Updates:
         for name, why in sorted(norm_bound_errors(self.norms, factor, cap, steps).items()):
             del self.good[name]
             self.problems.reject(name, why)
+
+    @property
+    def usable(self) -> int:
+        """How many sites' updates the round can aggregate."""
+        return len(self.good)
 
     def train_metrics(self) -> dict[str, dict[str, float]]:
         return {
@@ -218,3 +224,86 @@ class Aggregation:
             return None
         # Back to tensors; integer buffers (BatchNorm counters) integer after averaging.
         return array_record(unpack(new_arrays, self.layout), self.layout)
+
+
+SECURE_SUM = "secagg+ sum"  # the one update of a SecAgg+ round: the survivors' mean
+
+
+class SecureUpdates(Updates):
+    """A SecAgg+ round's updates (server/secagg.py): no site's own, only the survivors'
+    unmasked weighted mean update, their plaintext train metrics, and the quantisation
+    bound of each element of the mean."""
+
+    def __init__(self, server_round: int, reference: dict[str, np.ndarray], problems: Problems):
+        super().__init__(server_round, reference, problems)
+        self.site_metrics: dict[str, MetricRecord] = {}
+        self.mean: np.ndarray | None = None  # the mean update of the floating-point arrays
+        self.weight = 0.0
+        self.bound = 0.0
+
+    @property
+    def usable(self) -> int:
+        return len(self.site_metrics) if self.mean is not None else 0
+
+    def unmasked(
+        self, metrics: Mapping[str, MetricRecord], mean: np.ndarray, weight: float, bound: float
+    ) -> None:
+        """Keep the unmasked mean: the global model plus it is the round's one update."""
+        self.site_metrics, self.mean, self.weight, self.bound = dict(metrics), mean, weight, bound
+        for name, m in metrics.items():
+            if "epsilon" in m:
+                self.epsilon[name] = float(m["epsilon"])
+        keys = float_keys(self.reference)
+        out, start = dict(self.reference), 0
+        for k in keys:
+            ref = self.reference[k]
+            part = mean[start : start + ref.size].reshape(ref.shape)
+            out[k] = (ref.astype(np.float64) + part).astype(ref.dtype)
+            start += ref.size
+        record = array_record(out)
+        summary = MetricRecord({"num-examples": weight})
+        content = RecordDict({"arrays": record, "metrics": summary})
+        self.good = {
+            SECURE_SUM: (Message(content, dst_node_id=0, message_type="train"), record, summary)
+        }
+
+    def train_metrics(self) -> dict[str, dict[str, float]]:
+        return {
+            n: {k: float(v) for k, v in m.items()} for n, m in sorted(self.site_metrics.items())
+        }
+
+    def sum_error(self, cap: float) -> str | None:
+        """Why the unmasked mean cannot stand: not finite, or longer than the sites' cap
+        allows (each site clipped its update to at most ``cap`` before masking)."""
+        if self.mean is None:
+            return "nothing unmasked"
+        if not np.isfinite(self.mean).all():
+            return "the unmasked sum is not finite"
+        norm, slack = float(np.linalg.norm(self.mean)), self.bound * np.sqrt(self.mean.size)
+        if cap > 0 and norm > cap + slack:
+            return f"the unmasked mean update's norm {norm:.4g} exceeds update-norm-cap={cap:g}"
+        return None
+
+
+class SecureAggregation(Aggregation):
+    """The strategy on a SecAgg+ round's one update (the survivors' mean, weighing their
+    summed pinned weight): FedAvg's mean is that update; FedAdam, FedYogi and FedAvgM
+    step from it; statistics averaged plainly are its own."""
+
+    def weights(self, updates: Updates) -> dict[str, float]:
+        assert isinstance(updates, SecureUpdates)
+        return {name: updates.weight for name in updates.good}
+
+    def __call__(
+        self, server_round: int, updates: Updates, record: dict[str, Any]
+    ) -> ArrayRecord | None:
+        assert isinstance(updates, SecureUpdates)
+        if why := updates.sum_error(self.run.update_norm_cap):
+            log.error(
+                "round %d: %s; round dropped, global model kept (the culprit cannot be named "
+                "under SecAgg+)",
+                server_round,
+                why,
+            )
+            return None
+        return super().__call__(server_round, updates, record)
