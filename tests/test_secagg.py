@@ -153,3 +153,173 @@ def test_secure_round_equals_the_plaintext_round(case: str, tmp_path: Path) -> N
         else:
             np.testing.assert_array_equal(secure[k], ref, err_msg=k)
     assert moved > 100 * bound  # the round did move the model: the comparison means something
+
+
+def test_fedadam_steps_from_the_unmasked_mean(tmp_path: Path) -> None:
+    """FedAdam's step is sign-like (m / sqrt(v)) where the mean update is tiny, so the two
+    runs are compared where the plaintext mean update is far above the quantisation bound,
+    and the server learning rate bounds the step everywhere."""
+    values = {"strategy": "fedadam"}
+    plain, initial, grid, _ = run_round(tmp_path / "plain", values)
+    secure, _, _, result = run_round(
+        tmp_path / "secure", {**values, "secure-aggregation": "secagg+"}
+    )
+    plain_avg, _, _, _ = run_round(tmp_path / "avg", {})  # the same sites' FedAvg mean
+    run = RunConfig.from_mapping({**RUN, **values})
+    bound = quantisation_bound(result, sizes_of(grid), run)
+    compared = 0
+    for k, ref in plain.items():
+        if not np.issubdtype(ref.dtype, np.floating) or k in statistics_of(initial_model(run, 7)):
+            continue
+        mean = plain_avg[k].astype(np.float64) - initial[k].numpy()
+        clear = np.abs(mean) > 1000 * bound
+        # there Adam's step moves by at most server-lr x the mean's relative error (< 1e-3)
+        atol = 2e-3 * run.server_lr + 1e-6
+        np.testing.assert_allclose(secure[k][clear], ref[clear], rtol=0, atol=atol, err_msg=k)
+        assert np.abs(secure[k] - ref).max() <= 2.5 * run.server_lr, k
+        compared += int(clear.sum())
+    assert compared > 100
+
+
+def masked_replies(grid: AppGrid) -> list[Message]:
+    return [r for r in grid.received if r.has_content() and MASKED in r.content.array_records]
+
+
+def test_the_server_sees_only_masked_vectors_and_the_right_sum(tmp_path: Path) -> None:
+    """Every reply of a SecAgg+ round: no weights in any; each masked vector is
+    uncorrelated with its site's true update and spread uniformly over the modulus."""
+    plain, initial, plain_grid, _ = run_round(tmp_path / "plain", {})
+    secure, _, grid, result = run_round(tmp_path / "secure", {"secure-aggregation": "secagg+"})
+    assert all(
+        not r.content.array_records or set(r.content.array_records) == {MASKED}
+        for r in grid.received
+        if r.has_content() and not r.content.config_records.get("info")
+    )
+    wire = pack(initial)
+    keys = sorted(k for k in wire.keys() if "f" in k)
+    truth = {}
+    for r in plain_grid.received:
+        if r.has_content() and "arrays" in r.content.array_records:
+            arrays = r.content.array_records["arrays"]
+            site = str(r.content.config_records["site"]["site"])
+            truth[site] = np.concatenate(
+                [arrays[k].numpy().astype(np.float64) - wire[k].numpy() for k in keys]
+            )
+    masked = masked_replies(grid)
+    assert len(masked) == SITES == len(truth)
+    modulus = RunConfig.defaults().secagg_modulus
+    for r in masked:
+        site = str(r.content.config_records["site"]["site"])
+        vector = r.content.array_records[MASKED]["vector"].numpy().astype(np.float64)
+        corr = np.corrcoef(vector, truth[site])[0, 1]
+        assert abs(corr) < 0.05, (site, corr)
+        # uniform over [0, modulus): mean and spread as a uniform's, whatever the update
+        assert (
+            abs(vector.mean() / modulus - 0.5) < 0.02
+            and abs(vector.std() / modulus - 0.2887) < 0.02
+        )
+    for k, ref in plain.items():  # and yet the sum is the plaintext one
+        np.testing.assert_allclose(secure[k], ref, atol=1e-4)
+
+
+def test_a_site_dropping_after_the_key_exchange_leaves_the_survivors_mean(
+    tmp_path: Path, caplog
+) -> None:
+    gone = {102: COLLECT}  # vidir_molemax answers the key exchange, then nothing
+    plain, _, grid, _ = run_round(tmp_path / "plain", {}, silent=gone)
+    secure, _, _, result = run_round(
+        tmp_path / "secure", {"secure-aggregation": "secagg+"}, silent=gone
+    )
+    record = result["rounds"][0]
+    assert record["aggregated"] and sorted(record["train"]) == ["rosendahl", "vidir_modern"]
+    assert "vidir_molemax" in record["failures"]
+    bound = quantisation_bound(result, sizes_of(grid), RunConfig.from_mapping(RUN))
+    for k, ref in plain.items():
+        np.testing.assert_allclose(secure[k], ref, atol=bound + 1e-6, err_msg=k)
+
+
+def test_below_the_threshold_the_round_is_skipped_and_the_model_kept(
+    tmp_path: Path, caplog
+) -> None:
+    values = {"secure-aggregation": "secagg+", "secagg-threshold": 3}
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        secure, initial, _, result = run_round(tmp_path, values, silent={101: COLLECT})
+    assert not result["rounds"][0]["aggregated"]
+    for k, v in initial.items():
+        np.testing.assert_array_equal(secure[k], v.numpy(), err_msg=k)
+    line = next(r.getMessage() for r in caplog.records if "below the threshold" in r.getMessage())
+    assert "2 of 3 sites left" in line and "missing: vidir_modern" in line and "model kept" in line
+
+
+def test_a_site_requiring_secure_aggregation_refuses_plaintext(tmp_path: Path, caplog) -> None:
+    node = {0: {"require-secure-aggregation": True}}
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        _, _, grid, result = run_round(tmp_path / "plain", {}, node=node)
+    assert "rosendahl" in result["rounds"][0]["failures"]
+    refused = [r for r in grid.received if r.has_error()]
+    assert len(refused) == 1 and "require-secure-aggregation=true" in refused[0].error.reason
+    assert not refused[0].has_content()  # nothing of the site's leaves with the refusal
+    said = [r for r in caplog.records if r.getMessage().startswith("site refuses a plaintext")]
+    assert len(said) == 1 and said[0].module == "secagg"
+    _, _, _, result = run_round(tmp_path / "secure", {"secure-aggregation": "secagg+"}, node=node)
+    assert sorted(result["rounds"][0]["train"]) == ["rosendahl", "vidir_modern", "vidir_molemax"]
+
+
+def test_bad_settings_each_give_one_line() -> None:
+    run = RunConfig.from_mapping({"secure-aggregation": "secagg+", "secagg-threshold": 5})
+    with pytest.raises(ConfigError) as err:
+        settings(run, 4)
+    assert str(err.value) == (
+        "secagg-threshold=5 needs 5 sites to unmask, but 4 are sampled per round (secure "
+        "aggregation needs at least 2)"
+    )
+    for strategy in ("fedmedian", "krum", "bulyan"):
+        with pytest.raises(ConfigError, match=f"strategy={strategy} needs each site's update"):
+            RunConfig.from_mapping({"secure-aggregation": "secagg+", "strategy": strategy})
+    with pytest.raises(ConfigError, match="power of 2"):
+        RunConfig.from_mapping({"secure-aggregation": "secagg+", "secagg-modulus": 3 * 2**30})
+
+
+def truncate_shares(msg: Message, reply: Message) -> Message:
+    """vidir_modern's key-sharing reply loses its last ciphertext."""
+    if msg.metadata.dst_node_id == 101 and message_config(msg).get(STAGE_KEY) == SHARE_KEYS:
+        record = reply.content.config_records[RECORD]
+        record["dsts"], record["ciphertexts"] = record["dsts"][:-1], record["ciphertexts"][:-1]
+    return reply
+
+
+def test_a_truncated_stage_reply_rejects_that_site_by_name(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        _, _, _, result = run_round(
+            tmp_path, {"secure-aggregation": "secagg+"}, tamper=truncate_shares
+        )
+    record = result["rounds"][0]
+    assert record["aggregated"] and sorted(record["train"]) == ["rosendahl", "vidir_molemax"]
+    assert (
+        "share-keys: shares for 1 sites, expected one for each of 2"
+        in record["rejected"]["vidir_modern"]
+    )
+
+
+def test_a_share_for_the_wrong_site_is_refused_by_the_site(tmp_path: Path, caplog) -> None:
+    """The server relays to rosendahl the shares vidir_modern encrypted for vidir_molemax:
+    rosendahl cannot decrypt them and says so in one line; the others go on."""
+    original = AppGrid.push_messages
+
+    def swap(self: AppGrid, messages):
+        messages = list(messages)
+        for m in messages:
+            if message_config(m).get(STAGE_KEY) == COLLECT and m.metadata.dst_node_id == 100:
+                record = m.content.config_records[RECORD]
+                record["ciphertexts"] = [self.stolen] + list(record["ciphertexts"])[1:]
+            if message_config(m).get(STAGE_KEY) == COLLECT and m.metadata.dst_node_id == 102:
+                self.stolen = m.content.config_records[RECORD]["ciphertexts"][0]
+        return original(self, messages)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AppGrid, "push_messages", swap)
+        mp.setattr(AppGrid, "stolen", b"", raising=False)
+        _, _, _, result = run_round(tmp_path, {"secure-aggregation": "secagg+"})
+    record = result["rounds"][0]
+    assert "secagg collect" in record["failures"]["rosendahl"]
+    assert record["aggregated"] and sorted(record["train"]) == ["vidir_modern", "vidir_molemax"]
