@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,16 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.message import ServerAsks, message_config
+from client.message import ServerAsks, run_values
 from client.secagg import answer as secure_answer
 from client.secagg import refuse_plaintext, stage_of
-from common.config import RunConfig
+from common.config import RunConfig, value_of
 from common.data.site_data import load_site
 from common.protocol import FEATURE_STATS, TRAIN_KEYS, TRAIN_KEYS_DP
 from common.rundir import atomic_write_text
 from common.siteconfig import (
     SiteConfigError,
+    SiteSettings,
     confined,
     eval_split,
     is_simulation,
@@ -47,8 +49,9 @@ from common.siteconfig import (
     require_state_dir,
     run_tag,
     safe_name,
-    site_config,
     site_delta,
+    site_node,
+    site_settings,
 )
 from common.version import version
 
@@ -62,7 +65,7 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     Flower's client-side DP wrapper, which relies on every site clipping its own update
     before it leaves; any other setting passes messages through untouched.
     """
-    kind = RunConfig.from_flat(context.run_config).central_dp
+    kind = value_of(context.run_config, "central-dp")  # one key: the site's settings come later
     if msg.metadata.message_type != MessageType.TRAIN or not kind.startswith("client-"):
         return call_next(msg, context)
     mod = fixedclipping_mod if kind == "client-fixed" else adaptiveclipping_mod
@@ -72,12 +75,18 @@ def central_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 app = ClientApp(mods=[central_dp_mod])
 
 
-def _config(context: Context, msg: Message | None = None) -> tuple[RunConfig, ServerAsks]:
+def _config(context: Context, msg: Message | None = None) -> tuple[SiteSettings, ServerAsks]:
     """Run config, the site's node config on top, then the server's per-round config, which
     may not touch the site's own keys (data, privacy budget, state, identity: see
-    :mod:`common.siteconfig`): typed once, here, with the message's own fields apart."""
-    run = site_config(context.run_config, context.node_config, message_config(msg))
-    return run, ServerAsks.of(msg)
+    :mod:`common.siteconfig`): merged and typed once per message, here, with the message's
+    own fields (the round, FedProx's mu) apart."""
+    settings = site_settings(context.run_config, context.node_config, run_values(msg))
+    return settings, ServerAsks.of(msg)
+
+
+def _data(run: RunConfig, context: Context) -> Any:
+    """The site's data, for the merged settings (the node config's data keys are in them)."""
+    return load_site(run, site_node(context.node_config))
 
 
 # What a train reply's metrics hold: common/protocol.py (tests/test_site_control.py checks
@@ -104,11 +113,11 @@ def _dp_tag(asks: ServerAsks, context: Context) -> str:
     return run_tag(asks.run_tag)
 
 
-def _load_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, n_train: int):
+def _load_dp(settings: SiteSettings, asks: ServerAsks, context: Context, site: str, n_train: int):
     """The site's accountant lives across rounds: client state, or a file at the site."""
     from common.privacy import DPConfig, DPSession
 
-    state = None
+    run, state = settings.run, None
     if "dp" in context.state.config_records:
         state = str(context.state.config_records["dp"]["session"])
     path = _dp_state_file(run, site, _dp_tag(asks, context))
@@ -119,8 +128,8 @@ def _load_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, n_tr
         return DPSession.from_json(state, secure=secure)
     steps = run.steps_per_round(n_train)
     # The smaller of the site's delta and the run's; a site's own above 1/n-train: refused.
-    delta = _refuse(site_delta, run, context.run_config, n_train)
-    cfg = DPConfig.from_run(run.with_values({"target-delta": delta}))
+    delta = _refuse(site_delta, settings, n_train)
+    cfg = replace(DPConfig.from_run(run), target_delta=delta)
     return DPSession(cfg, n_train, run.batch_size, steps, secure=secure)
 
 
@@ -208,8 +217,9 @@ def query(msg: Message, context: Context) -> Message:
     ``class-prior = "federation"`` and no DP, also its training class counts (the server
     sums them into the prior every site's loss uses; under DP they are not covered by the
     accountant, so they are never sent)."""
-    run, _ = _config(context, msg)
-    data = load_site(run, context.node_config)
+    settings, _ = _config(context, msg)
+    run = settings.run
+    data = _data(run, context)
     # At a hospital the line goes to the SuperNode's console (Flower's logger); in a
     # simulation every site runs the server's code, and fedskin's logger keeps it quiet.
     say = log.info if is_simulation(context.node_config) else logging.getLogger("flwr").info
@@ -241,16 +251,17 @@ def feature_stats(msg: Message, context: Context) -> Message:
     from common.headfit import SENSITIVITY
 
     refuse_plaintext(context, "feature-statistics")
-    run, asks = _config(context, msg)
+    settings, asks = _config(context, msg)
+    run = settings.run
     if run.head_calibration == "none":
         raise SiteConfigError("site refuses to send feature statistics: head-calibration='none'")
-    _refuse(require_run_dp, run, context.run_config)
+    _refuse(require_run_dp, settings)
     _refuse(require_state_dir, run, context.node_config)
-    data = load_site(run, context.node_config)
+    data = _data(run, context)
     meta, release = ConfigRecord({"site": data.site}), None
     with _lifetime(run, data.site, context) if run.dp else _none() as ledger:
         if run.dp:
-            session = _load_dp(run, asks, context, data.site, data.n("train"))
+            session = _load_dp(settings, asks, context, data.site, data.n("train"))
 
             def release() -> tuple[float, int]:  # spent and saved before anything leaves
                 spend = session.head_release()
@@ -290,11 +301,12 @@ def plain_train(msg: Message, context: Context) -> Message:
     from client.task import train_site
     from common.personal import personalize_mode
 
-    run, asks = _config(context, msg)
+    settings, asks = _config(context, msg)
+    run = settings.run
     personalize_mode(run)  # refused before any DP step is taken (see common/personal.py)
-    _refuse(require_run_dp, run, context.run_config)
+    _refuse(require_run_dp, settings)
     _refuse(require_state_dir, run, context.node_config)
-    data = load_site(run, context.node_config)
+    data = _data(run, context)
     n_train = data.n("train")
     if not run.dp:
         # context.state keeps the personal entries of personalize=fedbn|ditto; never sent
@@ -302,7 +314,7 @@ def plain_train(msg: Message, context: Context) -> Message:
         metrics["num-examples"] = n_train
         return _train_reply(msg, arrays, metrics, data.site)
     with _lifetime(run, data.site, context) as ledger:
-        session = _load_dp(run, asks, context, data.site, n_train)
+        session = _load_dp(settings, asks, context, data.site, n_train)
         if not session.can_train_round():
             log.warning("site %s: privacy budget spent, not training this round", data.site)
             return _exhausted(msg, session, data.site)
@@ -355,10 +367,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     with ``personalize``, the site's personalised model (see :mod:`common.personal`)."""
     from client.task import evaluate_received
 
-    run, asks = _config(context, msg)
+    settings, asks = _config(context, msg)
+    run = settings.run
     split = eval_split(asks.split)  # never the train split: it is what DP protects
-    _refuse(require_run_dp, run, context.run_config)
-    data = load_site(run, context.node_config)
+    _refuse(require_run_dp, settings)
+    data = _data(run, context)
     reply = evaluate_received(run, msg, data, split, context.state)
     content = RecordDict(
         {"metrics": MetricRecord(reply), "site": ConfigRecord({"site": data.site})}

@@ -1,9 +1,9 @@
 """What the server's message says about that one message, read in one place at the site.
 
 A train or evaluate message carries a flat config record. Besides run-config keys (which
-:func:`common.siteconfig.site_config` merges under the site's rules and
-:class:`common.config.RunConfig` types), it holds fields that belong to the message, not to
-the run: the round, the server's best round so far, the split to score, the run's tag,
+:func:`common.siteconfig.site_settings` merges under the site's rules into the one
+:class:`common.config.RunConfig` of the message), it holds fields that belong to the message,
+not to the run: the round, the server's best round so far, the split to score, the run's tag,
 from FedProx the proximal term's mu, and the federation's training class counts.
 :class:`ServerAsks` is those fields, typed; nothing else at the site reads them from the
 record.
@@ -24,6 +24,16 @@ def message_config(msg: Message | None) -> dict[str, Any]:
     if msg is None or CONFIG not in msg.content.config_records:
         return {}
     return dict(msg.content.config_records[CONFIG])
+
+
+# The message's own fields (ServerAsks), never merged into the site's run config: FedProx's
+# proximal-mu means its term in this round's training, not the run config's key.
+OWN_FIELDS = ("server-round", "best-round", "split", "run-tag", "proximal-mu", "class-counts")
+
+
+def run_values(msg: Message | None) -> dict[str, Any]:
+    """The message's config without its own fields: the run-config values it asks for."""
+    return {k: v for k, v in message_config(msg).items() if k not in OWN_FIELDS}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,35 +30,24 @@ from pydantic import (
 
 from common.data.formats import FORMAT_CLASSES  # the format registry: imports no loader
 from common.errors import ConfigError as ConfigError
-from common.keyrules import config_error, field_rule, field_type, unknown_key
+from common.keyrules import config_error, field_rule, field_type, field_value, unknown_key
 
 # Defined once, in a leaf that imports nothing: the code that acts on them imports them too.
+from common.names import CENTRAL_DP as CENTRAL_DP  # server/central_dp.py
 from common.names import GRAD_SAMPLE_MODES as GRAD_SAMPLE_MODES  # common/privacy.py
+from common.names import LOSSES as LOSSES  # common/losses.py
 from common.names import MANIFEST_KEYS as MANIFEST_KEYS  # common/data/site_data.py
 from common.names import OPTIMIZERS as OPTIMIZERS  # common/train.py
+from common.names import PERSONALIZE as PERSONALIZE  # common/personal.py
 from common.names import SCHEMES as SCHEMES  # common/data/partition.py
 
-# The other allowed values. STRATEGIES is owned here; the rest copy constants of modules that
-# import torch, so that checking a config stays light (tests/test_config.py checks each
-# equals the code's own constant).
-STRATEGIES = (  # owned here; server/strategies.py builds each of them
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedavgm",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
+# The other allowed values. STRATEGIES is owned here (server/strategies.py builds each); the
+# rest are used only where the config is read.
+STRATEGIES = tuple(  # owned here; server/strategies.py builds each of them
+    "fedavg fedprox fedadam fedyogi fedavgm fedmedian fedtrimmedavg krum multikrum bulyan".split()
 )
-# server/strategies.py derives its own from its DP wrappers (CENTRAL_DP_WRAPPERS)
-CENTRAL_DP = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 LR_SCHEDULES = ("constant", "cosine")  # common/train.py: round_lr
 CLASS_PRIORS = ("federation", "site")  # whose class counts the loss uses (common/train.py)
-LOSSES = ("ce", "weighted-ce", "focal", "weighted-focal", "balanced-softmax")  # common/losses.py
-PERSONALIZE = ("", "fedbn", "finetune", "ditto")  # common/personal.py
 HEAD_CALIBRATIONS = ("none", "lda")  # common/headfit.py
 SECURE_AGGREGATION = ("none", "secagg+")  # server/secagg.py
 # Strategies that need each site's update, which SecAgg+ hides.
@@ -523,11 +511,6 @@ def check_keys(values: Mapping[str, Any]) -> None:
             raise unknown_key(str(key), value, config_keys())
 
 
-def key_help(key: str) -> str:
-    """A key's one-line help: its field's description ("" if none)."""
-    return RunConfig.model_fields[_name(key)].description or ""
-
-
 def key_type(key: str) -> str:
     """A key's type as TOML writes it: bool, int, float or str."""
     return field_type(RunConfig.model_fields[_name(key)])
@@ -538,21 +521,14 @@ def key_rule(key: str) -> dict[str, Any]:
     return field_rule(RunConfig.model_fields[_name(key)])
 
 
-@cache
-def _adapter(key: str) -> TypeAdapter:
-    field = RunConfig.model_fields[_name(key)]
-    return TypeAdapter(Annotated[field.annotation, *field.metadata], config=SCHEMA)
-
-
-def checked_value(key: str, value: Any) -> Any:
-    """One key's value, typed and checked by its own rule (not the rules tying keys
-    together, which :class:`RunConfig` applies): for code that merges layers of settings
-    before it builds the one typed config (common/siteconfig.py)."""
-    check_keys({key: value})
-    try:
-        return _adapter(key).validate_python(value)
-    except ValidationError as err:
-        raise _error(err, {key: value}, key) from None
+def value_of(values: Mapping[str, Any], key: str) -> Any:
+    """One key's typed value in a flat dict (its default when absent), checked by its own
+    rule without building a whole :class:`RunConfig`: for code that merges layers of
+    settings before it builds the one typed config (common/siteconfig.py)."""
+    fields = RunConfig.model_fields
+    if key not in values:
+        return fields[_name(key)].default if _name(key) in fields else check_keys({key: None})
+    return field_value(fields, key, values[key], SCHEMA)
 
 
 def _error(err: ValidationError, values: Mapping[str, Any], key: str = "") -> ConfigError:

@@ -7,9 +7,9 @@ and uses these to word its refusals; ``fedskin keys`` shows the same rules.
 
 import difflib
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from common.errors import ConfigError
@@ -77,6 +77,25 @@ def config_error(
     if first["type"] == "extra_forbidden" or name not in fields:
         return unknown_key(key, value, [n.replace("_", "-") for n in fields])
     return ConfigError(f"{key}={value!r}: {_rule_text(first, field_rule(fields[name]), value)}")
+
+
+_ADAPTERS: dict[int, TypeAdapter] = {}  # by field: one validator per key and process
+
+
+def field_value(fields: Mapping[str, FieldInfo], key: str, value: Any, config: ConfigDict) -> Any:
+    """One key's value typed and checked by its field's own rule (not the rules tying keys
+    together), refused in one line as :func:`config_error` words it."""
+    name = key.replace("-", "_")
+    if name not in fields:
+        raise unknown_key(key, value, [n.replace("_", "-") for n in fields])
+    field = fields[name]
+    if id(field) not in _ADAPTERS:
+        kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        _ADAPTERS[id(field)] = TypeAdapter(kind, config=config)
+    try:
+        return _ADAPTERS[id(field)].validate_python(value)
+    except ValidationError as err:
+        raise config_error(err, {key: value}, fields, key) from None
 
 
 def _rule_text(problem: Mapping[str, Any], rule: Mapping[str, Any], value: Any) -> str:

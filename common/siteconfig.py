@@ -13,7 +13,7 @@ These rules make the server able to ask for *less* exposure but never more:
 * the site's own budget and limits (:data:`STRICTER_KEYS`: ``target-epsilon``,
   ``target-delta``, ``site-epsilon-limit``, ``max-image-size``) can be lowered by the run
   config, never raised: the smaller value wins. A deployed site's own value is its node
-  config's or, where that is silent, the packaged default (``common/defaults.toml``), never
+  config's or, where that is silent, the schema's default (common/config.py), never
   the server-written run config's; ``target-delta = 0`` stands for 1 / (10 n-train), so its
   rule is applied once the site's training count is known (:func:`site_delta`), and a site
   whose own delta is above 1 / n-train refuses DP work;
@@ -38,10 +38,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, known_keys, run_config_of
+from common.config import RunConfig, known_keys, run_config_of, value_of
 from common.data import site_data
 from common.data.schema import SourceData
 from common.data.site_data import SiteData, node_data_values
@@ -91,13 +92,90 @@ def _given(values: Mapping[str, Any], key: str) -> bool:
     return key in values and values[key] is not None and values[key] != ""
 
 
-def _checked(run: RunConfig, values: Mapping[str, Any], whose: str) -> RunConfig:
-    """``run`` with some run-config keys set by ``whose`` (the site's node config, the
-    server's message), checked by the same rules as the run config itself."""
+@dataclass(frozen=True)
+class SiteSettings:
+    """What a site acts on for one message, merged once (:func:`site_settings`)."""
+
+    run: RunConfig  # run config, node config and the message's values under the site's rules
+    run_dp: bool  # the run's own dp: its model is built with or without DP (require_run_dp)
+    run_delta: float  # the run's own target-delta, weighed against the site's (site_delta)
+
+
+def _own(key: str, value: Any, whose: str) -> Any:
+    """A value some layer (the site's node config, the server's message) sets, typed and
+    checked by the key's rule; refused in one line naming whose value it was."""
     try:
-        return run.with_values(values)
+        return value_of({key: value}, key)
     except ConfigError as e:
         raise ConfigError(f"{whose}: {e}") from None
+
+
+def site_settings(
+    run_config: Mapping[str, Any],
+    node_config: Mapping[str, Any],
+    message_config: Mapping[str, Any] | None = None,
+) -> SiteSettings:
+    """The settings a site acts on: run config, the site's node config, the server's message,
+    merged key by key and typed once (one :class:`RunConfig`).
+
+    The node config wins for :data:`SITE_KEYS`; the message may set any other run-config key
+    (the learning rate) but none of :data:`SITE_KEYS`; its own fields (the round, FedProx's
+    mu: client/message.py) are the caller's to leave out. Every value is typed and checked
+    as the run config is; paths are checked and resolved (:func:`check_paths`).
+    """
+    deployed = not is_simulation(node_config)
+    values = {k: v for k, v in run_config.items() if k in _KNOWN}
+    if deployed:  # a deployed site's folders are its own
+        for key in PATH_KEYS:
+            if (value := value_of(values, key)) and not _given(node_config, key):
+                log.warning(
+                    "site: ignored the run config's %s=%r: a site's paths come from its "
+                    "--node-config",
+                    key,
+                    value,
+                )
+            values[key] = ""
+    own = {
+        k: _own(k, node_config[k], "the site's node config")
+        for k in SITE_KEYS & _KNOWN
+        if _given(node_config, k)
+    }
+    if deployed:  # silent: the schema's default, not the server's value
+        own = {k: RunConfig.model_fields[k.replace("-", "_")].default for k in STRICTER_KEYS} | own
+    # The server may ask for more privacy, never less: DP if either side asks for it, and
+    # the smaller of two budgets or limits. The site's own target-delta stays: 0 means
+    # 1 / (10 n-train), so the run's value is weighed against it by site_delta.
+    run_dp = value_of(values, "dp")
+    site = {k: own.get(k, value_of(values, k)) for k in (*STRICTER_KEYS, "dp")}
+    stricter = {k: min(value_of(values, k), site[k]) for k in STRICTER_KEYS if k != "target-delta"}
+    mine = own | stricter | {"dp": run_dp or site["dp"]}
+    asked = {}
+    for key, value in (message_config or {}).items():
+        if key in SITE_KEYS:
+            held = (
+                (mine[key] if key in mine else value_of(values, key))
+                if key in _KNOWN
+                else (node_config.get(key, ""))
+            )
+            if str(value) != str(held):
+                log.warning(
+                    "site: ignored the server's %s=%r: the site's own setting (%r) stays",
+                    key,
+                    value,
+                    held,
+                )
+        elif key in _KNOWN:
+            asked[key] = _own(key, value, "the server's message")
+    merged = check_paths({**values, **mine, **asked})
+    run = check_image_size(RunConfig.from_mapping(merged))
+    if run.dp and run.grad_sample_mode == "ghost" and deployed:
+        # ghost clipping never forms per-sample gradients, so one image's non-finite
+        # gradient cannot be zeroed before the clip (common/train.py): not at a real site
+        raise SiteConfigError(
+            "grad-sample-mode='ghost': refused under DP at a deployed site (its per-sample "
+            "gradients cannot be checked for non-finite values); use auto, hooks or functorch"
+        )
+    return SiteSettings(run, run_dp, value_of(values, "target-delta"))
 
 
 def site_config(
@@ -105,56 +183,15 @@ def site_config(
     node_config: Mapping[str, Any],
     message_config: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """The settings a site acts on: run config, the site's node config, the server's message.
+    """The merged run config of :func:`site_settings`."""
+    return site_settings(run_config, node_config, message_config).run
 
-    The node config wins for :data:`SITE_KEYS`; the message may set any other run-config key
-    (FedProx's mu, the learning rate) but none of :data:`SITE_KEYS`. Every value is typed and
-    checked as the run config is; paths are checked and resolved (:func:`check_paths`).
-    """
-    run = RunConfig.from_flat(run_config)
-    if not is_simulation(node_config):  # a deployed site's folders are its own
-        for key in PATH_KEYS:
-            value = run.value(key)
-            if value and not _given(node_config, key):
-                log.warning(
-                    "site: ignored the run config's %s=%r: a site's paths come from its "
-                    "--node-config",
-                    key,
-                    value,
-                )
-        run = run.with_values(dict.fromkeys(PATH_KEYS, ""))
-    own = {k: node_config[k] for k in SITE_KEYS & _KNOWN if _given(node_config, k)}
-    site = _checked(run, own, "the site's node config")
-    if not is_simulation(node_config):  # silent: the packaged default, not the server's value
-        packaged = RunConfig.defaults()
-        site = site.with_values({k: packaged.value(k) for k in STRICTER_KEYS if k not in own})
-    # The server may ask for more privacy, never less: DP if either side asks for it, and
-    # the smaller of two budgets or limits. The site's own target-delta stays: 0 means
-    # 1 / (10 n-train), so the run's value is weighed against it by site_delta.
-    stricter = {k: min(run.value(k), site.value(k)) for k in STRICTER_KEYS if k != "target-delta"}
-    site = site.with_values({"dp": run.dp or site.dp, **stricter})
-    asked = {}
-    for key, value in (message_config or {}).items():
-        if key in SITE_KEYS:
-            mine = site.value(key) if key in _KNOWN else node_config.get(key, "")
-            if str(value) != str(mine):
-                log.warning(
-                    "site: ignored the server's %s=%r: the site's own setting (%r) stays",
-                    key,
-                    value,
-                    mine,
-                )
-        elif key in _KNOWN:
-            asked[key] = value
-    merged = check_image_size(check_paths(_checked(site, asked, "the server's message")))
-    if merged.dp and merged.grad_sample_mode == "ghost" and not is_simulation(node_config):
-        # ghost clipping never forms per-sample gradients, so one image's non-finite
-        # gradient cannot be zeroed before the clip (common/train.py): not at a real site
-        raise SiteConfigError(
-            "grad-sample-mode='ghost': refused under DP at a deployed site (its per-sample "
-            "gradients cannot be checked for non-finite values); use auto, hooks or functorch"
-        )
-    return merged
+
+def site_node(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The node config without the data keys :func:`site_settings` already merged (and
+    resolved): what the data pipeline needs besides the merged config (the site's name,
+    its partition)."""
+    return {k: v for k, v in node_config.items() if k == "site" or k not in DATA_KEYS}
 
 
 def check_image_size(run: RunConfig) -> RunConfig:
@@ -168,28 +205,26 @@ def check_image_size(run: RunConfig) -> RunConfig:
     return run
 
 
-def site_delta(
-    cfg: RunConfig | Mapping[str, Any], run_config: RunConfig | Mapping[str, Any], n_train: int
-) -> float:
-    """The delta a site's DP accountant uses: the smaller of the site's own (``cfg``: the
-    merged settings of :func:`site_config`) and the run's (``run_config``), each
-    ``0 -> 1 / (10 n_train)``. Refused when the site's own delta is above 1 / n_train (a
-    guarantee that allows publishing a whole record)."""
+def site_delta(settings: SiteSettings, n_train: int) -> float:
+    """The delta a site's DP accountant uses: the smaller of the site's own (the merged
+    settings') and the run's own, each ``0 -> 1 / (10 n_train)``. Refused when the site's
+    own delta is above 1 / n_train (a guarantee that allows publishing a whole record)."""
     auto = 1.0 / (10 * n_train)
-    own = run_config_of(cfg).target_delta or auto
+    own = settings.run.target_delta or auto
     if own > 1.0 / n_train:
         raise SiteConfigError(
             f"target-delta={own:g}: above 1/n-train = 1/{n_train} ({1.0 / n_train:.3g}) at "
             "this site; set target-delta <= 1/n-train (0: 1/(10 n-train)) to train under DP"
         )
-    return min(own, run_config_of(run_config).target_delta or auto)
+    return min(own, settings.run_delta or auto)
 
 
-def check_paths(run: RunConfig) -> RunConfig:
-    """Resolve the path keys; a folder the site writes to may not contain ``..``."""
-    resolved = {}
+def check_paths(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the path keys resolved; a folder the site writes to may not contain
+    ``..``."""
+    resolved = dict(values)
     for key in PATH_KEYS:
-        value = run.value(key)
+        value = value_of(values, key)
         if not value:
             continue
         if key in WRITTEN_DIRS and ".." in Path(value).parts:
@@ -197,7 +232,7 @@ def check_paths(run: RunConfig) -> RunConfig:
                 f"{key}={value!r}: must not contain '..' (name the folder itself)"
             )
         resolved[key] = str(Path(value).expanduser().resolve())
-    return run.with_values(resolved)
+    return resolved
 
 
 def safe_name(value: Any, what: str) -> str:
@@ -233,12 +268,10 @@ def eval_split(split: str) -> str:
     return split
 
 
-def require_run_dp(
-    cfg: RunConfig | Mapping[str, Any], run_config: RunConfig | Mapping[str, Any]
-) -> None:
-    """A site that keeps DP on (``cfg``: its merged settings) refuses a run whose model is
-    built without it (``run_config``: the run's own)."""
-    if run_config_of(cfg).dp and not run_config_of(run_config).dp:
+def require_run_dp(settings: SiteSettings) -> None:
+    """A site that keeps DP on (its merged settings) refuses a run whose model is built
+    without it (the run's own dp)."""
+    if settings.run.dp and not settings.run_dp:
         raise SiteConfigError(
             "dp=true at this site (its --node-config) but the run is configured without "
             "sample-level DP (dp=false): refusing to train or score its model"

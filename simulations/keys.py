@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common.config import RunConfig, config_keys, key_help, key_rule, key_type
+from common.config import RunConfig, config_keys, key_rule, key_type
 from common.keyrules import bounds_text
 
 
@@ -37,13 +37,12 @@ def _allowed(kind: str, rule: dict[str, Any]) -> str:
 
 def key_infos() -> list[KeyInfo]:
     """Every run-config key in declaration order (that of common/config.py)."""
-    defaults = RunConfig.defaults().to_flat()
-    return [
-        KeyInfo(
-            key, defaults[key], key_type(key), _allowed(key_type(key), key_rule(key)), key_help(key)
-        )
-        for key in config_keys()
-    ]
+    defaults, fields = RunConfig.defaults().to_flat(), RunConfig.model_fields
+    infos = []
+    for key in config_keys():
+        kind, help_ = key_type(key), fields[key.replace("-", "_")].description or ""
+        infos.append(KeyInfo(key, defaults[key], kind, _allowed(kind, key_rule(key)), help_))
+    return infos
 
 
 def matching(word: str | None) -> list[KeyInfo]:

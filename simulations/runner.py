@@ -44,7 +44,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def default_config() -> dict[str, Any]:
-    """The app's run config defaults (``common/defaults.toml``, shipped with the package)."""
+    """The app's run config defaults (the schema's: common/config.py)."""
     return RunConfig.defaults().to_flat()
 
 
