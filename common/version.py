@@ -8,8 +8,10 @@ sends it in its discovery reply, so that the server can name a site that runs ot
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
+import urllib.parse
 from importlib import metadata
 from pathlib import Path
 
@@ -48,9 +50,31 @@ def git_describe(root: Path = ROOT) -> str | None:
     return text if text and text.isprintable() and len(text) <= 80 else None
 
 
+def source_checkout(root: Path = ROOT) -> Path | None:
+    """The git checkout this fedskin comes from: ``root`` (the code's own folder) when it is
+    one, else the folder the installed distribution was installed from in editable mode
+    (``pip install -e``, recorded in its ``direct_url.json``). The second is the case of an
+    app Flower runs from an unpacked FAB (the ServerApp): its code is the installed code, so
+    it reports the same version as a site that runs the installed ClientApp."""
+    if (root / ".git").exists():
+        return root
+    for dist in metadata.distributions(name=DISTRIBUTION):  # an egg-info beside may come first
+        try:
+            record = json.loads(dist.read_text("direct_url.json") or "{}")
+        except ValueError:
+            continue
+        url = urllib.parse.urlparse(str(record.get("url", "")))
+        if url.scheme == "file" and record.get("dir_info", {}).get("editable"):
+            path = Path(urllib.parse.unquote(url.path))
+            return path if (path / ".git").exists() else None
+    return None
+
+
 @functools.cache
 def version() -> str:
-    """``0.1.0``, or ``0.1.0 (git b52a596-dirty)`` when run from a git checkout."""
+    """``0.1.0``, or ``0.1.0 (git b52a596-dirty)`` when run from a git checkout (or from an
+    editable install of one)."""
     base = package_version()
-    described = git_describe()
+    checkout = source_checkout()
+    described = git_describe(checkout) if checkout else None
     return f"{base} (git {described})" if described else base

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -355,3 +356,76 @@ def poll_until(
             raise RuntimeError(f"gave up waiting for {what}: the deployment is gone")
         time.sleep(every)
     raise TimeoutError(f"{what}: not within {timeout}s")
+
+
+# ----------------------------------------------------------------- systemd units and the guide
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # its default
+Unit = dict[str, list[tuple[str, str]]]  # [Section] -> (key, value) pairs in order
+
+
+def read_unit(path: Path) -> Unit:
+    """A unit file's ``[Section]`` -> ``(key, value)`` pairs in order (keys may repeat), with
+    systemd's syntax: ``#``/``;`` comments, a trailing backslash continues the line."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        key, sep, value = line.partition("=")
+        if current is None or not sep:
+            raise ValueError(f"{path}: not a unit file line: {line!r}")
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def unit_value(unit: Unit, section: str, key: str) -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def read_environment_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines as systemd's ``EnvironmentFile=`` reads them (a value may be
+    enclosed in double or single quotes; ``#`` lines are comments)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, _, value = line.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def unit_command(unit: Unit, env: dict[str, str]) -> list[str]:
+    """``ExecStart=`` as systemd runs it: split into words (quotes respected), then ``${VAR}``
+    replaced inside a word (one word), a word that is just ``$VAR`` split at whitespace."""
+    (line,) = unit_value(unit, "Service", "ExecStart")
+    argv: list[str] = []
+    for word in shlex.split(line):
+        bare = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if bare:
+            argv += env.get(bare.group(1), "").split()
+        else:
+            argv.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env[m.group(1)], word))
+    return argv
+
+
+def unit_environment(unit: Unit, base: dict[str, str]) -> dict[str, str]:
+    """``base`` (what systemd gives every service), then ``Environment=``, then the
+    ``EnvironmentFile=`` settings, which override it (systemd.exec(5))."""
+    env = dict(base)
+    for value in unit_value(unit, "Service", "Environment"):
+        env.update(dict(item.split("=", 1) for item in shlex.split(value)))
+    for value in unit_value(unit, "Service", "EnvironmentFile"):
+        env.update(read_environment_file(Path(value.removeprefix("-"))))
+    return env

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from typer.testing import CliRunner
 
 from server.deploy import FederationFiles, add_site_keys, make_federation
 from server.deploy_cli import deploy_app
+from tests.deploy_harness import read_unit, unit_command, unit_value
 
 SITES = ["hospital-a", "hospital_b", "clinic.c"]
 
@@ -418,3 +423,98 @@ def test_deploy_add_site_with_a_replaced_ca_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "ca.crt: refusing to copy it to new sites" in lines[0], lines
     assert not (out / "sites" / "b").exists()
+
+
+# ----------------------------------------------------------- systemd units (docs/systemd)
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = sorted((ROOT / "docs" / "systemd").glob("*.service"))
+GUIDE = (ROOT / "docs" / "deployment.md").read_text()
+VENV = "/opt/fedskin/venv"  # the guide's default FEDSKIN_VENV, as the shipped units say
+
+
+def test_the_guide_installs_every_shipped_unit() -> None:
+    assert [u.name for u in UNITS] == [
+        "fedskin-site-exec.service",
+        "fedskin-superlink.service",
+        "fedskin-supernode.service",
+    ]
+    for unit in UNITS:
+        assert f"install_unit {unit.name}" in GUIDE, unit.name
+        assert re.search(rf"systemctl enable --now [^\n]*{re.escape(unit.name)}", GUIDE), unit
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze here")
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    """As the guide installs them (the venv's path in place of /opt/fedskin/venv, so that
+    the programs exist): no error, no warning."""
+    for unit in UNITS:
+        text = unit.read_text().replace(VENV, str(Path(sys.executable).parent.parent))
+        (tmp_path / unit.name).write_text(text)
+    res = subprocess.run(
+        ["systemd-analyze", "verify", *sorted(str(p) for p in tmp_path.iterdir())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res
+    # The check can fail: a misspelt key is reported.
+    (tmp_path / "fedskin-superlink.service").write_text(
+        (tmp_path / "fedskin-superlink.service").read_text().replace("ExecStart=", "ExecStrat=")
+    )
+    bad = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "fedskin-superlink.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "ExecStrat" in bad.stdout + bad.stderr
+
+
+def _env_file_keys(name: str) -> set[str]:
+    """The keys the guide writes into ``$FEDSKIN_ETC/<name>`` (its ``cat > ... <<EOF``)."""
+    (body,) = re.findall(rf'cat > "\$FEDSKIN_ETC/{re.escape(name)}" <<EOF\n(.*?)\nEOF', GUIDE, re.S)
+    return {line.split("=", 1)[0] for line in body.splitlines()}
+
+
+def _written_by_the_guide(path: str) -> bool:
+    """``/etc/fedskin/<dir>/<file>``: the guide installs a file of that name into
+    ``$FEDSKIN_ETC/<dir>/``, or writes ``$FEDSKIN_ETC/<dir>/<file>`` itself."""
+    rel = Path(path).relative_to("/etc/fedskin")
+    into = re.escape(f'"$FEDSKIN_ETC/{rel.parent}/"')
+    installed = rf"install -m [0-7]+ [^\n]*{re.escape(rel.name)}\"? [^\n]*{into}"
+    return f"$FEDSKIN_ETC/{rel}" in GUIDE or re.search(installed, GUIDE) is not None
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.stem for u in UNITS])
+def test_unit_runs_a_real_program_with_flags_it_accepts(unit: Path) -> None:
+    """Parsed as systemd does: [Unit]/[Service]/[Install]; ExecStart's program is one of the
+    venv's and each of its flags is in that program's ``--help``; every variable it uses is
+    in the settings file the guide writes; every file it names is one the guide puts there."""
+    parsed = read_unit(unit)
+    assert {"Unit", "Service", "Install"} <= set(parsed), parsed.keys()
+    assert unit_value(parsed, "Service", "User") == ["fedskin"]
+    (env_file,) = unit_value(parsed, "Service", "EnvironmentFile")
+    assert env_file.startswith("/etc/fedskin/"), env_file
+    (exec_start,) = unit_value(parsed, "Service", "ExecStart")
+    used = set(re.findall(r"\$\{(\w+)\}", exec_start))
+    assert used and used <= _env_file_keys(Path(env_file).name), (used, env_file)
+    argv = unit_command(parsed, {name: f"<{name}>" for name in used})
+    program = Path(argv[0])
+    assert str(program.parent) == f"{VENV}/bin", argv[0]
+    command = [str(Path(sys.executable).parent / program.name)]
+    command += argv[1:2] if program.name == "fedskin" else []  # fedskin site-exec
+    help_text = subprocess.run(
+        [*command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    ).stdout
+    flags = [a for a in argv if a.startswith("--")]
+    assert len(flags) >= 2, argv
+    for flag in flags:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), (flag, command)
+    files = [a for a in argv if a.startswith("/etc/fedskin/")]
+    assert files and all(_written_by_the_guide(f) for f in files), files
+    for section, key in (("Service", "WorkingDirectory"), ("Install", "WantedBy")):
+        assert unit_value(parsed, section, key), (section, key)

@@ -9,6 +9,7 @@ names, keys, types and ranges). Usage synopses with `[...]` placeholders are ski
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -72,6 +73,13 @@ def _parse(args: list[str]) -> tuple[list[str], dict]:
 COMMANDS = doc_commands()
 
 
+def guide_settings() -> dict[str, str]:
+    """The defaults of docs/deployment.md's settings block (``NAME=${NAME:-default}``)."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    found = re.findall(r"^(\w+)=\$\{\1:-(.*?)\}(?:\s|$)", text, flags=re.M)
+    return {name: value.strip('"') for name, value in found}
+
+
 def test_the_docs_have_commands() -> None:
     names = {d for d, _ in COMMANDS}
     assert "README.md" in names and len(COMMANDS) >= 15, COMMANDS
@@ -109,11 +117,15 @@ def test_the_documented_key_commands_run_as_written(tmp_path: Path, monkeypatch)
 
     deploy = [(d, c) for d, c in COMMANDS if shlex.split(c, comments=True)[1:2] == ["deploy"]]
     assert {d for d, _ in deploy} >= {"README.md", "deployment.md"}, deploy
+    for name, value in guide_settings().items():  # "$SERVER": the guide's own default
+        monkeypatch.setenv(name, value)
     for doc in sorted({d for d, _ in deploy}):
         folder = tmp_path / doc
         folder.mkdir()
         monkeypatch.chdir(folder)
         for command in [c for d, c in deploy if d == doc]:
-            result = CliRunner().invoke(app, shlex.split(command, comments=True)[1:])
+            args = shlex.split(os.path.expandvars(command), comments=True)[1:]
+            assert "$" not in " ".join(args), command
+            result = CliRunner().invoke(app, args)
             assert result.exit_code == 0, f"{doc}: {command}\n{result.output}"
         assert any(Path().rglob("*.key")), f"{doc}: no key written"

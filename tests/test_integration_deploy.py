@@ -16,11 +16,13 @@ Every process is killed in teardown, also on failure.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,9 +30,11 @@ from pathlib import Path
 
 import pytest
 
+from common.version import version
 from server.deploy import FederationFiles, make_federation
 from tests.deploy_harness import (
     BIN,
+    SYSTEMD_PATH,
     Harness,
     Proc,
     alive_since,
@@ -39,8 +43,13 @@ from tests.deploy_harness import (
     flwr_json,
     free_port,
     poll_until,
+    read_unit,
     site_exec_argv,
     start_time,
+    tail,
+    unit_command,
+    unit_environment,
+    unit_value,
     write_flwr_config,
 )
 from tests.helpers import check_network_json
@@ -294,6 +303,212 @@ def server_log(dep: Deployment, run_id: int) -> str:
     return res.stdout + res.stderr
 
 
+# ------------------------------------------------------------ docs/deployment.md as written
+GUIDE = REPO / "docs" / "deployment.md"
+GUIDE_SITES = ["hospital-a", "hospital-b"]  # the guide's two sites
+ROLES = ("settings", "admin workstation", "coordinating server", "each site")
+# The guide's EXPERIMENT setting, as the test sets it: the smallest run of RUN_CONFIG.
+TINY = (
+    "model='test_efficientnet' image-size=16 num-server-rounds=2 batch-size=16 local-epochs=2 "
+    "loss='ce' augment=false amp=false channels-last=false min-train-nodes=2"
+)
+# systemctl, played by the test: the guide's requests are written down, and the test starts
+# each unit's ExecStart as systemd would (start_requested_units).
+SYSTEMCTL = 'systemctl() { printf "%s\\n" "$*" >> "$GUIDE_SYSTEMCTL"; }\n'
+
+
+def guide_blocks(text: str) -> list[tuple[str, str]]:
+    """The guide's runnable blocks, in order: (where it runs, its text); a ```bash block is
+    one when its first line names where it runs (``# admin workstation``, ...)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        first = block.splitlines()[0].lstrip("# ").strip()
+        role = next((r for r in ROLES if first.startswith(r)), None)
+        if role:
+            out.append((role, block))
+    return out
+
+
+def guide_machines(work: Path, port: int) -> dict[str, dict[str, str]]:
+    """The environment of each machine's shell: the guide's settings pointed at folders under
+    ``work``, 127.0.0.1 and free ports (the admin works on the server: the same folders)."""
+    common = {
+        **os.environ,
+        "HOME": str(work / "home"),
+        "FEDSKIN_USER": getpass.getuser(),
+        "FEDSKIN_VENV": str(BIN.parent),
+        "FEDSKIN_SRC": str(work / "src"),
+        "FLWR_HOME": str(work / "admin" / "flwr"),
+        "SERVER": "127.0.0.1",
+        "LISTEN": "127.0.0.1",
+        "PORT": str(port),
+        "EXPERIMENT": TINY,
+    }
+    server = {
+        "FEDSKIN_ETC": str(work / "server" / "etc"),
+        "FEDSKIN_VAR": str(work / "server" / "var"),
+        "SYSTEMD_DIR": str(work / "server" / "systemd"),
+    }
+    machines = {"admin": {**common, **server}, "server": {**common, **server}}
+    for site in GUIDE_SITES:
+        machines[site] = {
+            **common,
+            "FEDSKIN_ETC": str(work / site / "etc"),
+            "FEDSKIN_VAR": str(work / site / "var"),
+            "SYSTEMD_DIR": str(work / site / "systemd"),
+            "SITE": site,
+            "DATA": str(work / site / "data"),
+            "RUNTIME_PORT": str(free_port()),
+        }
+    return machines
+
+
+def start_unit(harness: Harness, machine: str, path: Path, home: str) -> Proc:
+    """What ``systemctl start`` does with the installed unit: its ExecStart, with the
+    environment systemd gives a service (its default PATH, HOME, then the unit's Environment=
+    and EnvironmentFile=), in its WorkingDirectory. One torch thread per process, as the
+    sites share this machine's 2 cores."""
+    unit = read_unit(path)
+    user = getpass.getuser()
+    base = {"PATH": SYSTEMD_PATH, "HOME": home, "USER": user, "LOGNAME": user, "LANG": "C.UTF-8"}
+    env = unit_environment(unit, base | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    (cwd,) = unit_value(unit, "Service", "WorkingDirectory")
+    return harness.start(f"{machine}-{path.stem}", unit_command(unit, env), env, cwd=Path(cwd))
+
+
+def start_requested_units(
+    harness: Harness, machine: str, env: dict[str, str], requests: Path
+) -> list[Proc]:
+    """Start every unit the block asked systemctl to ``enable --now`` (its daemon-reload
+    needs nothing here); anything else the guide asked of systemctl fails the test."""
+    started = []
+    lines = requests.read_text().splitlines() if requests.exists() else []
+    requests.unlink(missing_ok=True)
+    for line in lines:
+        words = line.split()
+        if words == ["daemon-reload"]:
+            continue
+        assert words[:2] == ["enable", "--now"], f"the test does not play `systemctl {line}`"
+        for name in words[2:]:
+            unit = Path(env["SYSTEMD_DIR"]) / name
+            started.append(start_unit(harness, machine, unit, env["HOME"]))
+    return started
+
+
+def run_guide_block(
+    harness: Harness, role: str, machine: str, text: str, env: dict[str, str], cwd: Path
+) -> str:
+    """One block in ``bash -eu -o pipefail`` after the settings block; the units it enables
+    started; the SuperLink waited for (the guide: ready when its log says Uvicorn running)."""
+    requests = cwd / "systemctl-requests"
+    res = subprocess.run(
+        ["bash", "-eu", "-o", "pipefail", "-c", SYSTEMCTL + text],
+        env={**env, "GUIDE_SYSTEMCTL": str(requests)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, f"{role} ({machine}) exited {res.returncode}:\n{output}\n" + (
+        harness.logs()
+    )
+    for proc in start_requested_units(harness, machine, env, requests):
+        if proc.name.endswith("fedskin-superlink"):
+            proc.wait_for(r"Uvicorn running on https://127\.0\.0\.1", STARTUP_S)
+    return output
+
+
+@dataclass
+class GuideRun:
+    work: Path
+    machines: dict[str, dict[str, str]]
+    outputs: list[tuple[str, str, str]]  # (role, machine, output) of every block run
+    units: dict[str, str]  # process name -> its log
+
+
+@pytest.fixture(scope="module")
+def guide_run(tmp_path_factory: pytest.TempPathFactory) -> GuideRun:
+    """docs/deployment.md from key generation to the end of a two-round run: every block in
+    the guide's order, a site's blocks once per site. What the test provides is what the
+    guide assumes is there: the release (``FEDSKIN_SRC``), each site's images, the folder
+    systemd reads units from, the key folder carried to each machine (here the same one)."""
+    work = tmp_path_factory.mktemp("guide")
+    machines = guide_machines(work, free_port())
+    pooled = make_pooled_data(work / "pooled", GUIDE_SITES)
+    src = copy_project(work / "src")
+    shutil.copytree(REPO / "docs" / "systemd", src / "docs" / "systemd")
+    for name, env in machines.items():
+        Path(env["SYSTEMD_DIR"]).mkdir(parents=True, exist_ok=True)
+        if name in GUIDE_SITES:
+            write_site_folder(pooled, name, Path(env["DATA"]))
+    for folder in ("home", "logs"):
+        (work / folder).mkdir()
+    blocks = guide_blocks(GUIDE.read_text())
+    (settings,) = [text for role, text in blocks if role == "settings"]
+    where = {"admin workstation": ["admin"], "coordinating server": ["server"]}
+    harness, outputs = Harness(work), []
+    try:
+        for role, text in blocks:
+            for machine in where.get(role, GUIDE_SITES if role == "each site" else []):
+                if "flwr run" in text:
+                    # The sites serve only a FAB equal to the installed code, byte for byte:
+                    # the release is copied again from the checkout, which others may edit.
+                    copy_project(src)
+                out = run_guide_block(
+                    harness, role, machine, settings + text, machines[machine], work
+                )
+                outputs.append((role, machine, out))
+                log = work / "logs" / f"block-{len(outputs)}-{machine}.log"
+                log.write_text(out)
+        units = {p.name: p.text() for p in harness.procs}
+    finally:
+        survivors = harness.stop_all()
+    assert not survivors, f"processes survived teardown: {survivors}"
+    return GuideRun(work, machines, outputs, units)
+
+
+def test_the_guide_runs_as_written(guide_run: GuideRun) -> None:
+    """Keys, copies, units, registration, a two-round run: both sites trained and were
+    evaluated in both rounds, from the files where the guide put them."""
+    roles = [(role, machine) for role, machine, _ in guide_run.outputs]
+    assert roles[0] == ("admin workstation", "admin"), roles
+    assert {m for _, m in roles} == {"admin", "server", *GUIDE_SITES}, roles
+    assert sorted(guide_run.units) == sorted(
+        ["server-fedskin-superlink"]
+        + [f"{s}-fedskin-{u}" for s in GUIDE_SITES for u in ("supernode", "site-exec")]
+    )
+    out = Path(guide_run.machines["server"]["FEDSKIN_VAR"]) / "runs" / "first"
+    logs = "\n".join(f"===== {n} =====\n{tail(t)}" for n, t in guide_run.units.items())
+    assert (out / "metrics.json").is_file(), f"{tail(guide_run.outputs[-1][2])}\n{logs}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        assert sorted(record["train"]) == GUIDE_SITES, record
+        assert sorted(record["validation"]["sites"]) == GUIDE_SITES, record
+    assert sorted(metrics["test"]["sites"]) == GUIDE_SITES
+    for site in GUIDE_SITES:
+        etc = Path(guide_run.machines[site]["FEDSKIN_ETC"]) / "site"
+        assert stat.S_IMODE((etc / "supernode.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((etc / "superexec.secret").stat().st_mode) == 0o600
+        launcher = guide_run.units[f"{site}-fedskin-site-exec"]
+        assert len(FORKED.findall(launcher)) == 6, launcher  # query, 2 x (train, evaluate), test
+        assert "Start `flwr-clientapp` process" not in guide_run.units[f"{site}-fedskin-supernode"]
+
+
+def test_the_guide_shows_each_version(guide_run: GuideRun) -> None:
+    """The server logs its version at start, each site its own; the same code everywhere:
+    no site is named as running another version."""
+    role, machine, server_log = guide_run.outputs[-1]  # flwr run --stream: the ServerApp's log
+    assert (role, machine) == ("admin workstation", "admin")
+    mine = version()
+    assert f"fedskin {mine}" in server_log, server_log
+    assert "runs fedskin" not in server_log, server_log
+    for site in GUIDE_SITES:
+        assert f"site {site}: fedskin {mine}" in guide_run.units[f"{site}-fedskin-site-exec"]
+
+
 # ------------------------------------------------------------------------------ tests
 def test_superlink_serves_tls_and_requires_registered_nodes(deployment: Deployment) -> None:
     text = deployment.superlink.text()
@@ -380,6 +595,7 @@ def copy_project(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", ".*")
     for pkg in ("server", "client", "common", "simulations"):
         if (REPO / pkg).is_dir():
+            shutil.rmtree(dest / pkg, ignore_errors=True)  # a fresh copy of the checkout
             shutil.copytree(REPO / pkg, dest / pkg, ignore=ignore)
     lines, keep = [], True
     for line in (REPO / "pyproject.toml").read_text().splitlines():
@@ -421,22 +637,26 @@ def make_pooled_data(root: Path, sites: list[str] = SITES) -> Pooled:
 def write_site_data(dep: Deployment, pooled: Pooled, sites: list[str] | None = None) -> None:
     """One HAM10000 folder per site (default: every started SuperNode's) holding only that
     site's images, plus its manifest."""
-    import pandas as pd
-
     from common.data.partition import write_manifest
+
+    for site in list(dep.supernodes) if sites is None else sites:
+        write_site_folder(pooled, site, dep.site_dir(site) / "data")
+        write_manifest(pooled.rows[site], dep.site_dir(site) / "manifest.csv")
+
+
+def write_site_folder(pooled: Pooled, site: str, data: Path) -> None:
+    """``site``'s own HAM10000 folder (its images and their metadata rows) at ``data``."""
+    import pandas as pd
 
     meta = pd.read_csv(pooled.root / "HAM10000_metadata.csv", dtype=str)
     images = {p.stem: p for p in pooled.root.rglob("*.jpg")}
-    for site in list(dep.supernodes) if sites is None else sites:
-        rows = pooled.rows[site]
-        data = dep.site_dir(site) / "data"
-        (data / "images").mkdir(parents=True, exist_ok=True)
-        meta[meta["image_id"].isin(rows["image_id"])].to_csv(  # type: ignore[index]
-            data / "HAM10000_metadata.csv", index=False
-        )
-        for image_id in rows["image_id"]:  # type: ignore[index]
-            shutil.copy(images[image_id], data / "images" / f"{image_id}.jpg")
-        write_manifest(rows, dep.site_dir(site) / "manifest.csv")
+    rows = pooled.rows[site]
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    meta[meta["image_id"].isin(rows["image_id"])].to_csv(  # type: ignore[index]
+        data / "HAM10000_metadata.csv", index=False
+    )
+    for image_id in rows["image_id"]:  # type: ignore[index]
+        shutil.copy(images[image_id], data / "images" / f"{image_id}.jpg")
 
 
 def checkpoint(run_dir: Path) -> dict | None:
@@ -706,10 +926,10 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     import numpy as np
     import torch
 
-    from common.models import build_model, set_weights
+    from common.models import build_model, get_weights, set_weights
     from common.siteconfig import load_site
     from common.train import predict
-    from server.server_app import initial_weights
+    from server.server_app import initial_model
 
     cfg = {"model": "test_efficientnet", "seed": 0, "pretrained": "", "dp": False}
     images, labels = [], []
@@ -726,7 +946,7 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
         labels.append(data.labels["train"])
     x, y = torch.from_numpy(np.concatenate(images)), np.concatenate(labels)
     losses = []
-    for state in (initial_weights(cfg, 7), checkpoint(run_dir)["arrays"]):  # type: ignore[index]
+    for state in (get_weights(initial_model(cfg, 7)), checkpoint(run_dir)["arrays"]):  # type: ignore[index]
         model = build_model("test_efficientnet", 7)
         set_weights(model, state)
         probs = np.asarray(predict(model, x, device=torch.device("cpu")))

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
-from common.version import git_describe, version
+from common.version import ROOT, git_describe, source_checkout, version
 from server.loop import Federation
 from server.replies import MAX_VERSION, discovery_error
 from simulations.cli import app
@@ -103,3 +103,13 @@ def test_an_honest_reply_may_carry_a_version_or_none() -> None:
     assert discovery_error(honest_info("a", 3)) is None
     assert discovery_error(_with_version(version())(honest_info("a", 3))) is None
     assert discovery_error(_with_version("1" * MAX_VERSION)(honest_info("a", 3))) is None
+
+
+def test_an_app_unpacked_elsewhere_reports_the_installed_checkout(tmp_path: Path) -> None:
+    """Flower runs the ServerApp from an unpacked FAB, a folder without .git: its version is
+    that of the checkout installed with ``pip install -e`` (this one), as the sites'
+    installed ClientApp reports it, not the bare package version."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not run from a git checkout")
+    assert source_checkout(ROOT) == ROOT
+    assert source_checkout(tmp_path) == ROOT  # the editable install of this checkout
