@@ -428,9 +428,6 @@ def config_changes(
     return changes
 
 
-_WARNED: set[tuple[str, str]] = set()  # forced resumes already announced by this process
-
-
 def check_resume(
     saved: Mapping[str, Any] | None,
     current: Mapping[str, Any],
@@ -451,11 +448,7 @@ def check_resume(
         return []
     diff = "; ".join(changes)
     if force:
-        # The same resume is checked up to three times in one process (runner, ServerApp,
-        # loop: each must refuse before it does its work); the user needs the warning once.
-        if (str(where), diff) not in _WARNED:
-            _WARNED.add((str(where), diff))
-            log.warning("resuming from %s with a changed config (force-resume): %s", where, diff)
+        log.warning("resuming from %s with a changed config (force-resume): %s", where, diff)
         return changes
     raise ConfigError(
         f"{where}: resume refused, the run config differs from the checkpoint's ({diff}); "
@@ -463,20 +456,51 @@ def check_resume(
     )
 
 
+# The resumes this process has checked: the files weighed (checkpoint, manifests), the
+# config and force. A run is resumed through several entry points in one process (a simulation's
+# runner, then its ServerApp and round loop; a deployment's ServerApp, then its loop), each
+# of which must refuse before it does its work: the policy runs at the first of them.
+_CHECKED: set[tuple[Any, ...]] = set()
+
+
+def _file_id(path: Path | None) -> tuple[str, int, int, int] | None:
+    """A file's identity and version (path, inode, mtime, size); None if there is none."""
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def resume_checkpoint(
     run_dir: str | Path, config: Mapping[str, Any], force: bool = False
 ) -> dict[str, Any] | None:
     """The run directory's last checkpoint, checked against ``config``; None if there is none.
 
-    A checkpoint without a stored config is compared with the run directory's config.toml
-    when there is one. Its state must hold every key the loop's state needs, and the
-    manifest the config names must be the one the run trained on
-    (:func:`check_known_manifest`); both refused with one line naming the file.
+    The one resume policy (run once per checkpoint file, config and ``force`` in a
+    process): the config may change only in :data:`RESUME_MAY_CHANGE` unless ``force``
+    (:func:`check_resume`); a checkpoint without a stored config is compared with the run
+    directory's config.toml when there is one. Its state must hold every key the loop's
+    state needs, and the manifest the config names must be the one the run trained on
+    (:func:`check_known_manifest`); each refused with one line naming the file.
     """
     rd = RunDir(Path(run_dir))
     if not rd.checkpoint("last").is_file():
         return None
     ckpt = load_checkpoint(rd.checkpoint("last"))
+    # Checked again when the checkpoint, a manifest it is weighed against or the config differ
+    copy = rd.manifest if known_manifest(ckpt) is None else None  # else its hash is recorded
+    files = (rd.checkpoint("last"), _config_manifest(config), copy)
+    key = (*map(_file_id, files), repr(sorted(config.items())), force)
+    if key in _CHECKED:
+        return ckpt
+    _check_resumable(rd, ckpt, config, force)
+    _CHECKED.add(key)
+    return ckpt
+
+
+def _check_resumable(
+    rd: RunDir, ckpt: dict[str, Any], config: Mapping[str, Any], force: bool
+) -> None:
     saved = ckpt["config"]
     if saved is None and rd.config.is_file():
         saved = read_toml(rd.config)
@@ -484,7 +508,6 @@ def resume_checkpoint(
     if why := state_error(ckpt["state"], complete=True):  # the loop's state is made from it
         raise DataError(f"{rd.checkpoint('last')}: refused, {why}; it was not loaded")
     check_known_manifest(ckpt, config, rd.root)
-    return ckpt
 
 
 def known_manifest(ckpt: Mapping[str, Any] | None, run_dir: str | Path | None = None) -> str | None:

@@ -222,6 +222,23 @@ def test_the_override_accepts_a_changed_config(tmp_path: Path, caplog) -> None:
     assert len(warned) == 1 and "lr: 0.003 -> 0.01" in warned[0].getMessage()
 
 
+def test_the_resume_policy_runs_once_per_checkpoint_and_config(tmp_path, monkeypatch) -> None:
+    """A simulation resumes through its runner, ServerApp and loop in one process: the
+    policy is applied at the first; another config or a new checkpoint is checked again."""
+    checked, real = [], rundir.check_resume
+    monkeypatch.setattr(rundir, "check_resume", lambda *a: checked.append(1) or real(*a))
+    _checkpoint(tmp_path, _cfg(), rounds=2)
+    cfg = _cfg(resume=True)
+    for _ in range(3):
+        assert rundir.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 2
+    assert len(checked) == 1
+    with pytest.raises(ConfigError, match="resume refused"):
+        rundir.resume_checkpoint(tmp_path, _cfg(lr=0.01))
+    _checkpoint(tmp_path, _cfg(), rounds=3)  # the next round's checkpoint
+    assert rundir.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 3
+    assert len(checked) == 3
+
+
 def test_only_run_length_waiting_and_outputs_may_change() -> None:
     saved = _cfg()
     same = dict(saved, **{"num-server-rounds": 40, "round-timeout": 5.0, "out-dir": "/x"})
