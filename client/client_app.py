@@ -310,7 +310,7 @@ def plain_train(msg: Message, context: Context) -> Message:
     n_train = data.n("train")
     if not run.dp:
         # context.state keeps the personal entries of personalize=fedbn|ditto; never sent
-        arrays, metrics = train_site(run, msg, data, None, context.state)
+        arrays, metrics = train_site(run, msg, data, None, context.state, asks)
         metrics["num-examples"] = n_train
         return _train_reply(msg, arrays, metrics, data.site)
     with _lifetime(run, data.site, context) as ledger:
@@ -321,7 +321,7 @@ def plain_train(msg: Message, context: Context) -> Message:
         if not _lifetime_allows(ledger, run, data.site, session, session.next_round()):
             return _exhausted(msg, session, data.site)
         before = len(session.accountant.history)
-        arrays, metrics = train_site(run, msg, data, session, context.state)
+        arrays, metrics = train_site(run, msg, data, session, context.state, asks)
         spent = session.accountant.history[before:]
         _record(ledger, run, data.site, asks, context, spent, "train")
         _save_dp(run, asks, context, data.site, session)
@@ -372,7 +372,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = eval_split(asks.split)  # never the train split: it is what DP protects
     _refuse(require_run_dp, settings)
     data = _data(run, context)
-    reply = evaluate_received(run, msg, data, split, context.state)
+    reply = evaluate_received(run, msg, data, split, context.state, asks)
     content = RecordDict(
         {"metrics": MetricRecord(reply), "site": ConfigRecord({"site": data.site})}
     )

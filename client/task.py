@@ -73,18 +73,22 @@ def dp_seed(run: RunConfig, site: str, server_round: int, session: Any) -> int:
     return secrets.randbits(62) if session.secure else site_seed(run, site, server_round)
 
 
-def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message) -> TrainConfig:
+def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message | ServerAsks) -> TrainConfig:
     """Local training settings; the proximal term only when the server's strategy asks, the
     federation's class counts when the server sent them and ``class-prior`` is "federation".
 
     FedProx sends ``proximal-mu`` with every train message. A ``proximal-mu`` left in the run
     config must not turn FedAvg (or FedAdam) into FedProx behind the user's back.
     """
-    asks, run = ServerAsks.of(msg), run_config_of(cfg)
+    asks, run = _asks(msg), run_config_of(cfg)
     counts = asks.class_counts if run.class_prior == "federation" else None
     return TrainConfig.from_run(
         run, proximal_mu=asks.proximal_mu, server_round=asks.server_round, class_counts=counts
     )
+
+
+def _asks(msg: Message | ServerAsks) -> ServerAsks:
+    return msg if isinstance(msg, ServerAsks) else ServerAsks.of(msg)
 
 
 def train_site(
@@ -93,6 +97,7 @@ def train_site(
     data: SiteData,
     session: Any,
     state: RecordDict | None = None,
+    asks: ServerAsks | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Train the received model on the site's train split; return new weights and metrics.
 
@@ -104,7 +109,7 @@ def train_site(
     ones; ``ditto`` then also trains the site's personal model (see :func:`personal_step`).
     What is sent back is, either way, the full trained model as FedAvg sends it.
     """
-    run, asks = run_config_of(cfg), ServerAsks.of(msg)
+    run, asks = run_config_of(cfg), asks or ServerAsks.of(msg)  # the handler's, read once
     mode = personalize_mode(run)
     received: ArrayRecord = msg.content.array_records["arrays"]
     model, start = model_for(run, len(data.classes), received)
@@ -119,7 +124,7 @@ def train_site(
         model,
         images,
         labels,
-        train_config(run, msg),
+        train_config(run, asks),
         num_classes=len(data.classes),
         device=pick_device(),
         dp=session,
@@ -343,6 +348,7 @@ def evaluate_received(
     data: SiteData,
     split: str,
     state: RecordDict | None = None,
+    asks: ServerAsks | None = None,
 ) -> dict:
     """Score the received model, or this site's personalised model, on one split.
 
@@ -350,7 +356,7 @@ def evaluate_received(
     site's personal model; ``finetune``: for the test only, the received model fine-tuned on
     the site's train split. At the test, the entries kept at the server's best round.
     """
-    run, asks = run_config_of(cfg), ServerAsks.of(msg)
+    run, asks = run_config_of(cfg), asks or ServerAsks.of(msg)  # the handler's, read once
     mode = personalize_mode(run)
     model, received = model_for(run, len(data.classes), msg.content.array_records["arrays"])
     if mode in ("fedbn", "ditto"):

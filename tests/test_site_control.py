@@ -295,17 +295,24 @@ def test_server_cannot_change_dp_settings_or_state_dir(sites, tmp_path, caplog) 
 def test_one_typed_config_per_train_message(sites, tmp_path, monkeypatch) -> None:
     """Through the ClientApp's own entry (its mods included), a DP train message at a
     deployed site builds one RunConfig: run config, node config and the message's values
-    merged and typed once. The message's proximal-mu is FedProx's term for this round only;
-    its lr (a run-config key the server may set) is merged."""
+    merged and typed once, and the message's own fields read once. The message's proximal-mu
+    is FedProx's term for this round only; its lr (a run-config key the server may set) is
+    merged."""
+    from client.message import ServerAsks
     from client.task import train_config
     from common.config import RunConfig
 
     built: list[RunConfig] = []
-    validate = RunConfig.model_validate.__func__
+    parsed: list[ServerAsks] = []
+    validate, read = RunConfig.model_validate.__func__, ServerAsks.of.__func__
 
     def counting(cls, *args, **kwargs):
         built.append(validate(cls, *args, **kwargs))
         return built[-1]
+
+    def reading(cls, msg):
+        parsed.append(read(cls, msg))
+        return parsed[-1]
 
     node = node_config(sites, "hospital-a", tmp_path / "state")
     node["data-path"] += "/."  # as a hospital may write it: the site resolves it once
@@ -313,9 +320,10 @@ def test_one_typed_config_per_train_message(sites, tmp_path, monkeypatch) -> Non
     sent = {"server-round": 1, "run-tag": "count1", "proximal-mu": 0.5, "lr": 0.01}
     msg = message(MessageType.TRAIN, sent, global_model(run))
     monkeypatch.setattr(RunConfig, "model_validate", classmethod(counting))
+    monkeypatch.setattr(ServerAsks, "of", classmethod(reading))
     reply = client_app.app(msg, context(node, run))
     assert set(metrics_of(reply)) == TRAIN_KEYS_DP
-    assert len(built) == 1
+    assert len(built) == 1 and len(parsed) == 1
     assert built[0].lr == 0.01 and built[0].dp is True
     assert built[0].proximal_mu == run["proximal-mu"] == 0.001  # the run's key, untouched
     assert train_config(built[0], msg).proximal_mu == 0.5  # FedProx's term, from the message
