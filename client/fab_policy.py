@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import client
+
 DEFAULT_CLIENTAPP = "client.client_app:app"
 FAB_METADATA_DIR = ".info/"
 MAX_FAB_UNPACKED = 512 << 20  # bytes: a FAB that unpacks to more is refused unread
@@ -62,8 +64,6 @@ class InstalledApp:
 
     @classmethod
     def find(cls) -> InstalledApp:
-        import client
-
         return cls(Path(client.__file__).resolve().parent.parent)
 
     def snapshot_imports(self) -> None:
@@ -166,9 +166,6 @@ def load_installed_clientapp(ref: str) -> Any:
     if not isinstance(obj, ClientApp):
         raise LoadClientAppError(f"{ref} is not a ClientApp")
     return obj
-
-
-# ------------------------------------------------------------------ one task, in a child
 
 
 class FabRefused(Exception):

@@ -36,6 +36,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from common.config import RunConfig, run_config_of
 from common.data.schema import DataError
+from common.fedmetrics import nanmax
+from common.fileio import json_safe
 from common.rundir import RunDir, atomic_savefig, atomic_write_json, load_checkpoint, read_toml
 
 log = logging.getLogger("fedskin")
@@ -81,22 +83,6 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> d
         "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, LOW_FPR) if resolvable else math.nan,
         "roc_tpr": [round(tpr_at_fpr(fpr, tpr, f), 5) for f in FPR_GRID],
     }
-
-
-def _nanmax(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite) if finite else math.nan
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> null, so audit.json is standard JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------ scores
@@ -272,7 +258,7 @@ def audit_model(
         }
         attacks = site_result["attacks"]
         site_result["auc"] = max(a["auc"] for a in attacks.values())
-        site_result["tpr_at_1pct_fpr"] = _nanmax([a["tpr_at_1pct_fpr"] for a in attacks.values()])
+        site_result["tpr_at_1pct_fpr"] = nanmax([a["tpr_at_1pct_fpr"] for a in attacks.values()])
         site_result["min_resolvable_fpr"] = 1.0 / n
         results[data.site] = site_result
     return results
@@ -336,7 +322,7 @@ def audit_run(
         "fpr_grid": [float(f) for f in FPR_GRID],
         "sites": per_site,
     }
-    atomic_write_json(paths.audit_json, _json_safe(report), indent=1)
+    atomic_write_json(paths.audit_json, json_safe(report), indent=1)  # NaN: null
     plot_audit(per_site, paths.audit_png, title=f"Membership inference: {run_dir.name}")
     return report
 

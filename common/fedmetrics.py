@@ -8,7 +8,9 @@ pooled one-vs-rest AUROC up to the bin width.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +57,7 @@ def pooled_metrics(
     out: dict[str, float] = {
         "n": float(conf.sum()),
         "accuracy": float(np.trace(conf) / max(conf.sum(), 1)),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+        "balanced_accuracy": balanced_accuracy(conf),
     }
     aucs = [_auroc_from_hist(hist[k, 0], hist[k, 1]) for k in range(c)]
     valid = [a for a in aucs if not np.isnan(a)]
@@ -65,6 +67,39 @@ def pooled_metrics(
         if name.lower() in ("mel", "malignant"):
             out["auroc_mel"] = aucs[k]
     return out
+
+
+def balanced_accuracy(conf: np.ndarray) -> float:
+    """Mean recall over the classes present (rows with support) of a confusion matrix
+    (true x predicted); NaN when no class is present."""
+    support = conf.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float((np.diag(conf)[present] / support[present]).mean())
+
+
+def weighted_balanced_accuracy(
+    confusions: Mapping[str, Sequence[int]], factors: Mapping[str, float], num_classes: int
+) -> float:
+    """Pooled balanced accuracy with each site's confusion counts scaled by its factor
+    (server/sizes.py ``scale_factors`` of the pinned split sizes): the score the loop's
+    decisions use."""
+    conf = np.zeros((num_classes, num_classes))
+    for name, flat in confusions.items():
+        conf += factors.get(name, 1.0) * np.asarray(flat, float).reshape(num_classes, -1)
+    return balanced_accuracy(conf)
+
+
+def nanmax(values: Iterable[float]) -> float:
+    """The largest value that is not NaN; NaN when there is none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def format_metric(value: Any, missing: str = "nan") -> str:
+    """A metric with 3 decimals for tables ("nan" for NaN); ``missing`` where it is None."""
+    return missing if value is None else f"{value:.3f}"
 
 
 def pooled_confusion(summaries: Iterable[Mapping[str, Sequence[int]]], c: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import secrets
 import stat
@@ -227,8 +228,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, text)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, data)
+def json_safe(obj: Any) -> Any:
+    """NaN (an undefined metric, e.g. AUROC with one class present) becomes null, in nested
+    dicts and lists too, so the JSON written is standard JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: str | Path, obj: Any, **dumps: Any) -> Path:

@@ -70,7 +70,7 @@ class BalancedSoftmax(nn.Module):
     The network then learns class scores free of the prior's label distribution, and its raw
     logits are balanced at test time (what balanced accuracy rewards), and a site of 94% nv
     does not teach the shared model that everything is nv. The prior is the site's own, or
-    with ``class-prior = "federation"`` the federation's (common/train.py ``loss_counts``),
+    with ``class-prior = "federation"`` the federation's (common/train_config.py ``loss_counts``),
     with which the sites' losses add up to the pooled model's. Unlike inverse-frequency
     weights it never multiplies a loss by 100 because a class has 2 images at a site.
     Per-sample (see the module docstring), so it is DP-compatible.

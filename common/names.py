@@ -30,7 +30,7 @@ MANIFEST_KEYS: tuple[str, ...] = (
 )
 
 # ------------------------------------------------------------------------------ training
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")  # common/train.py
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")  # common/train_config.py
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
 LOSSES: tuple[str, ...] = (  # common/losses.py
     "ce",

@@ -217,10 +217,6 @@ class DPSession:
         )
 
     # ------------------------------------------------------------------ accounting
-    @property
-    def rounds_done(self) -> int:
-        return sum(h[2] for h in self.accountant.history) // self.steps_per_round
-
     def _head(self, planned: bool) -> list[tuple[float, float, int]]:
         """The statistics' release as an accountant entry: once made, or (``planned``) while
         its budget is still set aside."""

@@ -62,7 +62,6 @@ from common.fileio import atomic_copy as atomic_copy
 from common.fileio import atomic_savefig as atomic_savefig
 from common.fileio import atomic_torch_save as atomic_torch_save
 from common.fileio import atomic_write as atomic_write
-from common.fileio import atomic_write_bytes as atomic_write_bytes
 from common.fileio import atomic_write_json as atomic_write_json
 from common.fileio import atomic_write_text as atomic_write_text
 from common.fileio import check_seal as check_seal

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.config import steps_for
 from common.fedmetrics import BINS
 from common.protocol import TRAIN_KEYS, TRAIN_KEYS_DP
 
@@ -211,12 +210,6 @@ def update_norm(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> flo
         diff = arrays[k].numpy().astype(np.float64) - ref.astype(np.float64)
         total += float(np.dot(diff.ravel(), diff.ravel()))
     return math.sqrt(total)  # inf for updates beyond float64's range: rejected as too large
-
-
-def local_steps(n_train: int, batch_size: int, local_epochs: int, steps: int = 0) -> int:
-    """Local steps a site of ``n_train`` images takes per round (as the client counts:
-    :func:`common.config.steps_for`)."""
-    return steps_for(n_train, batch_size, local_epochs, steps)
 
 
 def norm_bound_errors(

@@ -4,7 +4,7 @@ Written after every round (atomically), so an interrupted run still leaves reada
 The PNG plots are the expensive part (matplotlib layout + PNG encoding: ~0.3 s for the
 learning curves on one idle core, more than a whole round of a small simulation), so callers
 writing after every round can skip them with ``plots=False`` and draw them at the end; the
-plots can always be redrawn from metrics.json with :func:`redraw_plots`.
+plots can always be redrawn from metrics.json by :func:`write_outputs` with its content.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from common.config import ConfigError, RunConfig, run_config_of  # noqa: E402
+from common.fedmetrics import format_metric  # noqa: E402
 from common.rundir import RunDir, atomic_savefig, atomic_write_text  # noqa: E402
 
 
@@ -79,16 +80,6 @@ def write_outputs(
         _draw(paths, metrics, hist)
     if test is not None:
         atomic_write_text(paths.report, markdown_report(cfg, hist, test, classes))
-
-
-def redraw_plots(run_dir: Path) -> list[Path]:
-    """Draw the PNGs of a run directory from its metrics.json (e.g. after an interrupted run).
-
-    Returns the files written.
-    """
-    paths = RunDir(run_dir)
-    metrics = json.loads(paths.metrics.read_text())
-    return _draw(paths, metrics, history_frame(metrics["rounds"]))
 
 
 def _draw(paths: RunDir, metrics: dict[str, Any], hist: pd.DataFrame) -> list[Path]:
@@ -298,10 +289,6 @@ def plot_confusion(
     return fig
 
 
-def _fmt(v: Any) -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
 def markdown_report(
     cfg: RunConfig | Mapping[str, Any],
     hist: pd.DataFrame,
@@ -327,17 +314,14 @@ def markdown_report(
         "|---|---|---|---|---|---|",
     ]
     for site, m in test["sites"].items():
-        lines.append(
-            f"| {site} | {int(m.get('num-examples', 0))} | {_fmt(m.get('balanced_accuracy'))} | "
-            f"{_fmt(m.get('accuracy'))} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auroc_mel'))} |"
-        )
+        lines.append(_table_row(site, int(m.get("num-examples", 0)), m))
+    mean_site = format_metric(test.get("mean_site_balanced_accuracy"))
     lines += [
-        f"| **mean over sites** | | {_fmt(test.get('mean_site_balanced_accuracy'))} | | | |",
-        f"| **pooled** | {int(g.get('n', 0))} | {_fmt(g.get('balanced_accuracy'))} | "
-        f"{_fmt(g.get('accuracy'))} | {_fmt(g.get('auroc'))} | {_fmt(g.get('auroc_mel'))} |",
+        f"| **mean over sites** | | {mean_site} | | | |",
+        _table_row("**pooled**", int(g.get("n", 0)), g),
         "",
         "Per-class recall (pooled test): "
-        + ", ".join(f"{c} {_fmt(g.get('recall_' + c))}" for c in classes),
+        + ", ".join(f"{c} {format_metric(g.get('recall_' + c))}" for c in classes),
         "",
         "![learning curves](learning_curves.png)",
         "",
@@ -349,10 +333,18 @@ def markdown_report(
         last = hist[eps_cols].ffill().iloc[-1]
         head = (test.get("head_calibration") or {}).get("epsilon", {})
         lines += ["## Privacy", "", "| site | cumulative ε |", "|---|---|"]
-        lines += [f"| {c[8:-1]} | {_fmt(head.get(c[8:-1], float(last[c])))} |" for c in eps_cols]
+        lines += [
+            f"| {c[8:-1]} | {format_metric(head.get(c[8:-1], float(last[c])))} |" for c in eps_cols
+        ]
         if head:
             lines += ["", "(after the rounds and the head refit's noised statistics)"]
     return "\n".join(lines) + "\n"
+
+
+def _table_row(name: str, n: int, metrics: Mapping[str, Any]) -> str:
+    """One row of the test table: name, n and the four headline metrics."""
+    keys = ("balanced_accuracy", "accuracy", "auroc", "auroc_mel")
+    return f"| {name} | {n} | " + " | ".join(format_metric(metrics.get(k)) for k in keys) + " |"
 
 
 def _head_lines(cal: dict[str, Any] | None) -> list[str]:
@@ -364,13 +356,13 @@ def _head_lines(cal: dict[str, Any] | None) -> list[str]:
     verdict = "the refitted head is tested" if cal.get("kept") else "the trained head is kept"
     private = ""
     if eps := cal.get("epsilon"):
-        spent = ", ".join(f"{site} {_fmt(e)}" for site, e in eps.items())
+        spent = ", ".join(f"{site} {format_metric(e)}" for site, e in eps.items())
         private = (
             f" The statistics were noised (sample-level DP); each site's ε after them: {spent}."
         )
     return [
         f"Head calibration (LDA from the feature statistics of {', '.join(cal['sites'])}): "
-        f"validation balanced accuracy {_fmt(cal.get('validation_before'))} -> "
-        f"{_fmt(cal.get('validation_after'))}; {verdict}.{private}",
+        f"validation balanced accuracy {format_metric(cal.get('validation_before'))} -> "
+        f"{format_metric(cal.get('validation_after'))}; {verdict}.{private}",
         "",
     ]

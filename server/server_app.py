@@ -35,13 +35,6 @@ def initial_model(cfg: RunConfig | Mapping[str, Any], num_classes: int) -> torch
     return model_for_run(run, num_classes)
 
 
-def initial_weights(
-    cfg: RunConfig | Mapping[str, Any], num_classes: int
-) -> dict[str, torch.Tensor]:
-    """The initial global model's state dict (parameters and buffers)."""
-    return get_weights(initial_model(cfg, num_classes))
-
-
 def statistics_of(model: torch.nn.Module) -> frozenset[str]:
     """The state-dict names of the model's buffers: normalisation statistics, not weights."""
     return frozenset(name for name, _ in model.named_buffers())

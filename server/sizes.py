@@ -147,20 +147,3 @@ def capped_counts(counts: Mapping[str, tuple[int, ...]], max_weight: float) -> l
         for i, c in enumerate(values):
             total[i] += factor[name] * c
     return [int(math.floor(t + 0.5)) for t in total]
-
-
-def weighted_balanced_accuracy(
-    confusions: Mapping[str, list[int]], factors: Mapping[str, float], num_classes: int
-) -> float:
-    """Pooled balanced accuracy with each site's confusion counts scaled by its factor
-    (:func:`scale_factors` of the pinned split sizes): the score the loop's decisions use."""
-    import numpy as np
-
-    conf = np.zeros((num_classes, num_classes))
-    for name, flat in confusions.items():
-        conf += factors.get(name, 1.0) * np.asarray(flat, float).reshape(num_classes, -1)
-    support = conf.sum(axis=1)
-    present = support > 0
-    if not present.any():
-        return float("nan")
-    return float((np.diag(conf)[present] / support[present]).mean())

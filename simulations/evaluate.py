@@ -14,14 +14,20 @@ go to ``RUN/external/<data-format>`` unless told otherwise.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from common.config import RunConfig
+from common.data.cache import build_cache
+from common.data.partition import read_manifest
 from common.data.schema import DataError
+from common.data.site_data import cache_dir, classes_for, resolve_source
+from common.data.sources import load_source
+from common.fedmetrics import format_metric
+from common.fileio import json_safe
+from common.names import SPLITS as MANIFEST_SPLITS
 from common.rundir import (
     METRICS,
     REPORT,
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
 
     from common.data.schema import SourceData
 
-SPLITS = ("all", "train", "validation", "test")
+SPLITS = ("all", *MANIFEST_SPLITS)  # what --split accepts
 
 
 # ----------------------------------------------------------------------------- the run
@@ -61,7 +67,7 @@ def checkpoint_path(given: Path) -> Path:
     raise DataError(f"checkpoint not found: {given} has no checkpoints/best.pt or last.pt")
 
 
-def run_config_of(checkpoint: Path) -> RunConfig:
+def checkpoint_run_config(checkpoint: Path) -> RunConfig:
     """The resolved run config written beside ``checkpoints/`` (``RUN/config.toml``), typed
     (keys of an older fedskin left out)."""
     if not checkpoint.is_file():
@@ -75,22 +81,11 @@ def run_config_of(checkpoint: Path) -> RunConfig:
     return RunConfig.from_flat(read_toml(path, "run config"))  # malformed: one line
 
 
-def load_checkpoint(path: Path, console: Console | None = None) -> dict[str, Any]:
-    """A checkpoint dict, read with ``torch.load(..., weights_only=True)`` (common/rundir.py).
-
-    ``server/loop.py`` saves tensors ("arrays") plus plain Python state; older FedAdam/FedYogi
-    checkpoints add plain numpy moments, which are read too. A file holding any other object
-    is refused with one line naming it: nothing stored in a checkpoint ever runs. ``console``
-    is accepted for compatibility and unused.
-    """
-    return read_checkpoint(path)
-
-
 def model_from_checkpoint(
     run: RunConfig, checkpoint: dict[str, Any], classes: list[str], path: Path
 ) -> nn.Module:
     """The run's backbone (GroupNorm under DP) with the checkpoint's weights, in eval mode."""
-    from common.models import model_for_run, set_weights
+    from common.models import model_for_run, set_weights  # lazily: timm is heavy
 
     arrays = checkpoint.get("arrays") if isinstance(checkpoint, dict) else None
     if not isinstance(arrays, dict) or not arrays:
@@ -136,8 +131,6 @@ def select_split(source: SourceData, split: str) -> Any:
 
 def select_manifest_split(source: SourceData, manifest: Path, split: str) -> Any:
     """Rows of the metadata in ``split`` of ``manifest`` (every row of it for ``all``)."""
-    from common.data.partition import read_manifest
-
     table = read_manifest(manifest)
     if split != "all":
         table = table[table["split"] == split]
@@ -154,8 +147,6 @@ def select_manifest_split(source: SourceData, manifest: Path, split: str) -> Any
 
 def training_ids(run_dir: RunDir) -> set[str]:
     """The image ids of the run's training split (its manifest), or none if it has none."""
-    from common.data.partition import read_manifest
-
     if not run_dir.manifest.is_file():
         return set()
     table = read_manifest(run_dir.manifest)
@@ -172,9 +163,6 @@ def load_images(
 ) -> tuple[SourceData, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(source, uint8 image cache, row numbers into it, labels, image ids) of the images to
     score: ``split`` of ``manifest`` when one is given, else the publisher's split."""
-    from common.data.cache import build_cache
-    from common.data.sources import load_source
-
     source = load_source(data_format, data_path)
     cache = build_cache(source, size, cache_root, progress=True)  # drops unreadable rows
     if manifest is not None:
@@ -199,7 +187,7 @@ def predict_all(
     import torch
     from rich.progress import track
 
-    from common.train import predict
+    from common.train import predict  # lazily: Opacus and timm are heavy
 
     starts = range(0, len(rows), batch_size)
     out = [np.zeros((0, _num_classes(model)), dtype=np.float32)]
@@ -218,20 +206,13 @@ def _num_classes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- results
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN (undefined metric, e.g. AUROC with one class present) becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def summarize(
     labels: np.ndarray, probs: np.ndarray, classes: list[str], info: dict[str, Any]
 ) -> dict[str, Any]:
     """metrics.json content: what was scored, and the pooled metrics of compute_metrics."""
     import numpy as np
 
-    from common.metrics import compute_metrics
+    from common.metrics import compute_metrics  # lazily: sklearn is heavy
 
     m = compute_metrics(labels, probs, classes)
     counts = np.bincount(labels, minlength=len(classes))
@@ -239,19 +220,15 @@ def summarize(
         **info,
         "classes": list(classes),
         "n": len(labels),
-        "balanced_accuracy": _clean(m["balanced_accuracy"]),
-        "accuracy": _clean(m["accuracy"]),
-        "auroc": _clean(m["auroc"]),
-        "auroc_mel": _clean(m["auroc_mel"]),
-        "per_class_recall": {c: _clean(m[f"recall_{c}"]) for c in classes},
-        "per_class_auroc": {c: _clean(m[f"auroc_{c}"]) for c in classes},
+        "balanced_accuracy": json_safe(m["balanced_accuracy"]),
+        "accuracy": json_safe(m["accuracy"]),
+        "auroc": json_safe(m["auroc"]),
+        "auroc_mel": json_safe(m["auroc_mel"]),
+        "per_class_recall": {c: json_safe(m[f"recall_{c}"]) for c in classes},
+        "per_class_auroc": {c: json_safe(m[f"auroc_{c}"]) for c in classes},
         "class_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
         "confusion": m["confusion"],
     }
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _heading(metrics: dict[str, Any]) -> str:
@@ -270,14 +247,18 @@ def markdown(metrics: dict[str, Any]) -> str:
         "",
         "| balanced accuracy | accuracy | AUROC | AUROC mel |",
         "|---|---|---|---|",
-        f"| {_fmt(metrics['balanced_accuracy'])} | {_fmt(metrics['accuracy'])} | "
-        f"{_fmt(metrics['auroc'])} | {_fmt(metrics['auroc_mel'])} |",
+        "| "
+        + " | ".join(
+            format_metric(metrics[k], "n/a")
+            for k in ("balanced_accuracy", "accuracy", "auroc", "auroc_mel")
+        )
+        + " |",
         "",
         "| class | n | recall |",
         "|---|---|---|",
     ]
     lines += [
-        f"| {c} | {metrics['class_counts'][c]} | {_fmt(r)} |"
+        f"| {c} | {metrics['class_counts'][c]} | {format_metric(r, 'n/a')} |"
         for c, r in metrics["per_class_recall"].items()
     ]
     lines += ["", "n/a: undefined (no image of that class).", "", "![confusion](confusion.png)", ""]
@@ -288,7 +269,7 @@ def write_results(out: Path, metrics: dict[str, Any]) -> list[Path]:
     """metrics.json, confusion.png (the run report's plot) and report.md under ``out``."""
     import numpy as np
 
-    from server.report import plot_confusion
+    from server.report import plot_confusion  # lazily: matplotlib is heavy
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / METRICS, metrics, indent=1)
@@ -311,9 +292,9 @@ def print_table(console: Console, metrics: dict[str, Any], out: Path) -> None:
     table.add_column("n", justify="right")
     table.add_column("value", justify="right")
     for key in ("balanced_accuracy", "accuracy", "auroc"):
-        table.add_row(key.replace("_", " "), str(metrics["n"]), _fmt(metrics[key]))
+        table.add_row(key.replace("_", " "), str(metrics["n"]), format_metric(metrics[key], "n/a"))
     for c, r in metrics["per_class_recall"].items():
-        table.add_row(f"recall {c}", str(metrics["class_counts"][c]), _fmt(r))
+        table.add_row(f"recall {c}", str(metrics["class_counts"][c]), format_metric(r, "n/a"))
     console.print(table)
     console.print(f"results: {out} (metrics.json, confusion.png, report.md)")
 
@@ -336,13 +317,12 @@ def evaluate_checkpoint(
     """Score ``checkpoint`` (a file, or a run directory: its best) and write the results;
     returns metrics.json's dict. Data format and path default to the run's own, and then
     the manifest to the run's (``RUN/manifest.csv``): ``split`` is the run's split."""
-    from common.data.site_data import cache_dir, classes_for, resolve_source
-    from common.train import pick_device
+    from common.train import pick_device  # lazily: Opacus and timm, not for `fedskin --help`
 
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     checkpoint = checkpoint_path(checkpoint)
-    run = run_config_of(checkpoint)
+    run = checkpoint_run_config(checkpoint)
     run_dir = RunDir(checkpoint.resolve().parent.parent)
     own_format, own_path = resolve_source(run)
     if data_format is None:
@@ -359,7 +339,8 @@ def evaluate_checkpoint(
     classes = classes_for(trained_on)
     check_classes(classes, trained_on, classes_for(data_format), data_format)
     size = int(image_size or run.image_size)
-    model = model_from_checkpoint(run, load_checkpoint(checkpoint, console), classes, checkpoint)
+    # torch.load(..., weights_only=True): a checkpoint holding any other object is refused
+    model = model_from_checkpoint(run, read_checkpoint(checkpoint), classes, checkpoint)
     cache_root = cache_dir(run) if own else None
     source, images, rows, labels, ids = load_images(
         data_format, data_path, size, split, manifest, cache_root

@@ -25,6 +25,7 @@ from rich.markdown import Markdown
 
 from common.config import RunConfig
 from common.data.schema import DataError
+from common.fedmetrics import nanmax
 from common.rundir import RunDir, atomic_savefig, atomic_write_text
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
 
@@ -181,8 +182,8 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
         sites = audit.get("sites", {})
         auc = {site: _num(m.get("auc")) for site, m in sorted(sites.items())}
         tpr = {site: _num(m.get("tpr_at_1pct_fpr")) for site, m in sorted(sites.items())}
-        row["mia_auc_max"] = _nanmax(auc.values())
-        row["mia_tpr1_max"] = _nanmax(tpr.values())
+        row["mia_auc_max"] = nanmax(auc.values())
+        row["mia_tpr1_max"] = nanmax(tpr.values())
         for site in auc:
             row[f"mia_auc[{site}]"] = auc[site]
             row[f"mia_tpr1[{site}]"] = tpr[site]
@@ -191,11 +192,6 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
 
 def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
-
-
-def _nanmax(values: Any) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite) if finite else math.nan
 
 
 def collect(cells: Sequence[tuple[str, Path]], audit: bool) -> pd.DataFrame:
@@ -213,7 +209,7 @@ def collect(cells: Sequence[tuple[str, Path]], audit: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fmt(values: pd.Series, digits: int = 3) -> str:
+def _mean_sd(values: pd.Series, digits: int = 3) -> str:
     v = values.dropna().astype(float)
     if v.empty:
         return "-"
@@ -241,7 +237,7 @@ def summary_table(df: pd.DataFrame) -> str:
     for (strategy, level, eps), g in df.groupby(["strategy", "level", "target_epsilon"], sort=True):
         label = "no DP" if math.isinf(eps) else f"{eps:g}"
         cells = [str(strategy), "-" if level == "none" else str(level), label, str(len(g))]
-        cells += [_fmt(g[c], d) if c in g else "-" for _, c, d in cols]
+        cells += [_mean_sd(g[c], d) if c in g else "-" for _, c, d in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -202,7 +202,7 @@ def _tiny_run(run_dir: Path) -> dict[str, Any]:
 
 
 def test_write_outputs_plots_flag_and_redraw(tmp_path: Path) -> None:
-    from server.report import redraw_plots, write_outputs
+    from server.report import write_outputs
 
     metrics = _tiny_run(tmp_path)
     args = (metrics["config"], metrics["classes"], metrics["rounds"])
@@ -217,7 +217,12 @@ def test_write_outputs_plots_flag_and_redraw(tmp_path: Path) -> None:
     }
     write_outputs(tmp_path, *args, test, 2, plots=False)
     assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))
-    written = redraw_plots(tmp_path)  # an interrupted or plots=False run gets its PNGs later
+    # an interrupted or plots=False run gets its PNGs later, from metrics.json alone
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    write_outputs(
+        tmp_path, *(saved[k] for k in ("config", "classes", "rounds", "test", "best_round"))
+    )
+    written = sorted(tmp_path.glob("*.png"))
     assert sorted(p.name for p in written) == ["confusion_test.png", "learning_curves.png"]
     assert all(p.stat().st_size > 0 for p in written)
     write_outputs(tmp_path / "default", *args, test, 2)  # default unchanged: plots drawn

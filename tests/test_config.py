@@ -396,14 +396,13 @@ def test_the_raw_read_pattern_catches_what_it_should():
 def test_steps_per_round_are_counted_in_one_place():
     from common.config import steps_for
     from common.train import TrainConfig
-    from server.replies import local_steps
 
     run = RunConfig.from_mapping({"batch-size": 32, "local-epochs": 2})
     for n in (1, 31, 32, 33, 100):
         expected = steps_for(n, 32, 2, 0)
         assert expected == max(1, -(-n // 32)) * 2
         assert run.steps_per_round(n) == TrainConfig.from_run(run).steps_per_round(n)
-        assert run.steps_per_round(n) == local_steps(n, 32, 2) == expected
+        assert run.steps_per_round(n) == expected
     assert RunConfig.from_mapping({"local-steps": 5}).steps_per_round(1000) == 5
 
 

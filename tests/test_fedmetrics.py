@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from common.fedmetrics import pooled_metrics, site_summary
+from common.fedmetrics import pooled_metrics, site_summary, weighted_balanced_accuracy
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -50,3 +50,23 @@ def test_missing_class_gives_nan_recall_not_crash():
     assert 0.0 <= out["auroc_mel"] <= 1.0
     out = pooled_metrics([site_summary(np.zeros(3, int), p[:3], 2)], ["benign", "malignant"])
     assert np.isnan(out["recall_malignant"]) and np.isnan(out["auroc"])
+
+
+def test_weighted_balanced_accuracy_is_sklearns_with_each_site_weighted_by_its_factor():
+    """The loop's decision score: each site's confusion counts scaled by its factor equals
+    sklearn's balanced accuracy with that factor as every one of the site's sample weights;
+    factors of 1 give the pooled figure."""
+    rng = np.random.default_rng(2)
+    sites = {"a": _site(rng, 200), "b": _site(rng, 30)}
+    c = len(CLASSES)
+    confusions = {k: site_summary(y, p, c)["confusion"] for k, (y, p) in sites.items()}
+    factors = {"a": 0.25, "b": 1.0}
+    y = np.concatenate([y for y, _ in sites.values()])
+    pred = np.concatenate([p.argmax(1) for _, p in sites.values()])
+    weight = np.concatenate([np.full(len(y), factors[k]) for k, (y, _) in sites.items()])
+    expected = balanced_accuracy_score(y, pred, sample_weight=weight)
+    assert abs(weighted_balanced_accuracy(confusions, factors, c) - expected) < 1e-12
+    pooled = pooled_metrics(
+        [{"confusion": f, "score-hist": [0] * (c * 2 * 50)} for f in confusions.values()], CLASSES
+    )
+    assert weighted_balanced_accuracy(confusions, {}, c) == pooled["balanced_accuracy"]

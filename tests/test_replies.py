@@ -32,7 +32,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from common.config import RunConfig
+from common.config import RunConfig, steps_for
 from common.fedmetrics import BINS
 from server.loop import Federation
 from server.replies import (
@@ -43,7 +43,6 @@ from server.replies import (
     evaluate_reply_error,
     guarded,
     key_set_error,
-    local_steps,
     norm_bound_errors,
     printable,
     site_name_error,
@@ -679,7 +678,7 @@ def test_update_norm_and_its_bounds() -> None:
     # a site taking 20x the steps of the others may move 20x as far
     assert norm_bound_errors(norms, 10.0, 0.0, {"a": 5, "b": 5, "c": 5, "d": 100}) == {}
     assert set(norm_bound_errors({**norms, "e": math.inf}, 10.0, 1e4)) == {"d", "e"}
-    assert local_steps(100, 32, 2) == 8 and local_steps(100, 32, 2, steps=5) == 5
+    assert steps_for(100, 32, 2, 0) == 8 and steps_for(100, 32, 2, 5) == 5
 
 
 def test_discovery_and_guard() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +156,14 @@ def test_write_outputs_passes_best_round_classes_loss_and_refit(tmp_path, monkey
     assert _line(acc, "head-refit").get_ydata()[0] == pytest.approx(0.5)
     title = drawn["conf"].axes[0].get_title()
     assert f"n={int(conf.sum())}" in title and "round 3 + head refit" in title
-    # redrawn from metrics.json: the same figures
+    # redrawn from metrics.json alone: the same figures
     drawn.clear()
-    written = report.redraw_plots(tmp_path)
+    for png in tmp_path.glob("*.png"):
+        png.unlink()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    keys = ("config", "classes", "rounds", "test", "best_round")
+    report.write_outputs(tmp_path, *(saved[k] for k in keys))
+    written = sorted(tmp_path.glob("*.png"))
     assert sorted(p.name for p in written) == ["confusion_test.png", "learning_curves.png"]
     assert list(_line(drawn["lc"].axes[0], "best-round").get_xdata()) == [3, 3]
     assert "round 3 + head refit" in drawn["conf"].axes[0].get_title()

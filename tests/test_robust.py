@@ -135,7 +135,7 @@ def test_multikrum_averages_all_but_f_of_this_rounds_replies():
 
 def test_site_count_conditions_adapt_f_and_refuse_only_below_f0():
     """Too few sampled sites for the configured f no longer stop the run: each round lowers
-    f to what its updates allow (server/strategies.py). Only a count that even f = 0 cannot
+    f to what its updates allow (server/robust.py). Only a count that even f = 0 cannot
     use, or a multikrum-select that all sites cannot meet, is a one-line error."""
     assert make_strategy({"strategy": "bulyan", "robust-malicious": 1}, 5, 5)
     assert make_strategy({"strategy": "bulyan", "robust-malicious": 1}, 7)

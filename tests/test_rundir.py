@@ -67,7 +67,7 @@ def test_atomic_writes_of_each_kind(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     rundir.atomic_write_json(tmp_path / "sub" / "a.json", {"x": 1}, indent=1)
-    rundir.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    rundir.atomic_write(tmp_path / "b.bin", b"\x00\x01")  # bytes as they are
     rundir.atomic_torch_save(tmp_path / "c.pt", {"w": torch.ones(2)})
     rundir.atomic_copy(tmp_path / "b.bin", tmp_path / "d.bin")
     assert (tmp_path / "sub" / "a.json").read_text() == '{\n "x": 1\n}'
