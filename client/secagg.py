@@ -194,8 +194,15 @@ def _collect(
     update = flat_floats(sent_back, keys) - flat_floats(received, keys)
     update = clipped(update, site_norm_cap(context))
     q = int(state["weight-q"]) if trained else 0
-    modulus = int(state["modulus"])
-    vector = quantised(update, q, float(state["clip-range"]), int(state["quant-range"]))
+    modulus, clip = int(state["modulus"]), float(state["clip-range"])
+    if beyond := int((np.abs(update) * (q / int(state["quant-range"])) > clip).sum()):
+        log.warning(
+            "site: %d weighted update entries beyond secagg-clip-range=%g are clipped; the "
+            "federation's sum will be off in them",
+            beyond,
+            clip,
+        )
+    vector = quantised(update, q, clip, int(state["quant-range"]))
     for part, m in zip(vector, mask(state["rd-seed"], modulus, update.size), strict=True):
         part += m
     sk1 = bytes_to_private_key(state["sk1"])

@@ -328,11 +328,16 @@ class RunConfig(BaseModel):
         ),
     )
     secagg_clip_range: float = Field(
-        8.0, gt=0, description="each weighted update entry is clipped to +- this before quantising"
+        64.0, gt=0, description="each weighted update entry is clipped to +- this before quantising"
     )
-    secagg_quant_range: int = Field(16777216, ge=2, description="quantisation levels (2^24)")
+    secagg_quant_range: int = Field(
+        1073741824,
+        ge=2,
+        le=2**30,
+        description="quantisation levels (2^30, the most Flower's allow)",
+    )
     secagg_modulus: int = Field(
-        4294967296, ge=4, description="masked sums live modulo this power of 2 (2^32)"
+        1099511627776, ge=4, description="masked sums live modulo this power of 2 (2^40)"
     )
     # membership-inference audit
     audit: Flag = Field(False)
