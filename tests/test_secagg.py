@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import Array, Context, Error, Message, MessageType, RecordDict
 
 from client.client_app import app
 from client.message import message_config
@@ -323,3 +323,59 @@ def test_a_share_for_the_wrong_site_is_refused_by_the_site(tmp_path: Path, caplo
     record = result["rounds"][0]
     assert "secagg collect" in record["failures"]["rosendahl"]
     assert record["aggregated"] and sorted(record["train"]) == ["vidir_modern", "vidir_molemax"]
+
+
+def mean_update_norm(new: dict[str, np.ndarray], initial: dict[str, torch.Tensor]) -> float:
+    return float(
+        np.sqrt(
+            sum(
+                float(((new[k].astype(np.float64) - v.numpy()) ** 2).sum())
+                for k, v in initial.items()
+                if v.is_floating_point()
+            )
+        )
+    )
+
+
+def test_sites_clip_to_the_norm_cap_and_the_server_checks_the_sum(tmp_path: Path, caplog) -> None:
+    """Each site clips its own update to update-norm-cap (the smaller of its node
+    config's and the run's): the mean update stays within the cap. Sites that do not clip
+    (here: none of them) give a sum above it: the round is dropped, the model kept."""
+    cap = 1e-3  # far below what two Adam steps move the tiny model
+    values = {"secure-aggregation": "secagg+", "update-norm-cap": 1.0}
+    node = {i: {"update-norm-cap": cap} for i in range(SITES)}
+    secure, initial, _, result = run_round(tmp_path / "clipped", values, node=node)
+    assert result["rounds"][0]["aggregated"]
+    assert 0.5 * cap < mean_update_norm(secure, initial) <= cap * 1.01
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.ERROR, logger="fedskin"):
+        mp.setattr("client.secagg.site_norm_cap", lambda context: 0.0)
+        kept, initial, _, result = run_round(
+            tmp_path / "unclipped", {**values, "update-norm-cap": cap}
+        )
+    assert not result["rounds"][0]["aggregated"]
+    assert mean_update_norm(kept, initial) == 0.0
+    line = next(
+        r.getMessage() for r in caplog.records if "exceeds update-norm-cap" in r.getMessage()
+    )
+    assert "round dropped, global model kept" in line and "cannot be named under SecAgg+" in line
+
+
+def forged_vector(msg: Message, reply: Message) -> Message:
+    """vidir_modern's masked vector replaced by random values of the right form."""
+    if msg.metadata.dst_node_id == 101 and reply.has_content() and MASKED in reply.content:
+        vector = reply.content.array_records[MASKED]["vector"].numpy()
+        rng = np.random.default_rng(0)
+        forged = rng.integers(0, RunConfig.defaults().secagg_modulus, vector.shape)
+        reply.content.array_records[MASKED]["vector"] = Array(forged.astype(vector.dtype))
+    return reply
+
+
+def test_a_forged_masked_vector_drops_the_round(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        kept, initial, _, result = run_round(
+            tmp_path, {"secure-aggregation": "secagg+"}, tamper=forged_vector
+        )
+    assert not result["rounds"][0]["aggregated"]
+    assert mean_update_norm(kept, initial) == 0.0
+    line = next(r.getMessage() for r in caplog.records if "out of range" in r.getMessage())
+    assert "a forged share or masked vector" in line and "cannot be named" in line
