@@ -19,6 +19,7 @@ from simulations.data_cli import partition_cli, synth_cli
 from simulations.keys import keys_cli
 from simulations.runner import RAY_ADDRESS_HELP, shipped_configs, use_ray_address, use_verbose
 from simulations.sweep import sweep_cli
+from simulations.tracking import Track, TrackingUri, log_baselines, parent_run, use_tracking
 from simulations.weights import weights_save_cli
 
 SHIPPED = ", ".join(shipped_configs())
@@ -162,6 +163,8 @@ def simulate(
     ] = False,
     verbose: Verbose = False,
     ray_address: RayAddress = None,
+    track: Track = False,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Run a federated experiment on this machine (no arguments: the built-in default)."""
     from simulations.runner import simulate as run
@@ -169,6 +172,7 @@ def simulate(
     use_ray_address(ray_address)
     use_verbose(verbose)
     try:
+        use_tracking(track, tracking_uri)
         run(config, run_config, out, resume=resume, verbose=verbose, force_resume=force_resume)
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -188,14 +192,20 @@ def compare(
     local: Annotated[bool, typer.Option(help="train one local model per site")] = True,
     verbose: Verbose = False,
     ray_address: RayAddress = None,
+    track: Track = False,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Pooled, local and federated models on the same sites: FLamby's per-site table."""
     from simulations.baselines import compare as run
 
     use_ray_address(ray_address)
     use_verbose(verbose)
+    methods = [s.strip() for s in strategies.split(",") if s.strip()]
+    asked = {"command": "compare", "config": config or "", "strategies": ",".join(methods)}
     try:
-        run(config, run_config, [s.strip() for s in strategies.split(",") if s.strip()], out, local)
+        use_tracking(track, tracking_uri)
+        with parent_run(out, asked | {"run-config": run_config or "", "local": local}) as parent:
+            log_baselines(parent, run(config, run_config, methods, out, local), methods)
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err

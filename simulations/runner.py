@@ -35,6 +35,7 @@ from common.rundir import (
     resume_checkpoint,
     run_dir_for,
 )
+from simulations.tracking import tracked_run
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -234,14 +235,15 @@ def simulate(
         f"{run.model} at {run.image_size} px, {run.num_server_rounds} rounds "
         f"-> {run_dir}"
     )
-    _run_engine(cfg, n_sites, client_app)
-    metrics = json.loads(paths.metrics.read_text())
-    if "test" not in metrics:
-        raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
-    if run.audit:
-        from common.audit import audit_run
+    with tracked_run(run_dir, cfg, resume=run.resume):  # MLflow, with --track
+        _run_engine(cfg, n_sites, client_app)
+        metrics = json.loads(paths.metrics.read_text())
+        if "test" not in metrics:
+            raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
+        if run.audit:
+            from common.audit import audit_run
 
-        metrics["audit"] = audit_run(run_dir)
+            metrics["audit"] = audit_run(run_dir)
     _print_summary(metrics, time.time() - t0, run_dir)
     return metrics
 

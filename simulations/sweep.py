@@ -28,6 +28,7 @@ from common.data.schema import DataError
 from common.fedmetrics import nanmax
 from common.rundir import RunDir, atomic_savefig, atomic_write_text
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
+from simulations.tracking import Track, TrackingUri, log_children, parent_run, use_tracking
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -427,20 +428,27 @@ def sweep_cli(
         ),
     ] = "sample",
     ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
+    track: Track = False,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Privacy-utility sweep: strategies x target epsilons x seeds; resumes if interrupted."""
     use_ray_address(ray_address)
+    asked = dict(command="sweep privacy", config=config or "", epsilons=epsilons, seeds=seeds)
+    asked |= {"strategies": strategies, "run-config": run_config or "", "levels": levels}
     try:
-        df = sweep_privacy(
-            config,
-            parse_epsilons(epsilons),
-            parse_list(strategies, "strategies"),
-            parse_list(seeds, "seeds", int),
-            out,
-            overrides=run_config,
-            audit=audit,
-            levels=parse_list(levels, "levels"),
-        )
+        use_tracking(track, tracking_uri)
+        grid = parse_epsilons(epsilons), parse_list(strategies, "strategies")
+        grid += (parse_list(seeds, "seeds", int),)
+        with parent_run(out, asked | {"audit": audit}) as parent:
+            df = sweep_privacy(
+                config,
+                *grid,
+                out,
+                overrides=run_config,
+                audit=audit,
+                levels=parse_list(levels, "levels"),
+            )
+            log_children(parent, sorted((out / "cells").glob("*")))  # cells done earlier
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
