@@ -424,8 +424,9 @@ class RunConfig(BaseModel):
         return cls.from_mapping({k: v for k, v in values.items() if k in known})
 
     @classmethod
+    @cache  # immutable: built once
     def defaults(cls) -> "RunConfig":
-        return _defaults()
+        return cls()
 
     def to_flat(self) -> dict[str, Any]:
         """The flat kebab-case dict Flower carries as the run config."""
@@ -461,11 +462,6 @@ class RunConfig(BaseModel):
         """``institutions`` as a list (None: all of them)."""
         items = [s.strip() for s in self.institutions.split(",") if s.strip()]
         return items or None
-
-
-@cache
-def _defaults() -> RunConfig:
-    return RunConfig()
 
 
 def _same_type(run: RunConfig, key: str, value: Any) -> bool:
