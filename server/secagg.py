@@ -75,7 +75,7 @@ def settings(run: RunConfig, sampled: int) -> Settings:
     """The round's settings for ``sampled`` sites; ConfigError in one line when the run's
     cannot work: a threshold above the sites, or a modulus the sums would wrap around."""
     share = run.secagg_threshold
-    t = max(2, round(share * sampled)) if share <= 1 else int(share)
+    t = max(2, round(share * sampled) if share <= 1 else int(share))
     if sampled < 2 or t > sampled:
         raise ConfigError(
             f"secagg-threshold={share:g} needs {t} sites to unmask, but {sampled} are sampled "
