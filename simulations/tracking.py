@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ import typer
 from rich.console import Console
 
 from common.errors import DataError
-from common.rundir import DEFAULT_RUNS, RunDir, atomic_write_json
+from common.rundir import DEFAULT_RUNS, RunDir, atomic_write_json, read_toml
 
 if TYPE_CHECKING:  # only for type hints: mlflow is optional
     from mlflow import MlflowClient
@@ -139,15 +137,17 @@ class Store:
             return None
         return str(record["run_id"])
 
-    def start(self, folder: Path, params: Mapping[str, Any], parent: str | None, resume: bool):
+    def start(
+        self, folder: Path, params: Mapping[str, Any], parent: str | None, resume: bool
+    ) -> str:
         """A new run for ``folder`` (or, with ``resume``, the one it was logged to before)."""
         run_id = self.run_of(folder) if resume else None
         if run_id is None:
             tags = {"fedskin.run_dir": str(folder)}
             if parent:
                 tags["mlflow.parentRunId"] = parent
-            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=folder.name)
-            run_id = run_id.info.run_id
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=folder.name)
+            run_id = run.info.run_id
             atomic_write_json(folder / RECORD, _new_record(self.uri, run_id, folder))
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -160,11 +160,11 @@ class Store:
         from mlflow.entities import Param, RunTag
 
         logged = self.client.get_run(run_id).data.params
-        new = [Param(k, _text(v)) for k, v in params.items() if k not in logged]
+        new = [Param(k, str(v)) for k, v in params.items() if k not in logged]
         changed = [
-            RunTag(f"changed.{k}", _text(v))
+            RunTag(f"changed.{k}", str(v))
             for k, v in params.items()
-            if k in logged and logged[k] != _text(v)
+            if k in logged and logged[k] != str(v)
         ]
         for i in range(0, max(len(new), len(changed)), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=new[i : i + 100], tags=changed[i : i + 100])
@@ -176,10 +176,6 @@ class Store:
         metrics = [Metric(_name(k), v, now, step) for k, v, step in points]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
-
-
-def _text(value: Any) -> str:
-    return str(value)
 
 
 def _name(key: str) -> str:
@@ -225,7 +221,7 @@ def final_points(metrics: Mapping[str, Any], audit: Any) -> list[tuple[str, floa
     values = [*numbers(metrics.get("test", {}), "test"), *numbers(audit or {}, "audit")]
     if metrics.get("best_round") is not None:
         values.append(("best_round", float(metrics["best_round"])))
-    return [(k, v, step) for k, v in values if not (k.startswith("audit") and math.isnan(v))]
+    return [(k, v, step) for k, v in values]
 
 
 def artifacts(folder: Path) -> list[tuple[Path, str | None]]:
@@ -319,7 +315,7 @@ def log_children(parent: str | None, folders: Iterable[Path]) -> None:
     for folder in folders:
         if not RunDir(folder).metrics.is_file() or store.run_of(folder):
             continue
-        cfg = tomllib.loads(RunDir(folder).config.read_text())
+        cfg = read_toml(RunDir(folder).config)
         run_id = store.start(folder, cfg, parent, resume=False)
         _close(store, run_id, folder, "FINISHED")
 
@@ -334,7 +330,7 @@ def log_rows(parent: str | None, rows: Iterable[Mapping[str, Any]], name: str = 
         tags = {"mlflow.parentRunId": parent}
         run = store.client.create_run(store.experiment_id, tags=tags, run_name=str(row[name]))
         run_id = run.info.run_id
-        store.log_metrics(run_id, [(k, v, 0) for k, v in numbers(row) if not math.isnan(v)])
+        store.log_metrics(run_id, [(k, v, 0) for k, v in numbers(row)])
         store.client.set_terminated(run_id, status="FINISHED")
 
 

@@ -10,6 +10,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
@@ -18,8 +19,9 @@ from typer.testing import CliRunner
 from simulations.cli import app
 from simulations.tracking import RECORD, tracking_uri, use_tracking
 
-mlflow = pytest.importorskip("mlflow")  # the optional extra: pip install -e ".[track]"
-from mlflow import MlflowClient  # noqa: E402
+if TYPE_CHECKING:  # the optional extra (pip install -e ".[track]"): its tests skip without it
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 TINY = (
     "model='test_efficientnet' image-size=16 num-server-rounds=1 builtin-images=300 "
@@ -31,8 +33,9 @@ VAL = "validation/global/balanced_accuracy"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, MlflowClient]:
     """One SQLite store for the module (creating its tables takes seconds)."""
+    mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    return uri, MlflowClient(tracking_uri=uri)
+    return uri, mlflow.MlflowClient(tracking_uri=uri)
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +59,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def children(client: MlflowClient, parent: str) -> dict[str, mlflow.entities.Run]:
+def children(client: MlflowClient, parent: str) -> dict[str, Run]:
     exp = client.get_run(parent).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     return {r.info.run_name: r for r in runs}
