@@ -260,8 +260,10 @@ def _unmask(state: ConfigRecord, sent: ConfigRecord) -> dict:
     active, dead = list(sent["active"]), list(sent["dead"])
     if len(active) < int(state["threshold"]):
         raise ValueError(f"secagg unmask: {len(active)} surviving sites, below the threshold")
-    if set(active) & set(dead) or state["nid"] not in active:
+    if set(active) & set(dead):
         raise ValueError("secagg unmask: a site listed both as surviving and dropped")
+    if state["nid"] not in active:
+        raise ValueError("secagg unmask: this site is not listed among the survivors")
     index = {nid: i for i, nid in enumerate(state["owners"])}
     unknown = [nid for nid in active + dead if nid not in index]
     if unknown:

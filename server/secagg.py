@@ -324,10 +324,14 @@ class SecureRound:
             return
         total = [np.mod(t, s.modulus) for t in total]
         q_total, summed = recovered(total, len(survivors), s.clip, s.quant)
-        expected = sum(self.q[nid] for nid in survivors)
-        if not 0 < q_total <= expected or total[1].max() > len(survivors) * s.quant:
+        # the weight factors are exact integers: the sum is that of the sites that trained
+        expected = sum(self.q[nid] for nid in survivors if _trained(self.metrics[nid]))
+        if expected == 0:
+            log.error("round %d: no surviving site trained; global model kept", self.round)
+            return
+        if q_total != expected or total[1].max() > len(survivors) * s.quant:
             self._dropped(
-                f"the unmasked sum is out of range (weight {q_total}, at most {expected}): "
+                f"the unmasked sum is out of range (weight {q_total}, expected {expected}): "
                 "a forged share or masked vector"
             )
             return
@@ -366,6 +370,11 @@ class SecureRound:
 
     def _name(self, nid: int) -> str:
         return f"site {self.by_node[nid].site}" if nid in self.by_node else f"node {nid}"
+
+
+def _trained(metrics: MetricRecord) -> bool:
+    """Whether a site's collect reply says it trained (as the site weighs itself)."""
+    return float(metrics.get("num-examples", 0)) > 0 and not metrics.get("dp-budget-exhausted")
 
 
 def _config(reply: Message, name: str) -> ConfigRecord | None:
