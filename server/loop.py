@@ -36,6 +36,7 @@ from server.refit import HeadRefit
 from server.report import write_outputs
 from server.rollback import Rollback
 from server.secagg import SecureRound
+from server.secagg import settings as secagg_settings
 from server.sizes import SiteInfo
 from server.strategies import load_strategy_state, make_strategy
 from server.transport import SelectedGrid, reported_exchange
@@ -120,6 +121,8 @@ class Federation:
         state, arrays = self._start(initial, resume)
         self._roster.pin_to_checkpoint(state.pinned)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
+        if self.run_config.secure_aggregation == "secagg+":  # refused before any site trains
+            secagg_settings(self.run_config, len(self.sample(1)))
         if self._resumed is not None:
             load_strategy_state(strategy, self._resumed["strategy"])
         for server_round in range(state.round + 1, num_rounds + 1):

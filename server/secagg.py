@@ -95,9 +95,12 @@ class SecureRound:
     def __init__(
         self, run: RunConfig, send: Send, server_round: int, chosen: list[SiteInfo], timeout: float
     ) -> None:
-        self.cfg, self.send, self.round = run, send, server_round
+        self.send, self.round = send, server_round
         self.by_node = {s.node_id: s for s in chosen}
-        self.settings = settings(run, len(chosen))
+        try:  # checked at the run's start; fewer sites later (rollback exclusions): skipped
+            self.settings, self.refused = settings(run, len(chosen)), ""
+        except ConfigError as err:
+            self.settings, self.refused = Settings(2, 1.0, 2, 4), str(err)
         if run.update_norm_factor > 0 and server_round == 1:
             log.warning(
                 "update-norm-factor=%g compares each site's update, which SecAgg+ hides: not "
@@ -122,11 +125,15 @@ class SecureRound:
         self.metrics: dict[int, MetricRecord] = {}
         self.shares: dict[int, list[bytes]] = {}  # owner -> shares collected at unmask
         self.length = 0
+        self.wire = ArrayRecord()
         self.asked: set[int] = set()  # the owners whose shares the unmask stage asks for
 
     def run(self, configure: Configure, wire: ArrayRecord) -> SecureUpdates:
         """The round's updates: the unmasked mean update of the survivors, or none."""
         updates = SecureUpdates(self.round, numpy_state(wire), self.problems)
+        if self.refused:
+            log.error("round %d: secure aggregation skipped: %s", self.round, self.refused)
+            return updates
         self.length = flat_floats(updates.reference, float_keys(updates.reference)).size
         self.wire = wire
         active = self._stage(SETUP, list(self.by_node), self._setup_message, self._take_keys)

@@ -265,6 +265,12 @@ def test_a_site_requiring_secure_aggregation_refuses_plaintext(tmp_path: Path, c
     assert sorted(result["rounds"][0]["train"]) == ["rosendahl", "vidir_modern", "vidir_molemax"]
 
 
+def test_a_threshold_above_the_sites_stops_the_run_before_any_site_trains(tmp_path) -> None:
+    values = {"secure-aggregation": "secagg+", "secagg-threshold": 4}
+    with pytest.raises(ConfigError, match=r"^secagg-threshold=4 needs 4 sites to unmask, but 3"):
+        run_round(tmp_path, values)
+
+
 def test_bad_settings_each_give_one_line() -> None:
     run = RunConfig.from_mapping({"secure-aggregation": "secagg+", "secagg-threshold": 5})
     with pytest.raises(ConfigError) as err:
