@@ -37,8 +37,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from common.config import RunConfig, run_config_of
 from common.data.schema import DataError
 from common.fedmetrics import nanmax
+from common.figures import pyplot, save_figure, styled
 from common.fileio import json_safe
-from common.rundir import RunDir, atomic_savefig, atomic_write_json, load_checkpoint, read_toml
+from common.rundir import RunDir, atomic_write_json, load_checkpoint, read_toml
 
 log = logging.getLogger("fedskin")
 
@@ -327,12 +328,10 @@ def audit_run(
     return report
 
 
+@styled
 def plot_audit(per_site: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> None:
     """ROC curves per site (one panel each, all attacks), log-log axes with the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(per_site)
     cols = min(3, max(1, len(names)))
@@ -365,5 +364,4 @@ def plot_audit(per_site: Mapping[str, Mapping[str, Any]], path: Path, title: str
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -255,14 +254,6 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     import torch  # lazily: torch is heavy and most writers never need it
 
     return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
-    """A matplotlib figure saved atomically (format from the file name, as savefig does)."""
-    buf = io.BytesIO()
-    kwargs.setdefault("format", Path(path).suffix.lstrip(".") or "png")
-    fig.savefig(buf, **kwargs)
-    return atomic_write(path, buf.getvalue())
 
 
 def one_line(err: BaseException) -> str:

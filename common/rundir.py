@@ -59,7 +59,6 @@ from common.fileio import EXTERNAL as EXTERNAL
 from common.fileio import RUN_SUBFOLDERS as RUN_SUBFOLDERS
 from common.fileio import SITE_STATE as SITE_STATE
 from common.fileio import atomic_copy as atomic_copy
-from common.fileio import atomic_savefig as atomic_savefig
 from common.fileio import atomic_torch_save as atomic_torch_save
 from common.fileio import atomic_write as atomic_write
 from common.fileio import atomic_write_json as atomic_write_json

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from common.config import ConfigError, RunConfig, run_config_of  # noqa: E402
 from common.fedmetrics import format_metric  # noqa: E402
-from common.rundir import RunDir, atomic_savefig, atomic_write_text  # noqa: E402
+from common.figures import save_figure, styled  # noqa: E402
+from common.rundir import RunDir, atomic_write_text  # noqa: E402
 
 
 def history_frame(rounds: list[dict[str, Any]]) -> pd.DataFrame:
@@ -148,6 +149,7 @@ def _refit_point(head: Mapping[str, Any] | None) -> float | None:
     return None if after is None or not math.isfinite(float(after)) else float(after)
 
 
+@styled
 def plot_learning_curves(
     hist: pd.DataFrame,
     path: Path,
@@ -240,11 +242,11 @@ def plot_learning_curves(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 
+@styled
 def plot_confusion(
     conf: np.ndarray,
     classes: list[str],
@@ -284,8 +286,7 @@ def plot_confusion(
     ax.set_title(f"{title or 'Pooled test confusion'}\n{tested}", fontsize=10)
     ax.set(xlabel="predicted", ylabel="true class (n)")
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 

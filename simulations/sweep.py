@@ -26,7 +26,8 @@ from rich.markdown import Markdown
 from common.config import RunConfig
 from common.data.schema import DataError
 from common.fedmetrics import nanmax
-from common.rundir import RunDir, atomic_savefig, atomic_write_text
+from common.figures import pyplot, save_figure, styled
+from common.rundir import RunDir, atomic_write_text
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
 from simulations.tracking import Track, TrackingUri, log_children, parent_run, use_tracking
 
@@ -250,12 +251,10 @@ def _with_level(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+@styled
 def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
     """Test balanced accuracy (and MIA AUC) against epsilon; "no DP" sits at the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("test_balanced_accuracy", "test balanced accuracy (pooled)")]
     if "mia_auc_max" in df and df["mia_auc_max"].notna().any():
@@ -316,8 +315,7 @@ def plot_privacy_utility(df: pd.DataFrame, path: Path) -> None:
     n_seeds = df.groupby(["strategy", "target_epsilon"]).size().max() if len(df) else 0
     fig.suptitle(f"Privacy-utility trade-off (error bars: sd over ≤{n_seeds} seeds)")
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(df: pd.DataFrame, out: Path) -> str:

@@ -569,6 +569,7 @@ def test_cli_natural_keeps_lesions_at_two_sources_whole(
         "sites.csv",
         "sites.moves.json",
         "sites.png",
+        "sites.svg",
     ]
 
 

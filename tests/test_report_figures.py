@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -168,3 +169,28 @@ def test_write_outputs_passes_best_round_classes_loss_and_refit(tmp_path, monkey
     assert list(_line(drawn["lc"].axes[0], "best-round").get_xdata()) == [3, 3]
     assert "round 3 + head refit" in drawn["conf"].axes[0].get_title()
     assert all(Path(p).stat().st_size > 0 for p in written)
+
+
+def _svg_texts(path: Path) -> str:
+    """Every text of an SVG (matplotlib writes text as <text> with svg.fonttype none)."""
+    root = ElementTree.parse(path).getroot()
+    return "\n".join("".join(node.itertext()) for node in root.iterfind(".//{*}text"))
+
+
+def test_every_figure_has_an_svg_beside_its_png_with_the_same_text(tmp_path):
+    conf = _confusion()
+    fig = plot_confusion(conf, CLASSES, tmp_path / "c.png", round_tested=4)
+    svg = _svg_texts(tmp_path / "c.svg")
+    for line in fig.axes[0].get_title().split("\n"):
+        assert line in svg, (line, svg[:300])
+    assert all(str(conf[i, j]) in svg.split() for i in range(7) for j in range(7))
+    fig = plot_learning_curves(history_frame(_rounds(4)), tmp_path / "lc.png", best_round=2)
+    svg = _svg_texts(tmp_path / "lc.svg")
+    ticks = [f"{t:g}" for t in _visible_xticks(fig.axes[0])]
+    assert ticks and all(t in svg.split() for t in ticks), (ticks, svg)
+    assert fig.axes[1].get_ylabel() in svg
+    # the same figure, the same bytes: a paper's repository does not churn
+    first = (tmp_path / "c.svg").read_bytes()
+    plot_confusion(conf, CLASSES, tmp_path / "c.png", round_tested=4)
+    assert (tmp_path / "c.svg").read_bytes() == first
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,8 +28,8 @@ from common.data.site_schemes import (
     numbered_site_names,
 )
 from common.data.splits import group_split, split_site, sub_seed
+from common.figures import pyplot, save_figure, styled
 from common.fileio import (
-    atomic_savefig,
     atomic_write_json,
     atomic_write_text,
     check_seal,
@@ -438,12 +438,10 @@ def site_class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.Data
     )
 
 
+@styled
 def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path) -> Path:
     """PNG: per site, a stacked bar of class proportions with its image count."""
-    import matplotlib  # lazily: heavy, plots only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import PercentFormatter
 
     counts = site_class_counts(manifest, classes)
@@ -477,6 +475,5 @@ def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
     return path
