@@ -13,7 +13,7 @@ A run directory (``runs/<run-name>`` unless ``out-dir`` names another) holds::
     checkpoints/best.pt    the best round's global model (validation balanced accuracy)
     checkpoints/last.pt    the last completed round: model, loop state, strategy state, config
     site-state/            the simulated sites' privacy accountants (``state-dir``)
-    audit.json, audit.png  membership-inference audit (common/audit.py)
+    audit.json, audit.png  membership-inference audit (simulations/audit.py)
     external/<format>/     ``fedskin evaluate`` results (simulations/evaluate.py)
     bench-writes/          scratch of ``fedskin bench`` (simulations/bench.py)
 

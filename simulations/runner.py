@@ -241,7 +241,7 @@ def simulate(
         if "test" not in metrics:
             raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
         if run.audit:
-            from common.audit import audit_run
+            from simulations.audit import audit_run
 
             metrics["audit"] = audit_run(run_dir)
     _print_summary(metrics, time.time() - t0, run_dir)

@@ -385,7 +385,7 @@ def sweep_privacy(
                 failed.append(f"{name}: {err}")
                 continue
         if audit and not RunDir(run_dir).audit_json.is_file():
-            from common.audit import audit_run
+            from simulations.audit import audit_run
 
             try:
                 audit_run(run_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from common.audit import attack_metrics, audit_model, plot_audit, tpr_at_fpr
+from simulations.audit import attack_metrics, audit_model, plot_audit, tpr_at_fpr
 from common.data.site_data import SiteData
 from common.models import build_model
 from common.train import TrainConfig, train_local
