@@ -35,11 +35,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.message import ServerAsks, run_values
 from client.secagg import answer as secure_answer
 from client.secagg import refuse_plaintext, stage_of
-from common.config import RunConfig, value_of
-from common.data.site_data import load_site
-from common.protocol import FEATURE_STATS, TRAIN_KEYS, TRAIN_KEYS_DP
-from common.rundir import atomic_write_text
-from common.siteconfig import (
+from client.siteconfig import (
     SiteConfigError,
     SiteSettings,
     confined,
@@ -53,6 +49,10 @@ from common.siteconfig import (
     site_node,
     site_settings,
 )
+from common.config import RunConfig, value_of
+from common.data.site_data import load_site
+from common.protocol import FEATURE_STATS, TRAIN_KEYS, TRAIN_KEYS_DP
+from common.rundir import atomic_write_text
 from common.version import version
 
 log = logging.getLogger("fedskin")
@@ -78,7 +78,7 @@ app = ClientApp(mods=[central_dp_mod])
 def _config(context: Context, msg: Message | None = None) -> tuple[SiteSettings, ServerAsks]:
     """Run config, the site's node config on top, then the server's per-round config, which
     may not touch the site's own keys (data, privacy budget, state, identity: see
-    :mod:`common.siteconfig`): merged and typed once per message, here, with the message's
+    :mod:`client.siteconfig`): merged and typed once per message, here, with the message's
     own fields (the round, FedProx's mu) apart."""
     settings = site_settings(context.run_config, context.node_config, run_values(msg))
     return settings, ServerAsks.of(msg)

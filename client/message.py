@@ -1,7 +1,7 @@
 """What the server's message says about that one message, read in one place at the site.
 
 A train or evaluate message carries a flat config record. Besides run-config keys (which
-:func:`common.siteconfig.site_settings` merges under the site's rules into the one
+:func:`client.siteconfig.site_settings` merges under the site's rules into the one
 :class:`common.config.RunConfig` of the message), it holds fields that belong to the message,
 not to the run: the round, the server's best round so far, the split to score, the run's tag,
 from FedProx the proximal term's mu, and the federation's training class counts.
@@ -42,7 +42,7 @@ class ServerAsks:
 
     server_round: int = 0
     best_round: int = 0  # the server's best round so far (at the test: the one scored)
-    split: str = "validation"  # common.siteconfig.eval_split refuses anything but val/test
+    split: str = "validation"  # client.siteconfig.eval_split refuses anything but val/test
     run_tag: str = "run"  # names the site's privacy accountant file (checked where used)
     proximal_mu: float = 0.0  # FedProx sends it with each train message; else no term
     class_counts: tuple[int, ...] | None = None  # class-prior = "federation" (server/loop.py)

@@ -122,7 +122,7 @@ class RunConfig(BaseModel):
     num_sites: int = Field(4, ge=1, description="dirichlet / iid")
     dirichlet_alpha: float = Field(0.5, gt=0)
     image_size: int = Field(32, ge=8)
-    # common/siteconfig.py: a site's cap on image-size
+    # client/siteconfig.py: a site's cap on image-size
     max_image_size: int = Field(
         512,
         ge=8,
@@ -486,7 +486,7 @@ def config_keys() -> list[str]:
 @cache
 def known_keys() -> frozenset[str]:
     """Every run config key, as a set: for code that sorts keys into the run config's and
-    others (common/siteconfig.py)."""
+    others (client/siteconfig.py)."""
     return frozenset(config_keys())
 
 
@@ -525,7 +525,7 @@ def key_rule(key: str) -> dict[str, Any]:
 def value_of(values: Mapping[str, Any], key: str) -> Any:
     """One key's typed value in a flat dict (its default when absent), checked by its own
     rule without building a whole :class:`RunConfig`: for code that merges layers of
-    settings before it builds the one typed config (common/siteconfig.py)."""
+    settings before it builds the one typed config (client/siteconfig.py)."""
     fields = RunConfig.model_fields
     if key not in values:
         return fields[_name(key)].default if _name(key) in fields else check_keys({key: None})

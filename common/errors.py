@@ -2,7 +2,7 @@
 
 At the bottom of ``common``: the run config (common/config.py), the data pipeline
 (common/data/), the run directory (common/rundir.py) and the site's own rules
-(common/siteconfig.py) raise them without importing one another.
+(client/siteconfig.py) raise them without importing one another.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ of CCVR, Luo et al. 2021, and Fed3R, Fanì et al. 2024, in its simplest exact fo
 What a site sends: its training images per class, the per-class sums of the penultimate
 features and the sum of their outer products (a D×D matrix; D = 368 for regnetx_002).
 That is more than FedAvg's updates disclose (class means of features), so a site can refuse
-it in its node config (common/siteconfig.py).
+it in its node config (client/siteconfig.py).
 
 Under sample-level DP the site sends them through the Gaussian mechanism instead
 (:func:`private_stats`), spending ``dp-head-share`` of its budget (common/privacy.py):

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from client.siteconfig import load_site
 from common.config import RunConfig, run_config_of
 from common.data.partition import read_manifest
 from common.data.site_data import SiteData, site_names
@@ -31,7 +32,6 @@ from common.headfit import with_lda_head
 from common.metrics import compute_metrics
 from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
-from common.siteconfig import load_site
 from common.train import TrainConfig, pick_device, predict, train_local
 
 console = Console()

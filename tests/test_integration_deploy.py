@@ -927,7 +927,7 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     import torch
 
     from common.models import build_model, get_weights, set_weights
-    from common.siteconfig import load_site
+    from client.siteconfig import load_site
     from common.train import predict
     from server.server_app import initial_model
 

@@ -579,7 +579,7 @@ def test_runner_manifest_logs_moved_lesions(
     """`fedskin simulate` builds its manifest with ensure_manifest: same rule, notes logged."""
     import logging
 
-    from common.siteconfig import ensure_manifest
+    from client.siteconfig import ensure_manifest
 
     data, _, expected, _ = ham_split_lesions
     cfg = {"data-format": "ham-dataverse", "data-path": str(data), "cache-dir": str(tmp_path)}

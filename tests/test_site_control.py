@@ -21,8 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from client import client_app
 from client.client_app import TRAIN_KEYS, TRAIN_KEYS_DP
-from common.models import model_for_run
-from common.siteconfig import (
+from client.siteconfig import (
     SiteConfigError,
     confined,
     require_state_dir,
@@ -30,6 +29,7 @@ from common.siteconfig import (
     safe_name,
     site_config,
 )
+from common.models import model_for_run
 from simulations.runner import default_config
 from tests.helpers import assign_message_id
 
@@ -216,7 +216,7 @@ def test_paths_are_confined(tmp_path) -> None:
 
 def test_derived_manifest_name_stays_in_the_cache(tmp_path, synth_ham_dataverse) -> None:
     """Run-config values are part of a derived manifest's file name: no '/' may escape."""
-    from common.siteconfig import ensure_manifest
+    from client.siteconfig import ensure_manifest
 
     cfg = {
         "data-format": "ham-dataverse",

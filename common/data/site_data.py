@@ -7,7 +7,7 @@ site and its local files. Both end in :func:`load_site`, so there is one code pa
 This package never imports the run config (common/config.py): its functions take the typed
 settings (:class:`DataSettings`, which :class:`common.config.RunConfig` fulfils). Code that
 holds the run config as a flat dict types it first (``common.config.run_config_of``), or
-calls the flat-dict forms in common/siteconfig.py.
+calls the flat-dict forms in client/siteconfig.py.
 """
 
 from __future__ import annotations
