@@ -25,7 +25,14 @@ from common.fedmetrics import site_summary
 from common.headfit import feature_stats, private_stats
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
-from common.personal import ditto_step, finetune, norm_state, overwrite, personalize_mode
+from common.personal import (
+    ditto_step,
+    finetune,
+    norm_state,
+    overwrite,
+    personalize_mode,
+    save_personal,
+)
 from common.train import TrainConfig, pick_device, place_images, predict, train_local
 from common.wire import is_packed, layout_of, pack, unpack
 
@@ -364,6 +371,8 @@ def evaluate_received(
         kept = kept_personal(state, best or None)
         if kept:
             set_weights(model, overwrite(received, kept))
+        if split == "test" and run.state_dir:  # for `fedskin evaluate --site` (its test)
+            save_personal(run.state_dir, data.site, mode, asks.best_round, kept)
     elif mode == "finetune" and split == "test":
         finetune_at_site(run, model, data, asks.server_round)
     return evaluate_site(model, data, split)

@@ -17,14 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm.layers
 import torch
 from torch import nn
 
 from common.config import RunConfig, run_config_of
+from common.errors import DataError
+from common.fileio import atomic_torch_save, confined
+from common.rundir import read_checkpoint
 from common.train import TrainConfig, train_local
+
+# Methods whose site scores its own kept state (what `fedskin evaluate --site` loads back).
+KEEPS_STATE = ("fedbn", "ditto")
+PERSONAL_FORMAT = "fedskin-personal/1"
 
 # Methods that train at the site outside the rounds' (accounted) DP-SGD steps.
 NOT_UNDER_DP = ("finetune", "ditto")
@@ -167,3 +176,49 @@ def finetune(
     return train_local(
         model, images, labels, tcfg, num_classes=num_classes, device=device, seed=seed
     )
+
+
+# ----------------------------------------------------------- the personal state on disk
+# At the test, a FedBN or Ditto site writes the entries it scored with (those it held at the
+# server's best round) to <state-dir>/<site>-personal.pt, so that `fedskin evaluate --site`
+# can score the same personal model later. Tensors and plain data only (read with
+# weights_only=True); a site's next run overwrites it.
+
+
+def personal_file(state_dir: str | Path, site: str) -> Path:
+    """``<state-dir>/<site>-personal.pt``; a site name that would leave the folder is refused."""
+    return confined(state_dir, f"{site}-personal.pt")
+
+
+def save_personal(
+    state_dir: str | Path, site: str, mode: str, best_round: int, entries: Mapping[str, Any]
+) -> Path:
+    """Write the personal ``entries`` the site scored its test with (none: the global)."""
+    payload = {
+        "format": PERSONAL_FORMAT,
+        "site": str(site),
+        "personalize": str(mode),
+        "round": int(best_round),
+        "arrays": {k: torch.as_tensor(np.array(v)) for k, v in entries.items()},
+    }
+    return atomic_torch_save(personal_file(state_dir, site), payload)
+
+
+def read_personal(state_dir: str | Path, site: str, mode: str) -> dict[str, Any]:
+    """The site's saved personal state (``arrays``: its entries), checked against the run's
+    ``personalize``; a missing or foreign file is one line naming it."""
+    path = personal_file(state_dir, site)
+    if not path.is_file():
+        raise DataError(
+            f"no personal state of site {site!r}: {path} not found (a {mode} site writes it "
+            "at the run's test; pass --state-dir where the site keeps it)"
+        )
+    saved = read_checkpoint(path)
+    if not isinstance(saved, dict) or saved.get("format") != PERSONAL_FORMAT:
+        raise DataError(f"{path} is not a fedskin personal state file")
+    if saved.get("personalize") != mode or saved.get("site") != site:
+        raise DataError(
+            f"{path} holds the {saved.get('personalize')!r} state of site "
+            f"{saved.get('site')!r}, not the {mode!r} state of {site!r}"
+        )
+    return saved

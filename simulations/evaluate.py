@@ -99,6 +99,31 @@ def model_from_checkpoint(
     return model.eval()
 
 
+def load_personal(
+    model: nn.Module, run: RunConfig, run_dir: RunDir, site: str, state_dir: Path | None
+) -> dict[str, Any]:
+    """Put ``site``'s personal entries (FedBN: its normalisation layers; Ditto: its whole
+    model) in the model, from ``<state-dir>/<site>-personal.pt``; what was loaded, for
+    metrics.json. A run without kept personal state scores the global model at the site."""
+    # lazily: common.personal imports timm (heavy), not for `fedskin --help`
+    from common.models import set_weights
+    from common.personal import KEEPS_STATE, overwrite, personal_file, read_personal
+
+    if run.personalize not in KEEPS_STATE:
+        return {"personal": None}
+    if state_dir is None:  # a simulation's sites keep theirs in RUN/site-state
+        state_dir = run_dir.site_state if run_dir.site_state.is_dir() else Path(run.state_dir)
+    folder = Path(state_dir).expanduser()
+    saved = read_personal(folder, site, run.personalize)
+    if saved["arrays"]:  # none: the site had not trained by the best round
+        try:
+            set_weights(model, overwrite(model.state_dict(), saved["arrays"]))
+        except ValueError as err:
+            raise DataError(f"{personal_file(folder, site)} does not fit the model: {err}") from err
+    model.eval()
+    return {"personal": str(personal_file(folder, site)), "personal_round": saved["round"]}
+
+
 # ----------------------------------------------------------------------------- the data
 
 
@@ -129,9 +154,15 @@ def select_split(source: SourceData, split: str) -> Any:
     return part
 
 
-def select_manifest_split(source: SourceData, manifest: Path, split: str) -> Any:
-    """Rows of the metadata in ``split`` of ``manifest`` (every row of it for ``all``)."""
+def select_manifest_split(
+    source: SourceData, manifest: Path, split: str, site: str | None = None
+) -> Any:
+    """Rows of the metadata in ``split`` of ``manifest`` (every row of it for ``all``), of
+    ``site`` only when one is named."""
     table = read_manifest(manifest)
+    if site is not None:
+        check_site(table, manifest, site)
+        table = table[table["site"].astype(str) == site]
     if split != "all":
         table = table[table["split"] == split]
     ids = set(table["image_id"].astype(str))
@@ -143,6 +174,13 @@ def select_manifest_split(source: SourceData, manifest: Path, split: str) -> Any
             f"are not in this {source.format} data set"
         )
     return part
+
+
+def check_site(table: Any, manifest: Path, site: str) -> None:
+    """Refuse a site the manifest does not name (one line listing those it names)."""
+    sites = sorted(table["site"].astype(str).unique())
+    if site not in sites:
+        raise DataError(f"site {site!r} is not in {manifest} (its sites: {', '.join(sites)})")
 
 
 def training_ids(run_dir: RunDir) -> set[str]:
@@ -160,13 +198,15 @@ def load_images(
     split: str,
     manifest: Path | None = None,
     cache_root: Path | None = None,
+    site: str | None = None,
 ) -> tuple[SourceData, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(source, uint8 image cache, row numbers into it, labels, image ids) of the images to
-    score: ``split`` of ``manifest`` when one is given, else the publisher's split."""
+    score: ``split`` of ``manifest`` (``site``'s rows only, if named) when one is given,
+    else the publisher's split."""
     source = load_source(data_format, data_path)
     cache = build_cache(source, size, cache_root, progress=True)  # drops unreadable rows
     if manifest is not None:
-        part = select_manifest_split(source, manifest, split)
+        part = select_manifest_split(source, manifest, split, site)
     else:
         part = select_split(source, split)
     ids = part["image_id"].astype(str).tolist()
@@ -313,10 +353,14 @@ def evaluate_checkpoint(
     console: Console | None = None,
     manifest: Path | None = None,
     include_training_images: bool = False,
+    site: str | None = None,
+    state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` (a file, or a run directory: its best) and write the results;
     returns metrics.json's dict. Data format and path default to the run's own, and then
-    the manifest to the run's (``RUN/manifest.csv``): ``split`` is the run's split."""
+    the manifest to the run's (``RUN/manifest.csv``): ``split`` is the run's split.
+    ``site``: that site's rows of the manifest, scored by its personal model (FedBN, Ditto:
+    its entries from ``state_dir``, by default the run's ``state-dir``)."""
     from common.train import pick_device  # lazily: Opacus and timm, not for `fedskin --help`
 
     if split not in SPLITS:
@@ -335,15 +379,20 @@ def evaluate_checkpoint(
     own = data_format == own_format and data_path.resolve() == Path(own_path).resolve()
     if manifest is None and own and run_dir.manifest.is_file():
         manifest = run_dir.manifest
+    if site is not None and manifest is None:
+        raise DataError(f"--site {site} needs a manifest that names the sites (--manifest)")
+    if site is not None:
+        check_site(read_manifest(manifest), manifest, site)
     trained_on = run.data_format
     classes = classes_for(trained_on)
     check_classes(classes, trained_on, classes_for(data_format), data_format)
     size = int(image_size or run.image_size)
     # torch.load(..., weights_only=True): a checkpoint holding any other object is refused
     model = model_from_checkpoint(run, read_checkpoint(checkpoint), classes, checkpoint)
+    personal = load_personal(model, run, run_dir, site, state_dir) if site else {}
     cache_root = cache_dir(run) if own else None
     source, images, rows, labels, ids = load_images(
-        data_format, data_path, size, split, manifest, cache_root
+        data_format, data_path, size, split, manifest, cache_root, site
     )
     check_classes(classes, trained_on, source.classes, data_format)
     seen = training_ids(run_dir) & set(ids)
@@ -378,14 +427,16 @@ def evaluate_checkpoint(
         "training_images_scored": len(seen),
         "image_size": size,
         "skipped": source.report.n_skipped(),
+        "site": site,
+        **personal,
     }
-    if run.personalize:
+    if run.personalize and not personal.get("personal"):
         info["note"] = (
             f"personalize={run.personalize}: the run tested each site's own model; "
             "this scores the global one"
         )
     metrics = summarize(labels, probs, classes, info)
-    out = Path(out) if out else run_dir.external(data_format)
+    out = Path(out) if out else run_dir.external(f"{data_format}-{site}" if site else data_format)
     write_results(out, metrics)
     if console is not None:
         print_table(console, metrics, out)
@@ -435,6 +486,21 @@ def evaluate_cli(
             "--include-training-images", help="allow scoring images of the run's training split"
         ),
     ] = False,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            "--site",
+            help="score only this site's rows of the manifest, with its personal model "
+            "(personalize=fedbn/ditto: its kept state from --state-dir)",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="where the site keeps SITE-personal.pt (default: the run's state-dir)",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
 ) -> None:
     """Score a trained model without training: the run's own test split, or external data."""
@@ -452,6 +518,8 @@ def evaluate_cli(
             Console(),
             manifest=manifest,
             include_training_images=include_training_images,
+            site=site,
+            state_dir=state_dir,
         )
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -142,3 +142,73 @@ def test_evaluate_refuses_the_runs_training_images(best_checkpoint):
     (line,) = result.output.strip().splitlines()
     assert "are in the run's training split" in line and "--include-training-images" in line
     assert not (run / "all").exists()
+
+
+# FedBN and Ditto: each site scores its own model; `--site` loads the state it kept.
+PERSONAL = TINY | {"builtin-images": 400, "num-server-rounds": 2, "head-calibration": "none"}
+
+
+@pytest.fixture(scope="module", params=["fedbn", "ditto"])
+def personal_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, ray_head
+) -> Path:
+    out = tmp_path_factory.mktemp(f"eval-{request.param}") / "run"
+    with on_ray(ray_head):
+        simulate(None, dict(PERSONAL) | {"personalize": request.param}, out=out)
+    return out
+
+
+def test_evaluate_reproduces_each_sites_personal_figure(personal_run, tmp_path):
+    """`fedskin evaluate --checkpoint RUN --split test --site S` scores S's test rows with S's
+    kept state (RUN/site-state/S-personal.pt) and gives the figures S reported."""
+    reported = json.loads((personal_run / "metrics.json").read_text())["test"]["sites"]
+    global_auroc = _global_at_sites(personal_run, tmp_path, list(reported))
+    differs = 0
+    for site, figures in reported.items():
+        out = tmp_path / site
+        result = _evaluate(
+            "--checkpoint", str(personal_run), "--split", "test", "--site", site, "--out", str(out)
+        )
+
+        assert result.exit_code == 0, result.output
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["site"] == site and m["personal"].endswith(f"{site}-personal.pt")
+        assert m["n"] == int(figures["num-examples"])
+        assert m["balanced_accuracy"] == pytest.approx(figures["balanced_accuracy"], abs=1e-3)
+        assert m["auroc"] == pytest.approx(figures["auroc"], abs=1e-3)
+        differs += abs(global_auroc[site] - figures["auroc"]) > 1e-3
+    assert differs, "the global model scores the sites as their own models do: nothing tested"
+
+
+def _global_at_sites(run: Path, tmp_path: Path, sites: list[str]) -> dict[str, float]:
+    """Each site's test AUROC under the run's global best model (the run's files, with
+    personalisation off in a copy of its config)."""
+    copy = tmp_path / "global-run"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    shutil.copy(run / "manifest.csv", copy / "manifest.csv")
+    config = (run / "config.toml").read_text()
+    personalize = next(line for line in config.splitlines() if line.startswith("personalize"))
+    (copy / "config.toml").write_text(config.replace(personalize, 'personalize = ""'))
+    found = {}
+    for site in sites:
+        out = tmp_path / f"global-{site}"
+        result = _evaluate(
+            "--checkpoint", str(copy), "--split", "test", "--site", site, "--out", str(out)
+        )
+        assert result.exit_code == 0, result.output
+        found[site] = json.loads((out / "metrics.json").read_text())["auroc"]
+    return found
+
+
+def test_evaluate_site_errors_are_one_line(personal_run, tmp_path):
+    """An unknown site, and a state folder without the site's file: one line each."""
+    cases = {
+        ("--site", "nowhere"): "site 'nowhere' is not in",
+        ("--site", "rosendahl", "--state-dir", str(tmp_path)): "no personal state of site",
+    }
+    for args, expected in cases.items():
+        result = _evaluate("--checkpoint", str(personal_run), "--split", "test", *args)
+        assert result.exit_code == 2
+        (line,) = result.output.strip().splitlines()
+        assert expected in line, line
+        assert "rosendahl-personal.pt" in line or "vienna_dias" in line, line
