@@ -143,7 +143,7 @@ def _save_dp(run: RunConfig, asks: ServerAsks, context: Context, site: str, sess
 
 
 # ------------------------------------------------------------------- lifetime ledger
-# A deployed site's privacy spent over all its runs (common/privacy.py: PrivacyLedger), in
+# A deployed site's privacy spent over all its runs (client/ledger.py: PrivacyLedger), in
 # <state-dir>/<site>-privacy-ledger.json: named by nothing the server sends (the site's name
 # is its node config's), so no run tag starts it afresh. Locked from the check to the write,
 # so two runs at once cannot both spend the last of it; written before the reply leaves.
@@ -156,7 +156,7 @@ def _ledger_file(run: RunConfig, site: str, context: Context) -> Path | None:
 @contextmanager
 def _lifetime(run: RunConfig, site: str, context: Context) -> Iterator[Any]:
     """The site's ledger, held locked while this message may spend from it (None: none)."""
-    from common.privacy import PrivacyLedger
+    from client.ledger import PrivacyLedger  # lazily: it imports Opacus (heavy)
 
     path = _ledger_file(run, site, context)
     if path is None:

@@ -114,7 +114,8 @@ def calibrate_noise_multiplier(
     )
 
 
-def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of RDP accountant entries ``(noise, sample rate, steps)``."""
     if not history:
         return 0.0
     acc = RDPAccountant()
@@ -132,7 +133,7 @@ def _calibrate_with_head(
     head = (head_noise, 1.0, 1)
 
     def eps(sigma: float) -> float:
-        return _epsilon([(sigma, sample_rate, steps), head], delta)
+        return rdp_epsilon([(sigma, sample_rate, steps), head], delta)
 
     low, high = 0.0, 10.0
     while eps(high) > target_epsilon:
@@ -226,12 +227,12 @@ class DPSession:
 
     def epsilon(self) -> float:
         """Cumulative epsilon (at ``self.delta``) of all steps and releases so far."""
-        return _epsilon([*self.accountant.history, *self._head(False)], self.delta)
+        return rdp_epsilon([*self.accountant.history, *self._head(False)], self.delta)
 
     def epsilon_after_next_round(self) -> float:
         """Epsilon after one more round, with the statistics' budget still set aside."""
         step = (self.noise_multiplier, self.sample_rate, self.steps_per_round)
-        return _epsilon([*self.accountant.history, step, *self._head(True)], self.delta)
+        return rdp_epsilon([*self.accountant.history, step, *self._head(True)], self.delta)
 
     def next_round(self) -> list[tuple[float, float, int]]:
         """The accountant entries of one more round, with the statistics' budget still set
@@ -250,7 +251,7 @@ class DPSession:
             raise ValueError("no part of the privacy budget is kept for feature statistics")
         if self.head_released:
             raise ValueError("feature statistics were released once in this run already")
-        after = _epsilon([*self.accountant.history, *self._head(True)], self.delta)
+        after = rdp_epsilon([*self.accountant.history, *self._head(True)], self.delta)
         if self.cfg.target_epsilon > 0 and after > self.cfg.target_epsilon * (1 + 1e-9):
             raise ValueError(f"releasing them would spend epsilon {after:.3f} > the target")
         self.head_released = True
@@ -295,69 +296,6 @@ class DPSession:
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
         }
-
-
-# ---------------------------------------------------------------------- lifetime ledger
-class PrivacyLedger:
-    """A deployed site's lifetime record of every DP release it made, over all runs.
-
-    One :class:`DPSession` accounts for one run (its file is named by the server's run tag):
-    a new run, or a restart under a new tag, starts a fresh budget. The ledger is what no run
-    resets: every noisy step and statistics release of every run, as RDP accountant entries
-    ``(noise multiplier, sample rate, steps)`` (the run tag is kept beside each, for the
-    record only). Its epsilon composes all of them with the RDP accountant, exactly as one
-    session composes its rounds: tighter than summing the runs' epsilons, and as valid (RDP
-    composes over any sequence of Gaussian mechanisms on the same records, whatever each
-    run's noise or sampling rate). Before a site spends anything it checks that the ledger
-    plus the spending stays within ``site-epsilon-limit`` (:meth:`allows`).
-    """
-
-    VERSION = 1
-
-    def __init__(self, entries: list[dict[str, Any]] | None = None) -> None:
-        self.entries: list[dict[str, Any]] = list(entries or [])
-
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [(float(e["noise"]), float(e["rate"]), int(e["steps"])) for e in self.entries]
-
-    def epsilon(self, delta: float, extra: list[tuple[float, float, int]] | None = None) -> float:
-        """Lifetime epsilon at ``delta`` of everything recorded, plus ``extra`` if given."""
-        return _epsilon([*self.history, *(extra or [])], delta)
-
-    def allows(
-        self, spend: list[tuple[float, float, int]], delta: float, limit: float
-    ) -> tuple[bool, float]:
-        """Whether ``spend`` keeps the lifetime epsilon within ``limit``; that epsilon."""
-        after = self.epsilon(delta, spend)
-        return after <= limit * (1 + 1e-9), after
-
-    def record(self, spent: list[tuple[float, float, int]], run_tag: str, what: str) -> None:
-        """Add releases made (``what``: "train" or "statistics"), e.g. a round's steps."""
-        for noise, rate, steps in spent:
-            if steps > 0:
-                entry = {"noise": float(noise), "rate": float(rate), "steps": int(steps)}
-                self.entries.append({**entry, "run-tag": str(run_tag), "what": what})
-
-    def to_json(self) -> str:
-        return json.dumps({"version": self.VERSION, "entries": self.entries})
-
-    @classmethod
-    def from_json(cls, text: str) -> PrivacyLedger:
-        """The saved ledger; ValueError (one line) if it is not one: a site that cannot
-        read what it spent must not spend more."""
-        try:
-            saved = json.loads(text)
-            entries = saved["entries"]
-            ledger = cls(entries)
-            history = ledger.history
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"unreadable privacy ledger ({type(err).__name__})") from None
-        if saved.get("version") != cls.VERSION or any(
-            not (n > 0 and 0 < q <= 1 and t >= 1) for n, q, t in history
-        ):
-            raise ValueError("privacy ledger holds entries this fedskin cannot account")
-        return ledger
 
 
 # ---------------------------------------------------------------------- Opacus wiring

@@ -624,7 +624,7 @@ def test_a_new_run_tag_does_not_reset_the_sites_lifetime_budget(sites, tmp_path,
     its state-dir composes all of them and no tag resets it: under a small
     site-epsilon-limit a second run is refused once it would pass the limit, after a restart
     too, whatever the run config or the message say about the limit."""
-    from common.privacy import PrivacyLedger
+    from client.ledger import PrivacyLedger
 
     state = tmp_path / "state"
     node = node_config(sites, "hospital-a", state, **{"site-epsilon-limit": 3.5})
@@ -687,7 +687,7 @@ def test_the_statistics_release_is_on_the_sites_lifetime_budget(sites, tmp_path)
     """Under DP the one release of the feature statistics per run is recorded in the site's
     ledger before the reply: a second run (another tag) that would pass site-epsilon-limit
     is refused, and so is a first release that alone would."""
-    from common.privacy import PrivacyLedger
+    from client.ledger import PrivacyLedger
 
     run = run_config(**{"head-calibration": "lda", "dp": True, "target-epsilon": 4.0})
     dim = model_for_run(run, 7, pretrained=False).num_features

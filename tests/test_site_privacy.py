@@ -1,4 +1,4 @@
-"""A site's lifetime privacy ledger (common/privacy.py: PrivacyLedger), as a unit.
+"""A site's lifetime privacy ledger (client/ledger.py: PrivacyLedger), as a unit.
 
 Through the real ClientApp handlers: tests/test_site_control.py.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.privacy import DPConfig, DPSession, PrivacyLedger
+from client.ledger import PrivacyLedger
+from common.privacy import DPConfig, DPSession
 
 
 def test_the_ledger_composes_runs_as_one_accountant() -> None:
