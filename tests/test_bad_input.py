@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -9,8 +10,10 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
+from common.data.formats import get_format
 from common.data.schema import DataError
 from common.data.sources import load_source
+from common.data.synth import synthesize
 from tests.helpers import copy_dataset
 
 
@@ -174,3 +177,69 @@ def test_unparseable_metadata(dataverse: Path) -> None:
     (dataverse / "HAM10000_metadata.csv").write_bytes(b"")
     with pytest.raises(DataError, match="HAM10000_metadata.csv"):
         load_source("ham-dataverse", dataverse)
+
+
+# ------------------------------------------------------------------ a folder of another layout
+# What each layout requires first, as its loader names it when the folder lacks it.
+EXPECTED = {
+    "ham-hf": "*.parquet shards",
+    "ham-dataverse": "HAM10000_metadata.csv",
+    "isic2020": "train.csv",
+    "fedisic2019": "train_test_split",
+    "csv": "labels.csv",
+}
+
+
+@pytest.fixture(scope="module")
+def layouts(
+    tmp_path_factory: pytest.TempPathFactory,
+    synth_ham_hf: Path,
+    synth_ham_dataverse: Path,
+    synth_isic2020: Path,
+    synth_fedisic2019: Path,
+) -> dict[str, Path]:
+    """A folder of each layout (the session's, read-only; csv made here) and an empty one."""
+    root = tmp_path_factory.mktemp("layouts")
+    (root / "empty").mkdir()
+    return {
+        "ham-hf": synth_ham_hf,
+        "ham-dataverse": synth_ham_dataverse,
+        "isic2020": synth_isic2020,
+        "fedisic2019": synth_fedisic2019,
+        "csv": synthesize("csv", root / "csv", n_images=12, image_size=16, seed=0),
+        "empty": root / "empty",
+    }
+
+
+@pytest.mark.parametrize("fmt", list(EXPECTED))
+def test_a_folder_of_another_layout_names_the_missing_file(
+    fmt: str, layouts: dict[str, Path]
+) -> None:
+    for other, folder in layouts.items():
+        if other == fmt:
+            continue
+        with pytest.raises(DataError) as err:
+            load_source(fmt, folder)
+        message = str(err.value)
+        assert "\n" not in message, message
+        assert EXPECTED[fmt] in message and str(folder) in message, (other, message)
+        # and the whole layout the user chose, from the format registry
+        assert message.endswith(f"({fmt} layout: {get_format(fmt).layout})"), message
+
+
+@pytest.mark.parametrize(
+    ("fmt", "keep", "expected"),
+    [
+        ("ham-dataverse", "HAM10000_metadata.csv", "HAM10000_images_part_*/"),
+        ("isic2020", "train.csv", "train/"),
+        ("fedisic2019", "train_test_split", "ISIC_2019_Training_Input_preprocessed/"),
+    ],
+)
+def test_metadata_without_any_image_names_the_image_folder(
+    fmt: str, keep: str, expected: str, layouts: dict[str, Path], tmp_path: Path
+) -> None:
+    shutil.copy(next(layouts[fmt].rglob(keep)), tmp_path / keep)
+
+    with pytest.raises(DataError, match=r"no image files in .* layout:") as err:
+        load_source(fmt, tmp_path)
+    assert expected in str(err.value) and "\n" not in str(err.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.data.formats import get_format
+from common.data.formats import LayoutError, get_format
 from common.data.readers import FileImageReader
 from common.data.rows import (
     FIRST_IDS,
@@ -89,11 +89,11 @@ def load_csv_export(
     if given.is_dir():
         csv = given / CSV_LABELS
         if not csv.is_file():
-            raise DataError(f"csv: no {CSV_LABELS} in folder {given} (or pass the CSV file)")
+            raise LayoutError(f"csv: no {CSV_LABELS} in folder {given} (or pass the CSV file)")
     elif given.is_file():
         csv = given
     else:
-        raise DataError(f"csv: no such file or folder {given}")
+        raise LayoutError(f"csv: no such file or folder {given}")
     root = csv.parent
     raw = read_csv(csv)
     raw.columns = [str(c).strip().lower() for c in raw.columns]

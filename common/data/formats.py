@@ -56,10 +56,20 @@ class DataFormat:
         return _function(self.writer)
 
     def load(self, path: str | Path, *, on_bad: str = "error", verify_images: bool = False):
-        return self.load_function(path, on_bad=on_bad, verify_images=verify_images)
+        """The loader's data; a folder not in this layout is one line naming the missing
+        file and the layout it belongs to."""
+        try:
+            return self.load_function(path, on_bad=on_bad, verify_images=verify_images)
+        except LayoutError as err:
+            raise DataError(f"{err} ({self.name} layout: {self.layout})") from None
 
     def write(self, out: Path, n_images: int, size: int, seed: int, **options: Any) -> None:
         self.write_function(out, n_images, size, seed, **options)
+
+
+class LayoutError(DataError):
+    """A folder without a file (or folder) the format's layout requires: the loader names
+    it, :meth:`DataFormat.load` adds the whole layout."""
 
 
 def _function(ref: str) -> Callable[..., Any]:
@@ -90,7 +100,7 @@ REGISTRY: dict[str, DataFormat] = {
             "common.data.synth_writers:write_ham_hf",
             "ham10000",
             "lesion",
-            "HAM10000 as the HF hub copy: parquet shards (or a hub id)",
+            "*.parquet shards (train/validation/test) of the HF hub copy, or its hub id",
         ),
         DataFormat(
             "ham-dataverse",
@@ -99,7 +109,7 @@ REGISTRY: dict[str, DataFormat] = {
             "common.data.synth_writers:write_ham_dataverse",
             "ham10000",
             "lesion",
-            "HAM10000 from Harvard Dataverse: HAM10000_metadata.csv + JPEG folders",
+            "HAM10000_metadata.csv + HAM10000_images_part_*/ JPEGs",
         ),
         DataFormat(
             "isic2020",
@@ -108,7 +118,7 @@ REGISTRY: dict[str, DataFormat] = {
             "common.data.synth_writers:write_isic2020",
             "isic2020",
             "patient",
-            "SIIM-ISIC 2020: train.csv + train/<image_name>.dcm (or JPEG copies)",
+            "train.csv + train/<image_name>.dcm (or JPEG copies)",
             write_options=("dicom", "jpeg_copies"),
         ),
         DataFormat(
@@ -118,7 +128,7 @@ REGISTRY: dict[str, DataFormat] = {
             "common.data.synth_writers:write_fedisic2019",
             "fedisic2019",
             "lesion",
-            "FLamby Fed-ISIC2019: train_test_split + preprocessed JPEGs",
+            "train_test_split + ISIC_2019_Training_Input_preprocessed/ JPEGs",
         ),
         DataFormat(
             "csv",
@@ -127,8 +137,8 @@ REGISTRY: dict[str, DataFormat] = {
             "common.data.synth_writers:write_csv_export",
             "csv",
             "group",
-            "a hospital's own export: labels.csv (image, label[, group, site, split, age, sex, "
-            "anatom_site]) + JPEG/PNG/DICOM files beside it (optional label-map.csv: from,to)",
+            "labels.csv (image, label[, group, site, split, age, sex, anatom_site]) + the "
+            "JPEG/PNG/DICOM files it names (optional label-map.csv: from,to)",
         ),
     )
 }

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.data.formats import LayoutError
 from common.data.readers import BytesImageReader, FileImageReader, ParquetImageReader
 from common.data.rows import (
     IMAGE_SUFFIXES,
@@ -21,6 +22,7 @@ from common.data.rows import (
     optional_column,
     read_csv,
     require_columns,
+    require_images,
     row_lines,
     scan_images,
     set_demographics,
@@ -100,10 +102,10 @@ def load_ham_hf(path: str | Path, on_bad: str = "error", verify_images: bool = F
     if not root.exists():
         if _HUB_ID.match(str(path)):
             return _load_ham_hub(str(path), on_bad, verify_images)
-        raise DataError(f"ham-hf: no such folder {root}")
+        raise LayoutError(f"ham-hf: no such folder {root}")
     shards = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
     if not shards:
-        raise DataError(f"ham-hf: no *.parquet shards under {root}")
+        raise LayoutError(f"ham-hf: no *.parquet shards under {root}")
     required = ["image", "image_id", "lesion_id", "dx"]
     frames = []
     locations: dict[str, tuple[str, int, int]] = {}
@@ -149,7 +151,7 @@ def load_ham_dataverse(
     """HAM10000 from Harvard Dataverse: HAM10000_metadata.csv + JPEG part folders."""
     root = Path(path)
     if not root.exists():
-        raise DataError(f"ham-dataverse: no such folder {root}")
+        raise LayoutError(f"ham-dataverse: no such folder {root}")
     if root.is_file():
         csv, root = root, root.parent
     else:
@@ -170,6 +172,7 @@ def load_ham_dataverse(
     df["source_split"] = ""
     df["_where"] = row_lines(csv.name, len(raw))
     paths = scan_images([root], IMAGE_SUFFIXES)
+    require_images(paths, "ham-dataverse", "HAM10000_images_part_*/", root)
     df["_path"] = df["image_id"].map(paths)
     reader = FileImageReader(dict(paths), on_bad)
     rows = Rows("ham-dataverse", df, reader, report, csv, str(root.resolve()), meta_files=[csv])

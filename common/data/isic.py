@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.data.formats import LayoutError
 from common.data.readers import FileImageReader
 from common.data.rows import (
     FIRST_IDS,
@@ -21,12 +22,13 @@ from common.data.rows import (
     optional_column,
     read_csv,
     require_columns,
+    require_images,
     row_lines,
     scan_images,
     set_demographics,
     text,
 )
-from common.data.schema import ISIC2019_CLASSES, ISIC2020_CLASSES, DataError, LoadReport, SourceData
+from common.data.schema import ISIC2019_CLASSES, ISIC2020_CLASSES, LoadReport, SourceData
 
 # FLamby Fed-ISIC2019 center index -> name (Terrail et al. 2022, FLamby fed_isic2019 README).
 FEDISIC_CENTERS: dict[int, str] = {
@@ -82,7 +84,7 @@ def load_isic2020(
     """SIIM-ISIC 2020: train.csv + train/<image_name>.dcm (or JPEG copies)."""
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"isic2020: no such folder {root}")
+        raise LayoutError(f"isic2020: no such folder {root}")
     csv = find_one(
         root,
         [
@@ -115,6 +117,7 @@ def load_isic2020(
         [root / "jpeg" / "train", root / "train", root / "ISIC_2020_Training_JPEG"], IMAGE_SUFFIXES
     )
     paths = {**jpegs, **dicoms}
+    require_images(paths, "isic2020", "train/ (or jpeg/train/)", root)
     df["_path"] = df["image_id"].map(paths)
     df["source_site"] = ""
     # Run the generic row checks first so only kept rows get their headers read.
@@ -145,7 +148,7 @@ def load_fedisic2019(
     """FLamby Fed-ISIC2019: train_test_split + preprocessed JPEGs (+ ISIC 2019 metadata)."""
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"fedisic2019: no such folder {root}")
+        raise LayoutError(f"fedisic2019: no such folder {root}")
     split_file = find_one(
         root, ["train_test_split", "train_test_folds.csv", "train_test_split.csv"],
         "fedisic2019 split file",
@@ -219,6 +222,7 @@ def load_fedisic2019(
     if not any(d.is_dir() for d in img_dirs):
         img_dirs = [root]
     paths = scan_images(img_dirs, IMAGE_SUFFIXES)
+    require_images(paths, "fedisic2019", "ISIC_2019_Training_Input_preprocessed/", root)
     df["_path"] = df["image_id"].map(paths)
     reader = FileImageReader(paths, on_bad)
     rows = Rows("fedisic2019", df, reader, report, split_file, str(root.resolve()), meta_files)

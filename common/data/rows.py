@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data.formats import get_format
+from common.data.formats import LayoutError, get_format
 from common.data.schema import COLUMNS, DataError, LoadReport, SourceData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -290,4 +290,10 @@ def find_one(root: Path, names: list[str], what: str) -> Path:
         hits = sorted(root.rglob(n))
         if hits:
             return hits[0]
-    raise DataError(f"{what}: none of {names} found under {root}")
+    raise LayoutError(f"{what}: none of {names} found under {root}")
+
+
+def require_images(paths: dict[str, Path], fmt: str, where: str, root: Path) -> None:
+    """Refuse a folder that holds the metadata but no image file at all (another layout)."""
+    if not paths:
+        raise LayoutError(f"{fmt}: no image files in {where} under {root}")
