@@ -3,9 +3,10 @@
 Why: on real HAM10000 sources, classes live at different sites (akiec and bcc almost only
 at one), and FedAvg's shared classifier drifts toward each site's own classes during local
 steps: the averaged features are good, the averaged head is not (docs/results.md). Linear
-discriminant analysis needs only sums over the images, so the sites can send them and the
-server solves for the head in closed form, as if it had all the features at once (the idea
-of CCVR, Luo et al. 2021, and Fed3R, Fanì et al. 2024, in its simplest exact form).
+discriminant analysis needs only sums over the images, so the sites can send them (this
+module) and the server solves for the head in closed form (server/lda.py), as if it had all
+the features at once (the idea of CCVR, Luo et al. 2021, and Fed3R, Fanì et al. 2024, in its
+simplest exact form).
 
 What a site sends: its training images per class, the per-class sums of the penultimate
 features and the sum of their outer products (a D×D matrix; D = 368 for regnetx_002).
@@ -13,20 +14,17 @@ That is more than FedAvg's updates disclose (class means of features), so a site
 it in its node config (client/siteconfig.py).
 
 Under sample-level DP the site sends them through the Gaussian mechanism instead
-(:func:`private_stats`), spending ``dp-head-share`` of its budget (common/privacy.py):
-each image's features are centred and projected to ``dp-head-dims`` dimensions by a map the
-server derives from the model alone (:func:`dp_projection`: noise images, random directions;
-no data), then clipped to norm 1, so one image changes the counts, the sums and the moment
-by at most 1 each (L2 sensitivity sqrt(3)) whatever the server sent. On real images this
-is what learns under DP where DP-SGD from random weights stays at chance (docs/results.md):
-the noise of DP-SGD grows with the network's 2.7 M parameters, that of the statistics with
-the 7 + 7·16 + 16·16 numbers released once.
+(:func:`private_stats`), spending ``dp-head-share`` of its budget (common/privacy.py): each
+image's features are centred and projected to ``dp-head-dims`` dimensions by a map the
+server derives from the model alone (server/lda.py: ``dp_projection``: noise images, random
+directions; no data), then clipped to norm 1, so one image changes the counts, the sums and
+the moment by at most 1 each (L2 sensitivity sqrt(3)) whatever the server sent. On real
+images this is what learns under DP where DP-SGD from random weights stays at chance
+(docs/results.md): the noise of DP-SGD grows with the network's 2.7 M parameters, that of
+the statistics with the 7 + 7·16 + 16·16 numbers released once.
 """
 
 from __future__ import annotations
-
-import copy
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,13 +32,6 @@ from torch import nn
 
 from common.augment import to_float
 
-# Shrinkage of the pooled within-class covariance toward its mean variance (Ledoit-Wolf
-# style): keeps the solve stable when a class has few images.
-SHRINKAGE = 0.1
-# Under DP the noised covariance needs more (measured on the HAM10000 sample: 0.5 beat 0.1).
-DP_SHRINKAGE = 0.5
-# Noise images the server runs through the model to centre and scale the projection.
-REFERENCE_IMAGES = 256
 # L2 sensitivity of (counts, sums, upper triangle of the moment) to one image of norm <= 1.
 SENSITIVITY = float(np.sqrt(3.0))
 # The largest projection entry a site accepts (client/task.py: dp_query_projection). What
@@ -91,106 +82,7 @@ def _stats_of(x: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, 
     }
 
 
-def stats_error(stats: Mapping[str, np.ndarray], num_classes: int, dim: int, n: int | None) -> str:
-    """Why a site's statistics cannot be used ("" when they can): shapes, finiteness, and
-    counts that add up to the training images the site declared at discovery (``n``; None
-    for noised statistics, whose counts are not whole and whose diagonal may dip below 0)."""
-    shapes = {"counts": (num_classes,), "sums": (num_classes, dim), "moment": (dim, dim)}
-    for key, shape in shapes.items():
-        if key not in stats:
-            return f"no {key!r} array"
-        a = np.asarray(stats[key])
-        if a.shape != shape:
-            return f"{key!r} has shape {a.shape}, expected {shape}"
-        if not np.isfinite(a).all():
-            return f"{key!r} is not finite"
-    moment = np.asarray(stats["moment"])
-    if not np.allclose(moment, moment.T, rtol=1e-6, atol=1e-6):
-        return "'moment' is not a symmetric matrix"
-    if n is None:
-        return ""
-    counts = np.asarray(stats["counts"])
-    if (counts < 0).any() or counts.sum() != n or (counts != np.round(counts)).any():
-        return f"counts {counts.tolist()} are not {n} training images"
-    if (np.diag(moment) < 0).any():
-        return "'moment' has a negative diagonal"
-    return ""
-
-
-def lda_head(
-    stats: Sequence[Mapping[str, np.ndarray]], shrinkage: float = SHRINKAGE
-) -> tuple[np.ndarray, np.ndarray]:
-    """The LDA classifier (weight K×D, bias K) of the summed statistics, with equal class
-    priors (balanced accuracy is the target). A class no site has keeps a bias far below
-    every other, so it is never predicted. ValueError when the statistics give no finite
-    head (too few images, or degenerate ones)."""
-    counts = sum(np.asarray(s["counts"]) for s in stats)
-    sums = sum(np.asarray(s["sums"]) for s in stats)
-    moment = sum(np.asarray(s["moment"]) for s in stats)
-    present = counts > 0
-    n_classes = int(present.sum())
-    if counts.sum() - n_classes < 1:
-        raise ValueError("too few images for a covariance: need more than one per class")
-    means = np.where(present[:, None], sums / np.maximum(counts, 1)[:, None], 0.0)
-    scatter = moment - (means.T * counts) @ means  # sum of (x - mean_y)(x - mean_y)^T
-    cov = scatter / (counts.sum() - n_classes)
-    dim = cov.shape[0]
-    target = np.trace(cov) / dim * np.eye(dim)
-    cov = (1 - shrinkage) * cov + shrinkage * target + 1e-9 * np.eye(dim)
-    weight = np.linalg.solve(cov, means.T).T
-    bias = -0.5 * np.einsum("kd,kd->k", weight, means)
-    bias[~present] = bias[present].min() - 1e6
-    weight[~present] = 0.0
-    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-        raise ValueError("the solved head is not finite")
-    return weight, bias
-
-
-def classifier_keys(model: nn.Module) -> tuple[str, str]:
-    """The state-dict names of the classifier's weight and bias (timm's ``classifier``)."""
-    name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    head = model.get_classifier()
-    if not name or not isinstance(head, nn.Linear) or head.bias is None:
-        raise ValueError(f"{type(model).__name__}: no linear classifier with a bias to refit")
-    return f"{name}.weight", f"{name}.bias"
-
-
-def with_lda_head(
-    model: nn.Module, images: torch.Tensor, labels: np.ndarray, num_classes: int
-) -> nn.Module:
-    """A copy of ``model`` whose classifier is the LDA head of these images' features: the
-    refit a baseline trained on one machine gets, so that it is compared with the
-    federation's refitted model on equal terms. Raises ValueError when the images cannot
-    give a covariance or the model has no linear head (the caller keeps its head)."""
-    classifier_keys(model)  # a linear classifier with a bias, or ValueError
-    weight, bias = lda_head([feature_stats(model, images, labels, num_classes)])
-    refit = copy.deepcopy(model)
-    head = refit.get_classifier()
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-        head.bias.copy_(torch.from_numpy(bias))
-    return refit
-
-
 # ------------------------------------------------------------------ under sample-level DP
-def dp_projection(
-    model: nn.Module, image_size: int, dims: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The centre (D,) and projection (D, d) of a DP query, from the model alone: the mean
-    feature of seeded noise images, and ``dims`` orthonormal random directions scaled so
-    that those images' centred projections have median norm 1 (the sites clip at 1).
-    Real features sit far from 0 in one common direction; centring keeps the clipping
-    budget for what differs between images."""
-    rng = np.random.default_rng(seed)
-    shape = (REFERENCE_IMAGES, image_size, image_size, 3)
-    reference = penultimate(model, torch.from_numpy(rng.integers(0, 256, shape, np.uint8)))
-    ref = reference.numpy()
-    centre = ref.mean(axis=0)
-    directions, _ = np.linalg.qr(rng.normal(size=(ref.shape[1], min(dims, ref.shape[1]))))
-    scale = float(np.median(np.linalg.norm((ref - centre) @ directions, axis=1)))
-    return centre, directions / max(scale, 1e-12)
-
-
 def finite_or_zero(a: np.ndarray | torch.Tensor) -> np.ndarray:
     """A float64 copy of ``a`` with every non-finite entry replaced by 0, a constant that
     depends on no data."""
@@ -258,25 +150,3 @@ def private_stats(
     upper = np.triu(gen.normal(0.0, std, stats["moment"].shape))
     stats["moment"] = stats["moment"] + upper + np.triu(upper, 1).T
     return stats
-
-
-def private_lda_head(
-    stats: Sequence[Mapping[str, np.ndarray]],
-    centre: np.ndarray,
-    projection: np.ndarray,
-    noise_std: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The LDA head (K×D, K) of noised statistics, acting on the model's own features:
-    solved in the projected space, then folded back (``W (x - c) P + b`` is linear in x).
-    A class whose summed noisy count is below 3 x ``noise_std`` (the sum's noise) is
-    treated as absent: its noisy mean would be noise divided by almost nothing."""
-    counts = sum(np.asarray(s["counts"], dtype=np.float64) for s in stats)
-    present = counts >= max(3.0 * noise_std, 1.0)
-    summed = {
-        "counts": np.where(present, counts, 0.0),
-        "sums": np.where(present[:, None], sum(np.asarray(s["sums"]) for s in stats), 0.0),
-        "moment": sum(np.asarray(s["moment"]) for s in stats),
-    }
-    weight, bias = lda_head([summed], shrinkage=DP_SHRINKAGE)
-    full = weight @ projection.T
-    return full, bias - full @ centre

@@ -127,7 +127,7 @@ def _never_estimated(name: str, previous: Mapping[str, np.ndarray]) -> bool:
 
 
 def noise_images(image_size: int, seed: int, count: int = NOISE_IMAGES) -> torch.Tensor:
-    """``count`` seeded uint8 NHWC noise images, as common/headfit.py's dp_projection."""
+    """``count`` seeded uint8 NHWC noise images, as server/lda.py's dp_projection."""
     rng = np.random.default_rng(seed)
     shape = (count, image_size, image_size, 3)
     return torch.from_numpy(rng.integers(0, 256, shape, np.uint8))

@@ -54,9 +54,10 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig, run_config_of
-from common.headfit import SENSITIVITY, lda_head, private_lda_head, stats_error
+from common.headfit import SENSITIVITY
 from common.privacy import DPConfig
 from common.privacy import calibrate_noise_multiplier as _calibrate
+from server.lda import lda_head, private_lda_head, stats_error
 
 Stats = Mapping[str, np.ndarray]
 Head = tuple[np.ndarray, np.ndarray]

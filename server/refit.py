@@ -16,13 +16,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common.config import RunConfig
-from common.headfit import dp_projection, lda_head, private_lda_head, stats_error
 from common.models import model_for_run, set_weights
 from common.protocol import FEATURE_STATS
 from common.wire import pack
 from server.arrays import array_record, numpy_state
 from server.checkpoints import LoopState
 from server.headcheck import min_head_noise_std, screen_statistics
+from server.lda import dp_projection, lda_head, private_lda_head, stats_error
 from server.replies import printable
 from server.sizes import SiteInfo
 from server.transport import Problems, Send, Wording, by_site
@@ -40,7 +40,7 @@ def with_head(
 ) -> ArrayRecord:
     """``arrays`` with the classifier replaced by the LDA head of the summed statistics
     (ValueError from :func:`lda_head` when there is none); ``private``: the noised
-    statistics' projection and noise (common/headfit.py: private_lda_head)."""
+    statistics' projection and noise (server/lda.py: private_lda_head)."""
     if private:
         weight, bias = private_lda_head(
             stats, private["centre"], private["projection"], private["noise_std"]

@@ -17,11 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, RunConfig, run_config_of
 from common.data.schema import DataError
 from common.data.site_data import classes_for
-from common.headfit import classifier_keys
 from common.models import get_weights, model_for_run
 from common.personal import personalize_mode
 from common.rundir import resume_checkpoint, run_dir_for
 from common.version import version
+from server.lda import classifier_keys
 from server.loop import Federation
 
 log = logging.getLogger("fedskin")

@@ -28,11 +28,11 @@ from client.siteconfig import load_site
 from common.config import RunConfig, run_config_of
 from common.data.partition import read_manifest
 from common.data.site_data import SiteData, site_names
-from common.headfit import with_lda_head
 from common.metrics import compute_metrics
 from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
 from common.train import TrainConfig, pick_device, predict, train_local
+from server.lda import with_lda_head
 
 console = Console()
 
@@ -106,7 +106,7 @@ def refit_baseline_head(
     classes,
     label: str,
 ) -> torch.nn.Module:
-    """The federation's head refit (common/headfit.py) on the baseline's own training
+    """The federation's head refit (server/lda.py) on the baseline's own training
     images, kept only if it scores higher on validation, as the server keeps it."""
     try:
         refit = with_lda_head(model, torch.from_numpy(train[0]), train[1], len(classes))
@@ -235,7 +235,7 @@ def compare(
         else:  # a personalize= given in --run-config applies, and shows in the label
             run, label = {**base, "strategy": method}, "+".join(filter(None, [method, personal]))
             if resolve_run_config(config, run).head_calibration == "lda":
-                label += "+lda"  # the row's model has the refitted head (common/headfit.py)
+                label += "+lda"  # the row's model has the refitted head (server/lda.py)
         t0 = time.time()
         reuse = method == "finetune" and "fedavg" in methods and not personal
         reuse = reuse and _reuse_fedavg(out / "fedavg", out / method)

@@ -84,8 +84,9 @@ def test_baseline_head_refit_is_the_federations_and_kept_only_if_validation_impr
     import numpy as np
     import torch
 
-    from common.headfit import feature_stats, lda_head
+    from common.headfit import feature_stats
     from common.models import build_model
+    from server.lda import lda_head
     from simulations.baselines import load_all_sites, refit_baseline_head
 
     cfg = prepare_data(resolve_config(None, {"builtin-images": 300, "image-size": 16}))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.config import RunConfig
-from common.headfit import SENSITIVITY, lda_head, private_lda_head, private_stats
+from common.headfit import SENSITIVITY, private_stats
 from common.privacy import DPConfig, DPSession
 from server.headcheck import (
     MIN_INFLUENCE,
@@ -33,6 +33,7 @@ from server.headcheck import (
     noise_error,
     screen_statistics,
 )
+from server.lda import lda_head, private_lda_head
 
 K = 7
 MEL = 1

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from common.config import ConfigError, RunConfig
-from common.headfit import classifier_keys, feature_stats, lda_head, penultimate, stats_error
+from common.headfit import feature_stats, penultimate
 from common.models import build_model
+from server.lda import classifier_keys, lda_head, stats_error
 
 
 def _gaussians(rng: np.random.Generator, n: int, means: np.ndarray) -> tuple:
@@ -189,7 +190,7 @@ def test_private_head_acts_on_the_models_own_features() -> None:
     """The head solved in the projected space is folded back into one linear layer on the
     model's features (W (x - c) P + b); a class whose noisy count is within the noise is
     treated as absent and never predicted."""
-    from common.headfit import private_lda_head
+    from server.lda import private_lda_head
 
     rng = np.random.default_rng(1)
     x, y = _gaussians(rng, 80, rng.normal(scale=3, size=(3, 10)))

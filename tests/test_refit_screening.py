@@ -19,9 +19,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from common.config import RunConfig
-from common.headfit import lda_head
 from common.protocol import FEATURE_STATS
 from common.wire import pack
+from server.lda import lda_head
 from server.loop import Federation
 from tests.test_replies import (
     BAD,
