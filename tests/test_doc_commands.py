@@ -129,3 +129,82 @@ def test_the_documented_key_commands_run_as_written(tmp_path: Path, monkeypatch)
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 0, f"{doc}: {command}\n{result.output}"
         assert any(Path().rglob("*.key")), f"{doc}: no key written"
+
+
+# ------------------------------------------------------------------ the README's quickstart
+# Its commands run as written, with a small synthetic Dataverse folder standing in for the
+# HAM10000 download and tiny settings added to the simulation's --run-config.
+STAND_IN = "~/data/HAM10000"
+TINY_RUN = "model='test_efficientnet' image-size=16 num-server-rounds=1 local-steps=2 batch-size=16"
+
+
+def readme_section(heading: str) -> list[str]:
+    """The fenced commands of one README section (up to the next ``## `` heading)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return _fenced_commands(text[start : end if end > 0 else None])
+
+
+def _run(command: str) -> str:
+    args = shlex.split(command, comments=True)[1:]
+    if args[0] == "simulate":  # the same run, made tiny
+        i = args.index("--run-config") + 1
+        args[i] = f"{args[i]} {TINY_RUN}"
+    result = CliRunner().invoke(app, args, terminal_width=400)
+    assert result.exit_code == 0, f"{command}\n{result.output}"
+    return result.output
+
+
+@pytest.mark.usefixtures("shared_ray")  # the simulation runs on the session's Ray head
+def test_the_readme_quickstart_runs_on_a_stand_in(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from common.data.synth import synthesize
+
+    commands = readme_section("Real images in three commands")
+    assert [shlex.split(c)[1] for c in commands] == ["partition", "simulate", "evaluate"]
+    data = synthesize("ham-dataverse", tmp_path / "HAM10000", n_images=400, image_size=32)
+    monkeypatch.setenv("FEDSKIN_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    partition, simulate, evaluate = (c.replace(STAND_IN, str(data)) for c in commands)
+
+    printed = _run(partition)
+    # partition prints the command that uses the manifest it wrote; it parses as written
+    manifest = (tmp_path / "sites.csv").resolve()
+    nxt = next(ln.strip() for ln in printed.splitlines() if ln.strip().startswith("fedskin "))
+    assert f"manifest='{manifest}'" in nxt and f"data-path='{data.resolve()}'" in nxt, printed
+    path, params = _parse(shlex.split(nxt)[1:])
+    assert path == ["simulate"]
+    assert resolve_config(None, params["run_config"])["manifest"] == str(manifest)
+
+    _run(simulate)
+    _run(evaluate)
+    run = tmp_path / "runs" / "ham"
+    reported = json.loads((run / "metrics.json").read_text())["test"]["global"]
+    scored = json.loads((run / "external" / "ham-dataverse" / "metrics.json").read_text())
+    assert scored["split"] == "test" and scored["n"] == int(reported["n"])
+    assert scored["balanced_accuracy"] == pytest.approx(reported["balanced_accuracy"], abs=1e-3)
+
+
+def test_the_readme_site_export_partition_prints_its_next_command(tmp_path, monkeypatch) -> None:
+    """The hospital export's block: synth and a one-site partition run as written, and the
+    command partition prints is the README's next one (absolute paths) and parses."""
+    readme = [c for d, c in COMMANDS if d == "README.md"]
+    first = next(i for i, c in enumerate(readme) if c.startswith("fedskin synth csv"))
+    synth, partition, simulate = readme[first : first + 3]
+    assert "synth csv" in synth and "--site" in partition and "manifest=" in simulate
+    monkeypatch.setenv("FEDSKIN_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    _run(synth)
+
+    printed = _run(partition)
+
+    nxt = next(ln.strip() for ln in printed.splitlines() if ln.strip().startswith("fedskin "))
+    readme = resolve_config(None, _parse(shlex.split(simulate)[1:])[1]["run_config"])
+    given = resolve_config(None, _parse(shlex.split(nxt)[1:])[1]["run_config"])
+    for key in ("data-format", "data-path", "manifest"):
+        assert Path(str(given[key])) == (tmp_path / str(readme[key])).resolve() or (
+            given[key] == readme[key]
+        ), key
+    assert "site='hospital-a'" in printed  # and how a SuperNode serves it
