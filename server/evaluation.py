@@ -15,8 +15,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common.config import RunConfig
-from common.fedmetrics import pooled_confusion, pooled_metrics, weighted_balanced_accuracy
 from common.wire import pack
+from server.pooling import pooled_confusion, pooled_metrics, weighted_balanced_accuracy
 from server.replies import evaluate_reply_error
 from server.sizes import SiteInfo, scale_factors
 from server.transport import Problems, Send, Wording, by_site

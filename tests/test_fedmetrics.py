@@ -3,7 +3,8 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from common.fedmetrics import pooled_metrics, site_summary, weighted_balanced_accuracy
+from common.fedmetrics import site_summary
+from server.pooling import pooled_metrics, weighted_balanced_accuracy
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
