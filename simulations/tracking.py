@@ -126,6 +126,7 @@ class Store:
 
     def run_of(self, folder: Path) -> str | None:
         """The MLflow run this folder was logged to in this store, if it still exists."""
+        folder = folder.resolve()  # as the record names it, however the command named it
         record = _record(folder)
         if record.get("tracking_uri") != self.uri or record.get("run_dir") != str(folder):
             return None  # another store, or a folder copied from another run
@@ -141,6 +142,7 @@ class Store:
         self, folder: Path, params: Mapping[str, Any], parent: str | None, resume: bool
     ) -> str:
         """A new run for ``folder`` (or, with ``resume``, the one it was logged to before)."""
+        folder = folder.resolve()
         run_id = self.run_of(folder) if resume else None
         if run_id is None:
             tags = {"fedskin.run_dir": str(folder)}

@@ -155,12 +155,16 @@ def test_compare_is_a_parent_with_one_child_per_row(store, tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("shared_ray")
-def test_sweep_is_a_parent_with_one_child_per_cell(store, tmp_path: Path) -> None:
+def test_sweep_is_a_parent_with_one_child_per_cell(
+    store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A DP cell: each site's epsilon per round is its metric's history; a second sweep
-    (nothing left to run) continues the same parent and adds no child."""
+    (nothing left to run) continues the same parent and adds no child, though --out is a
+    relative path (the runner names the cell's folder by its absolute path)."""
     uri, client = store
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "sweep"
-    args = ["sweep", "privacy", "--epsilons", "3", "--seeds", "0", "--out", str(out)]
+    args = ["sweep", "privacy", "--epsilons", "3", "--seeds", "0", "--out", "sweep"]
     args += ["--run-config", TINY, "--tracking-uri", uri]
     invoke(*args)
     parent = run_id_of(out)
