@@ -314,7 +314,7 @@ def check_seal(
     * the seal written beside a derived manifest (:func:`seal_path`): its row count
       (``rows``), site count (``sites``; None: not compared) and SHA-256 must match;
     * ``known_sha256``, the hash a run recorded of the manifest it trained on (its
-      checkpoint, :func:`known_manifest`): the file must have exactly those bytes.
+      checkpoint, server/resume.py: ``known_manifest``): the file must have exactly those bytes.
 
     The rule: a manifest a run already knows is checked against the run's own record, so
     deleting (or rewriting) the seal beside it does not get a relabelled manifest past the

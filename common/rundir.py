@@ -24,18 +24,15 @@ truncated one, and it never writes through a symbolic link.
 Checkpoints hold only tensors and plain data (dicts, lists, str, int, float, bool, None),
 so :func:`load_checkpoint` reads them with ``torch.load(..., weights_only=True)``: a
 checkpoint planted in a run directory cannot run code. Each one stores the run config it
-was written under; :func:`check_resume` refuses to continue under a config that changes
-the result, unless the user says so (``--force-resume`` / ``force-resume=true``), and the
-SHA-256 of the manifest the run trains on: a resume on a changed manifest is refused, with
-or without the seal beside it (:func:`check_seal`). Its loop state must fit the loop's
-state dataclass: an unknown key is refused with one line naming the file and the key.
+was written under and the SHA-256 of the manifest the run trains on, which the resume
+policy (server/resume.py) checks. Its loop state must fit the loop's state dataclass: an
+unknown key is refused with one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import os  # noqa: F401 - tests patch common.rundir.os.replace (the atomic rename)
 import pickle
 import re
@@ -48,7 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from common.config import RunConfig, run_config_of
-from common.errors import ConfigError, DataError
+from common.errors import DataError
 
 # The one atomic writer and the manifest seal live in common/fileio.py (the data pipeline
 # uses them without this module); imported here by their old names, which callers use.
@@ -73,8 +70,6 @@ from common.fileio import open_subfolder as open_subfolder
 from common.fileio import seal_path as seal_path
 from common.fileio import write_at as write_at
 
-log = logging.getLogger("fedskin")
-
 MANIFEST = "manifest.csv"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
@@ -87,27 +82,6 @@ AUDIT_PNG = "audit.png"
 DEFAULT_RUNS = Path("runs")
 
 CHECKPOINT_FORMAT = "fedskin-checkpoint/1"
-# Run-config keys that may differ between a checkpoint and the run that resumes it: how
-# many rounds in all (more, to continue a run), how long to wait and for whom, where the
-# outputs go, the post-run audit, and the Ray resources of the simulated sites. Every
-# other key can change the model or what is reported about it.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "num-server-rounds",
-        "round-timeout",
-        "wait-for-nodes",
-        "min-nodes",
-        "resume",
-        "force-resume",
-        "out-dir",
-        "run-name",
-        "audit",
-        "audit-reference",
-        "client-num-cpus",
-        "client-num-gpus",
-        "client-memory-mb",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -238,7 +212,7 @@ def save_checkpoint(
         "strategy": _storable(dict(strategy)),
         "config": _storable(dict(config), arrays="list"),
     }
-    manifest = _config_manifest(config)
+    manifest = config_manifest(config)
     if manifest is not None and manifest.is_file():  # the run now knows this manifest
         ckpt["manifest"] = {"path": str(manifest), "sha256": file_sha256(manifest)}
     path = Path(path)
@@ -253,7 +227,7 @@ def _torch_save(obj: Any, f: IO[bytes]) -> None:
     torch.save(obj, f)
 
 
-def _config_manifest(config: Mapping[str, Any] | None) -> Path | None:
+def config_manifest(config: Mapping[str, Any] | None) -> Path | None:
     """The manifest file a run config names (``manifest``), or None."""
     value = (config or {}).get("manifest")
     return Path(value).expanduser() if isinstance(value, str) and value else None
@@ -405,142 +379,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt.setdefault("config", None)
     ckpt.setdefault("manifest", None)
     return ckpt
-
-
-# ----------------------------------------------------------------------------- resume
-
-
-def config_changes(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    may_change: frozenset[str] = RESUME_MAY_CHANGE,
-) -> list[str]:
-    """``key: old -> new`` for every key outside ``may_change`` whose value differs."""
-    missing = object()
-    changes = []
-    for key in sorted((set(saved) | set(current)) - may_change):
-        old, new = saved.get(key, missing), current.get(key, missing)
-        if old != new:
-            shown = ["(absent)" if v is missing else repr(v) for v in (old, new)]
-            changes.append(f"{key}: {shown[0]} -> {shown[1]}")
-    return changes
-
-
-def check_resume(
-    saved: Mapping[str, Any] | None,
-    current: Mapping[str, Any],
-    where: str | Path,
-    force: bool = False,
-) -> list[str]:
-    """Refuse to resume from ``where`` under a config that changes the result.
-
-    ``saved`` is the config stored with the checkpoint (None: an older checkpoint, which
-    cannot be checked). Returns the changes (accepted when ``force``); otherwise raises a
-    one-line :class:`common.config.ConfigError` with the difference.
-    """
-    if saved is None:
-        log.warning("%s stores no run config: the resumed config cannot be checked", where)
-        return []
-    changes = config_changes(saved, current)
-    if not changes:
-        return []
-    diff = "; ".join(changes)
-    if force:
-        log.warning("resuming from %s with a changed config (force-resume): %s", where, diff)
-        return changes
-    raise ConfigError(
-        f"{where}: resume refused, the run config differs from the checkpoint's ({diff}); "
-        "resume with the same config, or add --force-resume (run config force-resume=true)"
-    )
-
-
-# The resumes this process has checked: the files weighed (checkpoint, manifests), the
-# config and force. A run is resumed through several entry points in one process (a simulation's
-# runner, then its ServerApp and round loop; a deployment's ServerApp, then its loop), each
-# of which must refuse before it does its work: the policy runs at the first of them.
-_CHECKED: set[tuple[Any, ...]] = set()
-
-
-def _file_id(path: Path | None) -> tuple[str, int, int, int] | None:
-    """A file's identity and version (path, inode, mtime, size); None if there is none."""
-    if path is None or not path.is_file():
-        return None
-    st = path.stat()
-    return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def resume_checkpoint(
-    run_dir: str | Path, config: Mapping[str, Any], force: bool = False
-) -> dict[str, Any] | None:
-    """The run directory's last checkpoint, checked against ``config``; None if there is none.
-
-    The one resume policy (run once per checkpoint file, config and ``force`` in a
-    process): the config may change only in :data:`RESUME_MAY_CHANGE` unless ``force``
-    (:func:`check_resume`); a checkpoint without a stored config is compared with the run
-    directory's config.toml when there is one. Its state must hold every key the loop's
-    state needs, and the manifest the config names must be the one the run trained on
-    (:func:`check_known_manifest`); each refused with one line naming the file.
-    """
-    rd = RunDir(Path(run_dir))
-    if not rd.checkpoint("last").is_file():
-        return None
-    ckpt = load_checkpoint(rd.checkpoint("last"))
-    # Checked again when the checkpoint, a manifest it is weighed against or the config differ
-    copy = rd.manifest if known_manifest(ckpt) is None else None  # else its hash is recorded
-    files = (rd.checkpoint("last"), _config_manifest(config), copy)
-    key = (*map(_file_id, files), repr(sorted(config.items())), force)
-    if key in _CHECKED:
-        return ckpt
-    _check_resumable(rd, ckpt, config, force)
-    _CHECKED.add(key)
-    return ckpt
-
-
-def _check_resumable(
-    rd: RunDir, ckpt: dict[str, Any], config: Mapping[str, Any], force: bool
-) -> None:
-    saved = ckpt["config"]
-    if saved is None and rd.config.is_file():
-        saved = read_toml(rd.config)
-    check_resume(saved, config, rd.checkpoint("last"), force)
-    if why := state_error(ckpt["state"], complete=True):  # the loop's state is made from it
-        raise DataError(f"{rd.checkpoint('last')}: refused, {why}; it was not loaded")
-    check_known_manifest(ckpt, config, rd.root)
-
-
-def known_manifest(ckpt: Mapping[str, Any] | None, run_dir: str | Path | None = None) -> str | None:
-    """The SHA-256 of the manifest a run already trained on, or None when it knows none.
-
-    From its checkpoint (``manifest``, recorded by :func:`save_checkpoint` with every
-    round), else from the copy the runner keeps in the run folder (``manifest.csv``) when
-    the checkpoint's config names a manifest file.
-    """
-    recorded = (ckpt or {}).get("manifest")
-    if isinstance(recorded, Mapping) and isinstance(recorded.get("sha256"), str):
-        return str(recorded["sha256"])
-    if run_dir is not None and _config_manifest((ckpt or {}).get("config")) is not None:
-        copy = RunDir(Path(run_dir)).manifest
-        if copy.is_file() and not copy.is_symlink():
-            return file_sha256(copy)
-    return None
-
-
-def check_known_manifest(
-    ckpt: Mapping[str, Any], config: Mapping[str, Any], run_dir: str | Path | None = None
-) -> None:
-    """Refuse to resume on a manifest file other than the one the run trained on.
-
-    When the run config names the same manifest file as the checkpoint's config did (a
-    different file is a config change: :func:`check_resume`), its bytes must hash to what
-    the run recorded (:func:`known_manifest`), with or without a seal beside it and even
-    under force-resume: relabelled, moved or truncated rows would silently change what the
-    resumed model learns and is evaluated on.
-    """
-    current = _config_manifest(config)
-    saved = _config_manifest(ckpt.get("config"))
-    if current is None or (saved is not None and saved != current) or not current.exists():
-        return  # no manifest here (a missing one is refused by whoever reads it)
-    expected = known_manifest(ckpt, run_dir)
-    if expected is None:
-        return
-    check_seal(current, None, None, known_sha256=expected)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from common.rundir import RunDir, load_checkpoint, resume_checkpoint, save_checkpoint
+from common.rundir import RunDir, load_checkpoint, save_checkpoint
 from server.arrays import numpy_state
+from server.resume import resume_checkpoint
 from server.strategies import strategy_state
 
 log = logging.getLogger("fedskin")

@@ -19,10 +19,11 @@ from common.data.schema import DataError
 from common.data.site_data import classes_for
 from common.models import get_weights, model_for_run
 from common.personal import personalize_mode
-from common.rundir import resume_checkpoint, run_dir_for
+from common.rundir import run_dir_for
 from common.version import version
 from server.lda import classifier_keys
 from server.loop import Federation
+from server.resume import resume_checkpoint
 
 log = logging.getLogger("fedskin")
 app = ServerApp()

@@ -32,9 +32,9 @@ from common.rundir import (
     atomic_copy,
     atomic_write_text,
     read_toml,
-    resume_checkpoint,
     run_dir_for,
 )
+from server.resume import resume_checkpoint
 from simulations.tracking import tracked_run
 
 console = Console()

@@ -18,6 +18,7 @@ from common.config import ConfigError, RunConfig
 from common.data.partition import read_manifest, write_manifest
 from common.data.schema import DataError
 from common.rundir import RunDir, atomic_write, atomic_write_text
+from server import resume
 from server.loop import Federation
 from server.strategies import load_strategy_state, make_strategy, strategy_state
 
@@ -217,7 +218,7 @@ def test_the_override_accepts_a_changed_config(tmp_path: Path, caplog) -> None:
     state, _ = _federation(tmp_path, forced)._start(_initial(), resume=True)
     assert state.round == 3
     # Runner, ServerApp and loop each check the same resume: the warning is said once.
-    rundir.resume_checkpoint(tmp_path, forced, force=True)
+    resume.resume_checkpoint(tmp_path, forced, force=True)
     warned = [r for r in caplog.records if "with a changed config" in r.getMessage()]
     assert len(warned) == 1 and "lr: 0.003 -> 0.01" in warned[0].getMessage()
 
@@ -225,26 +226,26 @@ def test_the_override_accepts_a_changed_config(tmp_path: Path, caplog) -> None:
 def test_the_resume_policy_runs_once_per_checkpoint_and_config(tmp_path, monkeypatch) -> None:
     """A simulation resumes through its runner, ServerApp and loop in one process: the
     policy is applied at the first; another config or a new checkpoint is checked again."""
-    checked, real = [], rundir.check_resume
-    monkeypatch.setattr(rundir, "check_resume", lambda *a: checked.append(1) or real(*a))
+    checked, real = [], resume.check_resume
+    monkeypatch.setattr(resume, "check_resume", lambda *a: checked.append(1) or real(*a))
     _checkpoint(tmp_path, _cfg(), rounds=2)
     cfg = _cfg(resume=True)
     for _ in range(3):
-        assert rundir.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 2
+        assert resume.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 2
     assert len(checked) == 1
     with pytest.raises(ConfigError, match="resume refused"):
-        rundir.resume_checkpoint(tmp_path, _cfg(lr=0.01))
+        resume.resume_checkpoint(tmp_path, _cfg(lr=0.01))
     _checkpoint(tmp_path, _cfg(), rounds=3)  # the next round's checkpoint
-    assert rundir.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 3
+    assert resume.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 3
     assert len(checked) == 3
 
 
 def test_only_run_length_waiting_and_outputs_may_change() -> None:
     saved = _cfg()
     same = dict(saved, **{"num-server-rounds": 40, "round-timeout": 5.0, "out-dir": "/x"})
-    assert rundir.config_changes(saved, same) == []
-    assert rundir.config_changes(saved, dict(saved, seed=1)) == ["seed: 0 -> 1"]
-    assert rundir.config_changes(saved, dict(saved, extra=1)) == ["extra: (absent) -> 1"]
+    assert resume.config_changes(saved, same) == []
+    assert resume.config_changes(saved, dict(saved, seed=1)) == ["seed: 0 -> 1"]
+    assert resume.config_changes(saved, dict(saved, extra=1)) == ["extra: (absent) -> 1"]
 
 
 def test_cli_resume_with_a_changed_config_is_one_error_line(tmp_path: Path, monkeypatch) -> None:
@@ -343,7 +344,7 @@ def test_a_checkpoint_with_a_state_the_loop_cannot_take_is_one_line(
     last = rundir.save_checkpoint(
         RunDir(tmp_path).checkpoint("last"), {"w": torch.ones(3)}, state, {}, _cfg()
     )
-    for load in (rundir.load_checkpoint, lambda _: rundir.resume_checkpoint(tmp_path, _cfg())):
+    for load in (rundir.load_checkpoint, lambda _: resume.resume_checkpoint(tmp_path, _cfg())):
         with pytest.raises(DataError) as err:
             load(last)
         text = _one_line_naming(err.value, last)
@@ -360,7 +361,7 @@ def test_a_state_missing_a_required_key_is_refused_on_resume_only(tmp_path: Path
     )
     assert rundir.load_checkpoint(last)["state"]["round"] == 1  # audit, evaluate: fine
     with pytest.raises(DataError) as err:
-        rundir.resume_checkpoint(tmp_path, _cfg())
+        resume.resume_checkpoint(tmp_path, _cfg())
     assert "state key 'run_tag' is missing" in _one_line_naming(err.value, last)
     fields, required = rundir.state_fields()  # type: ignore[misc]
     assert required == {"run_tag"} and {"round", "best_score", "rounds"} <= set(fields)
@@ -460,13 +461,13 @@ def test_a_relabelled_manifest_without_its_seal_is_refused_on_resume(tmp_path: P
     manifest, run, cfg = _sealed_run(tmp_path)
     ck = torch.load(RunDir(run).checkpoint("last"), weights_only=True)
     assert ck["manifest"] == {"path": str(manifest), "sha256": rundir.file_sha256(manifest)}
-    assert rundir.resume_checkpoint(run, cfg) is not None  # unchanged: resumes
+    assert resume.resume_checkpoint(run, cfg) is not None  # unchanged: resumes
     _relabel(manifest)
     rundir.seal_path(manifest).unlink()  # the seal deleted: the file alone passes
     assert len(read_manifest(manifest)) == 40
     for force in (False, True):  # force-resume is for config changes, not the data
         with pytest.raises(DataError) as err:
-            rundir.resume_checkpoint(run, cfg, force=force)
+            resume.resume_checkpoint(run, cfg, force=force)
         text = _one_line_naming(err.value, manifest)
         assert "changed since the run trained on it" in text and "new run" in text
     with pytest.raises(DataError, match="changed since the run trained on it"):
@@ -483,7 +484,7 @@ def test_a_rewritten_seal_does_not_help_either(tmp_path: Path) -> None:
     )
     assert len(read_manifest(manifest)) == 40  # the seal matches the relabelled file
     with pytest.raises(DataError, match="changed since the run trained on it"):
-        rundir.resume_checkpoint(run, cfg)
+        resume.resume_checkpoint(run, cfg)
 
 
 def test_an_older_checkpoint_is_checked_against_the_run_folders_copy(tmp_path: Path) -> None:
@@ -492,11 +493,11 @@ def test_an_older_checkpoint_is_checked_against_the_run_folders_copy(tmp_path: P
     ck = torch.load(last, weights_only=True)
     del ck["manifest"]  # written before checkpoints recorded the manifest
     torch.save(ck, last)
-    assert rundir.resume_checkpoint(run, cfg) is not None
+    assert resume.resume_checkpoint(run, cfg) is not None
     _relabel(manifest)
     rundir.seal_path(manifest).unlink()
     with pytest.raises(DataError, match="changed since the run trained on it"):
-        rundir.resume_checkpoint(run, cfg)
+        resume.resume_checkpoint(run, cfg)
 
 
 def test_hand_written_manifests_still_start_new_runs(tmp_path: Path) -> None:
@@ -509,7 +510,7 @@ def test_hand_written_manifests_still_start_new_runs(tmp_path: Path) -> None:
     rundir.check_seal(hand, 40, 4)
     other = dict(cfg, manifest=str(hand))
     with pytest.raises(ConfigError, match="manifest"):
-        rundir.resume_checkpoint(run, other)
-    assert rundir.resume_checkpoint(run, other, force=True) is not None
+        resume.resume_checkpoint(run, other)
+    assert resume.resume_checkpoint(run, other, force=True) is not None
     with pytest.raises(DataError, match="changed since the run trained on it"):
         rundir.check_seal(hand, None, None, known_sha256=rundir.file_sha256(manifest))
