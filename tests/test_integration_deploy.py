@@ -1,10 +1,13 @@
 """A real deployment on 127.0.0.1: TLS SuperLink with SuperNode authentication, three sites.
 
-Real processes, exactly the commands of docs/deployment.md: ``flower-superlink`` (TLS,
-``--enable-supernode-auth``, ``--database``, no runtime dependency installation),
-``flwr supernode register`` for each site's public key, one ``flower-supernode`` per site
-with the CA certificate, its private key and its own ``--node-config``, then ``flwr run``,
-``flwr stop`` and ``flwr log``. The three sites run step 5b, the recommended set-up:
+docs/deployment.md runs as written, from key generation to the end of its first run: its
+shell blocks in bash (its settings pointed at temporary folders, 127.0.0.1 and free ports),
+its systemd units started as systemd would (``systemctl`` is played by the test): the
+SuperLink (TLS, ``--enable-supernode-auth``, ``--database``, no runtime dependency
+installation), ``flwr supernode register`` for each site's public key, one
+``flower-supernode`` per site with the CA certificate, its private key and its own
+``--node-config``, then ``flwr run``; later ``flwr stop`` and ``flwr log``. The three sites
+run step 5b, the recommended set-up:
 ``--isolation process`` with a SuperExec secret and ``fedskin site-exec`` next to each
 SuperNode (one forked ClientApp per message, no ``flwr-clientapp`` process); a fourth site
 joins only for the last run and runs step 5, Flower's default (a fresh ``flwr-clientapp``
@@ -25,13 +28,14 @@ import signal
 import stat
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from common.version import version
-from server.deploy import FederationFiles, make_federation
+from server.deploy import FederationFiles, add_site_keys, make_federation, plan
 from tests.deploy_harness import (
     BIN,
     SYSTEMD_PATH,
@@ -46,7 +50,6 @@ from tests.deploy_harness import (
     read_unit,
     site_exec_argv,
     start_time,
-    tail,
     unit_command,
     unit_environment,
     unit_value,
@@ -57,15 +60,27 @@ from tests.helpers import check_network_json
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = ["site-a", "site-b", "site-c"]  # warm (step 5b), online for every test
-VICTIM = "site-d"  # Flower's default SuperNode (step 5); joins and is killed in the last test
-CONNECTION = "fedskin-test"
+SITES = ["hospital-a", "hospital-b", "hospital-c"]  # the guide's: warm, online for every test
+VICTIM = "hospital-d"  # Flower's default SuperNode; joins and is killed in the last test
+CONNECTION = "fedskin"  # the guide's flwr connection
 STARTUP_S = 120.0  # generous: the machine is shared and has 2 cores
 # The coordinating server (SuperLink, and the ServerApp it starts) gets CPU first, as on a
 # machine of its own. Starved by the sites' ClientApps and other jobs on this 2-core box,
 # Flower 1.41's SQLite state was seen locked for over its 5 s busy timeout: HTTP 500s that
 # failed the ServerApp and made SuperNodes exit.
 SERVER_PRIORITY = -5
+
+
+@dataclass
+class GuideSteps:
+    """What the guide did and what is left of it: the run of its step 6."""
+
+    settings: str  # the settings block, run before each block
+    machines: dict[str, dict[str, str]]  # each machine's shell environment
+    outputs: list[tuple[str, str, str]]  # (where, machine, output) of every block run
+    run_block: str  # step 6: flwr run (the module's first run, fixture full_run)
+    release: Path  # FEDSKIN_SRC
+    pooled: Pooled  # every site's images, the fourth site's too
 
 
 @dataclass
@@ -79,6 +94,7 @@ class Deployment:
     supernodes: dict[str, Proc]
     intruders: dict[str, Proc]
     launchers: dict[str, Proc] = field(default_factory=dict)  # site -> its fedskin site-exec
+    guide: GuideSteps | None = None  # set up by docs/deployment.md
 
     @property
     def address(self) -> str:
@@ -224,44 +240,39 @@ def start_site(
     return node
 
 
-def start_federation(
-    harness: Harness, work: Path, sites: list[str], spare: tuple[str, ...] = ()
-) -> Deployment:
-    """A SuperLink (TLS + SuperNode auth) and one registered, warm SuperNode per site, all
-    online; the ``spare`` sites are registered too, but their SuperNodes not started.
-
-    It also starts the three nodes that must be refused (unregistered key, no CA, another
-    federation's CA), early, so their slow start-up overlaps the set-up.
-    """
-    dep = start_superlink(harness, work, [*sites, *spare, "rogue"])
-    keys = dep.keys
-    other_ca = make_federation(work / "other-federation", sites=["x"]).ca_cert
-    a_key = keys.sites[sites[0]].private_key  # a registered key: only TLS can stop them
+def start_intruders(dep: Deployment) -> None:
+    """The three nodes that must be refused: an unregistered key, no CA, another federation's
+    CA (the last two with a registered key: only TLS can stop them)."""
+    (rogue,) = add_site_keys(dep.keys.out_dir, ["rogue"]).values()
+    other_ca = make_federation(dep.work / "other-federation", sites=["x"]).ca_cert
+    a_key = dep.keys.sites[SITES[0]].private_key
     for name, ca, key in (
-        ("rogue", keys.sites["rogue"].ca_cert, keys.sites["rogue"].private_key),
+        ("rogue", rogue.ca_cert, rogue.private_key),
         ("no-ca", None, a_key),
         ("wrong-ca", other_ca, a_key),
     ):
         argv = supernode_argv(
             dep.address, root_certificates=ca, private_key=key,
-            node_config=f"site='{sites[0]}' value=100.0", extra=("--max-retries", "1"),
+            node_config=f"site='{SITES[0]}' value=100.0", extra=("--max-retries", "1"),
         )  # fmt: skip
-        dep.intruders[name] = harness.start(
-            f"supernode-{name}", argv, base_env(work / "intruders" / name / "flwr-home")
+        dep.intruders[name] = dep.harness.start(
+            f"supernode-{name}", argv, base_env(dep.work / "intruders" / name / "flwr-home")
         )
-    register_sites(dep, [*sites, *spare])
-    for i, site in enumerate(sites):
-        start_site(dep, site, site_node_config(work, site, float(i + 1)), warm=True)
-    dep.superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(sites))
-    return dep
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """The federation of docs/deployment.md, up to its run (step 6, fixture full_run), plus
+    the nodes that must be refused and the fourth site's key, registered (the last test)."""
     work = tmp_path_factory.mktemp("deploy")
     harness = Harness(work)
     try:
-        yield start_federation(harness, work, SITES, (VICTIM,))
+        dep = guide_federation(harness, work)
+        start_intruders(dep)
+        add_site_keys(dep.keys.out_dir, [VICTIM])
+        register_sites(dep, [VICTIM])
+        dep.superlink.wait_for(r"Activated node_id=", STARTUP_S, count=len(SITES))
+        yield dep
     finally:
         survivors = harness.stop_all()
     assert not survivors, f"processes survived teardown: {survivors}"
@@ -305,16 +316,17 @@ def server_log(dep: Deployment, run_id: int) -> str:
 
 # ------------------------------------------------------------ docs/deployment.md as written
 GUIDE = REPO / "docs" / "deployment.md"
-GUIDE_SITES = ["hospital-a", "hospital-b"]  # the guide's two sites
 ROLES = ("settings", "admin workstation", "coordinating server", "each site")
-# The guide's EXPERIMENT setting, as the test sets it: the smallest run of RUN_CONFIG.
-TINY = (
-    "model='test_efficientnet' image-size=16 num-server-rounds=2 batch-size=16 local-epochs=2 "
-    "loss='ce' augment=false amp=false channels-last=false min-train-nodes=2"
-)
+STEP6_SETS = ("data-format", "min-nodes", "run-name")  # what the guide's run sets itself
 # systemctl, played by the test: the guide's requests are written down, and the test starts
 # each unit's ExecStart as systemd would (start_requested_units).
 SYSTEMCTL = 'systemctl() { printf "%s\\n" "$*" >> "$GUIDE_SYSTEMCTL"; }\n'
+
+
+def experiment() -> str:
+    """The guide's ``EXPERIMENT`` as the test sets it: RUN_CONFIG less what step 6 sets
+    itself (the same values), so that the guide's run is the reference of the resumed one."""
+    return config_text({k: v for k, v in RUN_CONFIG.items() if k not in STEP6_SETS})
 
 
 def guide_blocks(text: str) -> list[tuple[str, str]]:
@@ -338,11 +350,11 @@ def guide_machines(work: Path, port: int) -> dict[str, dict[str, str]]:
         "FEDSKIN_USER": getpass.getuser(),
         "FEDSKIN_VENV": str(BIN.parent),
         "FEDSKIN_SRC": str(work / "src"),
-        "FLWR_HOME": str(work / "admin" / "flwr"),
+        "FLWR_HOME": str(work / "admin" / "flwr-home"),
         "SERVER": "127.0.0.1",
         "LISTEN": "127.0.0.1",
         "PORT": str(port),
-        "EXPERIMENT": TINY,
+        "EXPERIMENT": experiment(),
     }
     server = {
         "FEDSKIN_ETC": str(work / "server" / "etc"),
@@ -350,30 +362,38 @@ def guide_machines(work: Path, port: int) -> dict[str, dict[str, str]]:
         "SYSTEMD_DIR": str(work / "server" / "systemd"),
     }
     machines = {"admin": {**common, **server}, "server": {**common, **server}}
-    for site in GUIDE_SITES:
+    for site in SITES:
+        root = work / "sites" / site  # Deployment.site_dir
         machines[site] = {
             **common,
-            "FEDSKIN_ETC": str(work / site / "etc"),
-            "FEDSKIN_VAR": str(work / site / "var"),
-            "SYSTEMD_DIR": str(work / site / "systemd"),
+            "FEDSKIN_ETC": str(root / "etc"),
+            "FEDSKIN_VAR": str(root / "var"),
+            "SYSTEMD_DIR": str(root / "systemd"),
             "SITE": site,
-            "DATA": str(work / site / "data"),
+            "DATA": str(root / "data"),
             "RUNTIME_PORT": str(free_port()),
         }
     return machines
 
 
-def start_unit(harness: Harness, machine: str, path: Path, home: str) -> Proc:
+def start_unit(harness: Harness, machine: str, path: Path, env: dict[str, str]) -> Proc:
     """What ``systemctl start`` does with the installed unit: its ExecStart, with the
     environment systemd gives a service (its default PATH, HOME, then the unit's Environment=
     and EnvironmentFile=), in its WorkingDirectory. One torch thread per process, as the
-    sites share this machine's 2 cores."""
+    sites share this machine's 2 cores; the server's units first (SERVER_PRIORITY).
+
+    The code a site has installed is the release (``FEDSKIN_SRC``, on PYTHONPATH), as after
+    ``pip install "$FEDSKIN_SRC"``: this venv's editable install is the checkout, which may
+    change while the test runs, and a site serves only the FAB equal to its installed code."""
     unit = read_unit(path)
     user = getpass.getuser()
-    base = {"PATH": SYSTEMD_PATH, "HOME": home, "USER": user, "LOGNAME": user, "LANG": "C.UTF-8"}
+    base = {"PATH": SYSTEMD_PATH, "HOME": env["HOME"], "USER": user, "LOGNAME": user}
+    base |= {"LANG": "C.UTF-8", "PYTHONPATH": env["FEDSKIN_SRC"]}
     env = unit_environment(unit, base | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     (cwd,) = unit_value(unit, "Service", "WorkingDirectory")
-    return harness.start(f"{machine}-{path.stem}", unit_command(unit, env), env, cwd=Path(cwd))
+    priority = SERVER_PRIORITY if machine == "server" else 0
+    argv = unit_command(unit, env)
+    return harness.start(f"{machine}-{path.stem}", argv, env, Path(cwd), priority)
 
 
 def start_requested_units(
@@ -391,16 +411,17 @@ def start_requested_units(
         assert words[:2] == ["enable", "--now"], f"the test does not play `systemctl {line}`"
         for name in words[2:]:
             unit = Path(env["SYSTEMD_DIR"]) / name
-            started.append(start_unit(harness, machine, unit, env["HOME"]))
+            started.append(start_unit(harness, machine, unit, env))
     return started
 
 
 def run_guide_block(
     harness: Harness, role: str, machine: str, text: str, env: dict[str, str], cwd: Path
 ) -> str:
-    """One block in ``bash -eu -o pipefail`` after the settings block; the units it enables
-    started; the SuperLink waited for (the guide: ready when its log says Uvicorn running)."""
-    requests = cwd / "systemctl-requests"
+    """One block in ``bash -eu -o pipefail`` (``text`` starts with the settings block); the
+    units it enables started; the SuperLink waited for (the guide: ready when its log says
+    Uvicorn running); its output kept in ``logs/``."""
+    requests = cwd / f"systemctl-requests-{machine}"
     res = subprocess.run(
         ["bash", "-eu", "-o", "pipefail", "-c", SYSTEMCTL + text],
         env={**env, "GUIDE_SYSTEMCTL": str(requests)},
@@ -411,6 +432,10 @@ def run_guide_block(
         stdin=subprocess.DEVNULL,
     )
     output = res.stdout + res.stderr
+    logs = harness.workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"guide-{machine}-{len(list(logs.glob(f'guide-{machine}-*')))}.log"
+    log.write_text(output)
     assert res.returncode == 0, f"{role} ({machine}) exited {res.returncode}:\n{output}\n" + (
         harness.logs()
     )
@@ -420,93 +445,81 @@ def run_guide_block(
     return output
 
 
-@dataclass
-class GuideRun:
-    work: Path
-    machines: dict[str, dict[str, str]]
-    outputs: list[tuple[str, str, str]]  # (role, machine, output) of every block run
-    units: dict[str, str]  # process name -> its log
-
-
-@pytest.fixture(scope="module")
-def guide_run(tmp_path_factory: pytest.TempPathFactory) -> GuideRun:
-    """docs/deployment.md from key generation to the end of a two-round run: every block in
-    the guide's order, a site's blocks once per site. What the test provides is what the
-    guide assumes is there: the release (``FEDSKIN_SRC``), each site's images, the folder
-    systemd reads units from, the key folder carried to each machine (here the same one)."""
-    work = tmp_path_factory.mktemp("guide")
-    machines = guide_machines(work, free_port())
-    pooled = make_pooled_data(work / "pooled", GUIDE_SITES)
-    src = copy_project(work / "src")
-    shutil.copytree(REPO / "docs" / "systemd", src / "docs" / "systemd")
+def guide_federation(harness: Harness, work: Path) -> Deployment:
+    """docs/deployment.md from key generation to its run (step 6, left to fixture full_run):
+    every block in the guide's order, a site's blocks once per site. What the test provides
+    is what the guide assumes is there: the release (``FEDSKIN_SRC``), each site's images,
+    the folder systemd reads units from, the key folder carried to each machine (here the
+    same folder)."""
+    port = free_port()
+    machines = guide_machines(work, port)
+    pooled = make_pooled_data(work / "pooled", [*SITES, VICTIM])
+    release = copy_project(work / "src")
+    shutil.copytree(REPO / "docs" / "systemd", release / "docs" / "systemd")
     for name, env in machines.items():
         Path(env["SYSTEMD_DIR"]).mkdir(parents=True, exist_ok=True)
-        if name in GUIDE_SITES:
+        if name in SITES:
             write_site_folder(pooled, name, Path(env["DATA"]))
-    for folder in ("home", "logs"):
-        (work / folder).mkdir()
+    (work / "home").mkdir()
     blocks = guide_blocks(GUIDE.read_text())
     (settings,) = [text for role, text in blocks if role == "settings"]
+    *steps, (last, run_block) = [(r, t) for r, t in blocks if r != "settings"]
+    assert last == "admin workstation" and "flwr run" in run_block, run_block
     where = {"admin workstation": ["admin"], "coordinating server": ["server"]}
-    harness, outputs = Harness(work), []
-    try:
-        for role, text in blocks:
-            for machine in where.get(role, GUIDE_SITES if role == "each site" else []):
-                if "flwr run" in text:
-                    # The sites serve only a FAB equal to the installed code, byte for byte:
-                    # the release is copied again from the checkout, which others may edit.
-                    copy_project(src)
-                out = run_guide_block(
-                    harness, role, machine, settings + text, machines[machine], work
-                )
-                outputs.append((role, machine, out))
-                log = work / "logs" / f"block-{len(outputs)}-{machine}.log"
-                log.write_text(out)
-        units = {p.name: p.text() for p in harness.procs}
-    finally:
-        survivors = harness.stop_all()
-    assert not survivors, f"processes survived teardown: {survivors}"
-    return GuideRun(work, machines, outputs, units)
-
-
-def test_the_guide_runs_as_written(guide_run: GuideRun) -> None:
-    """Keys, copies, units, registration, a two-round run: both sites trained and were
-    evaluated in both rounds, from the files where the guide put them."""
-    roles = [(role, machine) for role, machine, _ in guide_run.outputs]
-    assert roles[0] == ("admin workstation", "admin"), roles
-    assert {m for _, m in roles} == {"admin", "server", *GUIDE_SITES}, roles
-    assert sorted(guide_run.units) == sorted(
-        ["server-fedskin-superlink"]
-        + [f"{s}-fedskin-{u}" for s in GUIDE_SITES for u in ("supernode", "site-exec")]
+    outputs = []
+    for role, text in steps:
+        on = where.get(role, SITES if role == "each site" else [])
+        with ThreadPoolExecutor(len(on)) as pool:  # the sites are machines of their own
+            args = [(harness, role, m, settings + text, machines[m], work) for m in on]
+            done = list(pool.map(lambda a: run_guide_block(*a), args))
+            outputs += [(role, machine, out) for machine, out in zip(on, done, strict=True)]
+    units = {p.name: p for p in harness.procs}
+    return Deployment(
+        harness=harness,
+        work=work,
+        keys=plan(work / "federation-keys", [*SITES, VICTIM]),
+        port=port,
+        admin_env=base_env(Path(machines["admin"]["FLWR_HOME"])),
+        superlink=units["server-fedskin-superlink"],
+        supernodes={s: units[f"{s}-fedskin-supernode"] for s in SITES},
+        intruders={},
+        launchers={s: units[f"{s}-fedskin-site-exec"] for s in SITES},
+        guide=GuideSteps(settings, machines, outputs, run_block, release, pooled),
     )
-    out = Path(guide_run.machines["server"]["FEDSKIN_VAR"]) / "runs" / "first"
-    logs = "\n".join(f"===== {n} =====\n{tail(t)}" for n, t in guide_run.units.items())
-    assert (out / "metrics.json").is_file(), f"{tail(guide_run.outputs[-1][2])}\n{logs}"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    for record in metrics["rounds"]:
-        assert sorted(record["train"]) == GUIDE_SITES, record
-        assert sorted(record["validation"]["sites"]) == GUIDE_SITES, record
-    assert sorted(metrics["test"]["sites"]) == GUIDE_SITES
-    for site in GUIDE_SITES:
-        etc = Path(guide_run.machines[site]["FEDSKIN_ETC"]) / "site"
+
+
+def test_the_guide_ran_as_written(deployment: Deployment, full_run: FullRun) -> None:
+    """Every block ran where it says (the checks of its run: test_fedskin_apps_two_rounds),
+    the units it installed are the processes of the federation, the files are where it put
+    them, private ones 0600."""
+    guide = deployment.guide
+    assert guide is not None
+    ran = [(role, machine) for role, machine, _ in guide.outputs]
+    assert ran[0] == ("admin workstation", "admin") and ran[-1] == ran[0], ran
+    assert {m for _, m in ran} == {"admin", "server", *SITES}, ran
+    assert sorted(p.name for p in deployment.harness.procs if "fedskin-" in p.name) == sorted(
+        ["server-fedskin-superlink"]
+        + [f"{s}-fedskin-{u}" for s in SITES for u in ("supernode", "site-exec")]
+    )
+    server = Path(guide.machines["server"]["FEDSKIN_ETC"])
+    assert stat.S_IMODE((server / "superlink" / "server.key").stat().st_mode) == 0o600
+    for site in SITES:
+        etc = Path(guide.machines[site]["FEDSKIN_ETC"]) / "site"
         assert stat.S_IMODE((etc / "supernode.key").stat().st_mode) == 0o600
         assert stat.S_IMODE((etc / "superexec.secret").stat().st_mode) == 0o600
-        launcher = guide_run.units[f"{site}-fedskin-site-exec"]
-        assert len(FORKED.findall(launcher)) == 6, launcher  # query, 2 x (train, evaluate), test
-        assert "Start `flwr-clientapp` process" not in guide_run.units[f"{site}-fedskin-supernode"]
+        assert (etc / "manifest.csv").is_file()  # fedskin partition --site, at the site
+    assert full_run.out == Path(guide.machines["server"]["FEDSKIN_VAR"]) / "runs" / "first"
 
 
-def test_the_guide_shows_each_version(guide_run: GuideRun) -> None:
-    """The server logs its version at start, each site its own; the same code everywhere:
-    no site is named as running another version."""
-    role, machine, server_log = guide_run.outputs[-1]  # flwr run --stream: the ServerApp's log
-    assert (role, machine) == ("admin workstation", "admin")
+def test_the_guide_shows_each_version(deployment: Deployment, full_run: FullRun) -> None:
+    """The server logs its version at start, each site its own; the same code everywhere
+    (the ServerApp runs from the FAB, each site the installed ClientApp): no site is named
+    as running another version."""
     mine = version()
-    assert f"fedskin {mine}" in server_log, server_log
-    assert "runs fedskin" not in server_log, server_log
-    for site in GUIDE_SITES:
-        assert f"site {site}: fedskin {mine}" in guide_run.units[f"{site}-fedskin-site-exec"]
+    assert f"fedskin {mine}" in full_run.server_log, full_run.server_log
+    assert "runs fedskin" not in full_run.server_log, full_run.server_log
+    for site in SITES:
+        assert f"site {site}: fedskin {mine}" in deployment.launchers[site].text()
 
 
 # ------------------------------------------------------------------------------ tests
@@ -514,7 +527,9 @@ def test_superlink_serves_tls_and_requires_registered_nodes(deployment: Deployme
     text = deployment.superlink.text()
     assert "Uvicorn running on https://" in text  # TLS, not plain HTTP
     assert "SuperNode authentication is disabled" not in text
-    assert (deployment.work / "superlink" / "state.db").is_file()  # state survives restarts
+    assert deployment.guide is not None
+    var = Path(deployment.guide.machines["server"]["FEDSKIN_VAR"])
+    assert (var / "state.db").is_file()  # state survives restarts
     assert len(nodes_online(deployment)) == len(SITES)
 
 
@@ -569,15 +584,17 @@ RUN_CONFIG: dict[str, object] = {
     "run-name": "deploy-test",
 }
 RUN_TIMEOUT = 900.0  # one run on a loaded 2-core machine
-HELD = "site-c"  # the site whose launcher is paused so that flwr stop lands mid-round 2
+HELD = "hospital-c"  # the site whose launcher is paused so that flwr stop lands mid-round 2
 TRAIN_MSG = r"\[RUN {run}[^\]]*\][^\n]*\n(?:[^\n]*\n){{0,2}}?[^\n]*Receiving: train message"
 SENT_MSG = r"\[RUN {run}[^\]]*\][^\n]*\n(?:[^\n]*\n){{0,2}}?[^\n]*Sending: train message"
 
 
 def run_config(out: Path, **overrides: object) -> str:
     """``--run-config`` text: the test configuration, ``out-dir`` and any overrides."""
-    cfg = {**RUN_CONFIG, **overrides, "out-dir": str(out)}
+    return config_text({**RUN_CONFIG, **overrides, "out-dir": str(out)})
 
+
+def config_text(cfg: dict[str, object]) -> str:
     def value(v: object) -> str:
         if isinstance(v, bool):
             return str(v).lower()
@@ -691,11 +708,11 @@ class Apps:
 
 @pytest.fixture(scope="module")
 def apps(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Apps:
-    """The sites' own data folders and the project the admin launches runs from."""
-    work = tmp_path_factory.mktemp("fedskin")
-    sites = [*SITES, VICTIM]
-    write_site_data(deployment, make_pooled_data(work / "pooled", sites), sites)
-    return Apps(work, copy_project(work / "app"))
+    """The fourth site's data folder and the project the admin launches runs from: the
+    release the sites have installed (start_unit)."""
+    assert deployment.guide is not None
+    write_site_data(deployment, deployment.guide.pooled, [VICTIM])
+    return Apps(tmp_path_factory.mktemp("fedskin"), deployment.guide.release)
 
 
 FORKED = re.compile(r"task \d+: ClientApp pid (\d+)$", re.M)
@@ -716,14 +733,25 @@ def launcher_children(dep: Deployment) -> dict[str, tuple[list[str], dict[str, s
 class FullRun:
     out: Path
     children: dict[str, tuple[list[str], dict[str, str]]]  # launcher_children after the run
+    server_log: str  # flwr run --stream: the ServerApp's log
 
 
 @pytest.fixture(scope="module")
-def full_run(deployment: Deployment, apps: Apps) -> FullRun:
-    """Two rounds, three sites, nothing goes wrong; the reference for the resumed run.
-    The module's first run: every ClientApp its launchers forked so far was one of it."""
-    out = apps.work / "full"
-    finish(deployment, launch(deployment, apps.app, run_config(out)), RUN_TIMEOUT)
+def full_run(deployment: Deployment) -> FullRun:
+    """docs/deployment.md, step 6, as written: two rounds, three sites, nothing goes wrong;
+    the reference for the resumed run. The module's first run: every ClientApp its launchers
+    forked so far was one of it."""
+    guide = deployment.guide
+    assert guide is not None
+    admin = guide.machines["admin"]
+    text = guide.settings + guide.run_block
+    log = run_guide_block(
+        deployment.harness, "admin workstation", "admin", text, admin, deployment.work
+    )
+    guide.outputs.append(("admin workstation", "admin", log))
+    (run_id,) = re.findall(r"Successfully started run (\d+)", log)
+    finish(deployment, int(run_id), RUN_TIMEOUT)
+    out = Path(admin["FEDSKIN_VAR"]) / "runs" / "first"
 
     def reaped() -> dict | None:  # a child is logged when reaped, up to 0.2 s after it exits
         children = launcher_children(deployment)
@@ -733,7 +761,7 @@ def full_run(deployment: Deployment, apps: Apps) -> FullRun:
         children = poll_until("the launchers to reap their ClientApps", reaped, 30, 0.2)
     except TimeoutError:
         children = launcher_children(deployment)  # the test says what is missing
-    return FullRun(out, children)  # type: ignore[arg-type]
+    return FullRun(out, children, log)  # type: ignore[arg-type]
 
 
 def freeze(proc: Proc) -> None:
@@ -926,8 +954,8 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     import numpy as np
     import torch
 
-    from common.models import build_model, get_weights, set_weights
     from client.siteconfig import load_site
+    from common.models import build_model, get_weights, set_weights
     from common.train import predict
     from server.server_app import initial_model
 
@@ -938,7 +966,7 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
         data = load_site(
             {
                 "data-format": "ham-dataverse", "data-path": str(root / "data"),
-                "manifest": str(root / "manifest.csv"), "site": site,
+                "manifest": str(root / "etc" / "site" / "manifest.csv"), "site": site,
                 "cache-dir": str(cache / site), "image-size": 16,
             }
         )  # fmt: skip
