@@ -336,6 +336,8 @@ def print_table(console: Console, metrics: dict[str, Any], out: Path) -> None:
     for c, r in metrics["per_class_recall"].items():
         table.add_row(f"recall {c}", str(metrics["class_counts"][c]), format_metric(r, "n/a"))
     console.print(table)
+    if metrics.get("note"):
+        console.print(f"note: {metrics['note']}", markup=False)
     console.print(f"results: {out} (metrics.json, confusion.png, report.md)")
 
 
@@ -430,6 +432,11 @@ def evaluate_checkpoint(
         "site": site,
         **personal,
     }
+    if checkpoint.name == "last.pt" and run.head_calibration != "none":
+        info["note"] = (
+            "last.pt holds the last round's model before the head refit; the run's test "
+            "figures are best.pt's (--checkpoint RUN)"
+        )
     if run.personalize and not personal.get("personal"):
         info["note"] = (
             f"personalize={run.personalize}: the run tested each site's own model; "
@@ -454,7 +461,7 @@ def evaluate_cli(
         str | None,
         typer.Option(
             "--data-format",
-            help="ham-hf | ham-dataverse | isic2020 | fedisic2019 | synth-ham "
+            help="ham-hf | ham-dataverse | isic2020 | fedisic2019 | csv | synth-ham "
             "(default: the run's own data)",
         ),
     ] = None,

@@ -134,6 +134,18 @@ def test_evaluate_reproduces_the_runs_pooled_test_figure(kind, best_checkpoint, 
     assert "The run's own data" in (run / "again" / "report.md").read_text()
 
 
+def test_evaluate_loads_the_last_checkpoint_and_says_what_it_holds(best_checkpoint, tmp_path):
+    """last.pt (the resume checkpoint: the last round's model, before the head refit) loads
+    too; the report says the run's test figures are best.pt's."""
+    last = best_checkpoint.parent / "last.pt"
+    result = _evaluate("--checkpoint", str(last), "--split", "test", "--out", str(tmp_path))
+
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["checkpoint"] == str(last.resolve()) and m["split"] == "test"
+    assert "before the head refit" in m["note"] and "note: last.pt" in result.output
+
+
 def test_evaluate_refuses_the_runs_training_images(best_checkpoint):
     run = best_checkpoint.parent.parent
     result = _evaluate("--checkpoint", str(run), "--split", "all", "--out", str(run / "all"))
