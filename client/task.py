@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from client.headstats import MAX_CENTRE_ENTRY, MAX_PROJECTION_ENTRY, private_stats
 from client.message import ServerAsks
 from common.config import RunConfig, run_config_of
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
-from common.headfit import feature_stats, private_stats
+from common.headfit import feature_stats
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
 from common.personal import (
@@ -307,10 +308,8 @@ def dp_query_projection(msg: Message, dim: int) -> tuple[np.ndarray, np.ndarray]
     Both must be finite and bounded: every projection entry at most
     ``MAX_PROJECTION_ENTRY`` (1e12, above anything ``dp_projection`` sends) in size, every
     centre entry at most float32's largest. The release clips whatever it gets
-    (common/headfit.py: clipped_projections); this refuses a malformed query before any
+    (client/headstats.py: clipped_projections); this refuses a malformed query before any
     budget is spent on it."""
-    from common.headfit import MAX_CENTRE_ENTRY, MAX_PROJECTION_ENTRY
-
     if "projection" not in msg.content.array_records:
         raise ValueError("a DP feature-statistics query needs a 'projection' ArrayRecord")
     record = msg.content.array_records["projection"]

@@ -286,7 +286,7 @@ class RunConfig(BaseModel):
             "its feature statistics (the rest on DP-SGD)"
         ),
     )
-    # common/headfit.py: private_stats
+    # client/headstats.py: private_stats
     dp_head_dims: int = Field(
         16,
         ge=1,

@@ -175,7 +175,7 @@ class DPSession:
         self.sample_rate = min(1.0, batch_size / n_train)
         self.delta = cfg.target_delta if cfg.target_delta > 0 else 1.0 / (10 * n_train)
         self.accountant = RDPAccountant()
-        # The one release of the LDA statistics (common/headfit.py: private_stats), at its own
+        # The one release of the LDA statistics (client/headstats.py: private_stats), at its own
         # noise: its budget is set aside from the start, so DP-SGD can never spend it.
         self.head_noise = 0.0
         self.head_released = False

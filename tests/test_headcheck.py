@@ -2,7 +2,7 @@
 
 Honest statistics come from Gaussian class clusters spread over sites of uneven size with
 HAM10000's class mix, one class almost only at one site (as akiec is on the real sources);
-under DP they get the Gaussian noise of :func:`common.headfit.private_stats` (the moment's
+under DP they get the Gaussian noise of :func:`client.headstats.private_stats` (the moment's
 upper triangle, mirrored), or go through ``private_stats`` itself. The attacks are the
 crafted statistics the current loop kept: shifted class sums, a non-PSD moment, counts of
 -1e9 with a declared std of 1e-300, and a std below what the run's budget allows.
@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+from client.headstats import private_stats
 from common.config import RunConfig
-from common.headfit import SENSITIVITY, private_stats
+from common.headfit import SENSITIVITY
 from common.privacy import DPConfig, DPSession
 from server.headcheck import (
     MIN_INFLUENCE,
@@ -258,7 +259,7 @@ class _Features(nn.Module):
 
 
 def test_statistics_from_the_real_private_stats_are_kept() -> None:
-    """Four sites' statistics released through common/headfit.py's private_stats at the
+    """Four sites' statistics released through client/headstats.py's private_stats at the
     noise the run's budget calibrates, declared as the client does (noise x SENSITIVITY):
     nothing dropped, and a site declaring half that std is."""
     torch.manual_seed(0)

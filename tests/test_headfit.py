@@ -158,7 +158,8 @@ def test_private_statistics_bound_what_one_image_changes() -> None:
     server sends (here a hostile, huge one): removing one image moves the counts, sums and
     moment by at most sqrt(3) together, the sensitivity the noise is scaled to. Without
     noise the statistics are those of the clipped projections."""
-    from common.headfit import SENSITIVITY, private_stats
+    from client.headstats import private_stats
+    from common.headfit import SENSITIVITY
 
     torch.manual_seed(0)
     model = build_model("test_efficientnet", 7)
@@ -270,7 +271,8 @@ def _assert_neighbours_within_sensitivity(model, images, labels, centre, project
     """Noiseless releases of the images and of each neighbour without image 0, 5 or the last
     (image 5 is the one whose feature 1 trips the "thresholds" query): all finite, and each
     neighbour within the sensitivity of the full release."""
-    from common.headfit import SENSITIVITY, private_stats
+    from client.headstats import private_stats
+    from common.headfit import SENSITIVITY
 
     rng = np.random.default_rng(0)
     n = len(images)
@@ -310,7 +312,7 @@ def test_private_statistics_hold_their_sensitivity_for_any_projection() -> None:
 def test_private_statistics_of_a_crafted_model_with_overflowing_features() -> None:
     """A model whose weights make some images' features inf or NaN in float32: those
     features count as 0, the release stays finite and within the sensitivity."""
-    from common.headfit import clipped_projections
+    from client.headstats import clipped_projections
 
     torch.manual_seed(1)
     model = build_model("test_efficientnet", 7, dp=True)
@@ -332,7 +334,7 @@ def test_clipped_projections_are_finite_unit_bounded_and_per_row() -> None:
     """The clip itself: rows of any size (overflowing, subnormal, exactly 1, 0) come out
     finite with norm <= 1, a small row is kept as it is, and a row depends on its own
     features only (the same row whatever the others are)."""
-    from common.headfit import clipped_projections
+    from client.headstats import clipped_projections
 
     big = np.finfo(np.float64).max
     x = np.array(
@@ -378,8 +380,8 @@ def test_site_refuses_a_projection_out_of_bounds() -> None:
     """The first line of defence (client/task.py): a non-finite or oversized centre or
     projection is refused with a one-line error naming it, before any budget is spent;
     what dp_projection sends (even at its 1e-12 scale floor) passes."""
+    from client.headstats import MAX_PROJECTION_ENTRY
     from client.task import dp_query_projection
-    from common.headfit import MAX_PROJECTION_ENTRY
 
     dim, rng = 6, np.random.default_rng(3)
     centre, base = rng.normal(size=dim), np.linalg.qr(rng.normal(size=(dim, 3)))[0]
