@@ -437,7 +437,7 @@ def sweep_cli(
         use_tracking(track, tracking_uri)
         grid = parse_epsilons(epsilons), parse_list(strategies, "strategies")
         grid += (parse_list(seeds, "seeds", int),)
-        with parent_run(out, asked | {"audit": audit}) as parent:
+        with parent_run(out, asked | {"audit": audit}, resume=True) as parent:
             df = sweep_privacy(
                 config,
                 *grid,

@@ -284,17 +284,20 @@ def _close(store: Store, run_id: str, folder: Path, status: str) -> None:
 
 
 @contextmanager
-def parent_run(folder: Path, params: Mapping[str, Any]) -> Iterator[str | None]:
+def parent_run(
+    folder: Path, params: Mapping[str, Any], resume: bool = False
+) -> Iterator[str | None]:
     """The parent run of ``compare`` or ``sweep privacy`` (``folder``: their output folder):
-    runs started inside are its children; a re-run (a resumed sweep) continues it. At the
-    end, its tables and plots become its artifacts. Yields its id (None: tracking off)."""
+    runs started inside are its children; with ``resume`` (a sweep, which keeps its
+    finished cells) a re-run continues it. At the end, its tables and plots become its
+    artifacts. Yields its id (None: tracking off)."""
     global _parent
     if _uri is None:
         yield None
         return
     store = Store.open(_uri)
     folder.mkdir(parents=True, exist_ok=True)
-    _parent = store.start(folder, params, None, resume=True)
+    _parent = store.start(folder, params, None, resume)
     status = "FAILED"
     try:
         yield _parent
