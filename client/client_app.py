@@ -364,7 +364,7 @@ def _num(v: Any) -> int | float:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on this site's validation (or, at the end, test) split;
-    with ``personalize``, the site's personalised model (see :mod:`common.personal`)."""
+    with ``personalize``, the site's personalised model (see :mod:`client.personal`)."""
     from client.task import evaluate_received
 
     settings, asks = _config(context, msg)

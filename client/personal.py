@@ -10,7 +10,10 @@ Three methods (run-config key ``personalize``), all on top of FedAvg on the wire
   ``loss + (lambda/2) ||v - w||^2`` against the round's received global ``w``
   (:func:`ditto_step`).
 
-Pure torch: the Flower side (where the site keeps this state) is in :mod:`client.task`.
+Pure torch: the Flower side (where the site keeps this state) is in :mod:`client.task`;
+which method a run uses, and its refusal under DP, is common/personal.py (the server and the
+runner check it too). The personal state a site keeps at the test is written here and read
+back by ``fedskin evaluate --site`` (simulations/evaluate.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import timm.layers
 import torch
 from torch import nn
 
-from common.config import RunConfig, run_config_of
 from common.errors import DataError
 from common.fileio import atomic_torch_save, confined
 from common.rundir import read_checkpoint
@@ -34,9 +36,6 @@ from common.train import TrainConfig, train_local
 # Methods whose site scores its own kept state (what `fedskin evaluate --site` loads back).
 KEEPS_STATE = ("fedbn", "ditto")
 PERSONAL_FORMAT = "fedskin-personal/1"
-
-# Methods that train at the site outside the rounds' (accounted) DP-SGD steps.
-NOT_UNDER_DP = ("finetune", "ditto")
 
 # Normalisation layers by module type, timm's variants included: BatchNorm (and timm's
 # BatchNormAct2d / SyncBatchNormAct) and InstanceNorm derive from _NormBase, GroupNormAct
@@ -60,19 +59,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
         if hasattr(timm.layers, name)
     ),
 )
-
-
-def personalize_mode(cfg: RunConfig | Mapping[str, Any]) -> str:
-    """The run's ``personalize`` value (an unknown one is refused by :class:`RunConfig`);
-    refused where it would spend DP budget."""
-    run = run_config_of(cfg)
-    mode = run.personalize
-    if mode in NOT_UNDER_DP and run.dp:
-        raise ValueError(
-            f"personalize={mode} is refused with sample-level DP (dp=true): its extra local "
-            "training would spend privacy budget that the site's accountant does not count"
-        )
-    return mode
 
 
 def norm_keys(model: nn.Module) -> list[str]:

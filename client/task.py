@@ -20,20 +20,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.headstats import MAX_CENTRE_ENTRY, MAX_PROJECTION_ENTRY, private_stats
 from client.message import ServerAsks
+from client.personal import ditto_step, finetune, norm_state, overwrite, save_personal
 from common.config import RunConfig, run_config_of
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
 from common.headfit import feature_stats
 from common.metrics import compute_metrics, scalar_metrics
 from common.models import model_for_run, set_weights
-from common.personal import (
-    ditto_step,
-    finetune,
-    norm_state,
-    overwrite,
-    personalize_mode,
-    save_personal,
-)
+from common.personal import personalize_mode
 from common.train import TrainConfig, pick_device, place_images, predict, train_local
 from common.wire import is_packed, layout_of, pack, unpack
 

@@ -105,9 +105,9 @@ def load_personal(
     """Put ``site``'s personal entries (FedBN: its normalisation layers; Ditto: its whole
     model) in the model, from ``<state-dir>/<site>-personal.pt``; what was loaded, for
     metrics.json. A run without kept personal state scores the global model at the site."""
-    # lazily: common.personal imports timm (heavy), not for `fedskin --help`
+    # lazily: client.personal imports timm (heavy), not for `fedskin --help`
+    from client.personal import KEEPS_STATE, overwrite, personal_file, read_personal
     from common.models import set_weights
-    from common.personal import KEEPS_STATE, overwrite, personal_file, read_personal
 
     if run.personalize not in KEEPS_STATE:
         return {"personal": None}

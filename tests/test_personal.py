@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from client.message import ServerAsks
+from client.personal import ditto_step, norm_keys, overwrite
 from client.task import (
     PERSONAL_BEST,
     PERSONAL_META,
@@ -24,7 +25,7 @@ from client.task import (
 from common.data.schema import HAM_CLASSES
 from common.data.site_data import SiteData
 from common.models import build_model, get_weights
-from common.personal import ditto_step, norm_keys, overwrite, personalize_mode
+from common.personal import personalize_mode
 from common.train import TrainConfig
 from common.wire import layout_of, pack, unpack
 from simulations.runner import resolve_config, simulate
