@@ -19,7 +19,6 @@ from common.data.partition import (
     SPLITS,
     one_site,
     partition,
-    plot_sites,
     site_class_counts,
     write_manifest,
     write_moves_report,
@@ -27,6 +26,48 @@ from common.data.partition import (
 from common.data.schema import DataError, default_home
 from common.data.sources import open_source
 from common.data.synth import synthesize
+from common.figures import pyplot, save_figure, styled
+
+
+@styled
+def plot_sites(manifest: pd.DataFrame, classes: Sequence[str], path: str | Path) -> Path:
+    """PNG: per site, a stacked bar of class proportions with its image count."""
+    plt = pyplot()
+    from matplotlib.ticker import PercentFormatter
+
+    counts = site_class_counts(manifest, classes)
+    props = counts.div(counts.sum(axis=1), axis=0)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(props)))
+    y = np.arange(len(props))[::-1]
+    left = np.zeros(len(props))
+    for k, name in enumerate(classes):
+        w = props[k].to_numpy()
+        ax.barh(y, w, left=left, color=cmap(k % cmap.N), label=str(name), edgecolor="white")
+        for yi, li, wi in zip(y, left, w, strict=True):
+            if wi >= 0.07:
+                ax.text(li + wi / 2, yi, f"{wi:.0%}", ha="center", va="center", fontsize=8)
+        left += w
+    for yi, n in zip(y, counts.sum(axis=1), strict=True):
+        ax.text(1.01, yi, f"n={n}", va="center", fontsize=9)
+    ax.set_yticks(y, [str(s) for s in props.index])
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("share of site's images")
+    scheme = manifest.attrs.get("scheme", "")
+    ax.set_title(f"Class mix per site{f' ({scheme})' if scheme else ''}")
+    ax.legend(
+        ncol=min(len(classes), 8),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.35 if len(props) < 4 else -0.15),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
+    return path
 
 
 def synth_cli(

@@ -13,12 +13,11 @@ from common.data.institutions import PROFILES, assign_institutions, group_table
 from common.data.partition import (
     MANIFEST_COLUMNS,
     partition,
-    plot_sites,
     read_manifest,
     write_manifest,
 )
 from common.data.schema import COLUMNS, HAM_CLASSES, DataError
-from simulations.data_cli import site_table
+from simulations.data_cli import plot_sites, site_table
 
 # HAM10000 overall class frequencies (Tschandl et al. 2018) and rough per-class mean ages.
 _HAM_P = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
