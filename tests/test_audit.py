@@ -8,10 +8,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from simulations.audit import attack_metrics, audit_model, plot_audit, tpr_at_fpr
 from common.data.site_data import SiteData
 from common.models import build_model
 from common.train import TrainConfig, train_local
+from simulations.audit import attack_metrics, audit_model, plot_audit, tpr_at_fpr
 from simulations.runner import default_config
 
 CLASSES = [f"c{i}" for i in range(7)]
