@@ -167,7 +167,7 @@ def test_cli_writes_json_and_appends_markdown(tmp_path: Path) -> None:
 
 def test_bad_options_are_refused() -> None:
     assert parse_sections("4, 1,2") == [1, 2, 4]
-    for bad in ("0", "1,6", "x", ""):
+    for bad in ("0", "1,7", "x", ""):
         with pytest.raises(typer.BadParameter):
             parse_sections(bad)
     with pytest.raises(typer.BadParameter, match="unknown model"):
@@ -247,3 +247,25 @@ def test_server_writes_are_timed_with_and_without_plots(tmp_path: Path) -> None:
     )
     assert writes["checkpoint_mb"] > 0.016  # 64 x 64 float32
     assert (tmp_path / "bench-writes" / "learning_curves.png").is_file()
+
+
+def test_secagg_bytes_are_the_masked_vector_and_the_key_exchange() -> None:
+    """A site's SecAgg+ round sends its masked vector (8 bytes per floating-point entry,
+    twice the packed float32 weights) plus keys and one encrypted share pair per other
+    site: the difference between 4 and 24 sites is 20 ciphertexts and 20 unmask shares."""
+    import torch
+
+    from common.models import build_model
+    from simulations.bench.secagg import reply_bytes
+
+    state = build_model("test_efficientnet", 7).state_dict()
+    floats = sum(v.numel() for v in state.values() if torch.is_floating_point(v))
+    plain, secure = (
+        reply_bytes("test_efficientnet", 4, "none"),
+        reply_bytes("test_efficientnet", 4, "secagg+"),
+    )
+    weights = sum(v.numel() * v.element_size() for v in state.values())
+    assert weights < plain < weights + 4096  # the packed arrays and their framing
+    assert 8 * floats < secure < 8 * floats + 4096
+    per_site = (reply_bytes("test_efficientnet", 24, "secagg+") - secure) / 20
+    assert 100 < per_site < 1000  # one ciphertext (two Shamir shares) + one unmask share

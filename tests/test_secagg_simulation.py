@@ -8,8 +8,8 @@ running variances by 0.36; SecAgg+ ended at 0.414 test balanced accuracy against
 the clear after 4 rounds). ``STABLE`` is a setting without BatchNorm (ConvNeXt's LayerNorm),
 i.i.d. sites and a small learning rate. Measured on it (2 shared CPU cores): plaintext and
 SecAgg+ both ended at 0.600 test balanced accuracy (chance 0.143), with the same validation
-balanced accuracy in every round to three decimals (0.382, 0.376, 0.411); a
-sample-level-DP GroupNorm setting learned too, but took 38 s a round.
+balanced accuracy in every round to three decimals (0.382, 0.376, 0.411). (A GroupNorm
+setting through sample-level DP took 38 s a round here and was not pursued.)
 """
 
 from __future__ import annotations

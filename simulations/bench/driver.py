@@ -21,6 +21,7 @@ from simulations.bench.measure import SectionTable, torch_threads
 from simulations.bench.pipeline import bench_pipeline
 from simulations.bench.rounds import bench_round
 from simulations.bench.scaling import bench_scaling
+from simulations.bench.secagg import bench_secagg
 from simulations.bench.settings import SECTION_NAMES, BenchSettings
 from simulations.bench.train import bench_train
 
@@ -45,10 +46,10 @@ def parse_sections(text: str) -> list[int]:
     try:
         picked = sorted({int(p) for p in text.replace(" ", "").split(",") if p})
     except ValueError:
-        raise typer.BadParameter(f"--sections: comma-separated numbers 1-5, got {text!r}") from None
+        raise typer.BadParameter(f"--sections: comma-separated numbers 1-6, got {text!r}") from None
     bad = [p for p in picked if p not in SECTION_NAMES]
     if bad or not picked:
-        raise typer.BadParameter(f"--sections: numbers 1-5, got {text!r}")
+        raise typer.BadParameter(f"--sections: numbers 1-6, got {text!r}")
     return picked
 
 
@@ -78,8 +79,10 @@ def run_bench(
                     res, table = bench_round(s, console, work)
                 elif sec == 4:
                     res, table = bench_dp(s, console)
-                else:
+                elif sec == 5:
                     res, table = bench_scaling(s, console)
+                else:
+                    res, table = bench_secagg(s, console, work)
                 results[SECTION_NAMES[sec]] = res
                 tables.append(table)
                 console.print(table.rich())

@@ -10,7 +10,7 @@ import torch
 import typer
 
 NUM_CLASSES = 7  # HAM10000's classes
-SECTION_NAMES = {1: "train", 2: "pipeline", 3: "round", 4: "dp", 5: "scaling"}
+SECTION_NAMES = {1: "train", 2: "pipeline", 3: "round", 4: "dp", 5: "scaling", 6: "secagg"}
 DP_MODES = ["hooks", "functorch", "ghost"]
 # Figures that are differences or fitted coefficients: finite, but may be zero or negative.
 SIGNED_FIGURES = {
@@ -30,6 +30,7 @@ TARGETS = {
     "dp_step_ratio": 3.0,  # DP step <= 3 x non-DP step (default DP backbone, GPU)
     "h100_b0_224_images_per_second": 2500.0,  # per client, bf16
     "h100_round_seconds_6_sites": 10.0,  # one FedAvg round, HAM10000 over 6 sites, 1 epoch
+    "secagg_round_ratio": 1.5,  # a 6-site regnetx_002 SecAgg+ round <= 1.5 x plain (2 CPUs)
 }
 
 
@@ -57,6 +58,10 @@ class BenchSettings:
     dp_modes: list[str] = field(default_factory=lambda: list(DP_MODES))
     scaling_images: int = 1536  # total images over all sites (section 5)
     scaling_sites: list[int] = field(default_factory=lambda: [6, 24, 96])
+    secagg_models: list[str] = field(default_factory=lambda: ["test_efficientnet", "regnetx_002"])
+    secagg_sites: list[int] = field(default_factory=lambda: [4, 6, 24])
+    secagg_rounds: int = 2  # section 6: the last round is timed (the first warms up)
+    secagg_images_per_site: int = 50
 
 
 def resolve_device(device: str) -> str:
