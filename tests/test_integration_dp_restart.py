@@ -39,7 +39,7 @@ from tests.test_integration_deploy import (
 
 pytestmark = pytest.mark.integration
 
-SITE = "site-a"
+SITE = "hospital-a"  # one of make_pooled_data's sites
 EPSILON = 1.0  # the site's own budget, spent in full by a one-round run
 # One site, one round at a time, as few steps as the app allows.
 CONFIG: dict[str, object] = {
