@@ -66,7 +66,6 @@ class Federation:
         self.paths = self.checkpoints.paths  # every file of the run directory
         self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
         self._roster = Roster(self.run_config, classes, self.sites, self.discovery_rejected)
-        self._resumed: dict[str, Any] | None = None  # the checkpoint a resumed run started from
 
     # ------------------------------------------------------------------ sites
     def discover(self, expected: int, wait: float = 120.0) -> list[SiteInfo]:
@@ -118,13 +117,13 @@ class Federation:
         (outputs on noise images; without it only the statistics are checked)."""
         self.statistics = statistics
         guard = Rollback(self.run_config, len(self.classes), statistics, model)
-        state, arrays = self._start(initial, resume)
+        state, arrays, resumed = self.checkpoints.start(initial, resume)
         self._roster.pin_to_checkpoint(state.pinned)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
         if self.run_config.secure_aggregation == "secagg+":  # refused before any site trains
             secagg_settings(self.run_config, len(self.sample(1)))
-        if self._resumed is not None:
-            load_strategy_state(strategy, self._resumed["strategy"])
+        if resumed is not None:  # the strategy's own state, as the checkpoint holds it
+            load_strategy_state(strategy, resumed["strategy"])
         for server_round in range(state.round + 1, num_rounds + 1):
             t0 = time.time()
             record: dict[str, Any] = {"round": server_round}
@@ -146,8 +145,8 @@ class Federation:
             score = record["validation"]["decision_balanced_accuracy"]
             if not math.isnan(score) and score > state.best_score:
                 state.best_score, state.best_round = score, server_round
-                self._save("best", arrays, state, strategy)
-            self._save("last", arrays, state, strategy)
+                self.checkpoints.save("best", arrays, state, strategy)
+            self.checkpoints.save("last", arrays, state, strategy)
             write_outputs(  # PNGs only at the end: redrawing costs ~0.3 s per round
                 self.run_dir,
                 self.cfg,
@@ -167,7 +166,7 @@ class Federation:
             )
             best, calibration = refit.calibrate(best, head, state)
             if calibration["kept"]:
-                self._save("best", best, state, strategy)
+                self.checkpoints.save("best", best, state, strategy)
         test = self._evaluate(best, "test", state.round + 1, state.best_round or state.round)
         test["best_round"] = state.best_round
         if calibration is not None:
@@ -279,16 +278,6 @@ class Federation:
         names the exchange, the record names and keys received noted for network.json."""
         names = {nid: s.site for nid, s in self.sites.items()}
         return reported_exchange(self.grid, messages, self.timeout, what, names, self.received)
-
-    def _start(
-        self, initial: dict[str, torch.Tensor], resume: bool
-    ) -> tuple[LoopState, ArrayRecord]:
-        """The state and weights to start from (server/checkpoints.py)."""
-        state, arrays, self._resumed = self.checkpoints.start(initial, resume)
-        return state, arrays
-
-    def _save(self, name: str, arrays: ArrayRecord, state: LoopState, strategy: Any) -> None:
-        self.checkpoints.save(name, arrays, state, strategy)
 
     def _write_network(self) -> None:
         """network.json: every record name and key that crossed the network to the server."""

@@ -31,6 +31,7 @@ from common.wire import layout_of, pack, unpack
 from server.guard import noise_images
 from server.loop import Federation
 from server.server_app import statistics_of
+from tests.helpers import assign_message_id
 from tests.test_replies import (
     N_SPLIT,
     _no_plots,  # noqa: F401 - module fixture: no PNGs
@@ -131,7 +132,7 @@ class Grid:
     def push_messages(self, messages: list[Message]) -> list[str]:
         for m in messages:
             self.count += 1
-            m.metadata.__dict__["_message_id"] = f"m{self.count}"
+            assign_message_id(m, f"m{self.count}")
         self.outbox = list(messages)
         return [m.metadata.message_id for m in messages]
 

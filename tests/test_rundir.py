@@ -19,7 +19,7 @@ from common.data.partition import read_manifest, write_manifest
 from common.data.schema import DataError
 from common.rundir import RunDir, atomic_write, atomic_write_text
 from server import resume
-from server.loop import Federation
+from server.checkpoints import Checkpoints
 from server.strategies import load_strategy_state, make_strategy, strategy_state
 
 CLASSES = ["a", "b"]
@@ -92,8 +92,10 @@ def _cfg(**changes) -> dict:
     return RunConfig.from_mapping({"strategy": "fedavg", **changes}).to_flat()
 
 
-def _federation(run_dir: Path, cfg: dict) -> Federation:
-    return Federation(None, cfg, run_dir, CLASSES)  # type: ignore[arg-type]
+def _checkpoints(run_dir: Path, cfg: dict) -> Checkpoints:
+    """The run's checkpoints as the round loop keeps them (server/loop.py)."""
+    run = RunConfig.from_mapping(cfg)
+    return Checkpoints(run_dir, run.to_flat(), run.force_resume)
 
 
 def _initial() -> dict[str, torch.Tensor]:
@@ -123,7 +125,7 @@ def test_a_planted_pickle_does_not_run_on_resume(tmp_path: Path) -> None:
     last.parent.mkdir(parents=True)
     torch.save({"arrays": {"w": torch.ones(3)}, "state": _Planted(marker)}, last)
     with pytest.raises(DataError) as err:
-        _federation(run_dir, _cfg())._start(_initial(), resume=True)
+        _checkpoints(run_dir, _cfg()).start(_initial(), True)[:2]
     assert "refused" in _one_line_naming(err.value, last)
     assert not marker.exists()
     for load in (rundir.load_checkpoint, rundir.read_checkpoint):  # audit, bench, evaluate
@@ -137,21 +139,21 @@ def test_a_truncated_checkpoint_is_one_line_naming_it(tmp_path: Path) -> None:
     last = _checkpoint(run_dir, _cfg())
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(DataError) as err:
-        _federation(run_dir, _cfg())._start(_initial(), resume=True)
+        _checkpoints(run_dir, _cfg()).start(_initial(), True)[:2]
     assert "truncated" in _one_line_naming(err.value, last)
 
 
 def test_loop_checkpoints_load_weights_only_and_resume(tmp_path: Path) -> None:
     cfg = _cfg()
-    fed = _federation(tmp_path, cfg)
-    state, _ = fed._start(_initial(), resume=False)
+    fed = _checkpoints(tmp_path, cfg)
+    state, _ = fed.start(_initial(), False)[:2]
     state.round, state.rounds = 2, [{"round": 1, "validation": {"global": {"x": np.float64(1)}}}]
     arrays = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
-    fed._save("last", arrays, state, make_strategy(cfg, 1))
+    fed.save("last", arrays, state, make_strategy(cfg, 1))
     ck = torch.load(RunDir(tmp_path).checkpoint("last"), weights_only=True)
     assert ck["config"] == cfg and ck["state"]["round"] == 2
-    again = _federation(tmp_path, dict(cfg, **{"num-server-rounds": 9, "resume": True}))
-    resumed, weights = again._start(_initial(), resume=True)
+    again = _checkpoints(tmp_path, dict(cfg, **{"num-server-rounds": 9, "resume": True}))
+    resumed, weights = again.start(_initial(), True)[:2]
     assert resumed.round == 2 and resumed.rounds == state.rounds
     np.testing.assert_array_equal(weights["w"].numpy(), np.arange(3, dtype=np.float32))
 
@@ -205,7 +207,7 @@ def test_a_changed_config_is_refused_with_a_one_line_diff(tmp_path: Path) -> Non
     last = _checkpoint(tmp_path, _cfg())
     changed = _cfg(lr=0.01, strategy="fedprox", **{"num-server-rounds": 50, "resume": True})
     with pytest.raises(ConfigError) as err:
-        _federation(tmp_path, changed)._start(_initial(), resume=True)
+        _checkpoints(tmp_path, changed).start(_initial(), True)[:2]
     text = _one_line_naming(err.value, last)
     assert "lr: 0.003 -> 0.01" in text and "strategy: 'fedavg' -> 'fedprox'" in text
     assert "num-server-rounds" not in text  # more rounds: allowed
@@ -215,7 +217,7 @@ def test_a_changed_config_is_refused_with_a_one_line_diff(tmp_path: Path) -> Non
 def test_the_override_accepts_a_changed_config(tmp_path: Path, caplog) -> None:
     _checkpoint(tmp_path, _cfg(), rounds=3)
     forced = _cfg(lr=0.01, **{"force-resume": True})
-    state, _ = _federation(tmp_path, forced)._start(_initial(), resume=True)
+    state, _ = _checkpoints(tmp_path, forced).start(_initial(), True)[:2]
     assert state.round == 3
     # Runner, ServerApp and loop each check the same resume: the warning is said once.
     resume.resume_checkpoint(tmp_path, forced, force=True)
@@ -350,7 +352,7 @@ def test_a_checkpoint_with_a_state_the_loop_cannot_take_is_one_line(
         text = _one_line_naming(err.value, last)
         assert says in text and "refused" in text, text
     with pytest.raises(DataError) as err:  # what the loop does on resume: no TypeError
-        _federation(tmp_path, _cfg())._start(_initial(), resume=True)
+        _checkpoints(tmp_path, _cfg()).start(_initial(), True)[:2]
     assert says in _one_line_naming(err.value, last)
 
 
@@ -379,9 +381,9 @@ def test_checkpoints_are_not_written_through_a_symlinked_folder(tmp_path: Path) 
     assert text.startswith("refusing to write through a symbolic link: ")
     assert not list(elsewhere.iterdir())
     with pytest.raises(DataError, match="symbolic link"):  # the loop's own save
-        fed = _federation(run, _cfg())
-        state, arrays = fed._start(_initial(), resume=False)
-        fed._save("last", arrays, state, make_strategy(_cfg(), 1))
+        fed = _checkpoints(run, _cfg())
+        state, arrays = fed.start(_initial(), False)[:2]
+        fed.save("last", arrays, state, make_strategy(_cfg(), 1))
     assert not list(elsewhere.iterdir())
 
 
@@ -471,7 +473,7 @@ def test_a_relabelled_manifest_without_its_seal_is_refused_on_resume(tmp_path: P
         text = _one_line_naming(err.value, manifest)
         assert "changed since the run trained on it" in text and "new run" in text
     with pytest.raises(DataError, match="changed since the run trained on it"):
-        _federation(run, dict(cfg, resume=True))._start(_initial(), resume=True)
+        _checkpoints(run, dict(cfg, resume=True)).start(_initial(), True)[:2]
 
 
 def test_a_rewritten_seal_does_not_help_either(tmp_path: Path) -> None:

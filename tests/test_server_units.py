@@ -9,6 +9,8 @@ from server.loop import Federation
 from server.replies import arrays_error as _arrays_ok
 from server.sizes import SiteInfo
 from server.strategies import load_strategy_state, make_strategy, strategy_state
+from server.transport import reported_exchange
+from tests.helpers import assign_message_id
 
 CFG = {"strategy": "fedavg", "lr": 0.01, "seed": 3, "min-train-nodes": 1, "fraction-train": 0.5}
 
@@ -40,21 +42,19 @@ class _RecordingGrid:
 
     def push_messages(self, messages: list) -> list[str]:
         for i, m in enumerate(messages):
-            m.metadata.__dict__["_message_id"] = f"m{i}"
+            assign_message_id(m, f"m{i}")
         self.sent = list(messages)
         return [m.metadata.message_id for m in messages]
 
 
 def _fed(tmp_path, cfg):
-    fed = Federation.__new__(Federation)
-    fed.run_config = RunConfig.from_mapping(cfg)  # what Federation.__init__ sets
-    fed.cfg, fed.seed = fed.run_config.to_flat(), fed.run_config.seed
-    fed.sites = {
-        nid: SiteInfo(nid, name, 10, 2, 2)
+    fed = Federation(_RecordingGrid(), RunConfig.from_mapping(cfg), tmp_path, ["a", "b"])
+    fed.sites.update(  # as discovery fills it
+        (nid, SiteInfo(nid, name, 10, 2, 2))
         for nid, name in zip(
             [901, 17, 4242, 5], ["vienna", "barcelona", "mskcc", "queensland"], strict=True
         )
-    }
+    )
     return fed
 
 
@@ -219,8 +219,7 @@ def test_each_reply_is_reported_as_it_arrives(tmp_path):
                 if m.metadata.message_id in ids
             ]
 
-    fed = _fed(tmp_path, {"seed": 0})
-    fed.grid, fed.timeout, fed.received = AnsweringGrid(), 5.0, {}
+    names = {901: "vienna", 17: "barcelona"}
     msgs = [Message(RecordDict(), nid, MessageType.TRAIN) for nid in (901, 17)]
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)  # reply lines are DEBUG: shown under -v
@@ -230,7 +229,9 @@ def test_each_reply_is_reported_as_it_arrives(tmp_path):
     logger.setLevel(logging.DEBUG)  # setLevel, not .level=: it clears the loggers' caches
     logger.addHandler(handler)
     try:
-        replies, missing = fed._exchange(msgs, "round 3 training")
+        replies, missing = reported_exchange(
+            AnsweringGrid(), msgs, 5.0, "round 3 training", names, {}
+        )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
