@@ -11,10 +11,12 @@ FIGURES = (("bal-acc", "balanced_accuracy"), ("acc", "accuracy"), ("auroc", "aur
 
 
 def eta_text(seconds: Sequence[float], rounds_left: int) -> str:
-    """``"ETA 1m05s"`` from the mean of the rounds timed so far; ``""`` when none is left."""
+    """``"ETA 1m05s"`` from the mean round time so far, the first round left out once there
+    are others (it also starts the sites and loads their data); ``""`` when none is left."""
     if rounds_left <= 0 or not seconds:
         return ""
-    left = round(sum(seconds) / len(seconds) * rounds_left)
+    timed = seconds[1:] or seconds
+    left = round(sum(timed) / len(timed) * rounds_left)
     return f"ETA {left // 60}m{left % 60:02d}s" if left >= 60 else f"ETA {left}s"
 
 

@@ -150,7 +150,9 @@ def test_built_in_set_hides_empty_age_and_sex_only():
 def test_round_line_gives_the_time_left_from_the_mean_round_so_far():
     record = {"round": 2, "seconds": 30.0, "validation": {"global": {}}}
     line = _said(record, num_rounds=6, seconds=(50.0, 30.0))
-    assert line.endswith("| 30.0s | ETA 2m40s"), line  # 4 rounds left at 40 s: 160 s
+    assert line.endswith("| 30.0s | ETA 2m00s"), line  # 4 left at 30 s (round 1 warms up)
+    line = _said(dict(record, round=3), num_rounds=6, seconds=(50.0, 30.0, 20.0))
+    assert line.endswith("| ETA 1m15s"), line  # 3 left at the mean of 30 and 20 s
     last = _said({"round": 6, "seconds": 3.0, "validation": {"global": {}}}, num_rounds=6)
     assert "ETA" not in last and last.endswith("| 3.0s"), last
     assert eta_text([], 3) == "" and eta_text([59.6], 1) == "ETA 1m00s"
