@@ -20,13 +20,15 @@ from tests.helpers import SITES
 from tests.ray_harness import on_ray
 
 ROUNDS = 2
-SMALL = {
+SMALL = {  # the console is under test, not learning: two local steps, no augmentation
     "builtin-images": 300,
     "image-size": 16,
     "num-server-rounds": ROUNDS,
     "model": "test_efficientnet",
-    "head-calibration": "lda",  # the refit's evaluation is named as such
+    "local-steps": 2,
+    "augment": False,
 }
+REFIT = {"head-calibration": "lda"}  # -v: the refit's evaluation is named as such
 ROUND_LINE = re.compile(rf"^round (\d+)/{ROUNDS} \|")
 
 
@@ -44,7 +46,9 @@ class Lines(logging.Handler):
         return [message for _, message in self.lines]
 
 
-def _run(out: Path, ray_head: str | None, verbose: bool) -> tuple[list[str], str, dict]:
+def _run(
+    out: Path, ray_head: str | None, verbose: bool, extra: dict | None = None
+) -> tuple[list[str], str, dict]:
     """A tiny run: its log lines, its console, its metrics."""
     logger = logging.getLogger("fedskin")
     lines = Lines()
@@ -54,7 +58,7 @@ def _run(out: Path, ray_head: str | None, verbose: bool) -> tuple[list[str], str
     console.export_text(clear=True)
     try:
         with on_ray(ray_head):  # the session's Ray head node (conftest.py)
-            metrics = simulate(None, dict(SMALL), out=out, verbose=verbose)
+            metrics = simulate(None, SMALL | (extra or {}), out=out, verbose=verbose)
         printed = console.export_text(clear=True)
     finally:
         logger.removeHandler(lines)
@@ -70,7 +74,7 @@ def quiet(tmp_path_factory, ray_head) -> Iterator[tuple[list[str], str, dict]]:
 
 @pytest.fixture(scope="module")
 def verbose(tmp_path_factory, ray_head) -> Iterator[tuple[list[str], str, dict]]:
-    yield _run(tmp_path_factory.mktemp("console") / "verbose", ray_head, verbose=True)
+    yield _run(tmp_path_factory.mktemp("console") / "verbose", ray_head, True, REFIT)
 
 
 def _round_lines(lines: list[str]) -> list[int]:
