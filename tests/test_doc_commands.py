@@ -135,7 +135,10 @@ def test_the_documented_key_commands_run_as_written(tmp_path: Path, monkeypatch)
 # Its commands run as written, with a small synthetic Dataverse folder standing in for the
 # HAM10000 download and tiny settings added to the simulation's --run-config.
 STAND_IN = "~/data/HAM10000"
-TINY_RUN = "model='test_efficientnet' image-size=16 num-server-rounds=1 local-steps=2 batch-size=16"
+TINY_RUN = (
+    "model='test_efficientnet' image-size=16 num-server-rounds=1 local-steps=2 batch-size=16 "
+    "augment=false"
+)
 
 
 def readme_section(heading: str) -> list[str]:
@@ -164,7 +167,7 @@ def test_the_readme_quickstart_runs_on_a_stand_in(tmp_path: Path, monkeypatch) -
 
     commands = readme_section("Real images in three commands")
     assert [shlex.split(c)[1] for c in commands] == ["partition", "simulate", "evaluate"]
-    data = synthesize("ham-dataverse", tmp_path / "HAM10000", n_images=400, image_size=32)
+    data = synthesize("ham-dataverse", tmp_path / "HAM10000", n_images=320, image_size=16)
     monkeypatch.setenv("FEDSKIN_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     partition, simulate, evaluate = (c.replace(STAND_IN, str(data)) for c in commands)
