@@ -73,39 +73,42 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 
 
 @pytest.fixture(scope="module")
-def simulated(store, tmp_path_factory, ray_head) -> dict:
-    """``simulate --track`` for one round, then ``--resume`` to two rounds (as its test's
-    state between the two: the first run's id, params and config)."""
+def compared(store, tmp_path_factory, ray_head) -> dict:
+    """One ``compare --track`` (a parent run; its federated child is a whole tracked
+    ``simulate`` run of one round), then ``simulate --resume`` of that child's folder to two
+    rounds (as its tests' state between the two: the child's id, params and config)."""
     uri, client = store
-    out = tmp_path_factory.mktemp("sim") / "tiny"
-    env = {"RAY_ADDRESS": ray_head} if ray_head else {}
+    out = tmp_path_factory.mktemp("compare") / "compare"
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        args = ["simulate", "--run-config", TINY, "--out", str(out), "--tracking-uri", uri]
-        printed = invoke(*args)
-        first = run_id_of(out)
+        if ray_head:  # the session's Ray head node (conftest.py)
+            mp.setenv("RAY_ADDRESS", ray_head)
+        args = ["compare", "--strategies", "fedavg", "--no-local", "--run-config", TINY]
+        printed = invoke(*args, "--out", str(out), "--tracking-uri", uri)
+        child = out / "fedavg"
+        first = run_id_of(child)
         state = {
             "printed": printed,
             "first": first,
             "params": client.get_run(first).data.params,
-            "config": tomllib.loads((out / "config.toml").read_text()),
+            "config": tomllib.loads((child / "config.toml").read_text()),
             "history": history(client, first, VAL),
-            "metrics": json.loads((out / "metrics.json").read_text()),
+            "metrics": json.loads((child / "metrics.json").read_text()),
         }
-        args[2] = TINY.replace("num-server-rounds=1", "num-server-rounds=2")
+        use_tracking(False)
+        two = TINY.replace("num-server-rounds=1", "num-server-rounds=2")
+        args = ["simulate", "--run-config", two, "--out", str(child), "--tracking-uri", uri]
         invoke(*args, "--resume")
         use_tracking(False)
-    return {"out": out, **state}
+    return {"out": out, "child": child, **state}
 
 
-def test_simulate_logs_config_metrics_and_artifacts(simulated, store) -> None:
+def test_simulate_logs_config_metrics_and_artifacts(compared, store) -> None:
     _, client = store
-    first = simulated["first"]
-    assert f"tracked in MLflow: run {first}" in simulated["printed"]
-    assert simulated["params"] == {k: str(v) for k, v in simulated["config"].items()}
-    rounds = simulated["metrics"]["rounds"]
-    assert simulated["history"] == [
+    first = compared["first"]
+    assert f"tracked in MLflow: run {first}" in compared["printed"]
+    assert compared["params"] == {k: str(v) for k, v in compared["config"].items()}
+    rounds = compared["metrics"]["rounds"]
+    assert compared["history"] == [
         (r["round"], r["validation"]["global"]["balanced_accuracy"]) for r in rounds
     ]
     site = sorted(rounds[0]["validation"]["sites"])[0]
@@ -116,37 +119,34 @@ def test_simulate_logs_config_metrics_and_artifacts(simulated, store) -> None:
         assert name in found, found
     assert {"plots/learning_curves.png", "plots/confusion_test.png"} <= found
     local = client.download_artifacts(first, "checkpoints/best.pt")
-    best = simulated["out"] / "checkpoints" / "best.pt"
+    best = compared["child"] / "checkpoints" / "best.pt"
     assert _sha(Path(local)) == _sha(best)  # the final best checkpoint, as on disk
 
 
-def test_resume_continues_the_same_mlflow_run(simulated, store) -> None:
+def test_resume_continues_the_same_mlflow_run(compared, store) -> None:
     _, client = store
-    out, first = simulated["out"], simulated["first"]
-    assert run_id_of(out) == first
+    child, first = compared["child"], compared["first"]
+    assert run_id_of(child) == first
     run = client.get_run(first)
     assert run.info.status == "FINISHED"
-    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    rounds = json.loads((child / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     want = [(r["round"], r["validation"]["global"]["balanced_accuracy"]) for r in rounds]
     assert history(client, first, VAL) == want  # round 1 once, round 2 added
     assert run.data.params["num-server-rounds"] == "1"  # MLflow's params cannot change:
     assert run.data.tags["changed.num-server-rounds"] == "2"  # the new value is a tag
     exp = run.info.experiment_id
-    assert len(client.search_runs([exp], filter_string="attributes.run_name = 'tiny'")) == 1
+    assert len(client.search_runs([exp], filter_string="attributes.run_name = 'fedavg'")) == 1
 
 
-@pytest.mark.usefixtures("shared_ray")
-def test_compare_is_a_parent_with_one_child_per_row(store, tmp_path: Path) -> None:
-    uri, client = store
-    out = tmp_path / "compare"
-    args = ["compare", "--strategies", "fedavg", "--no-local", "--run-config", TINY]
-    invoke(*args, "--out", str(out), "--tracking-uri", uri)
+def test_compare_is_a_parent_with_one_child_per_row(compared, store) -> None:
+    _, client = store
+    out = compared["out"]
     parent = run_id_of(out)
     kids = children(client, parent)
     table = pd.read_csv(out / "comparison.csv")
     assert sorted(kids) == sorted(table["method"]) == ["fedavg", "pooled"]
-    assert kids["fedavg"].info.run_id == run_id_of(out / "fedavg")  # the run folder's run
+    assert kids["fedavg"].info.run_id == run_id_of(compared["child"])  # the run folder's run
     pooled = table.set_index("method").loc["pooled"]
     got = kids["pooled"].data.metrics
     assert got["pooled test"] == pytest.approx(pooled["pooled test"], abs=1e-4)  # csv: 4 digits
