@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,14 @@ GOLDEN = Path(__file__).parent / "golden" / "simulation_tiny.json"
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> tuple[Path, dict]:
-    """The golden run, on a Ray of its own as a user's run starts it; other runs in this
-    module may join the session's Ray head node (``shared_ray``)."""
+def full_run(tmp_path_factory) -> tuple[Path, dict, list[warnings.WarningMessage]]:
+    """The golden run, on a Ray of its own as a user's run starts it, and the warnings it
+    raised; the other runs in this module join the session's Ray head node (``shared_ray``)."""
     out = tmp_path_factory.mktemp("sim") / "full"
-    return out, simulate(None, dict(TINY), out=out)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        metrics = simulate(None, dict(TINY), out=out)
+    return out, metrics, seen
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -40,7 +44,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_run_directory_and_metrics(full_run):
-    run_dir, metrics = full_run
+    run_dir, metrics, seen = full_run
     for name in (
         "metrics.json",
         "history.csv",
@@ -62,6 +66,8 @@ def test_run_directory_and_metrics(full_run):
         for site_metrics in r["train"].values():
             assert set(site_metrics) <= TRAIN_KEYS, sorted(set(site_metrics) - TRAIN_KEYS)
     assert (run_dir / "history.csv").read_text().count("\n") == 7
+    # Ray's tip about its future GPU default stays off the console (simulations/runner.py).
+    assert not [w for w in seen if "future versions of Ray" in str(w.message)]
 
 
 def test_only_allowed_keys_crossed_the_network(full_run):
@@ -71,7 +77,7 @@ def test_only_allowed_keys_crossed_the_network(full_run):
 
 def test_golden_metrics(full_run):
     """Metrics land within a tolerance of committed values (regenerate: FEDSKIN_GOLDEN=write)."""
-    _, metrics = full_run
+    _, metrics, _ = full_run
     val = [r["validation"]["global"]["balanced_accuracy"] for r in metrics["rounds"]]
     got = {
         "round2_val_balanced_accuracy": val[1],
@@ -98,7 +104,7 @@ def test_resume_ends_with_the_same_model(full_run, tmp_path):
     This also checks reproducibility from the seed, since both runs are separate processes'
     worth of Ray actors with their own random node ids.
     """
-    full_dir, _ = full_run
+    full_dir = full_run[0]
     out = tmp_path / "resumed"
     first = simulate(None, dict(TINY, **{"num-server-rounds": 1}), out=out)
     assert [r["round"] for r in first["rounds"]] == [1]
@@ -110,12 +116,14 @@ def test_resume_ends_with_the_same_model(full_run, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_faulty_sites_are_survived(tmp_path, recwarn):
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
+def test_faulty_sites_are_survived(tmp_path):
     """NaN and wrongly shaped updates are rejected, a crashing site is logged by name, and the
     round completes with the one healthy site."""
+    # Two local steps: only what the server does with the replies matters here.
     metrics = simulate(
         None,
-        dict(TINY, **{"num-server-rounds": 1}),
+        dict(TINY, **{"num-server-rounds": 1, "local-steps": 2}),
         out=tmp_path / "faulty",
         client_app="tests.faulty_client:app",
     )
@@ -127,8 +135,6 @@ def test_faulty_sites_are_survived(tmp_path, recwarn):
     weights = _final_weights(tmp_path / "faulty")
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert sorted(metrics["test"]["sites"]) == SITES
-    # Ray's tip about its future GPU default stays off the console (simulations/runner.py).
-    assert not [w for w in recwarn if "future versions of Ray" in str(w.message)]
 
 
 @pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
@@ -138,6 +144,7 @@ def test_site_level_dp_run(tmp_path):
         TINY,
         **{
             "num-server-rounds": 1,
+            "local-steps": 2,  # only the server's DP wrapper matters here
             "central-dp": "server-fixed",
             "central-noise": 0.1,
             "central-clip": 5.0,
