@@ -109,6 +109,7 @@ def test_head_calibration_refused_where_it_cannot_apply(extra, words) -> None:
         RunConfig.from_mapping({"head-calibration": "lda", **extra})
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_simulation_refits_the_head_from_every_site(tmp_path: Path) -> None:
     """A real simulated federation: every site sends statistics, the server refits the best
     model's head, keeps it only if validation improves, and saves what it keeps."""
@@ -206,6 +207,7 @@ def test_private_head_acts_on_the_models_own_features() -> None:
     assert set(np.unique((x @ weight.T + bias).argmax(1))) <= {0, 1, 2}
 
 
+@pytest.mark.usefixtures("shared_ray")  # a run on the session's Ray head (conftest.py)
 def test_simulation_under_dp_refits_from_noised_statistics(tmp_path: Path) -> None:
     """A real simulated federation under sample-level DP: the server sends a projection, every
     site releases its noised statistics once on the budget it kept for them, and each ends
@@ -213,7 +215,7 @@ def test_simulation_under_dp_refits_from_noised_statistics(tmp_path: Path) -> No
     from simulations.runner import simulate
     from tests.helpers import SITES, TINY
 
-    cfg = {**TINY, "num-server-rounds": 1, "local-epochs": 1, "head-calibration": "lda"}
+    cfg = {**TINY, "num-server-rounds": 1, "local-steps": 2, "head-calibration": "lda"}
     out = simulate(None, {**cfg, "dp": True, "target-epsilon": 4.0}, out=tmp_path / "run")
     cal = out["test"]["head_calibration"]
     assert cal["sites"] == SITES and not cal["failures"] and not cal["rejected"]
