@@ -187,12 +187,12 @@ def test_crash_before_the_server_checkpoint_never_overspends(tmp_path) -> None:
     from tests.helpers import SITES, TINY
 
     state, out = tmp_path / "site-state", tmp_path / "run"
-    # One local epoch: only the accounting matters here, not how well the model learns.
+    # Two local steps: only the accounting matters here, not how well the model learns.
     cfg = dict(
         TINY,
         **{
             "num-server-rounds": 2,
-            "local-epochs": 1,
+            "local-steps": 2,
             "dp": True,
             "target-epsilon": 4.0,
             "state-dir": str(state),
