@@ -171,8 +171,8 @@ def test_bad_sweep_arguments(tmp_path: Path) -> None:
 
 
 TINY = (
-    "model='test_efficientnet' image-size=16 num-server-rounds=1 builtin-images=300 "
-    "batch-size=32 augment=false"
+    "model='test_efficientnet' image-size=16 num-server-rounds=1 local-epochs=1 "
+    "builtin-images=300 batch-size=32 augment=false"
 )
 
 
