@@ -11,9 +11,11 @@ run step 5b, the recommended set-up:
 ``--isolation process`` with a SuperExec secret and ``fedskin site-exec`` next to each
 SuperNode (one forked ClientApp per message, no ``flwr-clientapp`` process); a fourth site
 joins only for the last run and runs step 5, Flower's default (a fresh ``flwr-clientapp``
-process per message), and it is the one killed. One SuperLink and these SuperNodes serve
-every test of this module, like a real federation serving several runs: an uninterrupted
-run, the same run stopped mid-round and resumed, and a run during which a site is killed.
+process per message), and it is the one killed; it comes back warm, requiring secure
+aggregation, for the last run. One SuperLink and these SuperNodes serve every test of this
+module, like a real federation serving several runs: an uninterrupted run, the same run
+stopped mid-round and resumed, a run during which a site is killed, and two SecAgg+ rounds
+during which a site is killed after the key exchange.
 Every process is killed in teardown, also on failure.
 """
 
@@ -200,16 +202,26 @@ def start_superlink(harness: Harness, work: Path, sites: list[str]) -> Deploymen
 
 
 def start_site(
-    dep: Deployment, site: str, node_config: str, *, warm: bool, name: str | None = None
+    dep: Deployment,
+    site: str,
+    node_config: str,
+    *,
+    warm: bool,
+    name: str | None = None,
+    installed: Path | None = None,
 ) -> Proc:
     """A registered site's SuperNode with the federation's CA, its key and ``node_config``.
 
     ``warm``: docs/deployment.md step 5b, ``--isolation process`` with a SuperExec secret
     and ``fedskin site-exec`` next to it (in ``dep.launchers``, stopping with the SuperNode);
     otherwise step 5, Flower's default (a fresh ``flwr-clientapp`` process per message).
+    ``installed``: the fedskin code the site runs (PYTHONPATH; default the checkout), e.g.
+    the release (``FEDSKIN_SRC``), whose FABs a warm launcher serves.
     """
     keys = dep.keys.sites[site]
     env = base_env(dep.site_dir(site) / "flwr-home")  # the same FLWR_HOME after a restart
+    if installed is not None:
+        env["PYTHONPATH"] = str(installed)
     # Several sites share 2 cores here: one torch thread each avoids oversubscription
     # (and keeps every site's arithmetic identical from run to run).
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -924,7 +936,7 @@ def torch_equal(a: object, b: object) -> bool:
 def test_supernode_killed_mid_round(apps: Apps, deployment: Deployment) -> None:
     """SIGKILL a site's SuperNode while it trains: the round completes with the others.
 
-    Last in the module: the killed site stays down afterwards."""
+    The killed site stays down until the SecAgg+ test after it restarts it."""
     import torch
 
     out = apps.work / "killed"
@@ -980,3 +992,85 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
         probs = np.asarray(predict(model, x, device=torch.device("cpu")))
         losses.append(float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()))
     return losses[0], losses[1]
+
+
+# ------------------------------------------------------------------ SecAgg+ with a dropout
+# Each SecAgg+ round is four train messages to every sampled site: setup (public keys),
+# share-keys (encrypted shares), collect (train, masked vector), unmask (shares).
+SECAGG_STAGES = 4
+
+
+def guide_secagg_lines() -> tuple[str, str]:
+    """docs/deployment.md's SecAgg+ lines: what a hospital adds to its node config, and what
+    the admin adds to the run config."""
+    text = GUIDE.read_text()
+    node = re.search(r"state-dir='\$FEDSKIN_VAR/state' (require-secure-aggregation[^\"]*)\"", text)
+    run = re.search(r"--run-config \"(secure-aggregation='secagg\+'[^\"]*?) out-dir=", text)
+    assert node and run, "docs/deployment.md lost its SecAgg+ lines"
+    return node.group(1), run.group(1)
+
+
+def secagg_kill_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
+    """The fourth site restarts warm (step 5b) with the guide's ``require-secure-aggregation``
+    node config; a two-round SecAgg+ run over the four; the fourth site's SuperNode and its
+    launcher are SIGKILLed once it has received round 2's collect message (its key-exchange
+    reply reached the server) and before it sends its masked vector."""
+    node_extra, run_extra = guide_secagg_lines()
+    assert dep.guide is not None
+    node_config = f"{site_node_config(dep.work, VICTIM, 4.0)} {node_extra}"
+    victim = start_site(
+        dep, VICTIM, node_config, warm=True, name="supernode-secagg-d", installed=dep.guide.release
+    )
+    launcher = dep.launchers[VICTIM]
+    cfg = {"min-nodes": len(SITES) + 1, "min-train-nodes": len(SITES), "round-timeout": 300.0}
+    run_id = launch(dep, app, f"{run_config(out, **cfg)} {run_extra}")
+    # Round 2's third train message (collect) received: the server had its share-keys reply.
+    victim.wait_for(TRAIN_MSG.format(run=run_id), RUN_TIMEOUT, count=SECAGG_STAGES + 3)
+    launcher.signal_all(signal.SIGKILL)
+    victim.signal_all(signal.SIGKILL)
+    poll_until("the victim to die", lambda: victim.done() and launcher.done(), 30, 0.1)
+    sent = len(re.findall(SENT_MSG.format(run=run_id), victim.text()))
+    run = finish(dep, run_id, RUN_TIMEOUT)
+    return {
+        "status": run["status"],
+        "sent": sent,
+        "node_config": node_config,
+        "log": server_log(dep, run_id),
+    }
+
+
+def test_secagg_round_completes_without_a_site_killed_after_the_key_exchange(
+    apps: Apps, deployment: Deployment
+) -> None:
+    """Two SecAgg+ rounds over TLS with node auth: round 1 sums all four sites (one requires
+    SecAgg+), round 2 the three that survive the fourth's death after the key exchange.
+
+    After test_supernode_killed_mid_round (the fourth site restarts here); last in the module."""
+    out = apps.work / "secagg"
+    r = secagg_kill_scenario(deployment, apps.app, out)
+    assert r["status"] == "finished:completed", r
+    assert "require-secure-aggregation=true" in str(r["node_config"])
+    # It answered round 1's four stages and round 2's setup and key exchange, no more.
+    assert r["sent"] == SECAGG_STAGES + 2, r
+    metrics = json.loads((out / "metrics.json").read_text())
+    round1, round2 = metrics["rounds"]
+    everyone = sorted([*SITES, VICTIM])
+    # Round 1: the site that requires SecAgg+ took part; the sum of all four was unmasked.
+    assert round1["aggregated"] and sorted(round1["train"]) == everyone, round1
+    assert sorted(round1["sampled"]) == everyone and not round1["failures"], round1
+    # Round 2: all four sampled, the victim dead after the key exchange, the survivors'
+    # aggregate adopted.
+    assert round2["aggregated"] and sorted(round2["train"]) == SITES, round2
+    assert sorted(round2["sampled"]) == everyone, round2
+    assert list(round2["failures"]) == [VICTIM] and not round2["rejected"], round2
+    assert sorted(round2["validation"]["sites"]) == SITES
+    weights = checkpoint(out)["arrays"]  # type: ignore[index]
+    assert int(checkpoint(out)["state"]["round"]) == 2  # type: ignore[index]
+    assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
+    # The ServerApp's log names the dropped site, in round 2's secure aggregation.
+    named = [
+        line
+        for line in str(r["log"]).splitlines()
+        if VICTIM in line and "round 2" in line and "secure aggregation" in line
+    ]
+    assert named, r["log"]
