@@ -29,16 +29,21 @@ from tests.ray_harness import RAY_CLI, head_args, ray_env, ray_start, stop_sessi
 SLOWEST_FIRST = (
     "test_integration_deploy.py",
     "test_simulation.py",
+    "test_sweep.py",
     "test_integration_dp_restart.py",
     "test_privacy.py",
-    "test_sweep.py",
+    "test_evaluate.py",
+    "test_secagg_simulation.py",
     "test_baselines.py",
+    "test_headfit.py",
+    "test_tracking.py",
     "test_warm_exec.py",
-    "test_ray_cluster.py",
+    "test_console.py",
     "test_personal.py",
+    "test_ray_cluster.py",
+    "test_doc_commands.py",
     "test_central_dp.py",
     "test_bench.py",
-    "test_evaluate.py",
 )
 
 
