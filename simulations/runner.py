@@ -217,7 +217,6 @@ def simulate(
     if run_dir.exists() and not run.resume and paths.metrics.exists():
         console.print(f"[yellow]{run_dir} holds an earlier run; its results will be replaced")
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not run.state_dir:
         run = run.with_values({"state-dir": str(paths.site_state)})
 
@@ -228,6 +227,8 @@ def simulate(
     cfg = run.to_flat()  # what Flower carries and the run directory stores
     if run.resume:  # a planted, truncated or differently configured checkpoint: here
         resume_checkpoint(run_dir, cfg, run.force_resume)
+    run_dir.mkdir(parents=True, exist_ok=True)  # after the data and config checks: a run
+    # refused by them leaves no empty folder behind
     atomic_copy(run.manifest, paths.manifest)
     atomic_write_text(paths.config, tomli_w.dumps(cfg))
     console.print(

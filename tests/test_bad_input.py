@@ -243,3 +243,13 @@ def test_metadata_without_any_image_names_the_image_folder(
     with pytest.raises(DataError, match=r"no image files in .* layout:") as err:
         load_source(fmt, tmp_path)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_run_refused_for_its_data_leaves_no_empty_folder(tmp_path: Path) -> None:
+    from simulations.runner import simulate  # the runner: Flower and Ray behind it
+
+    out = tmp_path / "runs" / "refused"
+    bad = {"data-format": "ham-dataverse", "data-path": str(tmp_path / "no-such-folder")}
+    with pytest.raises(DataError, match="no such folder"):
+        simulate(None, bad, out=out)
+    assert not out.exists() and not out.parent.exists()
