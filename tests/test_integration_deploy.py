@@ -15,7 +15,7 @@ process per message), and it is the one killed; it comes back warm, requiring se
 aggregation, for the last run. One SuperLink and these SuperNodes serve every test of this
 module, like a real federation serving several runs: an uninterrupted run, the same run
 stopped mid-round and resumed, a run during which a site is killed, and two SecAgg+ rounds
-during which a site is killed after the key exchange.
+during which a site drops out after the key exchange.
 Every process is killed in teardown, also on failure.
 """
 
@@ -1012,9 +1012,11 @@ def guide_secagg_lines() -> tuple[str, str]:
 
 def secagg_kill_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, object]:
     """The fourth site restarts warm (step 5b) with the guide's ``require-secure-aggregation``
-    node config; a two-round SecAgg+ run over the four; the fourth site's SuperNode and its
-    launcher are SIGKILLed once it has received round 2's collect message (its key-exchange
-    reply reached the server) and before it sends its masked vector."""
+    node config; a two-round SecAgg+ run over the four; the fourth site drops once it has
+    received round 2's collect message (its key-exchange reply reached the server) and before
+    it sends its masked vector: its launcher (and the ClientApp it forked) SIGKILLed, its
+    SuperNode SIGTERMed: it deactivates at once and the SuperLink answers for it without
+    waiting for its heartbeats to expire (that wait is test_supernode_killed_mid_round's)."""
     node_extra, run_extra = guide_secagg_lines()
     assert dep.guide is not None
     node_config = f"{site_node_config(dep.work, VICTIM, 4.0)} {node_extra}"
@@ -1026,9 +1028,11 @@ def secagg_kill_scenario(dep: Deployment, app: Path, out: Path) -> dict[str, obj
     run_id = launch(dep, app, f"{run_config(out, **cfg)} {run_extra}")
     # Round 2's third train message (collect) received: the server had its share-keys reply.
     victim.wait_for(TRAIN_MSG.format(run=run_id), RUN_TIMEOUT, count=SECAGG_STAGES + 3)
-    launcher.signal_all(signal.SIGKILL)
-    victim.signal_all(signal.SIGKILL)
+    deactivated = len(re.findall(r"Deactivated node_id=", dep.superlink.text()))
+    launcher.signal_all(signal.SIGKILL)  # no masked vector can be computed any more
+    victim.signal_all(signal.SIGTERM)
     poll_until("the victim to die", lambda: victim.done() and launcher.done(), 30, 0.1)
+    dep.superlink.wait_for(r"Deactivated node_id=", 30, count=deactivated + 1)
     sent = len(re.findall(SENT_MSG.format(run=run_id), victim.text()))
     run = finish(dep, run_id, RUN_TIMEOUT)
     return {
