@@ -132,6 +132,8 @@ CASES = {
     "fedavg": {},
     "fedavg-dp": {"dp": True, "noise-multiplier": 0.5, "target-epsilon": 1000.0},
     "fedbn": {"personalize": "fedbn"},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.1},  # the sites' term: same sum
+    "fedavgm": {"strategy": "fedavgm", "server-lr": 1.0},  # momentum starts from the mean
 }
 
 
