@@ -42,7 +42,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from client.message import message_config
-from common.config import RunConfig
+from common.config import value_of
 from common.errors import SiteConfigError
 from common.secagg import (
     COLLECT,
@@ -276,9 +276,10 @@ def _unmask(state: ConfigRecord, sent: ConfigRecord) -> dict:
 def site_norm_cap(context: Context) -> float:
     """The norm a site clips its update to: the smaller positive of its node config's
     ``update-norm-cap`` and the run's (0: no cap)."""
-    run = RunConfig.from_flat(context.run_config).update_norm_cap
-    own = context.node_config.get("update-norm-cap")
-    caps = [c for c in (run, float(own) if own not in (None, "") else 0.0) if c > 0]
+    run = value_of(context.run_config, "update-norm-cap")  # one key, no whole config built
+    given = context.node_config.get("update-norm-cap") not in (None, "")
+    own = value_of(context.node_config, "update-norm-cap") if given else 0.0
+    caps = [c for c in (run, own) if c > 0]
     return min(caps) if caps else 0.0
 
 
