@@ -76,8 +76,14 @@ def stage_of(msg: Message) -> str | None:
 
 
 def requires_secure(context: Context) -> bool:
+    """The site's ``require-secure-aggregation``; a value other than true or false fails
+    closed (the site refuses, naming the value) rather than reading as false."""
     value = context.node_config.get(REQUIRE_KEY, False)
-    return value is True or str(value).strip().lower() == "true"
+    if isinstance(value, bool):
+        return value
+    if (text := str(value).strip().lower()) in ("true", "false"):
+        return text == "true"
+    raise SiteConfigError(f"node config {REQUIRE_KEY}={value!r}: must be true or false")
 
 
 def refuse_plaintext(context: Context, what: str) -> None:

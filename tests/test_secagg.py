@@ -267,6 +267,15 @@ def test_a_site_requiring_secure_aggregation_refuses_plaintext(tmp_path: Path, c
     assert sorted(result["rounds"][0]["train"]) == ["rosendahl", "vidir_modern", "vidir_molemax"]
 
 
+def test_a_misspelt_requirement_fails_closed_naming_the_value(tmp_path: Path) -> None:
+    node = {0: {"require-secure-aggregation": "yes"}}  # not true/false: never read as false
+    _, _, grid, result = run_round(tmp_path / "plain", {}, node=node)
+    assert "rosendahl" in result["rounds"][0]["failures"]
+    refused = [r for r in grid.received if r.has_error()]
+    assert len(refused) == 1 and "require-secure-aggregation='yes'" in refused[0].error.reason
+    assert not refused[0].has_content()
+
+
 def test_a_threshold_above_the_sites_stops_the_run_before_any_site_trains(tmp_path) -> None:
     values = {"secure-aggregation": "secagg+", "secagg-threshold": 4}
     with pytest.raises(ConfigError, match=r"^secagg-threshold=4 needs 4 sites to unmask, but 3"):
