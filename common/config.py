@@ -268,6 +268,7 @@ class RunConfig(BaseModel):
     )
     out_dir: str = Field("", description='run directory ("" = runs/<name>)')
     run_name: NonEmpty = Field("default")
+    tracking_uri: str = Field("", description='MLflow store URI the server logs to ("" = off)')
     # sample-level DP (Opacus)
     dp: Flag = Field(False)
     target_epsilon: float = Field(8.0, gt=0)

@@ -108,13 +108,15 @@ class Federation:
         statistics: frozenset[str] = frozenset(),
         head: tuple[str, str] = ("", ""),
         model: Callable[[], torch.nn.Module] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict:
         """The rounds, then the test of the best round's model. ``statistics`` names the
         model's normalisation statistics (BatchNorm buffers), which a server optimizer
         must not move (server/strategies.py: statistics_averaged_plainly); ``head`` the
         classifier's weight and bias, which ``head-calibration`` refits before the test;
         ``model`` builds the run's model, on which each aggregate is tried before it stands
-        (outputs on noise images; without it only the statistics are checked)."""
+        (outputs on noise images; without it only the statistics are checked); ``on_round``
+        gets each round's record once it is saved (server/tracking.py: MLflow, live)."""
         self.statistics = statistics
         guard = Rollback(self.run_config, len(self.classes), statistics, model)
         state, arrays, resumed = self.checkpoints.start(initial, resume)
@@ -158,6 +160,8 @@ class Federation:
             )
             self._write_network()
             log.info(round_line(record, num_rounds, [r["seconds"] for r in state.rounds]))
+            if on_round is not None:
+                on_round(record)
         best = self.checkpoints.load_arrays("best") if state.best_round else arrays
         calibration = None
         if self.run_config.head_calibration == "lda" and state.rounds:

@@ -24,8 +24,8 @@ log = logging.getLogger("fedskin")
 
 # Run-config keys that may differ between a checkpoint and the run that resumes it: how
 # many rounds in all (more, to continue a run), how long to wait and for whom, where the
-# outputs go, the post-run audit, and the Ray resources of the simulated sites. Every
-# other key can change the model or what is reported about it.
+# outputs go (and are tracked in MLflow), the post-run audit, and the Ray resources of the
+# simulated sites. Every other key can change the model or what is reported about it.
 RESUME_MAY_CHANGE = frozenset(
     {
         "num-server-rounds",
@@ -36,6 +36,7 @@ RESUME_MAY_CHANGE = frozenset(
         "force-resume",
         "out-dir",
         "run-name",
+        "tracking-uri",
         "audit",
         "audit-reference",
         "client-num-cpus",

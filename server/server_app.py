@@ -24,6 +24,7 @@ from common.version import version
 from server.lda import classifier_keys
 from server.loop import Federation
 from server.resume import resume_checkpoint
+from server.tracking import check_mlflow, tracked
 
 log = logging.getLogger("fedskin")
 app = ServerApp()
@@ -52,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     # this one line as its reason); SystemExit would escape Flower's handlers.
     try:
         run = RunConfig.from_mapping(context.run_config)
+        check_mlflow(run.tracking_uri)  # tracking-uri set, MLflow not installed
     except ConfigError as err:
         log.error("invalid run config: %s", err)
         raise
@@ -68,14 +70,16 @@ def main(grid: Grid, context: Context) -> None:
     sites = fed.discover(expected=run.min_nodes, wait=run.wait_for_nodes)
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))
     model = initial_model(run, len(classes))
-    result = fed.run(
-        get_weights(model),
-        run.num_server_rounds,
-        resume=run.resume,
-        statistics=statistics_of(model),
-        head=classifier_keys(model) if run.head_calibration != "none" else ("", ""),
-        model=lambda: model_for_run(run, len(classes), pretrained=False),
-    )
+    with tracked(run, run_dir) as on_round:  # MLflow, live, when tracking-uri is set
+        result = fed.run(
+            get_weights(model),
+            run.num_server_rounds,
+            resume=run.resume,
+            statistics=statistics_of(model),
+            head=classifier_keys(model) if run.head_calibration != "none" else ("", ""),
+            model=lambda: model_for_run(run, len(classes), pretrained=False),
+            on_round=on_round,
+        )
     test = result["test"]
     log.info(
         "test (best round %d): pooled balanced accuracy %.3f, mean over sites %.3f -> %s",

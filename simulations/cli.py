@@ -19,7 +19,7 @@ from simulations.data_cli import partition_cli, synth_cli
 from simulations.keys import keys_cli
 from simulations.runner import RAY_ADDRESS_HELP, shipped_configs, use_ray_address, use_verbose
 from simulations.sweep import sweep_cli
-from simulations.tracking import Track, TrackingUri, log_baselines, parent_run, use_tracking
+from simulations.tracking import Track, TrackingUri, log_baselines, parent_run, with_tracking
 from simulations.weights import weights_save_cli
 
 SHIPPED = ", ".join(shipped_configs())
@@ -172,7 +172,7 @@ def simulate(
     use_ray_address(ray_address)
     use_verbose(verbose)
     try:
-        use_tracking(track, tracking_uri)
+        run_config, _ = with_tracking(config, run_config, track, tracking_uri)  # sets the key
         run(config, run_config, out, resume=resume, verbose=verbose, force_resume=force_resume)
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -203,8 +203,9 @@ def compare(
     methods = [s.strip() for s in strategies.split(",") if s.strip()]
     asked = {"command": "compare", "config": config or "", "strategies": ",".join(methods)}
     try:
-        use_tracking(track, tracking_uri)
-        with parent_run(out, asked | {"run-config": run_config or "", "local": local}) as parent:
+        asked |= {"run-config": run_config or "", "local": local}
+        run_config, uri = with_tracking(config, run_config, track, tracking_uri)  # sets the key
+        with parent_run(uri, out, asked) as parent:
             log_baselines(parent, run(config, run_config, methods, out, local), methods)
     except DataError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

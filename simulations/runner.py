@@ -35,7 +35,7 @@ from common.rundir import (
     run_dir_for,
 )
 from server.resume import resume_checkpoint
-from simulations.tracking import tracked_run
+from server.tracking import check_mlflow, log_after
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -191,6 +191,7 @@ def simulate(
     """
     setup_logging(verbose or _verbose)
     run = resolve_run_config(config_path, overrides)
+    check_mlflow(run.tracking_uri)  # tracking-uri set, MLflow missing: one line, before any work
     from common.personal import personalize_mode
 
     try:  # the ServerApp and every site would refuse it too: say so once, before starting
@@ -236,15 +237,16 @@ def simulate(
         f"{run.model} at {run.image_size} px, {run.num_server_rounds} rounds "
         f"-> {run_dir}"
     )
-    with tracked_run(run_dir, cfg, resume=run.resume):  # MLflow, with --track
-        _run_engine(cfg, n_sites, client_app)
-        metrics = json.loads(paths.metrics.read_text())
-        if "test" not in metrics:
-            raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
-        if run.audit:
-            from simulations.audit import audit_run
+    _run_engine(cfg, n_sites, client_app)  # the ServerApp logs to MLflow (tracking-uri)
+    metrics = json.loads(paths.metrics.read_text())
+    if "test" not in metrics:
+        raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
+    if run.audit:
+        from simulations.audit import audit_run
 
-            metrics["audit"] = audit_run(run_dir)
+        metrics["audit"] = audit_run(run_dir)
+    if run.tracking_uri:  # server/tracking.py: the audit joins the run's MLflow run
+        console.print(f"tracked in MLflow: {log_after(run_dir, metrics.get('audit'))}")
     _print_summary(metrics, time.time() - t0, run_dir)
     return metrics
 

@@ -29,7 +29,7 @@ from common.fedmetrics import nanmax
 from common.figures import pyplot, save_figure, styled
 from common.rundir import RunDir, atomic_write_text
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
-from simulations.tracking import Track, TrackingUri, log_children, parent_run, use_tracking
+from simulations.tracking import Track, TrackingUri, log_children, parent_run, with_tracking
 
 console = Console()
 log = logging.getLogger("fedskin")
@@ -434,10 +434,10 @@ def sweep_cli(
     asked = dict(command="sweep privacy", config=config or "", epsilons=epsilons, seeds=seeds)
     asked |= {"strategies": strategies, "run-config": run_config or "", "levels": levels}
     try:
-        use_tracking(track, tracking_uri)
+        run_config, uri = with_tracking(config, run_config, track, tracking_uri)  # sets the key
         grid = parse_epsilons(epsilons), parse_list(strategies, "strategies")
         grid += (parse_list(seeds, "seeds", int),)
-        with parent_run(out, asked | {"audit": audit}, resume=True) as parent:
+        with parent_run(uri, out, asked | {"audit": audit}, resume=True) as parent:
             df = sweep_privacy(
                 config,
                 *grid,
