@@ -246,11 +246,19 @@ def feature_stats(msg: Message, context: Context) -> Message:
     server refits the classifier (``head-calibration = "lda"``, common/headfit.py). Refused
     when the site's own node config says ``head-calibration = "none"``. Under DP, released
     once per run through the Gaussian mechanism on the budget the site's accountant set
-    aside for it (``dp-head-share``), recorded and saved before anything is sent."""
+    aside for it (``dp-head-share``), recorded and saved before anything is sent. Under
+    SecAgg+ the stages go to client/secagg.py, which masks what :func:`plain_feature_stats`
+    computes at its collect stage."""
+    if stage := stage_of(msg):
+        return secure_answer(msg, context, stage, plain_feature_stats)
+    refuse_plaintext(context, "feature-statistics")
+    return plain_feature_stats(msg, context)
+
+
+def plain_feature_stats(msg: Message, context: Context) -> Message:
     from client.task import dp_seed, site_feature_stats
     from common.headfit import SENSITIVITY
 
-    refuse_plaintext(context, "feature-statistics")
     settings, asks = _config(context, msg)
     run = settings.run
     if run.head_calibration == "none":

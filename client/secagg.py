@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     decrypt,
@@ -57,6 +57,7 @@ from common.secagg import (
     float_keys,
     mask,
     quantised,
+    stats_vector,
 )
 
 log = logging.getLogger("fedskin")
@@ -135,6 +136,11 @@ def _setup(context: Context, nid: int, server_round: int, sent: ConfigRecord) ->
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
     state = {k: sent[k] for k in keys}
+    if "scales" in sent:  # a statistics exchange: [counts, sums, moment]
+        scales = [float(x) for x in sent["scales"]]
+        if len(scales) != 3 or not all(np.isfinite(x) and x > 0 for x in scales):
+            raise ValueError(f"secagg setup: scales {scales} are not 3 positive numbers")
+        state["scales"] = scales
     state.update(
         round=server_round,
         stage=SETUP,
@@ -182,41 +188,38 @@ def _share_keys(state: ConfigRecord, sent: ConfigRecord) -> dict:
 
 
 def _collect(
-    msg: Message, context: Context, state: ConfigRecord, sent: ConfigRecord, train: Train
+    msg: Message, context: Context, state: ConfigRecord, sent: ConfigRecord, answer_plain: Train
 ) -> Message:
-    """Keep the shares sent to this site; train; reply with the masked weighted update and
-    the plaintext metrics (no weights)."""
+    """Keep the shares sent to this site; answer the request as in the clear (train, or
+    compute the feature statistics); reply with its masked vector and the plaintext part
+    (train metrics, or the statistics' noise std and epsilon), never weights or data."""
     srcs, ciphertexts = list(sent["srcs"]), list(sent["ciphertexts"])
     if len(srcs) != len(ciphertexts):
         raise ValueError("secagg collect: srcs and ciphertexts differ in length")
     if len(srcs) + 1 < int(state["threshold"]):
         raise ValueError(f"secagg collect: shares from {len(srcs)} sites, below the threshold")
     _keep_shares(state, srcs, ciphertexts)
-    reply = train(msg, context)
-    metrics = reply.content.metric_records["metrics"]
-    trained = float(metrics.get("num-examples", 0)) > 0 and not metrics.get("dp-budget-exhausted")
-    received, sent_back = msg.content.array_records["arrays"], reply.content.array_records["arrays"]
-    keys = float_keys(received)
-    update = flat_floats(sent_back, keys) - flat_floats(received, keys)
-    update = clipped(update, site_norm_cap(context))
-    q = int(state["weight-q"]) if trained else 0
-    modulus, clip = int(state["modulus"]), float(state["clip-range"])
-    if beyond := int((np.abs(update) * (q / int(state["quant-range"])) > clip).sum()):
-        log.warning(
-            "site: %d weighted update entries beyond secagg-clip-range=%g are clipped; the "
-            "federation's sum will be off in them",
-            beyond,
-            clip,
-        )
-    vector = quantised(update, q, clip, int(state["quant-range"]))
-    for part, m in zip(vector, mask(state["rd-seed"], modulus, update.size), strict=True):
-        part += m
+    reply = answer_plain(msg, context)
+    if msg.metadata.message_type == MessageType.TRAIN:
+        factor, values, content = _training(msg, reply, context, state)
+    else:
+        factor, values, content = _statistics(reply, state)
+    modulus, clip, quant = (
+        int(state["modulus"]),
+        float(state["clip-range"]),
+        int(state["quant-range"]),
+    )
+    vector = quantised(values, factor, clip, quant)
+    for part, m in zip(
+        vector, mask(state["rd-seed"], modulus, values.size, len(factor)), strict=True
+    ):
+        part += m  # int64: a wrap modulo 2^64 keeps the value modulo any power of 2 below
     sk1 = bytes_to_private_key(state["sk1"])
     pk1_of = dict(zip(state["nids"], state["pk1s"], strict=True))
     for src in srcs:  # pairwise masks with every site whose shares arrived
         key = generate_shared_key(sk1, bytes_to_public_key(pk1_of[src]))
         sign = 1 if state["nid"] > src else -1
-        for part, m in zip(vector, mask(key, modulus, update.size), strict=True):
+        for part, m in zip(vector, mask(key, modulus, values.size, len(factor)), strict=True):
             part += sign * m
     dtype = np.uint32 if modulus <= 2**32 else np.int64
     masked = {
@@ -224,10 +227,49 @@ def _collect(
         for name, part in zip(("factor", "vector"), vector, strict=True)
     }
     state["stage"] = COLLECT
-    content = RecordDict({MASKED: ArrayRecord(masked), "metrics": metrics})
+    content[MASKED] = ArrayRecord(masked)
     if "site" in reply.content.config_records:
         content["site"] = reply.content.config_records["site"]
     return Message(content, reply_to=msg)
+
+
+def _training(
+    msg: Message, reply: Message, context: Context, state: ConfigRecord
+) -> tuple[list[int], np.ndarray, RecordDict]:
+    """A trained site's weight factor and its clipped update weighted by ``q / quant``."""
+    metrics = reply.content.metric_records["metrics"]
+    trained = float(metrics.get("num-examples", 0)) > 0 and not metrics.get("dp-budget-exhausted")
+    received, sent_back = msg.content.array_records["arrays"], reply.content.array_records["arrays"]
+    keys = float_keys(received)
+    update = flat_floats(sent_back, keys) - flat_floats(received, keys)
+    update = clipped(update, site_norm_cap(context))
+    q = int(state["weight-q"]) if trained else 0
+    weighted = update * (q / int(state["quant-range"]))
+    clip = float(state["clip-range"])
+    if beyond := int((np.abs(weighted) > clip).sum()):
+        log.warning(
+            "site: %d weighted update entries beyond secagg-clip-range=%g are clipped; the "
+            "federation's sum will be off in them",
+            beyond,
+            clip,
+        )
+    return [q], weighted, RecordDict({"metrics": metrics})
+
+
+def _statistics(reply: Message, state: ConfigRecord) -> tuple[list[int], np.ndarray, RecordDict]:
+    """The site's feature statistics scaled by the server's scales (common/secagg.py:
+    stats_vector), and ``[1, entries beyond the range]`` (they are clipped; the server
+    learns only the federation's count)."""
+    if "scales" not in state:
+        raise ValueError("secagg collect: a statistics request without the setup's scales")
+    stats = {k: v.numpy() for k, v in reply.content.array_records["stats"].items()}
+    values = stats_vector(stats, [float(x) for x in state["scales"]])
+    beyond = int((np.abs(values) > float(state["clip-range"])).sum())
+    if beyond:
+        log.warning(
+            "site: %d feature-statistics entries beyond the SecAgg+ range are clipped", beyond
+        )
+    return [1, beyond], values, RecordDict()
 
 
 def _keep_shares(state: ConfigRecord, srcs: list[int], ciphertexts: list[bytes]) -> None:

@@ -497,8 +497,6 @@ def _secure_conflict(run: RunConfig) -> str | None:
         return f"strategy={run.strategy} needs each site's update, which SecAgg+ hides"
     if run.central_dp:
         return f"central-dp={run.central_dp} clips or weighs each site's update; not with SecAgg+"
-    if run.head_calibration != "none":
-        return "head-calibration sends each site's feature statistics in the clear; use none"
     modulus = run.secagg_modulus
     if modulus & (modulus - 1) or modulus <= run.secagg_quant_range:
         return f"secagg-modulus={modulus} must be a power of 2 above secagg-quant-range"

@@ -13,6 +13,16 @@ The masked vector of a site is two integer arrays: ``factor`` (its quantised wei
 floating-point update times ``q / quant-range``, clipped to +-``clip-range``, quantised
 stochastically to ``[0, quant-range]``), masks added modulo ``modulus``. Integer arrays
 (BatchNorm step counters) are not in it: the site sends them back as received.
+
+The head refit's statistics (``query.feature_stats``, server/refit.py) go through the same
+four stages as query messages: the vector is a site's counts, class sums and the upper
+triangle of its moment, each part divided by a scale the server sets at setup (the
+largest entry an honest site can have: :func:`stats_vector`), so every entry lies in
+[-1, 1]; it is quantised to :data:`STATS_QUANT` levels (finer than Flower's int32
+rounding allows, :func:`quantised`: each entry off by less than one step, 2^-49 of its
+scale), masked modulo :data:`STATS_MODULUS` (int64 sums wrap modulo 2^64, a multiple of
+it). Its ``factor`` is ``[1, entries clipped]``: the server
+learns how many sites summed and how many entries of the federation were out of range.
 """
 
 from __future__ import annotations
@@ -30,6 +40,11 @@ MASKED = "masked"  # the collect stage's reply: the masked vector (an ArrayRecor
 SETUP, SHARE_KEYS, COLLECT, UNMASK = "setup", "share-keys", "collect", "unmask"
 STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
 PREVIOUS = {SHARE_KEYS: SETUP, COLLECT: SHARE_KEYS, UNMASK: COLLECT}
+# The statistics' fixed-point form: entries scaled into [-1, 1], 2^50 levels (a step of
+# 2^-49 of the scale per site), sums modulo 2^62 (up to 2^12 = 4096 sites before a wrap).
+STATS_CLIP, STATS_QUANT, STATS_MODULUS = 1.0, 2**50, 2**62
+STATS_FACTORS = 2  # [sites summed, entries clipped]
+FLOWER_MAX_QUANT = 2**30  # Flower's quantize rounds through int32
 
 
 def float_keys(arrays: Mapping[str, Any]) -> list[str]:
@@ -42,28 +57,72 @@ def flat_floats(arrays: Mapping[str, Any], keys: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(_np(arrays[k]), np.float64).ravel() for k in keys])
 
 
-def dims(length: int) -> list[tuple[int, ...]]:
+def dims(length: int, factors: int = 1) -> list[tuple[int, ...]]:
     """The shapes pseudo_rand_gen draws masks for: the factor, then the vector."""
-    return [(1,), (length,)]
+    return [(factors,), (length,)]
 
 
-def quantised(update: np.ndarray, q: int, clip: float, quant: int) -> list[np.ndarray]:
-    """``[factor, vector]`` before masking: the update weighted by ``q / quant``."""
-    weighted = update * (q / quant)
-    return [np.array([q], np.int64), quantize([weighted], clip, quant)[0].astype(np.int64)]
+def quantised(values: np.ndarray, factor: list[int], clip: float, quant: int) -> list[np.ndarray]:
+    """``[factor, vector]`` before masking: ``values`` clipped to +-``clip`` and quantised
+    stochastically to ``[0, quant]``: Flower's quantize up to 2^30 levels; above (the
+    statistics, ``quant`` a power of 2 and ``clip`` 1), the same map in int64 with no
+    float error: ``v x quant/2`` is exact (a power of 2), rounded, then shifted by the
+    integer ``quant/2``, so each entry is off by less than one step (Flower's rounding
+    goes through int32, and its float shift would lose the low bits of small entries)."""
+    if quant <= FLOWER_MAX_QUANT:
+        vector = quantize([values], clip, quant)[0].astype(np.int64)
+    else:
+        x = np.clip(values, -clip, clip) * (quant / (2 * clip))
+        low = np.floor(x)
+        rounded = low + (np.random.default_rng().random(x.shape) < x - low)
+        vector = rounded.astype(np.int64) + quant // 2
+    return [np.asarray(factor, np.int64), vector]
 
 
-def mask(seed: bytes, modulus: int, length: int) -> list[np.ndarray]:
+def mask(seed: bytes, modulus: int, length: int, factors: int = 1) -> list[np.ndarray]:
     """The mask a seed (a site's own seed, or a pairwise shared key) stands for."""
-    return pseudo_rand_gen(seed, modulus, dims(length))
+    return pseudo_rand_gen(seed, modulus, dims(length, factors))
 
 
 def recovered(total: list[np.ndarray], sites: int, clip: float, quant: int) -> tuple[int, Any]:
     """The summed weight factor and the weighted sum of the updates, from the unmasked sum
     of ``sites`` quantised vectors (each shifted by ``clip`` before quantising)."""
     q_total = int(total[0][0])
-    summed = dequantize([total[1]], clip, quant)[0] - (sites - 1) * clip
+    if quant <= FLOWER_MAX_QUANT:
+        summed = dequantize([total[1]], clip, quant)[0] - (sites - 1) * clip
+    else:  # the shifts removed in int64 first: small sums keep every bit
+        summed = (total[1] - sites * (quant // 2)).astype(np.float64) * (2 * clip / quant)
     return q_total, summed
+
+
+# ---------------------------------------------------------------- the head refit's statistics
+def stats_length(classes: int, dim: int) -> int:
+    """Entries of a statistics vector: counts, class sums, the moment's upper triangle."""
+    return classes + classes * dim + dim * (dim + 1) // 2
+
+
+def stats_vector(stats: Mapping[str, Any], scales: list[float]) -> np.ndarray:
+    """A site's counts, class sums and the upper triangle of its moment, each part divided
+    by its scale (``[counts, sums, moment]``), as one float64 vector."""
+    moment = np.asarray(_np(stats["moment"]), np.float64)
+    parts = (
+        np.asarray(_np(stats["counts"]), np.float64).ravel() / scales[0],
+        np.asarray(_np(stats["sums"]), np.float64).ravel() / scales[1],
+        moment[np.triu_indices(len(moment))] / scales[2],
+    )
+    return np.concatenate(parts)
+
+
+def stats_of_vector(
+    vector: np.ndarray, classes: int, dim: int, scales: list[float]
+) -> dict[str, np.ndarray]:
+    """The statistics a (summed) :func:`stats_vector` stands for; the moment mirrored."""
+    counts = vector[:classes] * scales[0]
+    sums = vector[classes : classes + classes * dim].reshape(classes, dim) * scales[1]
+    moment = np.zeros((dim, dim))
+    moment[np.triu_indices(dim)] = vector[classes + classes * dim :] * scales[2]
+    moment = moment + np.triu(moment, 1).T
+    return {"counts": counts, "sums": sums, "moment": moment}
 
 
 def step(clip: float, quant: int) -> float:

@@ -22,6 +22,10 @@ SHRINKAGE = 0.1
 DP_SHRINKAGE = 0.5
 # Noise images the server runs through the model to centre and scale the projection.
 REFERENCE_IMAGES = 256
+# Under SecAgg+ without DP, the statistics are scaled for features up to this many times
+# the reference images' largest norm: a sum of n such features has entries up to n x it,
+# the moment n x it^2; 16^2 costs 8 bits of the 49-bit fixed point (common/secagg.py).
+FEATURE_BOUND_FACTOR = 16.0
 
 
 def stats_error(stats: Mapping[str, np.ndarray], num_classes: int, dim: int, n: int | None) -> str:
@@ -105,6 +109,22 @@ def with_lda_head(
     return refit
 
 
+# ------------------------------------------------------------------ the query's reference
+def reference_features(model: nn.Module, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The model's features of :data:`REFERENCE_IMAGES` noise images drawn from ``rng``:
+    what the server knows of the feature space without any site's data."""
+    shape = (REFERENCE_IMAGES, image_size, image_size, 3)
+    return penultimate(model, torch.from_numpy(rng.integers(0, 256, shape, np.uint8))).numpy()
+
+
+def feature_bound(model: nn.Module, image_size: int, seed: int) -> float:
+    """The feature norm a SecAgg+ statistics exchange scales for (server/refit.py):
+    :data:`FEATURE_BOUND_FACTOR` times the largest norm of the reference images' features
+    (a site's entries beyond it are clipped, and the federation's count of them reported)."""
+    ref = reference_features(model, image_size, np.random.default_rng(seed))
+    return FEATURE_BOUND_FACTOR * max(float(np.linalg.norm(ref, axis=1).max(initial=0.0)), 1e-6)
+
+
 # ------------------------------------------------------------------ under sample-level DP
 def dp_projection(
     model: nn.Module, image_size: int, dims: int, seed: int
@@ -115,9 +135,7 @@ def dp_projection(
     Real features sit far from 0 in one common direction; centring keeps the clipping
     budget for what differs between images."""
     rng = np.random.default_rng(seed)
-    shape = (REFERENCE_IMAGES, image_size, image_size, 3)
-    reference = penultimate(model, torch.from_numpy(rng.integers(0, 256, shape, np.uint8)))
-    ref = reference.numpy()
+    ref = reference_features(model, image_size, rng)
     centre = ref.mean(axis=0)
     directions, _ = np.linalg.qr(rng.normal(size=(ref.shape[1], min(dims, ref.shape[1]))))
     scale = float(np.median(np.linalg.norm((ref - centre) @ directions, axis=1)))

@@ -3,13 +3,15 @@ feature statistics (common/headfit.py), kept only if it scores higher on validat
 
 Each site's statistics are checked (shapes, finite, counts = its training images), then
 screened (server/headcheck.py) before the solve; under DP the sites send noised statistics
-of a projection the server computes from the model alone.
+of a projection the server computes from the model alone. Under ``secure-aggregation =
+"secagg+"`` the statistics are sums too: they go through SecAgg+ (server/secagg.py:
+SecureStats) and the server sees, checks and solves from the survivors' totals only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,9 @@ from common.wire import pack
 from server.arrays import array_record, numpy_state
 from server.checkpoints import LoopState
 from server.headcheck import min_head_noise_std, screen_statistics
-from server.lda import dp_projection, lda_head, private_lda_head, stats_error
+from server.lda import dp_projection, feature_bound, lda_head, private_lda_head, stats_error
 from server.replies import printable
+from server.secagg import SECURE_TOTAL, SecureStats
 from server.sizes import SiteInfo
 from server.transport import Problems, Send, Wording, by_site
 
@@ -82,14 +85,18 @@ class HeadRefit:
         except (ValueError, RuntimeError) as err:  # nothing was sent: the run's result stands
             log.error("head calibration: no projection for the DP query (%s); head kept", err)
             return arrays, {"method": "lda", "sites": [], "kept": False, "error": str(err)}
-        stats, problems, noise = self._feature_stats(arrays, weight_key, state.run_tag, private)
-        stats, screened = self._screen(stats, noise if private is not None else None)
-        out: dict[str, Any] = {"method": "lda", "sites": sorted(stats), "kept": False}
+        got = self.statistics(arrays, weight_key, state.run_tag, state.round + 1, private)
+        stats, problems, noise, members = got
+        stats, screened = self._screen(stats, noise if private is not None else None, members)
+        sites = sorted(m for key in stats for m in members[key])
+        out: dict[str, Any] = {"method": "lda", "sites": sites, "kept": False}
         out |= {"failures": problems.failures, "rejected": problems.rejected}
         out["screened"] = screened
+        if self.run.secure_aggregation == "secagg+":
+            out["secure-aggregation"] = "secagg+"  # the server saw only the totals
         if private is not None:
             out["epsilon"] = {site: eps for site, (_, eps) in sorted(noise.items())}
-            total_std = float(np.sqrt(sum(noise[site][0] ** 2 for site in stats)))
+            total_std = float(np.sqrt(sum(noise[site][0] ** 2 for site in sites)))
             private = private | {"noise_std": total_std}
         if not stats:
             log.warning("head calibration: no site sent usable statistics; head kept")
@@ -114,24 +121,52 @@ class HeadRefit:
         )
         return (candidate if out["kept"] else arrays), out
 
+    def statistics(
+        self,
+        arrays: ArrayRecord,
+        weight_key: str,
+        run_tag: str,
+        server_round: int,
+        private: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[
+        dict[str, dict[str, np.ndarray]],
+        Problems,
+        dict[str, tuple[float, float]],
+        dict[str, list[str]],
+    ]:
+        """The sites' statistics of this model, checked, by entry; the problems; under DP
+        each site's declared noise std and epsilon; and the sites each entry sums. In the
+        clear an entry per site; under SecAgg+ one, ``SECURE_TOTAL``, the survivors' total."""
+        if self.run.secure_aggregation == "secagg+":  # only the federation's totals
+            return self._secure_stats(arrays, weight_key, run_tag, server_round, private)
+        stats, problems, noise = self._feature_stats(arrays, weight_key, run_tag, private)
+        return stats, problems, noise, {site: [site] for site in stats}
+
     def _screen(
         self,
         stats: dict[str, dict[str, np.ndarray]],
         noise: Mapping[str, tuple[float, float]] | None,
+        members: Mapping[str, list[str]],
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
         """The statistics the refit may use (server/headcheck.py): counts that fit the
         pinned n-train, a symmetric PSD moment (within the declared noise), a declared noise
-        no smaller than the run's epsilon allows, and no site that alone moves the head."""
-        pinned = {s.site: s.n_train for s in self.sites}
+        no smaller than the run's epsilon allows, and no site that alone moves the head.
+        Each entry of ``stats`` sums the statistics of its ``members`` (one site each in
+        the clear; under SecAgg+ one total of the survivors, checked against their summed
+        sizes and noise: a sum of honest statistics is an honest one)."""
+        by_site = {s.site: s.n_train for s in self.sites}
+        pinned = {key: sum(by_site[m] for m in members[key]) for key in stats}
         if noise is None:
             kept, dropped = screen_statistics(stats, n_train=pinned)
         else:
             # the floor holds for any dp-head-share a site sets itself (head_share=1)
             floors = {
-                site: min_head_noise_std(self.run, pinned.get(site), head_share=1.0)
-                for site in stats
+                key: _root_sum_square(
+                    min_head_noise_std(self.run, by_site[m], head_share=1.0) for m in members[key]
+                )
+                for key in stats
             }
-            stds = {site: std for site, (std, _) in noise.items()}
+            stds = {key: _root_sum_square(noise[m][0] for m in members[key]) for key in stats}
             kept, dropped = screen_statistics(
                 stats, noise_std=stds, min_noise_std=floors, n_train=pinned
             )
@@ -160,9 +195,7 @@ class HeadRefit:
         and each site says its noise's std and its epsilon after the release (returned)."""
         by_node = {s.node_id: s for s in self.sites}
         kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
-        content = {"arrays": pack(arrays), "config": ConfigRecord({"run-tag": run_tag})}
-        if private is not None:
-            content["projection"] = array_record(private)
+        content = self._query_content(arrays, run_tag, private)
         messages = [Message(RecordDict(content), n, kind) for n in by_node]
         replies, missing = self.send(messages, "head calibration")
         wording = Wording(
@@ -196,3 +229,84 @@ class HeadRefit:
 
         problems.collect(by_site(replies, by_node), by_node, take)
         return stats, problems, noise
+
+    def _secure_stats(
+        self,
+        arrays: ArrayRecord,
+        weight_key: str,
+        run_tag: str,
+        server_round: int,
+        private: Mapping[str, np.ndarray] | None,
+    ) -> tuple[
+        dict[str, dict[str, np.ndarray]],
+        Problems,
+        dict[str, tuple[float, float]],
+        dict[str, list[str]],
+    ]:
+        """The statistics exchange under SecAgg+ (server/secagg.py: SecureStats): the
+        survivors' summed statistics as one entry (``SECURE_TOTAL``), each survivor's
+        declared noise std and epsilon (DP), and the survivors. Each part is scaled at the
+        sites by the largest entry an honest site can have (:func:`stats_scales`)."""
+        k, dim = np.asarray(arrays[weight_key].numpy()).shape
+        if private is not None:
+            dim = private["projection"].shape[1]
+        scales = self.stats_scales(arrays, private)
+        secure = SecureStats(self.run, self.send, server_round, self.sites, (k, dim), scales)
+        content = self._query_content(arrays, run_tag, private)
+        kind = f"{MessageType.QUERY}.{FEATURE_STATS}"
+        got = secure.run(lambda ready: [Message(RecordDict(content), n, kind) for n in ready])
+        noise = {secure.by_node[n].site: _declared(m) for n, m in secure.meta.items()}
+        if got is None:
+            return {}, secure.problems, {}, {}
+        sites, total = got
+        if secure.clipped:
+            log.warning(
+                "head calibration: %d entries of the federation's statistics were beyond the "
+                "SecAgg+ range and clipped at the sites",
+                secure.clipped,
+            )
+        bound = secure.error_bound(len(sites))
+        if private is None and bound[0] < 0.5:  # whole counts, each off by less than 0.5
+            total["counts"] = np.round(total["counts"])
+        noise = {site: noise[site] for site in sites} if private is not None else {}
+        return {SECURE_TOTAL: total}, secure.problems, noise, {SECURE_TOTAL: sites}
+
+    def stats_scales(
+        self, arrays: ArrayRecord, private: Mapping[str, np.ndarray] | None
+    ) -> list[float]:
+        """What each part of a site's statistics is divided by before quantising (counts,
+        sums, moment): the largest entry an honest site can have. ``n`` is the largest
+        pinned n-train. Under DP every projected feature has norm <= 1, so every entry is
+        at most ``n`` before the noise: ``2 n + 50 s`` (``s`` the largest noise std the
+        run's budget implies). Without DP, features of norm up to ``B``
+        (server/lda.py: feature_bound): ``[n, n B, n B^2]``."""
+        n = float(max(s.n_train for s in self.sites))
+        if private is not None:
+            std = max(min_head_noise_std(self.run, s.n_train) for s in self.sites)
+            return [2 * n + 50 * std] * 3
+        model = model_for_run(self.run, len(self.classes), pretrained=False)
+        set_weights(model, numpy_state(arrays))
+        bound = feature_bound(model, self.run.image_size, self.run.seed)
+        return [n, n * bound, n * bound**2]
+
+    def _query_content(
+        self, arrays: ArrayRecord, run_tag: str, private: Mapping[str, np.ndarray] | None
+    ) -> dict[str, Any]:
+        """A statistics query's records: the model, the run tag, and the DP projection."""
+        content = {"arrays": pack(arrays), "config": ConfigRecord({"run-tag": run_tag})}
+        if private is not None:
+            content["projection"] = array_record(private)
+        return content
+
+
+def _declared(meta: ConfigRecord) -> tuple[float, float]:
+    """A site's declared noise std and epsilon (NaN where it sent none)."""
+    std, eps = meta.get("noise-std"), meta.get("epsilon")
+    return (
+        float(std) if isinstance(std, float) else float("nan"),
+        float(eps) if isinstance(eps, float) else float("nan"),
+    )
+
+
+def _root_sum_square(values: Iterable[float]) -> float:
+    return float(np.sqrt(sum(v * v for v in values)))

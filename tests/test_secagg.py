@@ -22,14 +22,20 @@ from client.client_app import app
 from client.message import message_config
 from common.config import ConfigError, RunConfig
 from common.data.schema import HAM_CLASSES
-from common.secagg import COLLECT, MASKED, RECORD, SHARE_KEYS, STAGE_KEY, step
+from common.protocol import FEATURE_STATS
+from common.secagg import COLLECT, MASKED, RECORD, SHARE_KEYS, STAGE_KEY, stats_vector, step
 from common.wire import pack
+from server.arrays import array_record
+from server.lda import classifier_keys, dp_projection, lda_head
 from server.loop import Federation
-from server.secagg import settings
+from server.refit import HeadRefit
+from server.secagg import SECURE_TOTAL, settings, stats_settings
 from server.server_app import initial_model, statistics_of
+from server.transport import exchange
 from tests.helpers import TINY, FakeGrid, assign_message_id
 
 SITES = 3
+STATS_KIND = f"{MessageType.QUERY}.{FEATURE_STATS}"
 RUN = {
     **TINY,
     "num-server-rounds": 1,
@@ -83,9 +89,13 @@ class AppGrid(FakeGrid):
         return out
 
     def _silent(self, m: Message) -> bool:
-        if m.metadata.message_type != MessageType.TRAIN:
+        """Silent from a training stage (``collect``...) or a statistics one
+        (``feature_stats:collect``...); a plaintext request counts as its collect."""
+        stage = message_config(m).get(STAGE_KEY, COLLECT)
+        if m.metadata.message_type == STATS_KIND:
+            stage = f"{FEATURE_STATS}:{stage}"
+        elif m.metadata.message_type != MessageType.TRAIN:
             return False
-        stage = message_config(m).get(STAGE_KEY, COLLECT)  # plaintext training: as collect
         return self.silent.get(m.metadata.dst_node_id) == stage
 
     def answer(self, msg: Message) -> Message:
@@ -105,7 +115,8 @@ def run_round(tmp: Path, grid_values: dict, node: dict | None = None, silent=Non
     fed.discover(expected=SITES, wait=0)
     model = initial_model(run, len(HAM_CLASSES))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = fed.run(initial, 1, resume=False, statistics=statistics_of(model))
+    head = classifier_keys(model)  # refitted only with head-calibration = lda
+    result = fed.run(initial, 1, resume=False, statistics=statistics_of(model), head=head)
     arrays = torch.load(tmp / "checkpoints" / "last.pt", weights_only=True)["arrays"]
     return {k: v.numpy() for k, v in arrays.items()}, initial, grid, result
 
@@ -134,6 +145,8 @@ CASES = {
     "fedbn": {"personalize": "fedbn"},
     "fedprox": {"strategy": "fedprox", "proximal-mu": 0.1},  # the sites' term: same sum
     "fedavgm": {"strategy": "fedavgm", "server-lr": 1.0},  # momentum starts from the mean
+    "ditto": {"personalize": "ditto"},  # the personal model stays in the site's state
+    "finetune": {"personalize": "finetune", "finetune-steps": 2},  # at the site, for the test
 }
 
 
@@ -141,12 +154,16 @@ CASES = {
 def test_secure_round_equals_the_plaintext_round(case: str, tmp_path: Path) -> None:
     values = CASES[case]
     plain, initial, grid, _ = run_round(tmp_path / "plain", values)
-    secure, _, _, result = run_round(
+    secure, _, secure_grid, result = run_round(
         tmp_path / "secure", {**values, "secure-aggregation": "secagg+"}
     )
     run = RunConfig.from_mapping({**RUN, **values})
     bound = quantisation_bound(result, sizes_of(grid), run)
     assert result["rounds"][0]["aggregated"] and sorted(result["rounds"][0]["train"])
+    # no weights leave a site (a personal model least of all): only masked vectors
+    assert all(set(r.content.array_records) <= {MASKED} for r in secure_grid.received)
+    if values.get("personalize") in ("ditto", "fedbn"):  # personal state kept at each site
+        assert all(ctx.state.array_records for ctx in secure_grid.nodes.values())
     moved = 0.0
     for k, ref in plain.items():
         if np.issubdtype(ref.dtype, np.floating):
@@ -157,11 +174,12 @@ def test_secure_round_equals_the_plaintext_round(case: str, tmp_path: Path) -> N
     assert moved > 100 * bound  # the round did move the model: the comparison means something
 
 
-def test_fedadam_steps_from_the_unmasked_mean(tmp_path: Path) -> None:
-    """FedAdam's step is sign-like (m / sqrt(v)) where the mean update is tiny, so the two
-    runs are compared where the plaintext mean update is far above the quantisation bound,
-    and the server learning rate bounds the step everywhere."""
-    values = {"strategy": "fedadam"}
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
+def test_fedadam_steps_from_the_unmasked_mean(strategy: str, tmp_path: Path) -> None:
+    """FedAdam's (and FedYogi's) step is sign-like (m / sqrt(v)) where the mean update is
+    tiny, so the two runs are compared where the plaintext mean update is far above the
+    quantisation bound, and the server learning rate bounds the step everywhere."""
+    values = {"strategy": strategy}
     plain, initial, grid, _ = run_round(tmp_path / "plain", values)
     secure, _, _, result = run_round(
         tmp_path / "secure", {**values, "secure-aggregation": "secagg+"}
@@ -396,3 +414,172 @@ def test_a_forged_masked_vector_drops_the_round(tmp_path: Path, caplog) -> None:
     assert mean_update_norm(kept, initial) == 0.0
     line = next(r.getMessage() for r in caplog.records if "out of range" in r.getMessage())
     assert "a forged share or masked vector" in line and "cannot be named" in line
+
+
+# ------------------------------------------------------------------ the head refit's statistics
+def stats_exchange(tmp: Path, values: dict, node: dict | None = None, silent=None):
+    """One statistics exchange of a real HeadRefit with the real ClientApp sites, on the
+    run's initial model: (entries, problems, noise, members), the refit, the grid."""
+    run = RunConfig.from_mapping({**RUN, "head-calibration": "lda", **values})
+    flat = run.to_flat()
+    grid = AppGrid(flat, node)
+    grid.silent = dict(silent or {})
+    fed = Federation(grid, flat, tmp, list(HAM_CLASSES))  # type: ignore[arg-type]
+    fed.discover(expected=SITES, wait=0)
+    model = initial_model(run, len(HAM_CLASSES))
+    arrays = array_record({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    private = None
+    if run.dp:  # the query's projection, from the model alone (as the refit makes it)
+        centre, projection = dp_projection(model, run.image_size, run.dp_head_dims, run.seed)
+        private = {"centre": centre, "projection": projection}
+    refit = HeadRefit(
+        run,
+        list(HAM_CLASSES),
+        fed.ordered_sites(),
+        lambda messages, what: exchange(grid, messages, run.round_timeout),  # type: ignore[arg-type]
+        lambda *args, **kwargs: {},
+    )
+    got = refit.statistics(arrays, classifier_keys(model)[0], "tag", 2, private)
+    return got, refit, grid, (arrays, private)
+
+
+def summed(stats: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    stats = list(stats)
+    return {k: sum(np.asarray(s[k], np.float64) for s in stats) for k in stats[0]}
+
+
+def head_bound(stats: Mapping[str, np.ndarray], err: list[float], shrinkage: float = 0.1) -> float:
+    """A bound on the change of the LDA head ``[W | b]`` (Frobenius) when the summed counts
+    are exact and every class sum and moment entry moves by at most ``err[1]``,
+    ``err[2]``: perturbation of ``W = means C^-1`` (server/lda.py: lda_head) through the
+    means (``err / count``), the scatter, the shrunk covariance and the solve."""
+    n, s, m = (np.asarray(stats[k], np.float64) for k in ("counts", "sums", "moment"))
+    present = n > 0
+    dim, k = m.shape[0], int(present.sum())
+    means = s[present] / n[present][:, None]
+    d_means = np.sqrt(dim * ((err[1] / n[present]) ** 2).sum())  # Frobenius bound
+    # scatter = moment - sum_k s_k s_k^T / n_k: entrywise change bound
+    d_scatter = err[2] + sum(
+        (2 * np.abs(s[c]).max() * err[1] + err[1] ** 2) / n[c] for c in np.flatnonzero(present)
+    )
+    d_cov = d_scatter / (n.sum() - k)
+    d_shrunk = dim * ((1 - shrinkage) * d_cov + shrinkage * d_cov)  # Frobenius bound
+    cov = (m - (means.T * n[present]) @ means) / (n.sum() - k)
+    shrunk = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / dim * np.eye(dim)
+    low = float(np.linalg.eigvalsh(shrunk)[0])
+    assert low > 2 * d_shrunk  # the bound below holds only for a small perturbation
+    d_weight = (d_means + np.linalg.norm(means) * d_shrunk / low) / (low - d_shrunk)
+    weight = np.linalg.solve(shrunk, means.T).T
+    d_bias = 0.5 * (d_weight * (np.linalg.norm(means) + d_means) + np.linalg.norm(weight) * d_means)
+    return float(d_weight + d_bias)
+
+
+DP_STATS = {"dp": True, "target-epsilon": 1000.0, "noise-multiplier": 0.0}
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+def test_the_refit_from_secure_statistics_equals_the_plaintext_refit(
+    dp: bool, tmp_path: Path
+) -> None:
+    """(a) SecAgg+ totals equal the sum of the sites' plaintext statistics (noised, under
+    DP: the simulated sites' noise is seeded, so both exchanges draw the same) within the
+    quantisation bound the settings give, and so does the LDA head solved from them; (b)
+    no reply the server gets holds one site's statistics: each masked vector is
+    uncorrelated with its site's scaled statistics and uniform over the modulus."""
+    values = DP_STATS if dp else {}
+    (plain, _, plain_noise, _), _, _, _ = stats_exchange(tmp_path / "plain", values)
+    secure_values = {**values, "secure-aggregation": "secagg+"}
+    (secure, problems, noise, members), refit, grid, (arrays, private) = stats_exchange(
+        tmp_path / "secure", secure_values
+    )
+    assert sorted(plain) == members[SECURE_TOTAL] and list(secure) == [SECURE_TOTAL]
+    assert not problems.failures and not problems.rejected
+    assert noise == plain_noise and (len(noise) == SITES if dp else not noise)
+    truth, total = summed(plain.values()), secure[SECURE_TOTAL]
+    scales = refit.stats_scales(arrays, private)
+    s = stats_settings(RunConfig.from_mapping({**RUN, **secure_values}), SITES)
+    err = [SITES * step(s.clip, s.quant) * scale for scale in scales]  # < 1 step a site
+    if not dp:
+        np.testing.assert_array_equal(total["counts"], truth["counts"])  # rounded: whole
+    for i, part in enumerate(("counts", "sums", "moment")):
+        np.testing.assert_allclose(total[part], truth[part], rtol=0, atol=err[i], err_msg=part)
+    assert np.abs(total["moment"] - truth["moment"]).max() > 0  # quantised, not copied
+    if not dp:
+        w_plain, b_plain = lda_head([truth])
+        w_secure, b_secure = lda_head([total])
+        change = np.sqrt(((w_secure - w_plain) ** 2).sum() + ((b_secure - b_plain) ** 2).sum())
+        bound = head_bound(truth, err)
+        assert change <= bound < 1e-3 * np.linalg.norm(w_plain), (change, bound)
+    # (b): what the server received: keys, shares, masked vectors, no statistics
+    stats_replies = [r for r in grid.received if r.metadata.message_type == STATS_KIND]
+    assert len(stats_replies) == 4 * SITES
+    assert all(r.has_content() and "stats" not in r.content.array_records for r in stats_replies)
+    masked = [r for r in stats_replies if MASKED in r.content.array_records]
+    for r in masked:
+        site = str(r.content.config_records["site"]["site"])
+        vector = r.content.array_records[MASKED]["vector"].numpy().astype(np.float64)
+        own = stats_vector(plain[site], scales)
+        assert vector.shape == own.shape
+        wide = 5 / np.sqrt(vector.size)  # 5 standard errors of a uniform sample's figures
+        assert abs(np.corrcoef(vector, own)[0, 1]) < wide, site
+        assert abs(vector.mean() / s.modulus - 0.5) < 0.2887 * wide
+        assert abs(vector.std() / s.modulus - 0.2887) < 0.129 * wide
+    assert len(masked) == SITES
+
+
+def test_a_site_dropping_in_the_statistics_exchange_leaves_the_survivors_totals(
+    tmp_path: Path, caplog
+) -> None:
+    """(c) A site that answers the key exchange and then nothing: the total is the two
+    survivors' (counts exact), the dropped site named; below the threshold the refit gets
+    nothing and the log says so."""
+    gone = {102: f"{FEATURE_STATS}:{COLLECT}"}  # vidir_molemax
+    (plain, _, _, _), _, _, _ = stats_exchange(tmp_path / "plain", {})
+    values = {"secure-aggregation": "secagg+"}
+    (secure, problems, _, members), _, _, _ = stats_exchange(
+        tmp_path / "secure", values, silent=gone
+    )
+    assert members[SECURE_TOTAL] == ["rosendahl", "vidir_modern"]
+    assert "vidir_molemax" in problems.failures
+    truth = summed(plain[s] for s in members[SECURE_TOTAL])
+    np.testing.assert_array_equal(secure[SECURE_TOTAL]["counts"], truth["counts"])
+    np.testing.assert_allclose(secure[SECURE_TOTAL]["sums"], truth["sums"], rtol=1e-9, atol=1e-9)
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        (secure, _, _, _), _, _, _ = stats_exchange(
+            tmp_path / "below", {**values, "secagg-threshold": 3}, silent=gone
+        )
+    assert secure == {}
+    line = next(r.getMessage() for r in caplog.records if "below the" in r.getMessage())
+    assert line.startswith("head calibration: secure aggregation stopped at the masked vectors")
+    assert "missing: vidir_molemax" in line and "head kept" in line
+
+
+def test_a_site_requiring_secure_aggregation_sends_no_plaintext_statistics(
+    tmp_path: Path, caplog
+) -> None:
+    """(d) require-secure-aggregation=true: a plaintext statistics request is refused with
+    one logged line and an error reply without content; under SecAgg+ the site takes part."""
+    node = {0: {"require-secure-aggregation": True}}
+    with caplog.at_level(logging.ERROR, logger="fedskin"):
+        (plain, problems, _, _), _, grid, _ = stats_exchange(tmp_path / "plain", {}, node=node)
+    assert sorted(plain) == ["vidir_modern", "vidir_molemax"]
+    assert "require-secure-aggregation=true" in problems.failures["rosendahl"]
+    refused = [r for r in grid.received if r.has_error()]
+    assert len(refused) == 1 and not refused[0].has_content()
+    said = [r for r in caplog.records if r.getMessage().startswith("site refuses a plaintext")]
+    assert len(said) == 1 and "feature-statistics" in said[0].getMessage()
+    values = {"secure-aggregation": "secagg+"}
+    (_, _, _, members), _, _, _ = stats_exchange(tmp_path / "secure", values, node=node)
+    assert members[SECURE_TOTAL] == ["rosendahl", "vidir_modern", "vidir_molemax"]
+
+
+def test_a_secure_run_refits_the_head_from_the_totals(tmp_path: Path) -> None:
+    """head-calibration with SecAgg+ end to end: no longer refused, the refit reports the
+    three sites it summed, and no statistics record reached the server."""
+    values = {"secure-aggregation": "secagg+", "head-calibration": "lda"}
+    _, _, grid, result = run_round(tmp_path, values)
+    calibration = result["test"]["head_calibration"]
+    assert calibration["sites"] == ["rosendahl", "vidir_modern", "vidir_molemax"]
+    assert calibration["secure-aggregation"] == "secagg+" and "error" not in calibration
+    assert "validation_after" in calibration
+    assert not any(r.has_content() and "stats" in r.content.array_records for r in grid.received)
