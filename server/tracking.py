@@ -28,11 +28,13 @@ import numbers as num
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from common.config import ConfigError, RunConfig
 from common.rundir import DEFAULT_RUNS, RunDir, atomic_write_json
@@ -43,6 +45,10 @@ if TYPE_CHECKING:  # only for type hints: mlflow is optional
 log = logging.getLogger("fedskin")
 
 INSTALL_HINT = 'tracking-uri (--track) needs MLflow, an optional extra: pip install -e ".[track]"'
+PASSWORD_HINT = (
+    "tracking-uri holds a password, which the run config would carry to every site: set "
+    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD at the server instead"
+)
 RECORD = "mlflow.json"  # in a run folder: the MLflow store, run id and rounds logged
 DEFAULT_EXPERIMENT = "fedskin"  # unless MLFLOW_EXPERIMENT_NAME names another
 PLOTS = (".png", ".svg", ".pdf")
@@ -54,10 +60,15 @@ _parent: str | None = None  # the open parent run (compare, sweep privacy), if a
 
 # ------------------------------------------------------------------------------ setup
 def check_mlflow(uri: str) -> None:
-    """A one-line :class:`ConfigError` saying how to install MLflow when ``uri`` asks for
-    tracking and it is missing (found without importing it: that takes seconds)."""
-    if uri and importlib.util.find_spec("mlflow") is None:
+    """What tracking to ``uri`` needs before a run starts, as a one-line :class:`ConfigError`:
+    MLflow installed (found without importing it: that takes seconds), and no password in
+    the URI: the run config reaches every site (the URI is not echoed)."""
+    if not uri:
+        return
+    if importlib.util.find_spec("mlflow") is None:
         raise ConfigError(INSTALL_HINT)
+    if urlsplit(uri).password is not None:
+        raise ConfigError(PASSWORD_HINT)
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -102,6 +113,8 @@ class Store:
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table set-up lines
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # SQLAlchemy's deprecation notes about MLflow's own code: nothing a user can act on
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
         db = _sqlite_path(uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)

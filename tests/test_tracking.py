@@ -23,7 +23,7 @@ from client.client_app import app as client_app
 from client.message import message_config
 from common.config import ConfigError
 from server.server_app import main as server_main
-from server.tracking import INSTALL_HINT, RECORD, resolve_uri
+from server.tracking import INSTALL_HINT, PASSWORD_HINT, RECORD, resolve_uri
 from simulations.cli import app
 from simulations.flower_adapter import task_identity
 from tests.helpers import FakeGrid
@@ -201,6 +201,16 @@ def test_tracking_without_mlflow_says_how_to_install_before_any_work(
     assert result.output.strip().splitlines() == [f"error: {INSTALL_HINT}"]
     assert 'pip install -e ".[track]"' in INSTALL_HINT
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_password_in_the_uri_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The run config reaches every site: a password in the URI would too (not echoed)."""
+    out = tmp_path / "run"
+    uri = "http://alice:s3cret@tracker:5000"
+    result = CliRunner().invoke(app, ["simulate", "--tracking-uri", uri, "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {PASSWORD_HINT}"]
+    assert "s3cret" not in result.output and not out.exists()
 
 
 def test_the_serverapp_without_mlflow_fails_at_its_start(
