@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord
 
 from common.rundir import RunDir, load_checkpoint, save_checkpoint
 from server.arrays import numpy_state
-from server.resume import resume_checkpoint
+from server.resume import Resume, resume_checkpoint
 from server.strategies import strategy_state
 
 log = logging.getLogger("fedskin")
@@ -62,12 +62,18 @@ class Checkpoints:
         return ArrayRecord(load_checkpoint(self.paths.checkpoint(name))["arrays"])
 
     def start(
-        self, initial: dict[str, torch.Tensor], resume: bool
+        self, initial: dict[str, torch.Tensor], resume: bool, checked: Resume | None = None
     ) -> tuple[LoopState, ArrayRecord, dict[str, Any] | None]:
         """The state and weights to start from: the last checkpoint's when resuming (and
-        that checkpoint, whose strategy state the loop restores), else fresh ones."""
-        # weights only (no code runs from the file); a changed config is refused unless forced
-        ck = resume_checkpoint(self.run_dir, self.cfg, self.force_resume) if resume else None
+        that checkpoint, whose strategy state the loop restores), else fresh ones.
+
+        ``checked``: the run's resume check, made by the ServerApp (server/resume.py); a
+        loop started without one (tests) makes it here.
+        """
+        if resume and checked is None:
+            # weights only (no code runs from the file); a changed config is refused unless forced
+            checked = Resume(resume_checkpoint(self.run_dir, self.cfg, self.force_resume))
+        ck = checked.checkpoint if resume and checked is not None else None
         if ck is not None:
             state = LoopState(**ck["state"])  # keys checked in common/rundir.py
             log.info("resuming after round %d from %s", state.round, self.paths.checkpoint("last"))

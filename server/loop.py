@@ -34,6 +34,8 @@ from server.evaluation import evaluate
 from server.progress import round_line
 from server.refit import HeadRefit
 from server.report import write_outputs
+from server.results import RunResults
+from server.resume import Resume
 from server.rollback import Rollback
 from server.secagg import SecureRound
 from server.secagg import settings as secagg_settings
@@ -109,6 +111,7 @@ class Federation:
         head: tuple[str, str] = ("", ""),
         model: Callable[[], torch.nn.Module] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        checked: Resume | None = None,
     ) -> dict:
         """The rounds, then the test of the best round's model. ``statistics`` names the
         model's normalisation statistics (BatchNorm buffers), which a server optimizer
@@ -116,10 +119,11 @@ class Federation:
         classifier's weight and bias, which ``head-calibration`` refits before the test;
         ``model`` builds the run's model, on which each aggregate is tried before it stands
         (outputs on noise images; without it only the statistics are checked); ``on_round``
-        gets each round's record once it is saved (server/tracking.py: MLflow, live)."""
+        gets each round's record once it is saved (server/tracking.py: MLflow, live);
+        ``checked`` the run's resume check, made by the ServerApp (server/resume.py)."""
         self.statistics = statistics
         guard = Rollback(self.run_config, len(self.classes), statistics, model)
-        state, arrays, resumed = self.checkpoints.start(initial, resume)
+        state, arrays, resumed = self.checkpoints.start(initial, resume, checked)
         self._roster.pin_to_checkpoint(state.pinned)
         strategy = make_strategy(self.run_config, len(self.sample(1)), len(self.sites))
         if self.run_config.secure_aggregation == "secagg+":  # refused before any site trains
@@ -149,15 +153,8 @@ class Federation:
                 state.best_score, state.best_round = score, server_round
                 self.checkpoints.save("best", arrays, state, strategy)
             self.checkpoints.save("last", arrays, state, strategy)
-            write_outputs(  # PNGs only at the end: redrawing costs ~0.3 s per round
-                self.run_dir,
-                self.cfg,
-                self.classes,
-                state.rounds,
-                None,
-                state.best_round,
-                plots=False,
-            )
+            results = RunResults.of(self.cfg, self.classes, state.rounds, None, state.best_round)
+            write_outputs(self.run_dir, results, plots=False)  # PNGs at the end: ~0.3 s each
             self._write_network()
             log.info(round_line(record, num_rounds, [r["seconds"] for r in state.rounds]))
             if on_round is not None:
@@ -179,7 +176,8 @@ class Federation:
             test["rejected-at-discovery"] = dict(self.discovery_rejected)
         if state.stopped:
             test["stopped"] = state.stopped
-        write_outputs(self.run_dir, self.cfg, self.classes, state.rounds, test, state.best_round)
+        results = RunResults.of(self.cfg, self.classes, state.rounds, test, state.best_round)
+        write_outputs(self.run_dir, results)
         self._write_network()
         return {"rounds": state.rounds, "test": test, "best_round": state.best_round}
 

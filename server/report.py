@@ -1,17 +1,16 @@
 """Run-directory outputs: metrics.json, history.csv, PNG plots and a Markdown report.
 
-Written after every round (atomically), so an interrupted run still leaves readable results.
+Written after every round (atomically), so an interrupted run still leaves readable results;
+metrics.json is the typed :class:`server.results.RunResults` (its one writer and reader).
 The PNG plots are the expensive part (matplotlib layout + PNG encoding: ~0.3 s for the
 learning curves on one idle core, more than a whole round of a small simulation), so callers
 writing after every round can skip them with ``plots=False`` and draw them at the end; the
-plots can always be redrawn from metrics.json by :func:`write_outputs` with its content.
+plots can always be redrawn from metrics.json: ``write_outputs(run_dir, load_results(run_dir))``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,102 +22,90 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from common.config import ConfigError, RunConfig, run_config_of  # noqa: E402
+from common.config import RunConfig  # noqa: E402
 from common.fedmetrics import format_metric  # noqa: E402
 from common.figures import save_figure, styled  # noqa: E402
 from common.rundir import RunDir, atomic_write_text  # noqa: E402
+from server.results import (  # noqa: E402
+    FinalTest,
+    HeadCalibration,
+    RoundRecord,
+    RunResults,
+    Scores,
+    write_results,
+)
 
 
-def history_frame(rounds: list[dict[str, Any]]) -> pd.DataFrame:
+def history_frame(rounds: list[RoundRecord]) -> pd.DataFrame:
     """One row per round: pooled validation metrics, per-site balanced accuracy, epsilon."""
     rows = []
     for r in rounds:
-        g = r["validation"]["global"]
+        val = r.validation
         row: dict[str, Any] = {
-            "round": r["round"],
-            "seconds": r.get("seconds", float("nan")),
-            "val_balanced_accuracy": g.get("balanced_accuracy"),
-            "val_accuracy": g.get("accuracy"),
-            "val_auroc": g.get("auroc"),
-            "val_mean_site_balanced_accuracy": r["validation"].get("mean_site_balanced_accuracy"),
-            "sites_trained": len(r.get("train", {})),
+            "round": r.round,
+            "seconds": r.seconds,
+            "val_balanced_accuracy": val.pooled.balanced_accuracy,
+            "val_accuracy": val.pooled.accuracy,
+            "val_auroc": val.pooled.auroc,
+            "val_mean_site_balanced_accuracy": val.mean_site_balanced_accuracy,
+            "sites_trained": len(r.train),
         }
         # Sites under sample-level DP publish no train loss (client/client_app.py)
-        losses = [m["train_loss"] for m in r.get("train", {}).values() if "train_loss" in m]
+        losses = [m["train_loss"] for m in r.train.values() if "train_loss" in m]
         row["train_loss"] = float(np.nanmean(losses)) if losses else float("nan")
-        for site, m in r["validation"]["sites"].items():
-            row[f"val_bacc[{site}]"] = m.get("balanced_accuracy")
-        for site, eps in (r.get("epsilon") or {}).items():
+        for site, m in val.sites.items():
+            row[f"val_bacc[{site}]"] = m.balanced_accuracy
+        for site, eps in (r.epsilon or {}).items():
             row[f"epsilon[{site}]"] = eps
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_outputs(
-    run_dir: Path,
-    cfg: dict[str, Any],
-    classes: list[str],
-    rounds: list[dict[str, Any]],
-    test: dict[str, Any] | None,
-    best_round: int,
-    plots: bool = True,
-) -> None:
-    """Write metrics.json and history.csv (and report.md once ``test`` is known).
+def write_outputs(run_dir: Path, results: RunResults, plots: bool = True) -> None:
+    """Write metrics.json and history.csv (and report.md once the test is done).
 
-    ``plots`` draws the PNGs (learning curves; the test confusion matrix once ``test`` is
-    known). The JSON/CSV cost milliseconds; the plots cost ~0.3-1 s each time, hence
+    ``plots`` draws the PNGs (learning curves; the test confusion matrix once the test is
+    done). The JSON/CSV cost milliseconds; the plots cost ~0.3-1 s each time, hence
     ``plots=False`` for the per-round writes and ``True`` (the default) for the final one.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {"config": cfg, "classes": classes, "rounds": rounds, "best_round": best_round}
-    if test is not None:
-        metrics["test"] = test
     paths = RunDir(run_dir)
-    atomic_write_text(paths.metrics, json.dumps(metrics, indent=1, default=_json_default))
-    hist = history_frame(rounds)
+    write_results(paths.metrics, results)
+    hist = history_frame(results.rounds)
     atomic_write_text(paths.history, hist.to_csv(index=False, float_format="%.6g"))
     if plots:
-        _draw(paths, metrics, hist)
-    if test is not None:
-        atomic_write_text(paths.report, markdown_report(cfg, hist, test, classes))
+        _draw(paths, results, hist)
+    if results.test is not None:
+        report = markdown_report(results.run, hist, results.test, results.classes)
+        atomic_write_text(paths.report, report)
 
 
-def _draw(paths: RunDir, metrics: dict[str, Any], hist: pd.DataFrame) -> list[Path]:
-    """The PNGs of one run from its metrics (as metrics.json holds them): the learning
-    curves once a round is done, the test confusion once the test is done."""
+def _draw(paths: RunDir, results: RunResults, hist: pd.DataFrame) -> list[Path]:
+    """The PNGs of one run from its results: the learning curves once a round is done, the
+    test confusion once the test is done."""
     written: list[Path] = []
-    test = metrics.get("test")
-    head = (test or {}).get("head_calibration")
+    test = results.test
+    head = test.head_calibration if test is not None else None
     if len(hist):
         plot_learning_curves(
             hist,
             paths.learning_curves,
-            best_round=metrics.get("best_round") or None,
-            num_classes=len(metrics["classes"]) or None,
-            loss=_loss_key(metrics["config"]),
+            best_round=results.best_round or None,
+            num_classes=len(results.classes) or None,
+            loss=results.run.loss,
             head_calibration=head,
         )
         written.append(paths.learning_curves)
     if test is not None:
         plot_confusion(
-            np.asarray(test["confusion"]),
-            metrics["classes"],
+            np.asarray(test.confusion),
+            results.classes,
             paths.confusion,
-            round_tested=test.get("best_round") or metrics.get("best_round") or None,
+            round_tested=test.best_round or results.best_round or None,
             head_refit=_refit_point(head) is not None,
         )
         written.append(paths.confusion)
     return written
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 # What each ``loss`` key trains with, for the loss axis (common/losses.py)
@@ -131,21 +118,11 @@ LOSS_NAMES = {
 }
 
 
-def _loss_key(cfg: RunConfig | Mapping[str, Any]) -> str:
-    """The run's ``loss`` key ("" when a partial config does not say)."""
-    if isinstance(cfg, RunConfig):
-        return cfg.loss
-    try:  # metrics.json's config: the run's flat keys, typed as everywhere else
-        return run_config_of(cfg).loss
-    except ConfigError:
-        return ""
-
-
-def _refit_point(head: Mapping[str, Any] | None) -> float | None:
+def _refit_point(head: HeadCalibration | None) -> float | None:
     """The refitted model's validation score, when the head refit was kept (else None)."""
-    if not head or not head.get("kept"):
+    if head is None or not head.kept:
         return None
-    after = head.get("validation_after")
+    after = head.validation_after
     return None if after is None or not math.isfinite(float(after)) else float(after)
 
 
@@ -157,7 +134,7 @@ def plot_learning_curves(
     best_round: int | None = None,
     num_classes: int | None = None,
     loss: str = "",
-    head_calibration: Mapping[str, Any] | None = None,
+    head_calibration: HeadCalibration | None = None,
 ) -> Figure:
     """learning_curves.png: validation balanced accuracy per round (pooled and per site)
     and the mean local training loss; returns the (closed) figure.
@@ -165,7 +142,7 @@ def plot_learning_curves(
     Rounds are whole-number ticks. ``best_round`` (the round the test uses) is a vertical
     line, ``num_classes`` K draws chance (1/K) on the balanced-accuracy axis, ``loss`` (the
     run's ``loss`` key) names the training loss, and a kept head refit
-    (``head_calibration["kept"]``) is its own marker after the last round.
+    (``head_calibration.kept``) is its own marker after the last round.
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -290,13 +267,8 @@ def plot_confusion(
     return fig
 
 
-def markdown_report(
-    cfg: RunConfig | Mapping[str, Any],
-    hist: pd.DataFrame,
-    test: dict[str, Any],
-    classes: list[str],
-) -> str:
-    run, g = run_config_of(cfg), test["global"]
+def markdown_report(run: RunConfig, hist: pd.DataFrame, test: FinalTest, classes: list[str]) -> str:
+    g = test.pooled
     lines = [
         f"# fedskin run `{run.run_name}`",
         "",
@@ -306,23 +278,23 @@ def markdown_report(
         f"{run.image_size} px, {len(hist)} rounds, data `{run.data_format}` "
         f"scheme `{run.scheme}`, DP {'on' if run.dp else 'off'}.",
         "",
-        f"Best round by pooled validation balanced accuracy: {test.get('best_round')}.",
+        f"Best round by pooled validation balanced accuracy: {test.best_round}.",
         "",
-        *_head_lines(test.get("head_calibration")),
+        *_head_lines(test.head_calibration),
         "## Test (best round)",
         "",
         "| site | n | balanced accuracy | accuracy | AUROC | AUROC mel |",
         "|---|---|---|---|---|---|",
     ]
-    for site, m in test["sites"].items():
-        lines.append(_table_row(site, int(m.get("num-examples", 0)), m))
-    mean_site = format_metric(test.get("mean_site_balanced_accuracy"))
+    for site, m in test.sites.items():
+        lines.append(_table_row(site, int(m.num_examples), m))
+    mean_site = format_metric(test.mean_site_balanced_accuracy)
     lines += [
         f"| **mean over sites** | | {mean_site} | | | |",
-        _table_row("**pooled**", int(g.get("n", 0)), g),
+        _table_row("**pooled**", int(g.n), g),
         "",
         "Per-class recall (pooled test): "
-        + ", ".join(f"{c} {format_metric(g.get('recall_' + c))}" for c in classes),
+        + ", ".join(f"{c} {format_metric(g.metric('recall_' + c))}" for c in classes),
         "",
         "![learning curves](learning_curves.png)",
         "",
@@ -332,7 +304,7 @@ def markdown_report(
     eps_cols = [c for c in hist.columns if c.startswith("epsilon[")]
     if eps_cols:
         last = hist[eps_cols].ffill().iloc[-1]
-        head = (test.get("head_calibration") or {}).get("epsilon", {})
+        head = test.head_calibration.epsilon if test.head_calibration else {}
         lines += ["## Privacy", "", "| site | cumulative ε |", "|---|---|"]
         lines += [
             f"| {c[8:-1]} | {format_metric(head.get(c[8:-1], float(last[c])))} |" for c in eps_cols
@@ -342,28 +314,28 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
-def _table_row(name: str, n: int, metrics: Mapping[str, Any]) -> str:
+def _table_row(name: str, n: int, scores: Scores) -> str:
     """One row of the test table: name, n and the four headline metrics."""
     keys = ("balanced_accuracy", "accuracy", "auroc", "auroc_mel")
-    return f"| {name} | {n} | " + " | ".join(format_metric(metrics.get(k)) for k in keys) + " |"
+    return f"| {name} | {n} | " + " | ".join(format_metric(scores.metric(k)) for k in keys) + " |"
 
 
-def _head_lines(cal: dict[str, Any] | None) -> list[str]:
+def _head_lines(cal: HeadCalibration | None) -> list[str]:
     """What ``head-calibration`` did to the best model, in one sentence (none: no lines)."""
-    if not cal:
+    if cal is None:
         return []
-    if not cal.get("sites"):
+    if not cal.sites:
         return ["Head calibration (LDA): no site sent usable statistics; head kept.", ""]
-    verdict = "the refitted head is tested" if cal.get("kept") else "the trained head is kept"
+    verdict = "the refitted head is tested" if cal.kept else "the trained head is kept"
     private = ""
-    if eps := cal.get("epsilon"):
+    if eps := cal.epsilon:
         spent = ", ".join(f"{site} {format_metric(e)}" for site, e in eps.items())
         private = (
             f" The statistics were noised (sample-level DP); each site's ε after them: {spent}."
         )
     return [
-        f"Head calibration (LDA from the feature statistics of {', '.join(cal['sites'])}): "
-        f"validation balanced accuracy {format_metric(cal.get('validation_before'))} -> "
-        f"{format_metric(cal.get('validation_after'))}; {verdict}.{private}",
+        f"Head calibration (LDA from the feature statistics of {', '.join(cal.sites)}): "
+        f"validation balanced accuracy {format_metric(cal.validation_before)} -> "
+        f"{format_metric(cal.validation_after)}; {verdict}.{private}",
         "",
     ]

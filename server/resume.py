@@ -5,14 +5,18 @@ Each checkpoint stores the run config it was written under; :func:`check_resume`
 continue under a config that changes the result, unless the user says so
 (``--force-resume`` / ``force-resume=true``), and the SHA-256 of the manifest the run
 trains on: a resume on a changed manifest is refused, with or without the seal beside it
-(common/fileio.py: ``check_seal``). Run by the ServerApp, the round loop's checkpoints and
-the ``fedskin simulate`` runner, once per checkpoint file and config in a process.
+(common/fileio.py: ``check_seal``). Run once per run: by the ServerApp, which hands the
+checked checkpoint to the round loop (:class:`Resume`), or by the ``fedskin simulate``
+runner before it starts anything, which hands its :class:`Resume` to the ServerApp it starts
+in the same process (server/server_app.py: ``app_resuming``). A loop started on its own
+(tests) checks for itself.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +94,12 @@ def check_resume(
     )
 
 
-# The resumes this process has checked: the files weighed (checkpoint, manifests), the
-# config and force. A run is resumed through several entry points in one process (a simulation's
-# runner, then its ServerApp and round loop; a deployment's ServerApp, then its loop), each
-# of which must refuse before it does its work: the policy runs at the first of them.
-_CHECKED: set[tuple[Any, ...]] = set()
+@dataclass(frozen=True)
+class Resume:
+    """The outcome of a run's one resume check, handed on to whoever starts from it: the run
+    folder's last checkpoint, checked (None: there is none, the run starts fresh)."""
 
-
-def _file_id(path: Path | None) -> tuple[str, int, int, int] | None:
-    """A file's identity and version (path, inode, mtime, size); None if there is none."""
-    if path is None or not path.is_file():
-        return None
-    st = path.stat()
-    return (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    checkpoint: dict[str, Any] | None
 
 
 def resume_checkpoint(
@@ -110,8 +107,8 @@ def resume_checkpoint(
 ) -> dict[str, Any] | None:
     """The run directory's last checkpoint, checked against ``config``; None if there is none.
 
-    The one resume policy (run once per checkpoint file, config and ``force`` in a
-    process): the config may change only in :data:`RESUME_MAY_CHANGE` unless ``force``
+    The one resume policy, checked afresh on every call (whoever checks hands the result
+    on, :class:`Resume`): the config may change only in :data:`RESUME_MAY_CHANGE` unless ``force``
     (:func:`check_resume`); a checkpoint without a stored config is compared with the run
     directory's config.toml when there is one. Its state must hold every key the loop's
     state needs, and the manifest the config names must be the one the run trained on
@@ -121,14 +118,7 @@ def resume_checkpoint(
     if not rd.checkpoint("last").is_file():
         return None
     ckpt = load_checkpoint(rd.checkpoint("last"))
-    # Checked again when the checkpoint, a manifest it is weighed against or the config differ
-    copy = rd.manifest if known_manifest(ckpt) is None else None  # else its hash is recorded
-    files = (rd.checkpoint("last"), config_manifest(config), copy)
-    key = (*map(_file_id, files), repr(sorted(config.items())), force)
-    if key in _CHECKED:
-        return ckpt
     _check_resumable(rd, ckpt, config, force)
-    _CHECKED.add(key)
     return ckpt
 
 

@@ -23,7 +23,7 @@ from common.rundir import run_dir_for
 from common.version import version
 from server.lda import classifier_keys
 from server.loop import Federation
-from server.resume import resume_checkpoint
+from server.resume import Resume, resume_checkpoint
 from server.tracking import check_mlflow, tracked
 
 log = logging.getLogger("fedskin")
@@ -44,6 +44,25 @@ def statistics_of(model: torch.nn.Module) -> frozenset[str]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The ServerApp of ``flwr run``, a deployment and ``fedskin simulate``."""
+    serve(grid, context)
+
+
+def app_resuming(checked: Resume) -> ServerApp:
+    """The ServerApp for a run whose resume the runner checked in this same process
+    (``fedskin simulate --resume``): it hands that check to the loop, not checking again."""
+    resuming = ServerApp()
+
+    @resuming.main()
+    def main_resuming(grid: Grid, context: Context) -> None:
+        serve(grid, context, checked)
+
+    return resuming
+
+
+def serve(grid: Grid, context: Context, checked: Resume | None = None) -> None:
+    """One run: config checked, resume checked (unless ``checked`` already is), sites found,
+    the rounds and the test (server/loop.py)."""
     logger = logging.getLogger("fedskin")
     if logger.getEffectiveLevel() > logging.INFO:  # keep the runner's -v (DEBUG), if set
         logger.setLevel(logging.INFO)
@@ -60,9 +79,9 @@ def main(grid: Grid, context: Context) -> None:
     personalize_mode(run)  # ditto/finetune under dp=true: fail now
     classes = classes_for(run.data_format)
     run_dir = run_dir_for(run)
-    if run.resume:  # a planted, truncated or differently configured checkpoint: before any
-        try:  # site is contacted, with one line (common/rundir.py)
-            resume_checkpoint(run_dir, run.to_flat(), run.force_resume)
+    if run.resume and checked is None:  # a planted, truncated or differently configured
+        try:  # checkpoint: before any site is contacted, with one line (server/resume.py)
+            checked = Resume(resume_checkpoint(run_dir, run.to_flat(), run.force_resume))
         except DataError as err:
             log.error("cannot resume: %s", err)
             raise
@@ -79,6 +98,7 @@ def main(grid: Grid, context: Context) -> None:
             head=classifier_keys(model) if run.head_calibration != "none" else ("", ""),
             model=lambda: model_for_run(run, len(classes), pretrained=False),
             on_round=on_round,
+            checked=checked,  # the loop starts from the checkpoint checked here
         )
     test = result["test"]
     log.info(

@@ -33,6 +33,7 @@ from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
 from common.train import TrainConfig, pick_device, predict, train_local
 from server.lda import with_lda_head
+from server.results import FinalTest, load_results
 
 console = Console()
 
@@ -163,12 +164,12 @@ def _with_mean(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def federated_row(metrics: dict[str, Any], label: str, seconds: float = float("nan")) -> dict:
-    test = metrics["test"]
+def federated_row(test: FinalTest, label: str, seconds: float = float("nan")) -> dict:
+    """A federated run's row: each site's and the pooled test balanced accuracy."""
     return {
         "method": label,
-        **{s: m["balanced_accuracy"] for s, m in test["sites"].items()},
-        POOLED_TEST: test.get("global", {}).get("balanced_accuracy", float("nan")),
+        **{s: m.balanced_accuracy for s, m in test.sites.items()},
+        POOLED_TEST: test.pooled.balanced_accuracy,
         SECONDS: seconds,
     }
 
@@ -241,8 +242,9 @@ def compare(
         reuse = reuse and _reuse_fedavg(out / "fedavg", out / method)
         if reuse:
             console.print("finetune: FedAvg's rounds reused; the sites fine-tune its best model")
-        metrics = simulate(config, run, out=out / method, force_resume=reuse)
-        rows.append(federated_row(metrics, label, time.time() - t0))
+        simulate(config, run, out=out / method, force_resume=reuse)
+        test = load_results(out / method).finished()
+        rows.append(federated_row(test, label, time.time() - t0))
     cfg = prepare_data(resolve_config(config, base))
     cfg.pop("num-sites-found", None)
     table = pd.concat([run_baselines(cfg, local=local), _with_mean(pd.DataFrame(rows))])

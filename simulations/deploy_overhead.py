@@ -32,6 +32,8 @@ from typing import Annotated
 
 import typer
 
+from server.results import load_results
+
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "bench"
 RUN_CONFIG: dict[str, object] = {  # the integration test's configuration
@@ -234,8 +236,7 @@ def run_mode(
         wall = time.monotonic() - t_run
         watcher.stop.set()
         thread.join()
-        metrics = json.loads((out / "metrics.json").read_text())
-        round_s = [float(r["seconds"]) for r in metrics["rounds"]]
+        round_s = [float(r.seconds) for r in load_results(out).rounds]
         result = {
             "mode": mode,
             "messages": len(watcher.seen),

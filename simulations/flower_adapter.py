@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flwr.serverapp import ServerApp
 
 # The Flower internals used below, as (module, attribute): the adapter test imports each.
 INTERNALS: tuple[tuple[str, str], ...] = (
@@ -33,6 +36,7 @@ RUN_SIMULATION_PARAMS: tuple[str, ...] = (
     "exit_event",
     "client_app_attr",
     "server_app_attr",
+    "server_app",
     "is_app",
     "backend_name",
     "backend_config",
@@ -72,14 +76,15 @@ def run_simulation(
     *,
     num_supernodes: int,
     client_app: str,
-    server_app: str,
+    server_app: str | ServerApp,
     backend_config: dict[str, Any],
     app_dir: str,
 ) -> None:
     """What flwr's own ``run_simulation`` does, plus the run config it does not pass on.
 
     Server and clients alike receive ``run_config`` (flat, kebab-case keys); the apps are
-    given as ``"module:attr"`` strings importable from ``app_dir``.
+    given as ``"module:attr"`` strings importable from ``app_dir`` (the ServerApp may
+    also be the object itself: one the runner made for this run, server/server_app.py).
     """
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, TASK_ID_NUM_BYTES
@@ -105,7 +110,8 @@ def run_simulation(
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app_attr=client_app,
-        server_app_attr=server_app,
+        server_app_attr=server_app if isinstance(server_app, str) else None,
+        server_app=None if isinstance(server_app, str) else server_app,
         is_app=True,
         backend_name="ray",
         backend_config=backend_config,

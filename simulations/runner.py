@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import os
 import re
@@ -34,7 +33,9 @@ from common.rundir import (
     read_toml,
     run_dir_for,
 )
-from server.resume import resume_checkpoint
+from server.results import FinalTest, Scores, load_results
+from server.resume import Resume, resume_checkpoint
+from server.server_app import app_resuming
 from server.tracking import check_mlflow, log_after
 
 console = Console()
@@ -182,7 +183,8 @@ def simulate(
     client_app: str | None = None,
     force_resume: bool = False,
 ) -> dict[str, Any]:
-    """Run one experiment end to end; returns the final metrics (also in the run dir).
+    """Run one experiment end to end; returns the final metrics as metrics.json holds them
+    (server/results.py reads them typed), with the audit's when ``audit`` is on.
 
     ``client_app`` ("module:attr", importable from the project root) swaps the ClientApp,
     which tests use to inject failing sites. ``resume`` continues from the run directory's
@@ -226,8 +228,9 @@ def simulate(
     n_sites = int(resolved.pop("num-sites-found"))
     run = RunConfig.from_mapping(resolved).with_values({"min-nodes": n_sites})
     cfg = run.to_flat()  # what Flower carries and the run directory stores
+    checked = None  # the run's one resume check, made here and handed to the ServerApp
     if run.resume:  # a planted, truncated or differently configured checkpoint: here
-        resume_checkpoint(run_dir, cfg, run.force_resume)
+        checked = Resume(resume_checkpoint(run_dir, cfg, run.force_resume))
     run_dir.mkdir(parents=True, exist_ok=True)  # after the data and config checks: a run
     # refused by them leaves no empty folder behind
     atomic_copy(run.manifest, paths.manifest)
@@ -237,17 +240,18 @@ def simulate(
         f"{run.model} at {run.image_size} px, {run.num_server_rounds} rounds "
         f"-> {run_dir}"
     )
-    _run_engine(cfg, n_sites, client_app)  # the ServerApp logs to MLflow (tracking-uri)
-    metrics = json.loads(paths.metrics.read_text())
-    if "test" not in metrics:
+    _run_engine(cfg, n_sites, client_app, checked)  # the ServerApp logs to MLflow (tracking-uri)
+    results = load_results(run_dir)
+    if results.test is None:
         raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
+    metrics = results.to_json()
     if run.audit:
         from simulations.audit import audit_run
 
         metrics["audit"] = audit_run(run_dir)
     if run.tracking_uri:  # server/tracking.py: the audit joins the run's MLflow run
         console.print(f"tracked in MLflow: {log_after(run_dir, metrics.get('audit'))}")
-    _print_summary(metrics, time.time() - t0, run_dir)
+    _print_summary(results.test, time.time() - t0, run_dir)
     return metrics
 
 
@@ -297,8 +301,14 @@ def backend_config(n_sites: int, cfg: RunConfig | dict[str, Any] | None = None) 
     return {"client_resources": resources, "init_args": init_args}
 
 
-def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None) -> None:
-    """Start the Simulation Engine with this run config for server and clients alike."""
+def _run_engine(
+    cfg: dict[str, Any],
+    n_sites: int,
+    client_app: str | None = None,
+    checked: Resume | None = None,
+) -> None:
+    """Start the Simulation Engine with this run config for server and clients alike;
+    ``checked``: the resume checked here, which the ServerApp takes instead of checking."""
     from simulations.flower_adapter import run_simulation
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -315,7 +325,7 @@ def _run_engine(cfg: dict[str, Any], n_sites: int, client_app: str | None = None
         dict(cfg),
         num_supernodes=n_sites,
         client_app=client_app or "client.client_app:app",
-        server_app="server.server_app:app",
+        server_app="server.server_app:app" if checked is None else app_resuming(checked),
         backend_config=backend_config(n_sites, cfg),
         app_dir=str(APP_DIR),
     )
@@ -352,29 +362,21 @@ def setup_logging(verbose: bool) -> None:
     flower.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _print_summary(metrics: dict[str, Any], seconds: float, run_dir: Path) -> None:
+def _print_summary(test: FinalTest, seconds: float, run_dir: Path) -> None:
     from rich.table import Table
 
-    test = metrics["test"]
-    table = Table(title=f"Test, best round {test.get('best_round')} ({seconds:.0f}s in all)")
+    table = Table(title=f"Test, best round {test.best_round} ({seconds:.0f}s in all)")
     for col in ("site", "n", "balanced acc", "accuracy", "AUROC"):
         table.add_column(col, justify="right" if col != "site" else "left")
-    for site, m in test["sites"].items():
-        table.add_row(
-            site,
-            str(int(m["num-examples"])),
-            f"{m['balanced_accuracy']:.3f}",
-            f"{m['accuracy']:.3f}",
-            f"{m.get('auroc', float('nan')):.3f}",
-        )
-    g, nan = test["global"], float("nan")
-    table.add_row("mean over sites", "", f"{test['mean_site_balanced_accuracy']:.3f}", "", "")
-    table.add_row(  # empty when no site could score the model (its failures are logged)
-        "pooled",
-        str(int(g.get("n", 0))),
-        f"{g.get('balanced_accuracy', nan):.3f}",
-        f"{g.get('accuracy', nan):.3f}",
-        f"{g.get('auroc', nan):.3f}",
-    )
+    for site, m in test.sites.items():
+        table.add_row(site, str(int(m.num_examples)), *_three(m))
+    table.add_row("mean over sites", "", f"{test.mean_site_balanced_accuracy:.3f}", "", "")
+    # empty when no site could score the model (its failures are logged)
+    table.add_row("pooled", str(int(test.pooled.n)), *_three(test.pooled))
     console.print(table)
     console.print(f"run directory: {run_dir} (report.md, metrics.json, history.csv, plots)")
+
+
+def _three(scores: Scores) -> list[str]:
+    """Balanced accuracy, accuracy and AUROC with 3 decimals (nan when not known)."""
+    return [f"{v:.3f}" for v in (scores.balanced_accuracy, scores.accuracy, scores.auroc)]

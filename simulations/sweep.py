@@ -28,6 +28,7 @@ from common.data.schema import DataError
 from common.fedmetrics import nanmax
 from common.figures import pyplot, save_figure, styled
 from common.rundir import RunDir, atomic_write_text
+from server.results import Central, ResultsError, RunResults, load_results
 from simulations.runner import RAY_ADDRESS_HELP, use_ray_address
 from simulations.tracking import Track, TrackingUri, log_children, parent_run, with_tracking
 
@@ -107,73 +108,60 @@ def cell_overrides(
 
 def is_finished(run_dir: Path) -> bool:
     """A cell is done when its metrics.json carries final test results."""
-    path = RunDir(run_dir).metrics
-    if not path.is_file():
-        return False
+    return finished_results(run_dir) is not None
+
+
+def finished_results(run_dir: Path) -> RunResults | None:
+    """A finished cell's results; None while it is not (a malformed metrics.json: not
+    finished, the cell runs again)."""
+    if not RunDir(run_dir).metrics.is_file():
+        return None
     try:
-        return "test" in json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return False
+        results = load_results(run_dir)
+    except ResultsError:
+        return None
+    return results if results.test is not None else None
 
 
 # ------------------------------------------------------------------------------ results
-def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One CSV row from a run's metrics.json (and its audit.json)."""
-    run = RunConfig.from_flat(metrics.get("config", {}))  # keys of an older fedskin left out
+def cell_row(results: RunResults, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One CSV row from a finished run's results (and its audit.json)."""
+    run, test = results.run, results.finished()
     site_level = bool(run.central_dp) and run.central_epsilon > 0
     dp = run.dp
-    rounds = metrics.get("rounds", [])
-    test = metrics["test"]
-    if site_level:
-        target = run.central_epsilon
-    else:
-        target = run.target_epsilon if dp else math.inf
     row: dict[str, Any] = {
         "strategy": run.strategy,
         "level": "site" if site_level else ("sample" if dp else "none"),
         "seed": run.seed,
         "dp": dp or site_level,
-        "target_epsilon": target,
-        "rounds": len(rounds),
-        "best_round": metrics.get("best_round", test.get("best_round")),
-        "test_balanced_accuracy": test["global"].get("balanced_accuracy", math.nan),
-        "test_mean_site_balanced_accuracy": test.get("mean_site_balanced_accuracy", math.nan),
-        "test_accuracy": test["global"].get("accuracy", math.nan),
-        "test_auroc": test["global"].get("auroc", math.nan),
-        "seconds": float(sum(r.get("seconds", 0.0) for r in rounds)),
+        "target_epsilon": _target(run, site_level),
+        "rounds": len(results.rounds),
+        "best_round": results.best_round or test.best_round,
+        "test_balanced_accuracy": test.pooled.balanced_accuracy,
+        "test_mean_site_balanced_accuracy": test.mean_site_balanced_accuracy,
+        "test_accuracy": test.pooled.accuracy,
+        "test_auroc": test.pooled.auroc,
+        "seconds": results.seconds,
         # balanced accuracy of a constant guess: the plot's floor
-        "chance": 1.0 / len(metrics["classes"]) if metrics.get("classes") else math.nan,
+        "chance": 1.0 / len(results.classes) if results.classes else math.nan,
     }
-    eps: dict[str, float] = {}
-    delta: dict[str, float] = {}
-    sigma: dict[str, float] = {}
-    stopped: set[str] = set()
-    for r in rounds:  # cumulative values: the last one seen per site is the total
-        eps.update({s: float(e) for s, e in (r.get("epsilon") or {}).items()})
-        for site, m in (r.get("train") or {}).items():
-            if "delta" in m:
-                delta[site] = float(m["delta"])
-            for key in ("noise_multiplier", "noise-multiplier"):
-                if key in m:
-                    sigma[site] = float(m[key])
-        stopped |= {s for s, why in (r.get("rejected") or {}).items() if why == BUDGET_SPENT}
-    # the head refit's release under DP is spent after the rounds: it ends each site's total
-    eps.update(
-        {s: float(e) for s, e in (test.get("head_calibration") or {}).get("epsilon", {}).items()}
-    )
+    # cumulative values: the last one seen per site is the total (the head refit's release
+    # under DP, after the rounds, included)
+    eps = results.epsilons()
+    delta = results.last_train_value("delta")
+    sigma = results.last_train_value("noise_multiplier", "noise-multiplier")
     row["epsilon_max"] = max(eps.values()) if eps else (0.0 if dp else math.inf)
     row["delta_max"] = max(delta.values()) if delta else math.nan
     row["noise_multiplier_min"] = min(sigma.values()) if sigma else math.nan
-    central = [r["central"] for r in rounds if r.get("central")]
     if site_level:  # one guarantee for the whole federation: cumulative, last round's figure
-        last = central[-1] if central else {}
-        row["epsilon_max"] = float(last.get("epsilon", 0.0))
-        row["delta_max"] = float(last.get("delta", run.central_delta))
-        row["noise_multiplier_min"] = float(last.get("noise_multiplier", math.nan))
-    row["stopped"] = str(test.get("stopped", ""))
-    row["sites_stopped_at_budget"] = len(stopped)
-    for site, m in sorted(test.get("sites", {}).items()):
-        row[f"bacc[{site}]"] = m.get("balanced_accuracy", math.nan)
+        last = results.central() or Central(delta=run.central_delta)
+        row["epsilon_max"] = float(last.epsilon)
+        row["delta_max"] = float(last.delta)
+        row["noise_multiplier_min"] = float(last.noise_multiplier)
+    row["stopped"] = test.stopped
+    row["sites_stopped_at_budget"] = len(results.sites_rejected_for(BUDGET_SPENT))
+    for site, m in sorted(test.sites.items()):
+        row[f"bacc[{site}]"] = m.balanced_accuracy
     for site in sorted(eps):
         row[f"epsilon[{site}]"] = eps[site]
     for site in sorted(delta):
@@ -192,6 +180,13 @@ def cell_row(metrics: dict[str, Any], audit: dict[str, Any] | None = None) -> di
     return row
 
 
+def _target(run: RunConfig, site_level: bool) -> float:
+    """The epsilon the cell was calibrated to (inf: no DP)."""
+    if site_level:
+        return run.central_epsilon
+    return run.target_epsilon if run.dp else math.inf
+
+
 def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
@@ -200,14 +195,13 @@ def collect(cells: Sequence[tuple[str, Path]], audit: bool) -> pd.DataFrame:
     """The table of all finished cells, in grid order."""
     rows = []
     for name, run_dir in cells:
-        if not is_finished(run_dir):
+        if (results := finished_results(run_dir)) is None:
             continue
         paths = RunDir(run_dir)
-        metrics = json.loads(paths.metrics.read_text())
         audit_json = None
         if audit and paths.audit_json.is_file():
             audit_json = json.loads(paths.audit_json.read_text())
-        rows.append({"cell": name, **cell_row(metrics, audit_json)})
+        rows.append({"cell": name, **cell_row(results, audit_json)})
     return pd.DataFrame(rows)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from server.results import FinalTest
 from simulations.baselines import (
     POOLED_TEST,
     SECONDS,
@@ -39,7 +40,8 @@ def test_pooled_and_local_table():
     assert ((table[POOLED_TEST] >= 0) & (table[POOLED_TEST] <= 1)).all()
     assert (table[SECONDS] > 0).all()
     fed = federated_row(
-        {"test": {"sites": {s: {"balanced_accuracy": 0.5} for s in SITES}}}, "fedavg"
+        FinalTest.model_validate({"sites": {s: {"balanced_accuracy": 0.5} for s in SITES}}),
+        "fedavg",
     )
     md = markdown_table(pd.concat([table, pd.DataFrame([{**fed, "mean": 0.5}])]))
     assert "| fedavg |" in md and md.count("\n") == 2 + len(SITES) + 2

@@ -17,6 +17,7 @@ import pytest
 import typer
 from rich.console import Console
 
+from server.results import RunResults, load_results
 from simulations.bench import (
     SIGNED_FIGURES,
     bench_cli,
@@ -206,7 +207,7 @@ def test_write_outputs_plots_flag_and_redraw(tmp_path: Path) -> None:
 
     metrics = _tiny_run(tmp_path)
     args = (metrics["config"], metrics["classes"], metrics["rounds"])
-    write_outputs(tmp_path, *args, None, 2, plots=False)  # what a per-round write needs
+    write_outputs(tmp_path, RunResults.of(*args, None, 2), plots=False)  # a per-round write
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "history.csv").is_file()
     assert not list(tmp_path.glob("*.png"))
     test = {
@@ -215,17 +216,14 @@ def test_write_outputs_plots_flag_and_redraw(tmp_path: Path) -> None:
         "confusion": [[1, 1], [0, 2]],
         "best_round": 2,
     }
-    write_outputs(tmp_path, *args, test, 2, plots=False)
+    write_outputs(tmp_path, RunResults.of(*args, test, 2), plots=False)
     assert (tmp_path / "report.md").is_file() and not list(tmp_path.glob("*.png"))
     # an interrupted or plots=False run gets its PNGs later, from metrics.json alone
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    write_outputs(
-        tmp_path, *(saved[k] for k in ("config", "classes", "rounds", "test", "best_round"))
-    )
+    write_outputs(tmp_path, load_results(tmp_path))
     written = sorted(tmp_path.glob("*.png"))
     assert sorted(p.name for p in written) == ["confusion_test.png", "learning_curves.png"]
     assert all(p.stat().st_size > 0 for p in written)
-    write_outputs(tmp_path / "default", *args, test, 2)  # default unchanged: plots drawn
+    write_outputs(tmp_path / "default", RunResults.of(*args, test, 2))  # default: plots drawn
     assert {p.name for p in (tmp_path / "default").glob("*.png")} == {
         "confusion_test.png",
         "learning_curves.png",
@@ -236,7 +234,7 @@ def test_server_writes_are_timed_with_and_without_plots(tmp_path: Path) -> None:
     from simulations.bench import bench_server_writes
 
     metrics = _tiny_run(tmp_path)
-    writes = bench_server_writes(tmp_path, metrics, repeats=2)
+    writes = bench_server_writes(tmp_path, RunResults.from_json(metrics), repeats=2)
     _check_figures(writes)
     assert len(writes["runs"]["plots"]) == len(writes["runs"]["no_plots"]) == 2
     assert writes["write_outputs_seconds"] == pytest.approx(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -12,6 +11,7 @@ import pytest
 
 from server import report
 from server.report import LOSS_NAMES, history_frame, plot_confusion, plot_learning_curves
+from server.results import HeadCalibration, RunResults, load_results
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 SITES = ("rosendahl", "vidir_modern")
@@ -36,6 +36,11 @@ def _rounds(n: int, dp: bool = False) -> list[dict[str, Any]]:
     return out
 
 
+def _history(n: int, dp: bool = False) -> Any:
+    """The history table of ``n`` rounds, from their records as metrics.json holds them."""
+    return history_frame(RunResults.of({}, CLASSES, _rounds(n, dp), None, 0).rounds)
+
+
 def _confusion() -> np.ndarray:
     rng = np.random.default_rng(0)
     conf = rng.integers(0, 30, size=(len(CLASSES), len(CLASSES)))
@@ -58,7 +63,7 @@ def _line(ax: Any, gid: str) -> Any:
 
 @pytest.mark.parametrize("n_rounds", [3, 7, 40])
 def test_learning_curves_have_integer_round_ticks_best_round_and_chance(tmp_path, n_rounds):
-    hist = history_frame(_rounds(n_rounds))
+    hist = _history(n_rounds)
     best = max(1, n_rounds - 2)
     fig = plot_learning_curves(
         hist, tmp_path / "lc.png", best_round=best, num_classes=len(CLASSES), loss="focal"
@@ -83,10 +88,14 @@ def test_learning_curves_have_integer_round_ticks_best_round_and_chance(tmp_path
 
 
 def test_a_kept_head_refit_is_a_marker_after_the_last_round(tmp_path):
-    hist = history_frame(_rounds(5))
+    hist = _history(5)
     kept = {"kept": True, "validation_before": 0.4, "validation_after": 0.47, "sites": ["a"]}
     fig = plot_learning_curves(
-        hist, tmp_path / "lc.png", best_round=5, num_classes=7, head_calibration=kept
+        hist,
+        tmp_path / "lc.png",
+        best_round=5,
+        num_classes=7,
+        head_calibration=HeadCalibration.model_validate(kept),
     )
     marker = _line(fig.axes[0], "head-refit")
     assert marker.get_label() == "head refit"
@@ -94,13 +103,13 @@ def test_a_kept_head_refit_is_a_marker_after_the_last_round(tmp_path):
     assert 5 < x < 6 and y == pytest.approx(0.47)
     assert x <= fig.axes[0].get_xlim()[1]
     assert 6 not in _visible_xticks(fig.axes[0])  # no round 6 that was never run
-    not_kept = {**kept, "kept": False}
+    not_kept = HeadCalibration.model_validate({**kept, "kept": False})
     fig = plot_learning_curves(hist, tmp_path / "lc.png", best_round=5, head_calibration=not_kept)
     assert not [line for line in fig.axes[0].get_lines() if line.get_gid() == "head-refit"]
 
 
 def test_dp_run_without_train_loss_still_draws(tmp_path):
-    hist = history_frame(_rounds(4, dp=True))
+    hist = _history(4, dp=True)
     fig = plot_learning_curves(hist, tmp_path / "lc.png", best_round=2, num_classes=7)
     texts = " ".join(t.get_text() for t in fig.axes[1].texts)
     assert "no train loss" in texts
@@ -148,7 +157,7 @@ def test_write_outputs_passes_best_round_classes_loss_and_refit(tmp_path, monkey
         "head_calibration": head,
     }
     cfg = {"run-name": "t", "loss": "weighted-ce"}
-    report.write_outputs(tmp_path, cfg, CLASSES, _rounds(5), test, 3)
+    report.write_outputs(tmp_path, RunResults.of(cfg, CLASSES, _rounds(5), test, 3))
     acc, loss = drawn["lc"].axes[:2]
     assert list(_line(acc, "best-round").get_xdata()) == [3, 3]
     chance = [line for line in acc.get_lines() if line.get_label().startswith("chance")]
@@ -161,9 +170,7 @@ def test_write_outputs_passes_best_round_classes_loss_and_refit(tmp_path, monkey
     drawn.clear()
     for png in tmp_path.glob("*.png"):
         png.unlink()
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    keys = ("config", "classes", "rounds", "test", "best_round")
-    report.write_outputs(tmp_path, *(saved[k] for k in keys))
+    report.write_outputs(tmp_path, load_results(tmp_path))
     written = sorted(tmp_path.glob("*.png"))
     assert sorted(p.name for p in written) == ["confusion_test.png", "learning_curves.png"]
     assert list(_line(drawn["lc"].axes[0], "best-round").get_xdata()) == [3, 3]
@@ -184,7 +191,7 @@ def test_every_figure_has_an_svg_beside_its_png_with_the_same_text(tmp_path):
     for line in fig.axes[0].get_title().split("\n"):
         assert line in svg, (line, svg[:300])
     assert all(str(conf[i, j]) in svg.split() for i in range(7) for j in range(7))
-    fig = plot_learning_curves(history_frame(_rounds(4)), tmp_path / "lc.png", best_round=2)
+    fig = plot_learning_curves(_history(4), tmp_path / "lc.png", best_round=2)
     svg = _svg_texts(tmp_path / "lc.svg")
     ticks = [f"{t:g}" for t in _visible_xticks(fig.axes[0])]
     assert ticks and all(t in svg.split() for t in ticks), (ticks, svg)

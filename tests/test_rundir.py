@@ -3,6 +3,7 @@ and one-line errors naming the file for a truncated checkpoint, manifest or TOML
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -217,29 +218,53 @@ def test_a_changed_config_is_refused_with_a_one_line_diff(tmp_path: Path) -> Non
 def test_the_override_accepts_a_changed_config(tmp_path: Path, caplog) -> None:
     _checkpoint(tmp_path, _cfg(), rounds=3)
     forced = _cfg(lr=0.01, **{"force-resume": True})
-    state, _ = _checkpoints(tmp_path, forced).start(_initial(), True)[:2]
+    # The ServerApp (or the runner) checks the resume and the loop starts from that check:
+    # the warning is said once.
+    checked = resume.Resume(resume.resume_checkpoint(tmp_path, forced, force=True))
+    state, _ = _checkpoints(tmp_path, forced).start(_initial(), True, checked)[:2]
     assert state.round == 3
-    # Runner, ServerApp and loop each check the same resume: the warning is said once.
-    resume.resume_checkpoint(tmp_path, forced, force=True)
     warned = [r for r in caplog.records if "with a changed config" in r.getMessage()]
     assert len(warned) == 1 and "lr: 0.003 -> 0.01" in warned[0].getMessage()
 
 
-def test_the_resume_policy_runs_once_per_checkpoint_and_config(tmp_path, monkeypatch) -> None:
-    """A simulation resumes through its runner, ServerApp and loop in one process: the
-    policy is applied at the first; another config or a new checkpoint is checked again."""
+class _NoGrid:
+    """A grid that fails the test when used: the ServerApp got past its checks."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the grid was used ({name})")
+
+
+def test_the_resume_is_checked_once_and_the_loop_starts_from_that_check(
+    tmp_path, monkeypatch
+) -> None:
+    """One check per run: the ServerApp's (or, in a simulation, the runner's, which the
+    ServerApp it starts takes), handed to the loop; no memory across calls, so another
+    config or a new checkpoint is checked afresh."""
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import app_resuming, main
+
     checked, real = [], resume.check_resume
     monkeypatch.setattr(resume, "check_resume", lambda *a: checked.append(1) or real(*a))
-    _checkpoint(tmp_path, _cfg(), rounds=2)
-    cfg = _cfg(resume=True)
-    for _ in range(3):
-        assert resume.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 2
-    assert len(checked) == 1
+    out = {"out-dir": str(tmp_path)}
+    _checkpoint(tmp_path, _cfg(**out), rounds=2)
+    cfg = _cfg(resume=True, **out)
+    handed = resume.Resume(resume.resume_checkpoint(tmp_path, cfg))
+    assert len(checked) == 1 and handed.checkpoint["state"]["round"] == 2
+    state, _ = _checkpoints(tmp_path, cfg).start(_initial(), True, handed)[:2]
+    assert state.round == 2 and len(checked) == 1  # the loop takes it: not checked again
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
+    with pytest.raises(AssertionError, match="grid was used"):  # past the resume check
+        app_resuming(handed)(_NoGrid(), context)
+    assert len(checked) == 1  # the runner's check, taken by the ServerApp it starts
+    with pytest.raises(AssertionError, match="grid was used"):
+        main(_NoGrid(), context)  # flwr run, a deployment: the ServerApp checks, once
+    assert len(checked) == 2
     with pytest.raises(ConfigError, match="resume refused"):
-        resume.resume_checkpoint(tmp_path, _cfg(lr=0.01))
-    _checkpoint(tmp_path, _cfg(), rounds=3)  # the next round's checkpoint
+        main(_NoGrid(), dataclasses.replace(context, run_config=_cfg(lr=0.01, resume=True, **out)))
+    _checkpoint(tmp_path, _cfg(**out), rounds=3)  # the next round's checkpoint
     assert resume.resume_checkpoint(tmp_path, cfg)["state"]["round"] == 3
-    assert len(checked) == 3
+    assert len(checked) == 4
 
 
 def test_only_run_length_waiting_and_outputs_may_change() -> None:

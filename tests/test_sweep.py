@@ -17,6 +17,7 @@ import typer
 from typer.testing import CliRunner
 
 from common.data.schema import DataError
+from server.results import RunResults
 from simulations.sweep import (
     LEVELS,
     cell_name,
@@ -248,6 +249,6 @@ def test_the_head_refits_release_ends_each_sites_epsilon() -> None:
     metrics = fake_metrics("fedavg", 8.0, 0, 0.3)
     last = metrics["rounds"][-1]["epsilon"]
     metrics["test"]["head_calibration"] = {"epsilon": {s: 7.99 for s in SITES}}
-    row = cell_row(metrics)
+    row = cell_row(RunResults.from_json(metrics))
     assert max(last.values()) < 7.99 and row["epsilon_max"] == 7.99
     assert all(row[f"epsilon[{s}]"] == 7.99 for s in SITES)

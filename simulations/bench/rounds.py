@@ -12,6 +12,8 @@ import torch
 from rich.console import Console
 
 from common.rundir import RunDir, atomic_torch_save, read_checkpoint
+from server.report import write_outputs
+from server.results import RunResults, load_results
 from simulations.bench.measure import SectionTable, fmt, median, timed
 from simulations.bench.memory import ActorPeaks, reset_peak_rss, vm_kb
 from simulations.bench.settings import TARGETS, BenchSettings
@@ -42,21 +44,22 @@ def bench_round(
     sampler.start()
     try:
         t0 = time.perf_counter()
-        metrics = simulate(overrides=overrides, out=workdir / "sim")
+        simulate(overrides=overrides, out=workdir / "sim")
         total_s = time.perf_counter() - t0
     finally:
         sampler.sample()
         sampler.stop()
+    results = load_results(workdir / "sim")
     rounds = []
-    for rec in metrics["rounds"]:
-        train = rec.get("train", {})
+    for rec in results.rounds:
+        train = rec.train
         secs = [float(m["seconds"]) for m in train.values()]
         if not secs:
             continue
-        rt = float(rec["seconds"])
+        rt = float(rec.seconds)
         rounds.append(
             {
-                "round": int(rec["round"]),
+                "round": rec.round,
                 "round_seconds": rt,
                 "max_train_seconds": max(secs),
                 "sum_train_seconds": sum(secs),
@@ -71,7 +74,7 @@ def bench_round(
     if not rounds:
         raise RuntimeError("the simulation recorded no client training times")
     console.log("[3] timing the server's per-round writes (report, plots, checkpoint)")
-    writes = bench_server_writes(workdir / "sim", metrics, max(s.repeats, 3))
+    writes = bench_server_writes(workdir / "sim", results, max(s.repeats, 3))
     last = rounds[-1]
     peaks_mb = [v / 1024 for v in sampler.peaks.values()]
     result: dict[str, Any] = {
@@ -138,7 +141,7 @@ def bench_round(
     return result, table
 
 
-def bench_server_writes(run_dir: Path, metrics: dict[str, Any], repeats: int) -> dict[str, Any]:
+def bench_server_writes(run_dir: Path, results: RunResults, repeats: int) -> dict[str, Any]:
     """The server's per-round writes, which the recorded round time does not include.
 
     After every round the loop saves ``checkpoints/last.pt`` (and ``best.pt`` when the
@@ -146,11 +149,10 @@ def bench_server_writes(run_dir: Path, metrics: dict[str, Any], repeats: int) ->
     finished run's own data, into a scratch folder: ``write_outputs`` with and without its
     PNG plots (interleaved), and a re-save of the run's ``last.pt`` (same size and contents).
     """
-    from server.report import write_outputs
-
     paths = RunDir(run_dir)
     scratch = paths.bench_writes
-    args = (metrics["config"], metrics["classes"], metrics["rounds"], None, metrics["best_round"])
+    so_far = {k: v for k, v in results.to_json().items() if k != "test"}
+    per_round = RunResults.from_json(so_far)  # what the loop writes after each round
     ckpt_path = paths.checkpoint("last")
     ckpt = read_checkpoint(ckpt_path) if ckpt_path.is_file() else None  # weights only
 
@@ -158,11 +160,11 @@ def bench_server_writes(run_dir: Path, metrics: dict[str, Any], repeats: int) ->
         atomic_torch_save(scratch / "last.pt", ckpt)
 
     cpu = torch.device("cpu")
-    write_outputs(scratch, *args, plots=True)  # warm-up: matplotlib's first figure
+    write_outputs(scratch, per_round, plots=True)  # warm-up: matplotlib's first figure
     runs: dict[str, list[float]] = {"plots": [], "no_plots": [], "checkpoint": []}
     for r in range(repeats):
         for plots in (True, False) if r % 2 == 0 else (False, True):
-            secs, _ = timed(lambda p=plots: write_outputs(scratch, *args, plots=p), cpu)
+            secs, _ = timed(lambda p=plots: write_outputs(scratch, per_round, plots=p), cpu)
             runs["plots" if plots else "no_plots"].append(secs)
         if ckpt is not None:
             runs["checkpoint"].append(timed(save_checkpoint, cpu)[0])

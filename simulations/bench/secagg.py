@@ -37,6 +37,7 @@ from common.config import RunConfig
 from common.models import build_model
 from common.secagg import MASKED, RECORD, float_keys
 from common.wire import pack
+from server.results import load_results
 from simulations.bench.measure import SectionTable, fmt
 from simulations.bench.memory import reset_peak_rss, vm_kb
 from simulations.bench.settings import NUM_CLASSES, TARGETS, BenchSettings
@@ -77,16 +78,16 @@ def _simulated(s: BenchSettings, model: str, sites: int, mode: str, out: Path) -
     }
     measured = reset_peak_rss()
     t0 = time.perf_counter()
-    metrics = simulate(overrides=overrides, out=out)
-    last = metrics["rounds"][-1]
+    simulate(overrides=overrides, out=out)
+    rounds = load_results(out).rounds
     return {
         "model": model,
         "sites": sites,
         "mode": mode,
         "total_seconds": time.perf_counter() - t0,
-        "round_seconds": float(last["seconds"]),
-        "aggregated": sum(bool(r.get("aggregated")) for r in metrics["rounds"]),
-        "rounds": len(metrics["rounds"]),
+        "round_seconds": float(rounds[-1].seconds),
+        "aggregated": sum(r.aggregated for r in rounds),
+        "rounds": len(rounds),
         "driver_peak_rss_mb": vm_kb("VmHWM") / 1024 if measured else float("nan"),
     }
 
