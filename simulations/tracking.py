@@ -41,7 +41,7 @@ console = Console()
 TRACK_HELP = (
     "log to MLflow: config as params, each round's metrics as it ends, report, plots, best "
     "checkpoint; sets the run-config key tracking-uri (fedskin keys tracking) to the store "
-    '(needs pip install -e ".[track]")'
+    '(needs pip install -e ".\\[track]")'  # \[: a literal [ in the rich-rendered help
 )
 URI_HELP = (
     "MLflow tracking URI (implies --track; default: MLFLOW_TRACKING_URI, else "

@@ -213,6 +213,15 @@ def test_a_password_in_the_uri_is_refused_before_any_work(tmp_path: Path) -> Non
     assert "s3cret" not in result.output and not out.exists()
 
 
+@pytest.mark.parametrize("command", [["simulate"], ["compare"], ["sweep", "privacy"]])
+def test_the_help_names_the_key_and_the_extra(command: list[str]) -> None:
+    """``--help`` as rich renders it (a ``[track]`` markup tag would vanish)."""
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "(fedskin keys tracking)" in result.output
+    assert 'pip install -e ".[track]"' in result.output
+
+
 def test_the_serverapp_without_mlflow_fails_at_its_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
