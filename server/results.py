@@ -49,6 +49,10 @@ class _Part(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
 
+    def to_json(self) -> dict[str, Any]:
+        """Its JSON content, as metrics.json holds it."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
+
 
 class Scores(_Part):
     """One site's or the pooled figures of an evaluation (recalls etc. kept as extra keys)."""
@@ -167,10 +171,6 @@ class RunResults(_Part):
         if test is not None:
             data["test"] = test
         return cls.from_json(json.loads(json.dumps(data, default=_plain)), "the run's results")
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON content of metrics.json."""
-        return self.model_dump(by_alias=True, exclude_unset=True)
 
     def finished(self) -> FinalTest:
         """The test results of a finished run (a run still going has none: ResultsError)."""

@@ -7,14 +7,12 @@ Deployment Engine (a TLS SuperLink with real SuperNodes at the sites).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ConfigError, RunConfig, run_config_of
+from common.config import ConfigError, RunConfig
 from common.data.schema import DataError
 from common.data.site_data import classes_for
 from common.models import get_weights, model_for_run
@@ -23,6 +21,7 @@ from common.rundir import run_dir_for
 from common.version import version
 from server.lda import classifier_keys
 from server.loop import Federation
+from server.results import load_results
 from server.resume import Resume, resume_checkpoint
 from server.tracking import check_mlflow, tracked
 
@@ -30,9 +29,8 @@ log = logging.getLogger("fedskin")
 app = ServerApp()
 
 
-def initial_model(cfg: RunConfig | Mapping[str, Any], num_classes: int) -> torch.nn.Module:
+def initial_model(run: RunConfig, num_classes: int) -> torch.nn.Module:
     """Seeded initial global model, DP-compatible (GroupNorm) when sites train under DP."""
-    run = run_config_of(cfg)
     torch.manual_seed(run.seed)
     return model_for_run(run, num_classes)
 
@@ -90,7 +88,7 @@ def serve(grid: Grid, context: Context, checked: Resume | None = None) -> None:
     log.info("sites: %s", ", ".join(f"{s.site} (train {s.n_train})" for s in sites))
     model = initial_model(run, len(classes))
     with tracked(run, run_dir) as on_round:  # MLflow, live, when tracking-uri is set
-        result = fed.run(
+        fed.run(
             get_weights(model),
             run.num_server_rounds,
             resume=run.resume,
@@ -100,11 +98,11 @@ def serve(grid: Grid, context: Context, checked: Resume | None = None) -> None:
             on_round=on_round,
             checked=checked,  # the loop starts from the checkpoint checked here
         )
-    test = result["test"]
+    results = load_results(run_dir)  # as the loop wrote them (server/results.py)
     log.info(
         "test (best round %d): pooled balanced accuracy %.3f, mean over sites %.3f -> %s",
-        result["best_round"],
-        test["global"].get("balanced_accuracy", float("nan")),
-        test["mean_site_balanced_accuracy"],
+        results.best_round,
+        results.finished().pooled.balanced_accuracy,
+        results.finished().mean_site_balanced_accuracy,
         run_dir,
     )

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from common.config import ConfigError, RunConfig
 from common.rundir import DEFAULT_RUNS, RunDir, atomic_write_json
+from server.results import RunResults, load_results
 
 if TYPE_CHECKING:  # only for type hints: mlflow is optional
     from mlflow import MlflowClient
@@ -221,12 +222,13 @@ def round_points(
     return points
 
 
-def final_points(metrics: Mapping[str, Any], audit: Any) -> list[tuple[str, float, int]]:
+def final_points(results: RunResults, audit: Any) -> list[tuple[str, float, int]]:
     """The test results (``test/...``), best round and audit at the last round's step."""
-    step = max((int(r["round"]) for r in metrics.get("rounds", [])), default=0)
-    values = [*numbers(metrics.get("test", {}), "test"), *numbers(audit or {}, "audit")]
-    if metrics.get("best_round") is not None:
-        values.append(("best_round", float(metrics["best_round"])))
+    step = max((r.round for r in results.rounds), default=0)
+    test = results.test.to_json() if results.test is not None else {}
+    values = [*numbers(test, "test"), *numbers(audit or {}, "audit")]
+    if "best_round" in results.model_fields_set:  # as metrics.json holds it
+        values.append(("best_round", float(results.best_round)))
     return [(k, v, step) for k, v in values]
 
 
@@ -244,6 +246,11 @@ def artifacts(folder: Path) -> list[tuple[Path, str | None]]:
 
 def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _results(folder: Path) -> RunResults:
+    """The folder's metrics.json (server/results.py); none yet: no rounds, no test."""
+    return load_results(folder) if RunDir(folder).metrics.is_file() else RunResults()
 
 
 # ------------------------------------------------------------------------------ one run
@@ -272,8 +279,8 @@ class RunTracker:
 
     def catch_up(self) -> None:
         """The folder's rounds (metrics.json) the store does not hold yet."""
-        for record in (_json(RunDir(self.folder).metrics) or {}).get("rounds", []):
-            self.round(record)
+        for record in _results(self.folder).rounds:
+            self.round(record.to_json())
 
     def round(self, record: Mapping[str, Any]) -> None:
         """One round's numbers, unless logged already; a store that fails now costs a
@@ -294,9 +301,8 @@ class RunTracker:
         ``status``. A store that fails now loses no result on disk."""
         try:
             self.catch_up()
-            metrics = _json(RunDir(self.folder).metrics) or {}
             audit = _json(RunDir(self.folder).audit_json)
-            self.store.log_metrics(self.run_id, final_points(metrics, audit))
+            self.store.log_metrics(self.run_id, final_points(_results(self.folder), audit))
             for path, where in artifacts(self.folder):
                 self.store.client.log_artifact(self.run_id, str(path), artifact_path=where)
             self.store.client.set_terminated(self.run_id, status=status)

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from common.config import RunConfig
 from common.models import get_weights, set_weights
 from server.guard import (
     leave_one_out,
@@ -29,7 +30,7 @@ WEIGHTS = {"a": 100.0, "b": 300.0, "c": 200.0, "d": 100.0}
 @pytest.fixture(scope="module")
 def initial():
     """The randomly initialised model's state: PyTorch's initial statistics (var 1, mean 0)."""
-    model = initial_model({"model": "test_efficientnet"}, 7)
+    model = initial_model(RunConfig.from_mapping({"model": "test_efficientnet"}), 7)
     return {k: v.numpy().copy() for k, v in get_weights(model).items()}
 
 
@@ -48,7 +49,7 @@ def previous(initial):
 
 @pytest.fixture(scope="module")
 def model(previous):
-    model = initial_model({"model": "test_efficientnet"}, 7)
+    model = initial_model(RunConfig.from_mapping({"model": "test_efficientnet"}), 7)
     set_weights(model, previous)
     return model
 
@@ -81,7 +82,7 @@ def honest_updates(previous: dict, model) -> dict[str, dict[str, np.ndarray]]:
 
 def output_check(model, previous, statistics):
     """What the loop does: statistics, then outputs against the previous model's scale."""
-    fresh = initial_model({"model": "test_efficientnet"}, 7)
+    fresh = initial_model(RunConfig.from_mapping({"model": "test_efficientnet"}), 7)
     _, scale = model_output_error(model, IMAGE_SIZE, SEED)
 
     def check(state: dict) -> str | None:
@@ -195,7 +196,7 @@ def test_an_update_scaled_up_makes_outputs_non_finite_and_its_site_is_named(
         updates["b"][name] = (v + scale * step).astype(v.dtype)
     mean = weighted_mean(updates, WEIGHTS)
     assert statistics_error(mean, previous, statistics) is None  # weights only
-    fresh = initial_model({"model": "test_efficientnet"}, 7)
+    fresh = initial_model(RunConfig.from_mapping({"model": "test_efficientnet"}), 7)
     set_weights(fresh, mean)
     why, out_scale = model_output_error(fresh, IMAGE_SIZE, SEED)
     assert why == "outputs on 8 of 8 noise images are not finite" and out_scale == np.inf
@@ -208,7 +209,7 @@ def test_outputs_far_larger_than_the_previous_models_are_refused(model, previous
     state = dict(previous)
     for name, _ in model.named_parameters():
         state[name] = (previous[name] + 1.0).astype(previous[name].dtype)
-    fresh = initial_model({"model": "test_efficientnet"}, 7)
+    fresh = initial_model(RunConfig.from_mapping({"model": "test_efficientnet"}), 7)
     set_weights(fresh, state)
     why, after = model_output_error(fresh, IMAGE_SIZE, SEED, previous_scale=before)
     assert np.isfinite(after) and after > 1e3

@@ -967,6 +967,7 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     import torch
 
     from client.siteconfig import load_site
+    from common.config import RunConfig
     from common.models import build_model, get_weights, set_weights
     from common.train import predict
     from server.server_app import initial_model
@@ -986,7 +987,8 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
         labels.append(data.labels["train"])
     x, y = torch.from_numpy(np.concatenate(images)), np.concatenate(labels)
     losses = []
-    for state in (get_weights(initial_model(cfg, 7)), checkpoint(run_dir)["arrays"]):  # type: ignore[index]
+    first = initial_model(RunConfig.from_mapping(cfg), 7)
+    for state in (get_weights(first), checkpoint(run_dir)["arrays"]):  # type: ignore[index]
         model = build_model("test_efficientnet", 7)
         set_weights(model, state)
         probs = np.asarray(predict(model, x, device=torch.device("cpu")))

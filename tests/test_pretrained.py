@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import client.task
 from client.task import model_for
+from common.config import RunConfig
 from common.models import build_model, get_weights
 from common.wire import pack
 from server.server_app import initial_model
@@ -55,9 +56,9 @@ def test_build_model_loads_file_backbone(weights_file: tuple[Path, dict]) -> Non
 def test_initial_global_model_carries_pretrained(weights_file: tuple[Path, dict]) -> None:
     path, ref = weights_file
     cfg = {"model": "test_efficientnet", "seed": 0, "pretrained": str(path)}
-    _assert_backbone_equal(get_weights(initial_model(cfg, 7)), ref)
+    _assert_backbone_equal(get_weights(initial_model(RunConfig.from_mapping(cfg), 7)), ref)
     # under DP the BN affine parameters carry over into GroupNorm, running stats do not
-    dp = get_weights(initial_model({**cfg, "dp": True}, 7))
+    dp = get_weights(initial_model(RunConfig.from_mapping({**cfg, "dp": True}), 7))
     assert torch.equal(dp["bn1.weight"], ref["bn1.weight"])
     assert "bn1.running_mean" not in dp
 
@@ -69,7 +70,7 @@ def test_sites_never_read_the_pretrained_file(
     path = tmp_path / "server_only.pth"
     torch.save(_source(), path)
     cfg = {"model": "test_efficientnet", "seed": 0, "pretrained": str(path)}
-    glob = get_weights(initial_model(cfg, 7))
+    glob = get_weights(initial_model(RunConfig.from_mapping(cfg), 7))
     path.unlink()  # a site has no such file
     model, _ = model_for(cfg, 7, pack(glob))
     for key, value in get_weights(model).items():

@@ -321,7 +321,7 @@ def test_which_strategies_average_statistics_plainly(values, expected):
 def test_the_server_names_the_models_buffers_as_statistics():
     from server.server_app import initial_model, statistics_of
 
-    model = initial_model({"model": "test_resnet"}, 7)
+    model = initial_model(RunConfig.from_mapping({"model": "test_resnet"}), 7)
     names = statistics_of(model)
     assert any(n.endswith("running_var") for n in names)
     assert names <= set(model.state_dict())
