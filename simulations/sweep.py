@@ -128,12 +128,11 @@ def cell_row(results: RunResults, audit: dict[str, Any] | None = None) -> dict[s
     """One CSV row from a finished run's results (and its audit.json)."""
     run, test = results.run, results.finished()
     site_level = bool(run.central_dp) and run.central_epsilon > 0
-    dp = run.dp
     row: dict[str, Any] = {
         "strategy": run.strategy,
-        "level": "site" if site_level else ("sample" if dp else "none"),
+        "level": "site" if site_level else ("sample" if run.dp else "none"),
         "seed": run.seed,
-        "dp": dp or site_level,
+        "dp": run.dp or site_level,
         "target_epsilon": _target(run, site_level),
         "rounds": len(results.rounds),
         "best_round": results.best_round or test.best_round,
@@ -150,33 +149,56 @@ def cell_row(results: RunResults, audit: dict[str, Any] | None = None) -> dict[s
     eps = results.epsilons()
     delta = results.last_train_value("delta")
     sigma = results.last_train_value("noise_multiplier", "noise-multiplier")
-    row["epsilon_max"] = max(eps.values()) if eps else (0.0 if dp else math.inf)
-    row["delta_max"] = max(delta.values()) if delta else math.nan
-    row["noise_multiplier_min"] = min(sigma.values()) if sigma else math.nan
-    if site_level:  # one guarantee for the whole federation: cumulative, last round's figure
-        last = results.central() or Central(delta=run.central_delta)
-        row["epsilon_max"] = float(last.epsilon)
-        row["delta_max"] = float(last.delta)
-        row["noise_multiplier_min"] = float(last.noise_multiplier)
+    row |= _privacy_totals(results, site_level, eps, delta, sigma)
     row["stopped"] = test.stopped
     row["sites_stopped_at_budget"] = len(results.sites_rejected_for(BUDGET_SPENT))
-    for site, m in sorted(test.sites.items()):
-        row[f"bacc[{site}]"] = m.balanced_accuracy
-    for site in sorted(eps):
-        row[f"epsilon[{site}]"] = eps[site]
-    for site in sorted(delta):
-        row[f"delta[{site}]"] = delta[site]
-    for site in sorted(sigma):
-        row[f"noise_multiplier[{site}]"] = sigma[site]
-    if audit is not None:  # audit.json writes NaN (unresolvable TPR@1%FPR) as null
-        sites = audit.get("sites", {})
-        auc = {site: _num(m.get("auc")) for site, m in sorted(sites.items())}
-        tpr = {site: _num(m.get("tpr_at_1pct_fpr")) for site, m in sorted(sites.items())}
-        row["mia_auc_max"] = nanmax(auc.values())
-        row["mia_tpr1_max"] = nanmax(tpr.values())
-        for site in auc:
-            row[f"mia_auc[{site}]"] = auc[site]
-            row[f"mia_tpr1[{site}]"] = tpr[site]
+    row |= _by_site("bacc", {site: m.balanced_accuracy for site, m in test.sites.items()})
+    row |= _by_site("epsilon", eps) | _by_site("delta", delta)
+    row |= _by_site("noise_multiplier", sigma)
+    return row | (_audit_columns(audit) if audit is not None else {})
+
+
+def _privacy_totals(
+    results: RunResults,
+    site_level: bool,
+    eps: dict[str, float],
+    delta: dict[str, float],
+    sigma: dict[str, float],
+) -> dict[str, float]:
+    """The run's privacy: the worst site's at sample level; at site level one guarantee for
+    the whole federation (cumulative: the last round's figure)."""
+    run = results.run
+    if site_level:
+        last = results.central() or Central(delta=run.central_delta)
+        return {
+            "epsilon_max": float(last.epsilon),
+            "delta_max": float(last.delta),
+            "noise_multiplier_min": float(last.noise_multiplier),
+        }
+    return {
+        "epsilon_max": max(eps.values()) if eps else (0.0 if run.dp else math.inf),
+        "delta_max": max(delta.values()) if delta else math.nan,
+        "noise_multiplier_min": min(sigma.values()) if sigma else math.nan,
+    }
+
+
+def _by_site(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``name[site]`` columns, sites in name order."""
+    return {f"{name}[{site}]": values[site] for site in sorted(values)}
+
+
+def _audit_columns(audit: dict[str, Any]) -> dict[str, Any]:
+    """The membership-inference audit's columns (audit.json writes NaN as null)."""
+    sites = audit.get("sites", {})
+    auc = {site: _num(m.get("auc")) for site, m in sorted(sites.items())}
+    tpr = {site: _num(m.get("tpr_at_1pct_fpr")) for site, m in sorted(sites.items())}
+    row: dict[str, Any] = {
+        "mia_auc_max": nanmax(auc.values()),
+        "mia_tpr1_max": nanmax(tpr.values()),
+    }
+    for site in auc:
+        row[f"mia_auc[{site}]"] = auc[site]
+        row[f"mia_tpr1[{site}]"] = tpr[site]
     return row
 
 

@@ -152,6 +152,19 @@ def test_table_csv_and_plot_from_metrics(tmp_path: Path) -> None:
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
 
 
+def test_a_cell_whose_metrics_json_is_malformed_is_not_finished(tmp_path: Path) -> None:
+    """A metrics.json the typed reader refuses (server/results.py) is not a finished cell:
+    the sweep leaves it out of the table and runs it again, instead of failing the table."""
+    cells = fake_sweep(tmp_path, [None], ["fedavg"], [0])
+    bad = tmp_path / "cells" / "fedavg_eps3_seed0"
+    bad.mkdir()
+    (bad / "metrics.json").write_text(json.dumps({"rounds": [], "test": "all good"}))
+    assert not is_finished(bad) and is_finished(cells[0][1])
+    assert list(collect([*cells, ("fedavg_eps3_seed0", bad)], audit=False)["cell"]) == [
+        "fedavg_nodp_seed0"
+    ]
+
+
 def test_finished_cells_are_not_rerun(tmp_path: Path) -> None:
     """A complete grid re-run only re-collects: no simulate call (it would start Ray)."""
     cells = fake_sweep(tmp_path, [2.0, None], ["fedavg"], [0])
