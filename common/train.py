@@ -23,7 +23,6 @@ from torch import nn
 from common.augment import to_float
 from common.losses import make_loss
 from common.train_config import TrainConfig, loss_counts, make_optimizer, proximal_term
-from common.train_dp import check_dp, train_dp
 from common.train_round import (
     Round,
     Tally,
@@ -180,6 +179,10 @@ def _train_local(
     seed = cfg.seed if seed is None else seed
     model.train()
     if dp is not None:
+        # DP-SGD lives with Opacus (about 1 CPU-s to import): loaded by DP rounds only, so a
+        # site or simulation actor without DP never pays for it
+        from common.train_dp import check_dp, train_dp
+
         check_dp(model, dp, len(images))
     r = _prepare_round(model, images, labels, cfg, num_classes, device)
     t0 = time.perf_counter()
