@@ -305,9 +305,12 @@ class RunTracker:
             self.store.log_metrics(self.run_id, final_points(_results(self.folder), audit))
             for path, where in artifacts(self.folder):
                 self.store.client.log_artifact(self.run_id, str(path), artifact_path=where)
-            self.store.client.set_terminated(self.run_id, status=status)
         except Exception as err:  # the run folder is complete: say so and go on
             log.warning("MLflow: could not log %s (%s); it is complete on disk", self.folder, err)
+        try:  # ended either way: a run left RUNNING would look alive in `mlflow ui`
+            self.store.client.set_terminated(self.run_id, status=status)
+        except Exception as err:
+            log.warning("MLflow: run %s not marked %s (%s)", self.run_id, status, err)
 
 
 @contextmanager

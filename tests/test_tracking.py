@@ -23,7 +23,7 @@ from client.client_app import app as client_app
 from client.message import message_config
 from common.config import ConfigError
 from server.server_app import main as server_main
-from server.tracking import INSTALL_HINT, PASSWORD_HINT, RECORD, resolve_uri
+from server.tracking import INSTALL_HINT, PASSWORD_HINT, RECORD, RunTracker, resolve_uri
 from simulations.cli import app
 from simulations.flower_adapter import task_identity
 from tests.helpers import FakeGrid
@@ -346,6 +346,16 @@ def test_rounds_are_in_the_store_as_they_end_and_a_killed_run_keeps_them(
     test = metrics["test"]["global"]["balanced_accuracy"]
     assert history(client, first, "test/global/balanced_accuracy") == [(3, test)]
     assert len(client.search_runs([exp_id])) == before + 1
+
+
+def test_a_run_that_cannot_be_logged_is_still_ended(store, tmp_path: Path) -> None:
+    """A malformed metrics.json at the end: a warning, and the MLflow run still FAILED, not
+    left RUNNING as if alive."""
+    uri, client = store
+    tracker = RunTracker.start(uri, tmp_path / "broken", {"seed": 0})
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    tracker.finish("FAILED")
+    assert client.get_run(tracker.run_id).info.status == "FAILED"
 
 
 def test_no_site_module_imports_mlflow_or_the_server_tracking() -> None:
