@@ -218,9 +218,9 @@ def _collect(
     pk1_of = dict(zip(state["nids"], state["pk1s"], strict=True))
     for src in srcs:  # pairwise masks with every site whose shares arrived
         key = generate_shared_key(sk1, bytes_to_public_key(pk1_of[src]))
-        sign = 1 if state["nid"] > src else -1
+        add = np.add if state["nid"] > src else np.subtract
         for part, m in zip(vector, mask(key, modulus, values.size, len(factor)), strict=True):
-            part += sign * m
+            add(part, m, out=part)
     dtype = np.uint32 if modulus <= 2**32 else np.int64
     masked = {
         name: Array(np.mod(part, modulus).astype(dtype))

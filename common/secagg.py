@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 STAGE_KEY = "secagg-stage"  # in the message's config record: which stage it is
@@ -64,18 +64,24 @@ def dims(length: int, factors: int = 1) -> list[tuple[int, ...]]:
 
 def quantised(values: np.ndarray, factor: list[int], clip: float, quant: int) -> list[np.ndarray]:
     """``[factor, vector]`` before masking: ``values`` clipped to +-``clip`` and quantised
-    stochastically to ``[0, quant]``: Flower's quantize up to 2^30 levels; above (the
-    statistics, ``quant`` a power of 2 and ``clip`` 1), the same map in int64 with no
-    float error: ``v x quant/2`` is exact (a power of 2), rounded, then shifted by the
-    integer ``quant/2``, so each entry is off by less than one step (Flower's rounding
-    goes through int32, and its float shift would lose the low bits of small entries)."""
-    if quant <= FLOWER_MAX_QUANT:
-        vector = quantize([values], clip, quant)[0].astype(np.int64)
-    else:
-        x = np.clip(values, -clip, clip) * (quant / (2 * clip))
-        low = np.floor(x)
-        rounded = low + (np.random.default_rng().random(x.shape) < x - low)
-        vector = rounded.astype(np.int64) + quant // 2
+    stochastically to ``[0, quant]``, Flower's map (``quantize``: ``(v + clip) x quant /
+    (2 clip)``, rounded up with the probability of its fraction), in int64 with one
+    vectorised draw: Flower's own rounds through int32 (at most 2^30 levels) and masks
+    with a boolean index, 3-5x slower on a model's 2.3 M entries. For the statistics
+    (``quant`` a power of 2 above 2^30, ``clip`` 1) ``v x quant / 2`` is exact and the
+    integer ``quant / 2`` is added after rounding, so small entries keep all their bits.
+    Each entry is off by less than one step, ``2 clip / quant``, unbiased."""
+    x = np.clip(np.asarray(values, np.float64), -clip, clip)
+    fine = quant > FLOWER_MAX_QUANT
+    if not fine:
+        x += clip
+    x *= quant / (2 * clip)
+    low = np.floor(x)
+    x -= low  # the fraction: rounded up with this probability
+    vector = low.astype(np.int64)
+    vector += np.random.default_rng().random(x.shape) < x
+    if fine:
+        vector += quant // 2
     return [np.asarray(factor, np.int64), vector]
 
 
