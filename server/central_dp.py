@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common.config import RunConfig, as_run_config
+from common.config import RunConfig
 from server.strategy_registry import ACCOUNTANT, NUMBER, StateField
 
 # Site-level DP (``central-dp``): Flower's wrapper for each kind and the attributes of the
@@ -47,7 +47,7 @@ CENTRAL_DP_WRAPPERS: Mapping[str, tuple[type[Strategy], Mapping[str, StateField]
 )
 
 
-def central_accountant(cfg: RunConfig | Mapping[str, Any], num_sites: int) -> Any:
+def central_accountant(run: RunConfig, num_sites: int) -> Any:
     """Flower's RDP accountant for site-level DP: add/remove one site, no sampling credit.
 
     No amplification is claimed for sampling sites (Flower's fixed-clipping accounting only
@@ -55,7 +55,6 @@ def central_accountant(cfg: RunConfig | Mapping[str, Any], num_sites: int) -> An
     """
     from flwr.serverapp import RdpAccountant
 
-    run = as_run_config(cfg)
     target = run.central_epsilon
     config = PrivacyConfig(
         target_delta=run.central_delta,
@@ -93,9 +92,8 @@ def calibrate_central_noise(target: float, rounds: int, delta: float) -> float:
     return hi
 
 
-def central_noise(cfg: RunConfig | Mapping[str, Any]) -> float:
+def central_noise(run: RunConfig) -> float:
     """``central-noise``, or calibrated to spend ``central-epsilon`` over all planned rounds."""
-    run = as_run_config(cfg)
     if run.central_epsilon > 0:
         return calibrate_central_noise(
             run.central_epsilon, run.num_server_rounds, run.central_delta
@@ -104,7 +102,7 @@ def central_noise(cfg: RunConfig | Mapping[str, Any]) -> float:
 
 
 def wrap_central_dp(
-    strategy: Strategy, cfg: RunConfig | Mapping[str, Any], num_sampled: int, num_sites: int
+    strategy: Strategy, run: RunConfig, num_sampled: int, num_sites: int
 ) -> Strategy:
     """Site-level DP: Flower's clipping + noise wrappers around the base strategy.
 
@@ -112,7 +110,6 @@ def wrap_central_dp(
     FedAvg aggregation, which ``make_strategy`` sets up); the adaptive wrappers and FedOpt
     servers run without one, and the run says so instead of printing an epsilon.
     """
-    run = as_run_config(cfg)
     kind = run.central_dp
     if kind == "":
         return strategy

@@ -49,11 +49,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 from common.headfit import SENSITIVITY
 from common.privacy import DPConfig
 from common.privacy import calibrate_noise_multiplier as _calibrate
@@ -93,7 +92,7 @@ LOO_MIN_SITES = 4
 
 # ---------------------------------------------------------------------- the run's minimum
 def min_head_noise_std(
-    run_config: RunConfig | Mapping[str, Any],
+    run: RunConfig,
     n_train: int | None = None,
     *,
     head_share: float | None = None,
@@ -106,7 +105,6 @@ def min_head_noise_std(
     own budget is stricter calibrates a larger std. ``head_share`` overrides the run's
     ``dp-head-share`` (a site may set its own; 1.0 gives the bound for a site that spends
     its whole epsilon on the statistics)."""
-    run = run_config_of(run_config)
     cfg = DPConfig.from_run(run)
     share = cfg.head_share if head_share is None else float(head_share)
     if not 0 < share <= 1:

@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common.config import ConfigError, RunConfig, as_run_config
+from common.config import ConfigError, RunConfig
 from server.central_dp import CENTRAL_DP_WRAPPERS, wrap_central_dp
 from server.robust import (
     AdaptiveBulyan,
@@ -88,9 +88,7 @@ def flower_options(run: RunConfig) -> dict[str, Any]:
     )
 
 
-def make_strategy(
-    cfg: RunConfig | Mapping[str, Any], num_sampled: int, num_sites: int | None = None
-) -> Strategy:
+def make_strategy(run: RunConfig, num_sampled: int, num_sites: int | None = None) -> Strategy:
     """Build the aggregation strategy; client sampling is done by the loop (seeded).
 
     The strategy always sees exactly the sampled nodes (fraction 1.0, no minimum), so its own
@@ -105,7 +103,6 @@ def make_strategy(
     docstring), so ``num_sampled`` (the sites per round) is refused only when even f = 0
     is impossible, or when ``multikrum-select`` cannot be met with every site present.
     """
-    run = as_run_config(cfg)
     spec = strategy_spec(run.strategy)  # RunConfig allows only STRATEGIES
     n = num_sampled
     if spec.adaptive_f and n < min_sites(spec.name, 0):
@@ -118,7 +115,7 @@ def make_strategy(
     return wrap_central_dp(strategy, run, num_sampled, num_sites or num_sampled)
 
 
-def statistics_averaged_plainly(cfg: RunConfig | Mapping[str, Any]) -> bool:
+def statistics_averaged_plainly(run: RunConfig) -> bool:
     """Whether the loop replaces the aggregate's normalisation statistics by their mean.
 
     FedAdam, FedYogi and FedAvgM move every array of the model with a server optimizer,
@@ -128,7 +125,6 @@ def statistics_averaged_plainly(cfg: RunConfig | Mapping[str, Any]) -> bool:
     they take FedAvg's weighted mean. Not under site-level DP, where the noised aggregate
     of everything is what the guarantee covers.
     """
-    run = as_run_config(cfg)
     return strategy_spec(run.strategy).server_optimizer and not run.central_dp
 
 
@@ -153,12 +149,11 @@ def with_mean_statistics(
     return out
 
 
-def updates_needed(cfg: RunConfig | Mapping[str, Any]) -> int:
+def updates_needed(run: RunConfig) -> int:
     """The fewest updates the strategy can aggregate: f = 0's minimum (:func:`min_sites`;
     3 for Krum, MultiKrum and Bulyan, 1 otherwise), since the robust rules lower f to what
     a round's updates allow; with fewer the loop keeps the global model instead of letting
     the strategy fail."""
-    run = as_run_config(cfg)
     return min_sites(run.strategy, 0) if strategy_spec(run.strategy).adaptive_f else 1
 
 

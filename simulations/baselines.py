@@ -33,7 +33,7 @@ from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
 from common.train import TrainConfig, pick_device, predict, train_local
 from server.lda import with_lda_head
-from server.results import FinalTest, load_results
+from server.results import FinalTest, RunResults
 
 console = Console()
 
@@ -242,8 +242,8 @@ def compare(
         reuse = reuse and _reuse_fedavg(out / "fedavg", out / method)
         if reuse:
             console.print("finetune: FedAvg's rounds reused; the sites fine-tune its best model")
-        simulate(config, run, out=out / method, force_resume=reuse)
-        test = load_results(out / method).finished()
+        metrics = simulate(config, run, out=out / method, force_resume=reuse)
+        test = RunResults.from_json(metrics, out / method / "metrics.json").finished()
         rows.append(federated_row(test, label, time.time() - t0))
     cfg = prepare_data(resolve_config(config, base))
     cfg.pop("num-sites-found", None)

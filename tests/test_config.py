@@ -240,10 +240,10 @@ def test_default_mu_is_flambys_so_fedprox_is_real_by_default():
     from server.strategies import make_strategy
 
     assert RunConfig.defaults().proximal_mu == FLAMBY_PROXIMAL_MU == 0.001
-    strategy = make_strategy({"strategy": "fedprox", "lr": 0.01}, 2)
+    strategy = make_strategy(RunConfig.from_mapping({"strategy": "fedprox", "lr": 0.01}), 2)
     assert type(strategy).__name__ == "FedProx" and strategy.proximal_mu == 0.001
     with pytest.raises(ConfigError, match="proximal-mu > 0"):
-        make_strategy({"strategy": "fedprox", "proximal-mu": 0.0}, 2)
+        make_strategy(RunConfig.from_mapping({"strategy": "fedprox", "proximal-mu": 0.0}), 2)
 
 
 def test_default_mu_leaves_fedavg_untouched_at_the_site():
@@ -261,7 +261,11 @@ def test_default_mu_leaves_fedavg_untouched_at_the_site():
     start = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     for name, expected in (("fedavg", 0.0), ("fedadam", 0.0), ("fedprox", 0.001)):
         run = dict(cfg, strategy=name)
-        (msg,) = list(make_strategy(run, 1).configure_train(1, start, ConfigRecord(), grid))
+        (msg,) = list(
+            make_strategy(RunConfig.from_mapping(run), 1).configure_train(
+                1, start, ConfigRecord(), grid
+            )
+        )
         assert train_config(run, msg).proximal_mu == expected, name
 
 

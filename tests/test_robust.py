@@ -82,7 +82,9 @@ def sites(n: int = 5, poison_examples: int = 100):
 
 def aggregate(name: str, replies: list[Message]) -> np.ndarray:
     n = len(replies)
-    strategy = make_strategy({"strategy": name}, n, n)  # robust-malicious: 1 by default
+    strategy = make_strategy(
+        RunConfig.from_mapping({"strategy": name}), n, n
+    )  # robust-malicious: 1 by default
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None, name
     return flat(arrays)
@@ -128,7 +130,7 @@ def test_krum_picks_by_weights_not_by_batchnorm_step_counts():
 def test_multikrum_averages_all_but_f_of_this_rounds_replies():
     replies, honest = sites(5)
     del replies[0]  # a site dropped out: 4 replies, 1 of them poisoned
-    strategy = make_strategy({"strategy": "multikrum"}, 5, 5)
+    strategy = make_strategy(RunConfig.from_mapping({"strategy": "multikrum"}), 5, 5)
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.linalg.norm(flat(arrays) - honest) < 0.01 * POISON
 
@@ -137,26 +139,32 @@ def test_site_count_conditions_adapt_f_and_refuse_only_below_f0():
     """Too few sampled sites for the configured f no longer stop the run: each round lowers
     f to what its updates allow (server/robust.py). Only a count that even f = 0 cannot
     use, or a multikrum-select that all sites cannot meet, is a one-line error."""
-    assert make_strategy({"strategy": "bulyan", "robust-malicious": 1}, 5, 5)
-    assert make_strategy({"strategy": "bulyan", "robust-malicious": 1}, 7)
+    assert make_strategy(
+        RunConfig.from_mapping({"strategy": "bulyan", "robust-malicious": 1}), 5, 5
+    )
+    assert make_strategy(RunConfig.from_mapping({"strategy": "bulyan", "robust-malicious": 1}), 7)
     for name in ("krum", "multikrum"):
-        assert make_strategy({"strategy": name}, 4)
-        assert make_strategy({"strategy": name}, 5)
+        assert make_strategy(RunConfig.from_mapping({"strategy": name}), 4)
+        assert make_strategy(RunConfig.from_mapping({"strategy": name}), 5)
     rules = {"krum": "n > 2f+2", "multikrum": "n > 2f+2", "bulyan": "n >= 4f+3"}
     for name, rule in rules.items():
         with pytest.raises(ValueError) as err:
-            make_strategy({"strategy": name}, 2)
+            make_strategy(RunConfig.from_mapping({"strategy": name}), 2)
         assert str(err.value) == (
             f"strategy={name} needs at least 3 sampled sites even with f=0 ({rule}); "
             "2 are sampled per round"
         )
     with pytest.raises(ValueError, match=r"^multikrum-select=5 is more than"):
-        make_strategy({"strategy": "multikrum", "multikrum-select": 5}, 5)
+        make_strategy(RunConfig.from_mapping({"strategy": "multikrum", "multikrum-select": 5}), 5)
     with pytest.raises(ValueError, match=r"^multikrum-select=5 is more than the 4 .* <= 4 "):
-        make_strategy({"strategy": "multikrum", "multikrum-select": 5}, 4)  # f=0 with 4
-    assert make_strategy({"strategy": "multikrum", "multikrum-select": 4}, 4)
-    assert make_strategy({"strategy": "fedtrimmedavg"}, 4)
-    assert make_strategy({"strategy": "fedtrimmedavg"}, 1)
+        make_strategy(
+            RunConfig.from_mapping({"strategy": "multikrum", "multikrum-select": 5}), 4
+        )  # f=0 with 4
+    assert make_strategy(
+        RunConfig.from_mapping({"strategy": "multikrum", "multikrum-select": 4}), 4
+    )
+    assert make_strategy(RunConfig.from_mapping({"strategy": "fedtrimmedavg"}), 4)
+    assert make_strategy(RunConfig.from_mapping({"strategy": "fedtrimmedavg"}), 1)
 
 
 def test_min_sites_and_updates_needed():
@@ -171,9 +179,15 @@ def test_min_sites_and_updates_needed():
             assert min_sites(name, f) == count, (name, f)
             assert largest_f(name, count) == f and largest_f(name, count - 1) == f - 1
     for name, needed in [("krum", 3), ("multikrum", 3), ("bulyan", 3), ("fedtrimmedavg", 1)]:
-        assert updates_needed({"strategy": name, "robust-malicious": 2}) == needed
-    assert updates_needed({"strategy": "multikrum", "multikrum-select": 4}) == 3
-    assert updates_needed({"strategy": "fedavg"}) == 1
+        assert (
+            updates_needed(RunConfig.from_mapping({"strategy": name, "robust-malicious": 2}))
+            == needed
+        )
+    assert (
+        updates_needed(RunConfig.from_mapping({"strategy": "multikrum", "multikrum-select": 4}))
+        == 3
+    )
+    assert updates_needed(RunConfig.from_mapping({"strategy": "fedavg"})) == 1
 
 
 @pytest.fixture
@@ -201,7 +215,7 @@ def test_four_of_five_sites_still_aggregate_and_leave_the_poisoned_one_out(
     scores with f = 0 but averages all but the configured f = 1, leaving the poison out."""
     replies, honest = sites(5)
     del replies[0]
-    strategy = make_strategy({"strategy": name}, sampled, 5)
+    strategy = make_strategy(RunConfig.from_mapping({"strategy": name}), sampled, 5)
     arrays, _ = strategy.aggregate_train(3, replies)
     assert np.linalg.norm(flat(arrays) - honest) < 0.01 * POISON
     expected = (
@@ -215,14 +229,20 @@ def test_four_of_five_sites_still_aggregate_and_leave_the_poisoned_one_out(
 def test_f_is_logged_only_when_lowered(fedskin_log):
     for name in ("krum", "multikrum", "fedtrimmedavg"):  # 5 updates allow f = 1
         replies, honest = sites(5)
-        arrays, _ = make_strategy({"strategy": name}, 5).aggregate_train(1, replies)
+        arrays, _ = make_strategy(RunConfig.from_mapping({"strategy": name}), 5).aggregate_train(
+            1, replies
+        )
         assert np.linalg.norm(flat(arrays) - honest) < 0.01 * POISON
     assert lowered(fedskin_log) == []
     replies, _ = sites(5)  # Bulyan with 5: f = 0, a plain mean (the poison pulls it)
-    arrays, _ = make_strategy({"strategy": "bulyan"}, 5).aggregate_train(2, replies)
+    arrays, _ = make_strategy(RunConfig.from_mapping({"strategy": "bulyan"}), 5).aggregate_train(
+        2, replies
+    )
     assert arrays is not None
     replies, _ = sites(3)  # the trimmed mean of 2: nothing can be cut
-    arrays, _ = make_strategy({"strategy": "fedtrimmedavg"}, 3).aggregate_train(4, replies[1:])
+    arrays, _ = make_strategy(
+        RunConfig.from_mapping({"strategy": "fedtrimmedavg"}), 3
+    ).aggregate_train(4, replies[1:])
     assert arrays is not None
     assert lowered(fedskin_log) == [
         "round 2: bulyan with 5 updates tolerates f=0 (configured 1; n >= 4f+3)",
@@ -234,7 +254,7 @@ def test_f_is_logged_only_when_lowered(fedskin_log):
 def test_a_round_with_too_few_updates_for_f0_is_not_aggregated(fedskin_log):
     replies, _ = sites(3)
     for name in ("krum", "bulyan"):
-        strategy = make_strategy({"strategy": name}, 3)
+        strategy = make_strategy(RunConfig.from_mapping({"strategy": name}), 3)
         assert strategy.aggregate_train(5, replies[:2]) == (None, None)
         assert f"round 5: {name} cannot aggregate 2 updates even with f=0" in fedskin_log.text
 
@@ -260,13 +280,13 @@ def test_fedavgm_momentum_follows_the_loops_model_and_survives_a_restart():
     start = state_dict(rng)
     step = {k: np.full_like(v, 0.5) for k, v in start.items()}
     updated = {k: v - step[k] for k, v in start.items()}
-    s1 = make_strategy({"strategy": "fedavgm", "server-momentum": 0.9}, 2)
+    s1 = make_strategy(RunConfig.from_mapping({"strategy": "fedavgm", "server-momentum": 0.9}), 2)
     list(s1.configure_train(1, pack(start), ConfigRecord(), grid))
     arrays, _ = s1.aggregate_train(1, [reply(updated, 5), reply(updated, 5)])
     np.testing.assert_allclose(flat(arrays), flat(updated), rtol=1e-6)  # lr 1, 1st round
     saved = strategy_state(s1)
     assert "momentum_vector" in saved
-    s2 = make_strategy({"strategy": "fedavgm", "server-momentum": 0.9}, 2)
+    s2 = make_strategy(RunConfig.from_mapping({"strategy": "fedavgm", "server-momentum": 0.9}), 2)
     load_strategy_state(s2, saved)
     # round 2 from the loop's model: step 0.5 again plus 0.9 * the first step
     for s in (s1, s2):
@@ -284,7 +304,9 @@ def test_server_momentum_would_push_a_falling_variance_below_zero_so_statistics_
     grid = type("G", (), {"get_node_ids": lambda self: [1, 2]})()
     rng = np.random.default_rng(2)
     start = {**state_dict(rng), "bn.running_var": np.ones(4, np.float32)}
-    strategy = make_strategy({"strategy": "fedavgm", "server-momentum": 0.9}, 2)
+    strategy = make_strategy(
+        RunConfig.from_mapping({"strategy": "fedavgm", "server-momentum": 0.9}), 2
+    )
     model = start
     for rnd, variances in enumerate([(0.2, 0.1), (0.05, 0.02)], start=1):
         sites = []
@@ -315,7 +337,7 @@ def test_server_momentum_would_push_a_falling_variance_below_zero_so_statistics_
     ],
 )
 def test_which_strategies_average_statistics_plainly(values, expected):
-    assert statistics_averaged_plainly(values) is expected
+    assert statistics_averaged_plainly(RunConfig.from_mapping(values)) is expected
 
 
 def test_the_server_names_the_models_buffers_as_statistics():
@@ -354,7 +376,9 @@ def alie_bias(name: str, n: int, z: float) -> tuple[float, bool]:
     """How far the aggregate moves toward the attacker, per coordinate in honest std (the
     honest mean's own error is std / sqrt(n - 1)), and whether it *is* the attacker's."""
     replies, mean, std, attack = alie(n, z)
-    arrays, _ = make_strategy({"strategy": name}, n).aggregate_train(1, replies)
+    arrays, _ = make_strategy(RunConfig.from_mapping({"strategy": name}), n).aggregate_train(
+        1, replies
+    )
     agg = flat(arrays)
     return float(np.mean((mean - agg) / std)), bool(np.allclose(agg, attack))
 

@@ -150,7 +150,7 @@ def test_loop_checkpoints_load_weights_only_and_resume(tmp_path: Path) -> None:
     state, _ = fed.start(_initial(), False)[:2]
     state.round, state.rounds = 2, [{"round": 1, "validation": {"global": {"x": np.float64(1)}}}]
     arrays = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
-    fed.save("last", arrays, state, make_strategy(cfg, 1))
+    fed.save("last", arrays, state, make_strategy(RunConfig.from_mapping(cfg), 1))
     ck = torch.load(RunDir(tmp_path).checkpoint("last"), weights_only=True)
     assert ck["config"] == cfg and ck["state"]["round"] == 2
     again = _checkpoints(tmp_path, dict(cfg, **{"num-server-rounds": 9, "resume": True}))
@@ -183,14 +183,14 @@ def test_server_moments_round_trip_bit_exactly(tmp_path: Path, name: str) -> Non
     restored with the same dtype and bytes."""
     grid = type("G", (), {"get_node_ids": lambda self: [1, 2]})()
     cfg = _cfg(strategy=name, **{"server-lr": 0.1})
-    s1 = make_strategy(cfg, 2)
+    s1 = make_strategy(RunConfig.from_mapping(cfg), 2)
     start = ArrayRecord({"w": Array(np.array([0.1, -0.2, 0.3], np.float32))})
     list(s1.configure_train(1, start, ConfigRecord(), grid))
     s1.aggregate_train(1, [_reply([1.0, 1.0, 0.5], 5), _reply([1.0, 3.0, -2.0], 7)])
     saved = strategy_state(s1)
     assert saved, name
     path = rundir.save_checkpoint(tmp_path / "last.pt", {"w": torch.ones(3)}, {}, saved, cfg)
-    s2 = make_strategy(cfg, 2)
+    s2 = make_strategy(RunConfig.from_mapping(cfg), 2)
     load_strategy_state(s2, torch.load(path, weights_only=True)["strategy"])
     for attr in ("m_t", "v_t"):
         for k, v in (getattr(s1, attr, None) or {}).items():
@@ -408,7 +408,7 @@ def test_checkpoints_are_not_written_through_a_symlinked_folder(tmp_path: Path) 
     with pytest.raises(DataError, match="symbolic link"):  # the loop's own save
         fed = _checkpoints(run, _cfg())
         state, arrays = fed.start(_initial(), False)[:2]
-        fed.save("last", arrays, state, make_strategy(_cfg(), 1))
+        fed.save("last", arrays, state, make_strategy(RunConfig.from_mapping(_cfg()), 1))
     assert not list(elsewhere.iterdir())
 
 

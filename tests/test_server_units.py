@@ -88,14 +88,14 @@ def _reply(values, n):
 
 
 def test_fedavg_weights_by_examples():
-    strategy = make_strategy(dict(CFG), 2)
+    strategy = make_strategy(RunConfig.from_mapping(dict(CFG)), 2)
     arrays, _ = strategy.aggregate_train(1, [_reply([0.0, 0.0], 30), _reply([4.0, 8.0], 10)])
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 2.0])
 
 
 def test_fedadam_state_survives_a_restart():
     cfg = dict(CFG, strategy="fedadam", **{"server-lr": 0.1})
-    s1 = make_strategy(cfg, 2)
+    s1 = make_strategy(RunConfig.from_mapping(cfg), 2)
     start = _rec({"w": np.zeros(2, np.float32)})
 
     class _Grid:
@@ -106,7 +106,7 @@ def test_fedadam_state_survives_a_restart():
     s1.aggregate_train(1, [_reply([1.0, 1.0], 5), _reply([1.0, 3.0], 5)])
     saved = strategy_state(s1)
     assert set(saved) >= {"m_t", "v_t"}
-    s2 = make_strategy(cfg, 2)
+    s2 = make_strategy(RunConfig.from_mapping(cfg), 2)
     load_strategy_state(s2, saved)
     np.testing.assert_allclose(s2.m_t["w"], s1.m_t["w"])
     np.testing.assert_allclose(s2.v_t["w"], s1.v_t["w"])
@@ -114,7 +114,7 @@ def test_fedadam_state_survives_a_restart():
 
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="strategy='fedfoo': must be one of fedavg, fedprox"):
-        make_strategy(dict(CFG, strategy="fedfoo"), 2)
+        make_strategy(RunConfig.from_mapping(dict(CFG, strategy="fedfoo")), 2)
 
 
 def test_proximal_term_only_when_the_strategy_sends_it():
@@ -125,7 +125,7 @@ def test_proximal_term_only_when_the_strategy_sends_it():
     grid_ids = type("G", (), {"get_node_ids": lambda self: [7]})()
     start = _rec({"w": np.zeros(2, np.float32)})
     for name, expected in (("fedavg", 0.0), ("fedadam", 0.0), ("fedprox", 0.5)):
-        strategy = make_strategy(dict(CFG, strategy=name, **cfg), 1)
+        strategy = make_strategy(RunConfig.from_mapping(dict(CFG, strategy=name, **cfg)), 1)
         (msg,) = list(strategy.configure_train(1, start, ConfigRecord(), grid_ids))
         assert train_config(cfg, msg).proximal_mu == expected, name
 
@@ -134,13 +134,15 @@ def test_central_dp_wrappers():
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
     cfg = dict(CFG, **{"central-dp": "server-fixed", "central-noise": 0.1, "central-clip": 2.0})
-    assert isinstance(make_strategy(cfg, 4), DifferentialPrivacyServerSideFixedClipping)
+    assert isinstance(
+        make_strategy(RunConfig.from_mapping(cfg), 4), DifferentialPrivacyServerSideFixedClipping
+    )
     with pytest.raises(ValueError, match="central-dp='client-fixd': must be one of"):
-        make_strategy(dict(cfg, **{"central-dp": "client-fixd"}), 4)
+        make_strategy(RunConfig.from_mapping(dict(cfg, **{"central-dp": "client-fixd"})), 4)
     # An epsilon target needs Flower's accountant: refused where its conditions do not hold.
     for bad in ({"strategy": "fedadam"}, {"central-dp": "server-adaptive"}):
         with pytest.raises(ValueError, match="central-epsilon needs Flower's accountant"):
-            make_strategy(dict(cfg, **{"central-epsilon": 8.0}, **bad), 4)
+            make_strategy(RunConfig.from_mapping(dict(cfg, **{"central-epsilon": 8.0}, **bad)), 4)
 
 
 def test_superlink_5xx_is_retried_and_4xx_is_not() -> None:

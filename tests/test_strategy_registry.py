@@ -110,12 +110,12 @@ def round_trip(tmp_path: Path, cfg: dict) -> tuple[dict, ArrayRecord, ArrayRecor
     """Round 1 with one strategy; its state saved and loaded into a fresh one; round 2 with
     both. The saved state, the uninterrupted and the resumed round 2, and round 2 of a
     fresh strategy without the state."""
-    uninterrupted = make_strategy(cfg, SITES, SITES)
+    uninterrupted = make_strategy(RunConfig.from_mapping(cfg), SITES, SITES)
     model = model_of(train_round(uninterrupted, 1, initial()), initial())
     saved = strategy_state(uninterrupted)
-    resumed = make_strategy(cfg, SITES, SITES)
+    resumed = make_strategy(RunConfig.from_mapping(cfg), SITES, SITES)
     load_strategy_state(resumed, through_a_checkpoint(tmp_path, saved, cfg))
-    forgetful = make_strategy(cfg, SITES, SITES)
+    forgetful = make_strategy(RunConfig.from_mapping(cfg), SITES, SITES)
     return (
         saved,
         train_round(uninterrupted, 2, model),
@@ -138,7 +138,7 @@ def test_an_unknown_name_is_one_line_naming_the_choices():
         strategy_spec("fedfoo")
     assert str(err.value) == f"unknown strategy 'fedfoo'; choose one of {STRATEGIES}"
     with pytest.raises(ConfigError, match="strategy='fedfoo': must be one of fedavg, fedprox"):
-        make_strategy({"strategy": "fedfoo"}, 2)
+        make_strategy(RunConfig.from_mapping({"strategy": "fedfoo"}), 2)
 
 
 def test_a_name_registers_once_and_the_registry_is_read_only():
@@ -153,9 +153,11 @@ def test_a_name_registers_once_and_the_registry_is_read_only():
 
 def test_each_built_strategy_names_its_entry():
     for name in STRATEGIES:
-        strategy = make_strategy({"strategy": name}, SITES)
+        strategy = make_strategy(RunConfig.from_mapping({"strategy": name}), SITES)
         assert getattr(strategy, NAME_ATTR) == name
-    wrapped = make_strategy({"strategy": "fedprox", "central-dp": "server-fixed", **DP}, SITES)
+    wrapped = make_strategy(
+        RunConfig.from_mapping({"strategy": "fedprox", "central-dp": "server-fixed", **DP}), SITES
+    )
     assert getattr(wrapped.strategy, NAME_ATTR) == "fedprox"
 
 
@@ -187,12 +189,12 @@ def test_the_dp_wrappers_state_survives_a_restart(tmp_path: Path, name, kind, fi
     round 2 and the privacy spent after it are those of the uninterrupted run."""
     values = {"strategy": name, "central-dp": kind, "server-lr": 0.1, **DP}
     cfg = RunConfig.from_mapping(values).to_flat()
-    uninterrupted = make_strategy(cfg, SITES, SITES)
+    uninterrupted = make_strategy(RunConfig.from_mapping(cfg), SITES, SITES)
     start = initial(counter=False)
     model = model_of(train_round(uninterrupted, 1, start), start)
     saved = strategy_state(uninterrupted)
     assert set(saved) == fields
-    resumed = make_strategy(cfg, SITES, SITES)
+    resumed = make_strategy(RunConfig.from_mapping(cfg), SITES, SITES)
     load_strategy_state(resumed, through_a_checkpoint(tmp_path, saved, cfg))
     assert resumed.clipping_norm == uninterrupted.clipping_norm
     if kind.endswith("adaptive"):  # the norm moved in round 1: a fresh one would differ
@@ -207,21 +209,21 @@ def test_the_dp_wrappers_state_survives_a_restart(tmp_path: Path, name, kind, fi
 
 def test_privacy_spent_is_not_forgotten_by_a_run_without_an_accountant():
     values = {"strategy": "fedavg", "central-dp": "server-fixed", **DP}
-    s1 = make_strategy(values, SITES, SITES)
+    s1 = make_strategy(RunConfig.from_mapping(values), SITES, SITES)
     train_round(s1, 1, initial(counter=False))
     saved = strategy_state(s1)
     assert "accountant" in saved
     message = "the checkpoint has site-level privacy spending but this run has none"
     for other in ({"strategy": "fedavg"}, {**values, "central-dp": "server-adaptive"}):
         with pytest.raises(ValueError, match=message):
-            load_strategy_state(make_strategy(other, SITES, SITES), saved)
+            load_strategy_state(make_strategy(RunConfig.from_mapping(other), SITES, SITES), saved)
 
 
 def test_state_a_strategy_does_not_declare_is_left_out_with_a_log_line(caplog):
     """A forced resume under another strategy: FedAdam's moments do not reach FedAvg."""
-    s1 = make_strategy({"strategy": "fedadam"}, SITES)
+    s1 = make_strategy(RunConfig.from_mapping({"strategy": "fedadam"}), SITES)
     train_round(s1, 1, initial())
-    fedavg = make_strategy({"strategy": "fedavg"}, SITES)
+    fedavg = make_strategy(RunConfig.from_mapping({"strategy": "fedavg"}), SITES)
     logger = logging.getLogger("fedskin")  # propagating: a runner may have stopped that
     propagate, logger.propagate = logger.propagate, True
     try:
