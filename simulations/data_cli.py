@@ -17,14 +17,17 @@ from common.data.formats import ALL_FORMATS, SYNTH_FORMATS
 from common.data.institutions import resolve_names
 from common.data.partition import (
     SPLITS,
+    join_manifests,
     one_site,
     partition,
+    read_manifest,
     site_class_counts,
+    with_source,
     write_manifest,
     write_moves_report,
 )
 from common.data.schema import DataError, default_home
-from common.data.sources import open_source
+from common.data.sources import load_source, source_location
 from common.data.synth import synthesize
 from common.figures import pyplot, save_figure, styled
 
@@ -187,6 +190,15 @@ def partition_cli(
     ] = 0.15,
     test_frac: Annotated[float, typer.Option(help="test fraction of each site's groups")] = 0.15,
     min_site_images: Annotated[int, typer.Option(help="smallest site allowed")] = 20,
+    join: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--join",
+            help="a manifest written by fedskin partition whose sites join these in one "
+            "federation (site names, images and groups must differ, classes agree); "
+            "repeatable",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="manifest CSV; the plot goes beside it as <stem>.png")
     ] = Path("manifest.csv"),
@@ -197,7 +209,8 @@ def partition_cli(
         raise typer.BadParameter("--site makes one site: drop --scheme and --num-sites")
     scheme = scheme or "natural"
     try:
-        src = open_source(fmt, data_path)
+        read_as, folder = source_location(fmt, data_path)
+        src = load_source(read_as, folder)
         if site is not None:
             manifest = one_site(
                 src.meta,
@@ -221,6 +234,10 @@ def partition_cli(
                 test_frac=test_frac,
                 min_site_images=min_site_images,
             )
+        manifest = with_source(manifest, read_as, folder)  # where these sites' images are
+        if join:
+            joined = [(p, read_manifest(p)) for p in join]
+            manifest = join_manifests(manifest, joined, list(src.classes))
     except DataError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -233,11 +250,13 @@ def partition_cli(
     console.print(f"manifest: {csv}\nplot:     {png}")
     if moves is not None:
         console.print(f"moves:    {moves}")
-    console.print(next_commands(fmt, data_path, csv, site), soft_wrap=True, markup=False)
+    nxt = next_commands(fmt, None if join else data_path, csv, None if join else site)
+    console.print(nxt, soft_wrap=True, markup=False)
 
 
 def next_commands(fmt: str, data_path: Path | None, manifest: Path, site: str | None) -> str:
-    """What to run with a manifest just written: a simulation, and a site's SuperNode."""
+    """What to run with a manifest just written: a simulation, and a site's SuperNode (a
+    joined manifest: no data-path, it records each site's)."""
     data = f"data-format='{fmt}'"
     if data_path is not None:
         data += f" data-path='{data_path.resolve()}'"

@@ -14,6 +14,7 @@ go to ``RUN/external/<data-format>`` unless told otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,20 +24,17 @@ from common.config import RunConfig
 from common.data.cache import build_cache
 from common.data.partition import read_manifest
 from common.data.schema import DataError
-from common.data.site_data import cache_dir, classes_for, resolve_source
-from common.data.sources import load_source
-from common.fedmetrics import format_metric
-from common.fileio import json_safe
-from common.names import SPLITS as MANIFEST_SPLITS
-from common.rundir import (
-    METRICS,
-    REPORT,
-    RunDir,
-    atomic_write_json,
-    atomic_write_text,
-    read_checkpoint,
-    read_toml,
+from common.data.site_data import (
+    cache_dir,
+    classes_for,
+    data_pipeline,
+    recorded_sources,
+    resolve_source,
 )
+from common.data.sources import load_source
+from common.names import SPLITS as MANIFEST_SPLITS
+from common.rundir import RunDir, read_checkpoint, read_toml
+from simulations.evaluate_report import print_table, summarize, write_results
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,8 +101,9 @@ def load_personal(
     model: nn.Module, run: RunConfig, run_dir: RunDir, site: str, state_dir: Path | None
 ) -> dict[str, Any]:
     """Put ``site``'s personal entries (FedBN: its normalisation layers; Ditto: its whole
-    model) in the model, from ``<state-dir>/<site>-personal.pt``; what was loaded, for
-    metrics.json. A run without kept personal state scores the global model at the site."""
+    model; fine-tuning: the fine-tuned model it tested) in the model, from
+    ``<state-dir>/<site>-personal.pt``; what was loaded, for metrics.json. A run without
+    kept personal state scores the global model at the site."""
     # lazily: client.personal imports timm (heavy), not for `fedskin --help`
     from client.personal import KEEPS_STATE, overwrite, personal_file, read_personal
     from common.models import set_weights
@@ -191,6 +190,41 @@ def training_ids(run_dir: RunDir) -> set[str]:
     return set(table.loc[table["split"] == "train", "image_id"].astype(str))
 
 
+@dataclass
+class Scored:
+    """The images to score: a uint8 image array, the rows of it to score (in order), their
+    labels and ids, the data's classes and how many of its rows its loader skipped."""
+
+    images: np.ndarray
+    rows: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    classes: list[str]
+    skipped: int
+
+
+def data_source(
+    run: RunConfig, data_format: str | None, data_path: Path | None
+) -> tuple[str, Path, bool]:
+    """(format, path, whether it is the run's own data) of the data to score: the given
+    one, or the run's own."""
+    own_format, own_path = resolve_source(run)
+    if data_format is None:
+        if data_path is not None:
+            raise DataError("--data-path needs --data-format (or neither: the run's own data)")
+        data_format, data_path = own_format, own_path
+    elif data_path is None:
+        raise DataError(f"--data-format {data_format} needs --data-path")
+    data_path = Path(data_path).expanduser()
+    own = data_format == own_format and data_path.resolve() == Path(own_path).resolve()
+    return data_format, data_path, own
+
+
+def recorded_label(recorded: dict[str, tuple[str, Path]]) -> str:
+    """The data formats a manifest records, as the results name them (``csv+ham-dataverse``)."""
+    return "+".join(sorted({fmt for fmt, _ in recorded.values()}))
+
+
 def load_images(
     data_format: str,
     data_path: Path,
@@ -199,10 +233,9 @@ def load_images(
     manifest: Path | None = None,
     cache_root: Path | None = None,
     site: str | None = None,
-) -> tuple[SourceData, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(source, uint8 image cache, row numbers into it, labels, image ids) of the images to
-    score: ``split`` of ``manifest`` (``site``'s rows only, if named) when one is given,
-    else the publisher's split."""
+) -> Scored:
+    """The images to score: ``split`` of ``manifest`` (``site``'s rows only, if named) when
+    one is given, else the publisher's split."""
     source = load_source(data_format, data_path)
     cache = build_cache(source, size, cache_root, progress=True)  # drops unreadable rows
     if manifest is not None:
@@ -210,8 +243,35 @@ def load_images(
     else:
         part = select_split(source, split)
     ids = part["image_id"].astype(str).tolist()
-    rows = cache.rows(ids)
-    return source, cache.images, rows, part["label"].to_numpy(dtype="int64"), ids
+    labels = part["label"].to_numpy(dtype="int64")
+    skipped = source.report.n_skipped()
+    return Scored(cache.images, cache.rows(ids), labels, ids, source.classes, skipped)
+
+
+def load_recorded(
+    run: RunConfig, manifest: Path, size: int, split: str, site: str | None = None
+) -> Scored:
+    """``split`` of a manifest that records each site's source (``site``'s rows only, if
+    named), each site's images read from its own source (the data pipeline's checks)."""
+    import numpy as np
+
+    sites = [site] if site is not None else None
+    settings = run.with_values({"manifest": str(manifest), "image-size": size, "data-path": ""})
+    prepared = data_pipeline(settings, sites=sites)
+    images, labels, ids = [], [], []
+    for name, loaded in prepared.by_site.items():
+        rows = prepared.manifest[prepared.manifest["site"].astype(str) == name]
+        if split != "all":
+            rows = rows[rows["split"] == split]
+        names = rows["image_id"].astype(str).tolist()
+        images.append(loaded.cache.get(names))
+        labels.append(rows["label"].to_numpy(dtype="int64"))
+        ids += names
+    stacked = np.concatenate(images)
+    skipped = sum(source.report.n_skipped() for source in prepared.sources())
+    return Scored(
+        stacked, np.arange(len(ids)), np.concatenate(labels), ids, prepared.source.classes, skipped
+    )
 
 
 def predict_all(
@@ -243,104 +303,6 @@ def _num_classes(model: nn.Module) -> int:
     return int(model.get_classifier().out_features)
 
 
-# ----------------------------------------------------------------------------- results
-
-
-def summarize(
-    labels: np.ndarray, probs: np.ndarray, classes: list[str], info: dict[str, Any]
-) -> dict[str, Any]:
-    """metrics.json content: what was scored, and the pooled metrics of compute_metrics."""
-    import numpy as np
-
-    from common.metrics import compute_metrics  # lazily: sklearn is heavy
-
-    m = compute_metrics(labels, probs, classes)
-    counts = np.bincount(labels, minlength=len(classes))
-    return {
-        **info,
-        "classes": list(classes),
-        "n": len(labels),
-        "balanced_accuracy": json_safe(m["balanced_accuracy"]),
-        "accuracy": json_safe(m["accuracy"]),
-        "auroc": json_safe(m["auroc"]),
-        "auroc_mel": json_safe(m["auroc_mel"]),
-        "per_class_recall": {c: json_safe(m[f"recall_{c}"]) for c in classes},
-        "per_class_auroc": {c: json_safe(m[f"auroc_{c}"]) for c in classes},
-        "class_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
-        "confusion": m["confusion"],
-    }
-
-
-def _heading(metrics: dict[str, Any]) -> str:
-    own = metrics.get("split_of") == "the run's manifest"
-    return "The run's own data" if own else "External validation"
-
-
-def markdown(metrics: dict[str, Any]) -> str:
-    lines = [
-        f"# {_heading(metrics)} on `{metrics['data_format']}`",
-        "",
-        f"Checkpoint `{metrics['checkpoint']}` (model **{metrics['model']}**, trained on "
-        f"`{metrics['trained_on']}`), scored at {metrics['image_size']} px on "
-        f"{metrics['n']} images of `{metrics['data_path']}` (split {metrics['split']} of "
-        f"{metrics.get('split_of', 'the publisher')}), without any training.",
-        "",
-        "| balanced accuracy | accuracy | AUROC | AUROC mel |",
-        "|---|---|---|---|",
-        "| "
-        + " | ".join(
-            format_metric(metrics[k], "n/a")
-            for k in ("balanced_accuracy", "accuracy", "auroc", "auroc_mel")
-        )
-        + " |",
-        "",
-        "| class | n | recall |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {c} | {metrics['class_counts'][c]} | {format_metric(r, 'n/a')} |"
-        for c, r in metrics["per_class_recall"].items()
-    ]
-    lines += ["", "n/a: undefined (no image of that class).", "", "![confusion](confusion.png)", ""]
-    return "\n".join(lines)
-
-
-def write_results(out: Path, metrics: dict[str, Any]) -> list[Path]:
-    """metrics.json, confusion.png (the run report's plot) and report.md under ``out``."""
-    import numpy as np
-
-    from server.report import plot_confusion  # lazily: matplotlib is heavy
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / METRICS, metrics, indent=1)
-    title = f"{_heading(metrics)}: {metrics.get('data_format', '')} {metrics.get('split', '')}"
-    plot_confusion(
-        np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png", title
-    )
-    atomic_write_text(out / REPORT, markdown(metrics))
-    return [out / METRICS, out / "confusion.png", out / REPORT]
-
-
-def print_table(console: Console, metrics: dict[str, Any], out: Path) -> None:
-    from rich.table import Table
-
-    table = Table(
-        title=f"{metrics['model']} on {metrics['data_format']} "
-        f"({metrics['n']} images, split {metrics['split']})"
-    )
-    table.add_column("metric")
-    table.add_column("n", justify="right")
-    table.add_column("value", justify="right")
-    for key in ("balanced_accuracy", "accuracy", "auroc"):
-        table.add_row(key.replace("_", " "), str(metrics["n"]), format_metric(metrics[key], "n/a"))
-    for c, r in metrics["per_class_recall"].items():
-        table.add_row(f"recall {c}", str(metrics["class_counts"][c]), format_metric(r, "n/a"))
-    console.print(table)
-    if metrics.get("note"):
-        console.print(f"note: {metrics['note']}", markup=False)
-    console.print(f"results: {out} (metrics.json, confusion.png, report.md)")
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -361,8 +323,8 @@ def evaluate_checkpoint(
     """Score ``checkpoint`` (a file, or a run directory: its best) and write the results;
     returns metrics.json's dict. Data format and path default to the run's own, and then
     the manifest to the run's (``RUN/manifest.csv``): ``split`` is the run's split.
-    ``site``: that site's rows of the manifest, scored by its personal model (FedBN, Ditto:
-    its entries from ``state_dir``, by default the run's ``state-dir``)."""
+    ``site``: that site's rows of the manifest, scored by its personal model (FedBN, Ditto,
+    fine-tuning: its entries from ``state_dir``, by default the run's ``state-dir``)."""
     from common.train import pick_device  # lazily: Opacus and timm, not for `fedskin --help`
 
     if split not in SPLITS:
@@ -370,33 +332,35 @@ def evaluate_checkpoint(
     checkpoint = checkpoint_path(checkpoint)
     run = checkpoint_run_config(checkpoint)
     run_dir = RunDir(checkpoint.resolve().parent.parent)
-    own_format, own_path = resolve_source(run)
-    if data_format is None:
-        if data_path is not None:
-            raise DataError("--data-path needs --data-format (or neither: the run's own data)")
-        data_format, data_path = own_format, own_path
-    elif data_path is None:
-        raise DataError(f"--data-format {data_format} needs --data-path")
-    data_path = Path(data_path).expanduser()
-    own = data_format == own_format and data_path.resolve() == Path(own_path).resolve()
-    if manifest is None and own and run_dir.manifest.is_file():
-        manifest = run_dir.manifest
+    if manifest is None and data_format is None and data_path is None:
+        manifest = run_dir.manifest if run_dir.manifest.is_file() else None
+    joined = manifest is not None and not data_format and not run.data_path
+    recorded = recorded_sources(read_manifest(manifest)) if joined else {}
+    if recorded:  # the run read each site from the folder its manifest records
+        data_format, data_path, own = recorded_label(recorded), Path(manifest), True
+    else:
+        data_format, data_path, own = data_source(run, data_format, data_path)
+        if manifest is None and own and run_dir.manifest.is_file():
+            manifest = run_dir.manifest
     if site is not None and manifest is None:
         raise DataError(f"--site {site} needs a manifest that names the sites (--manifest)")
     if site is not None:
         check_site(read_manifest(manifest), manifest, site)
     trained_on = run.data_format
     classes = classes_for(trained_on)
-    check_classes(classes, trained_on, classes_for(data_format), data_format)
+    if not recorded:  # a manifest's recorded sources are checked against the run's classes
+        check_classes(classes, trained_on, classes_for(data_format), data_format)
     size = int(image_size or run.image_size)
     # torch.load(..., weights_only=True): a checkpoint holding any other object is refused
     model = model_from_checkpoint(run, read_checkpoint(checkpoint), classes, checkpoint)
     personal = load_personal(model, run, run_dir, site, state_dir) if site else {}
-    cache_root = cache_dir(run) if own else None
-    source, images, rows, labels, ids = load_images(
-        data_format, data_path, size, split, manifest, cache_root, site
-    )
-    check_classes(classes, trained_on, source.classes, data_format)
+    if recorded:
+        scored = load_recorded(run, manifest, size, split, site)
+    else:
+        cache_root = cache_dir(run) if own else None
+        scored = load_images(data_format, data_path, size, split, manifest, cache_root, site)
+        check_classes(classes, trained_on, scored.classes, data_format)
+    images, rows, labels, ids = scored.images, scored.rows, scored.labels, scored.ids
     seen = training_ids(run_dir) & set(ids)
     if seen and not own and console is not None:  # other data may reuse ids for other images
         console.print(
@@ -428,7 +392,7 @@ def evaluate_checkpoint(
         "manifest": str(manifest) if manifest is not None else None,
         "training_images_scored": len(seen),
         "image_size": size,
-        "skipped": source.report.n_skipped(),
+        "skipped": scored.skipped,
         "site": site,
         **personal,
     }
@@ -498,7 +462,7 @@ def evaluate_cli(
         typer.Option(
             "--site",
             help="score only this site's rows of the manifest, with its personal model "
-            "(personalize=fedbn/ditto: its kept state from --state-dir)",
+            "(personalize=fedbn/ditto/finetune: its kept state from --state-dir)",
         ),
     ] = None,
     state_dir: Annotated[

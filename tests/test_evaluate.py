@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from common.data.sources import load_source
 from common.data.synth import synthesize
+from common.rundir import METRICS
 from simulations.cli import app
 from simulations.runner import simulate
 from tests.ray_harness import on_ray
 
-# One tiny but real federated run (built-in synthetic HAM10000-like set, 16 px images).
+# One tiny but real federated run: the README's hospital export joined to a HAM10000 download's
+# sites (a synthetic Dataverse folder and a mixed JPEG/PNG/DICOM csv export, 16 px images).
 TINY = {
     "builtin-images": 300,
     "image-size": 16,
@@ -27,18 +32,82 @@ TINY = {
     "head-calibration": "lda",  # best.pt may be the refitted model (its counters 0-d)
 }
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+ROOT = Path(__file__).resolve().parents[1]
+STAND_IN = "~/data/HAM10000"  # the README's HAM10000 download
+
+
+def readme_block(word: str) -> list[str]:
+    """The README's fenced block (its ``fedskin`` lines) holding ``word``."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    block = next(b for b in blocks if word in b)
+    return [ln.strip() for ln in block.splitlines() if ln.strip().startswith("fedskin ")]
+
+
+def _tiny(command: str) -> list[str]:
+    """A README command's arguments; a simulation's --run-config made TINY."""
+    args = shlex.split(command.replace(STAND_IN, "HAM10000"), comments=True)[1:]
+    if args[0] == "simulate":
+        i = args.index("--run-config") + 1
+        args[i] += " " + " ".join(f"{k}={json.dumps(v)}" for k, v in TINY.items())
+    return args
 
 
 @pytest.fixture(scope="module")
-def best_checkpoint(tmp_path_factory: pytest.TempPathFactory, ray_head: str | None) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "run"
-    with on_ray(ray_head):  # the session's Ray head node (conftest.py)
-        simulate(None, dict(TINY), out=out)
-    return out / "checkpoints" / "best.pt"
+def joined_run(tmp_path_factory: pytest.TempPathFactory, ray_head: str | None) -> Path:
+    """The README's joined federation, its commands run as written (in a folder holding the
+    stand-ins): the quickstart's HAM10000 partition, then the export's --join and simulate."""
+    root = tmp_path_factory.mktemp("eval")
+    synthesize("ham-dataverse", root / "HAM10000", n_images=320, image_size=16)
+    synthesize("csv", root / "example-export", n_images=60, image_size=16, seed=1)
+    quickstart = next(c for c in readme_block("--scheme natural") if "ham-dataverse" in c)
+    join, simulate_cmd, _ = readme_block("--join")
+    with pytest.MonkeyPatch.context() as mp, on_ray(ray_head):  # the session's Ray head node
+        mp.chdir(root)
+        for command in (quickstart, join, simulate_cmd):
+            result = CliRunner().invoke(app, _tiny(command))
+            assert result.exit_code == 0, f"{command}\n{result.output}"
+    return root
+
+
+@pytest.fixture(scope="module")
+def best_checkpoint(joined_run: Path) -> Path:
+    return joined_run / "runs" / "federation" / "checkpoints" / "best.pt"
 
 
 def _evaluate(*args: str):
     return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def test_the_readme_joined_federation_is_scored_as_it_reported(joined_run, monkeypatch):
+    """The hospital's export trained next to the HAM10000 sites, each read from its own
+    folder; the README's `fedskin evaluate --checkpoint RUN --split test`, as written, gives
+    the pooled test figure the run reported, and `--site hospital-a` that site's."""
+    run = joined_run / "runs" / "federation"
+    reported = json.loads((run / "metrics.json").read_text())["test"]
+    manifest = pd.read_csv(run / "manifest.csv")
+    hospital = manifest[manifest["site"] == "hospital-a"]
+    assert {Path(i).suffix for i in hospital["image_id"]} == {".jpg", ".png", ".dcm"}
+    assert set(manifest["data_format"]) == {"csv", "ham-dataverse"}
+    assert "hospital-a" in reported["sites"] and len(reported["sites"]) >= 3
+    monkeypatch.chdir(joined_run)
+    (command,) = [c for c in readme_block("--join") if c.startswith("fedskin evaluate")]
+
+    result = CliRunner().invoke(app, _tiny(command))
+
+    assert result.exit_code == 0, result.output
+    m = json.loads((run / "external" / "csv+ham-dataverse" / "metrics.json").read_text())
+    assert m["split"] == "test" and m["split_of"] == "the run's manifest"
+    assert m["n"] == int(reported["global"]["n"]) == int((manifest["split"] == "test").sum())
+    for key in ("balanced_accuracy", "accuracy"):  # the pooled AUROC is from histograms
+        assert m[key] == pytest.approx(reported["global"][key], abs=1e-3), key
+    assert np.asarray(m["confusion"]).tolist() == reported["confusion"]
+    site = _evaluate("--checkpoint", str(run), "--split", "test", "--site", "hospital-a")
+    assert site.exit_code == 0, site.output
+    at = json.loads((run / "external" / "csv+ham-dataverse-hospital-a" / METRICS).read_text())
+    figures = reported["sites"]["hospital-a"]
+    assert at["n"] == int(figures["num-examples"]) == int((hospital["split"] == "test").sum())
+    assert at["balanced_accuracy"] == pytest.approx(figures["balanced_accuracy"], abs=1e-3)
+    assert at["auroc"] == pytest.approx(figures["auroc"], abs=1e-3)
 
 
 def test_evaluate_on_another_layout(best_checkpoint, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.data.formats import get_format
 from common.data.institutions import assign_institutions, group_table, resolve_names
 from common.data.schema import DataError
 from common.data.site_schemes import (
@@ -41,6 +42,9 @@ from common.names import SPLITS as SPLITS
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS: list[str] = ["image_id", "group_id", "label", "label_name", "site", "split"]
+# Optional: where each site's images are (`fedskin partition` records them; one per site), so
+# one manifest can join sites of different sources (`fedskin partition --join`).
+SOURCE_COLUMNS: list[str] = ["data_format", "data_path"]
 MOVE_COLUMNS: list[str] = ["image_id", "group_id", "from_site", "to_site"]
 _STREAMS = {"natural": 0, "institutions": 1, "dirichlet": 2, "iid": 3}
 _FIRST = 5  # offending ids/rows quoted in error messages
@@ -319,8 +323,9 @@ def _sorted(manifest: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _rows(manifest: pd.DataFrame, mask: pd.Series) -> str:
-    """Offending rows as file line numbers (header is line 1) with their ids."""
+def rows_named(manifest: pd.DataFrame, mask: pd.Series) -> str:
+    """Offending rows as file line numbers (header is line 1, the index counts rows from 0)
+    with their ids."""
     sub = manifest.loc[mask].head(_FIRST)
     return "; ".join(
         f"line {i + 2}: {r.image_id} (group {r.group_id}, site {r.site}, split {r.split})"
@@ -339,19 +344,20 @@ def _check_invariants(manifest: pd.DataFrame, where: str) -> None:
     if bad_split.any():
         raise DataError(
             f"{where}: unknown split name(s) {sorted(manifest.loc[bad_split, 'split'].unique())} "
-            f"(allowed {list(SPLITS)}): {_rows(manifest, bad_split)}"
+            f"(allowed {list(SPLITS)}): {rows_named(manifest, bad_split)}"
         )
     for col in ("image_id", "group_id", "site"):
         blank = manifest[col].astype(str).str.strip() == ""
         if blank.any():
-            raise DataError(f"{where}: empty {col}: {_rows(manifest, blank)}")
+            raise DataError(f"{where}: empty {col}: {rows_named(manifest, blank)}")
     dup = manifest["image_id"].duplicated(keep=False)
     if dup.any():
-        raise DataError(f"{where}: duplicated image_id: {_rows(manifest, dup)}")
+        raise DataError(f"{where}: duplicated image_id: {rows_named(manifest, dup)}")
     for col, what in (("site", "sites"), ("split", "splits")):
         n = manifest.groupby("group_id")[col].transform("nunique")
         if (n > 1).any():
-            raise DataError(f"{where}: group in two {what}: {_rows(manifest, n > 1)}")
+            raise DataError(f"{where}: group in two {what}: {rows_named(manifest, n > 1)}")
+    _check_sources(manifest, where)
 
 
 def write_manifest(manifest: pd.DataFrame, path: str | Path, seal: bool = False) -> Path:
@@ -363,7 +369,7 @@ def write_manifest(manifest: pd.DataFrame, path: str | Path, seal: bool = False)
     """
     path = Path(path)
     _check_invariants(manifest, str(path))
-    text = _sorted(manifest[MANIFEST_COLUMNS]).to_csv(
+    text = _sorted(manifest[manifest_columns(manifest)]).to_csv(
         index=False, lineterminator="\n", float_format="%.6g"
     )
     if seal:  # first: a crash between the two leaves no manifest, so it is made again
@@ -420,11 +426,97 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     label = pd.to_numeric(df["label"], errors="coerce")
     bad = label.isna() | (label % 1 != 0) | (label < 0)
     if bad.any():
-        raise DataError(f"{path}: label is not a non-negative integer: {_rows(df, bad)}")
+        raise DataError(f"{path}: label is not a non-negative integer: {rows_named(df, bad)}")
     _check_invariants(df, str(path))
-    df = df[MANIFEST_COLUMNS].copy()
+    df = df[manifest_columns(df)].copy()
     df["label"] = label.astype(int)
     return df
+
+
+def manifest_columns(manifest: pd.DataFrame) -> list[str]:
+    """The columns a manifest holds: :data:`MANIFEST_COLUMNS`, and :data:`SOURCE_COLUMNS`
+    when it records where each site's images are."""
+    return MANIFEST_COLUMNS + [c for c in SOURCE_COLUMNS if c in manifest.columns]
+
+
+def with_source(manifest: pd.DataFrame, data_format: str, data_path: str | Path) -> pd.DataFrame:
+    """``manifest`` recording that every row's image is in ``data_format`` data at
+    ``data_path`` (an absolute path: the manifest may be read from another folder)."""
+    out = manifest.copy()
+    out["data_format"] = str(data_format)
+    out["data_path"] = str(Path(data_path).expanduser().resolve())
+    out.attrs = dict(manifest.attrs)
+    return out
+
+
+def _check_sources(manifest: pd.DataFrame, where: str) -> None:
+    """Both source columns or neither, every row filled, one source per site."""
+    present = [c for c in SOURCE_COLUMNS if c in manifest.columns]
+    if not present:
+        return
+    if len(present) == 1:
+        raise DataError(f"{where}: column {present[0]!r} needs its pair ({SOURCE_COLUMNS})")
+    blank = (manifest["data_format"].astype(str).str.strip() == "") | (
+        manifest["data_path"].astype(str).str.strip() == ""
+    )
+    if blank.any():
+        raise DataError(f"{where}: empty data_format or data_path: {rows_named(manifest, blank)}")
+    source = manifest["data_format"].astype(str) + "\0" + manifest["data_path"].astype(str)
+    n = source.groupby(manifest["site"]).transform("nunique")
+    if (n > 1).any():
+        raise DataError(f"{where}: a site in two data sources: {rows_named(manifest, n > 1)}")
+
+
+# ------------------------------------------------------------------ manifests joined
+JOINED_SCHEME = "joined"  # manifest.attrs["scheme"] of a join_manifests() result
+
+
+def join_manifests(
+    manifest: pd.DataFrame, joined: Sequence[tuple[Path, pd.DataFrame]], classes: Sequence[str]
+) -> pd.DataFrame:
+    """``manifest`` with the sites of each joined manifest (read by :func:`read_manifest`) added.
+
+    Every manifest must record its sources (:data:`SOURCE_COLUMNS`) with the same classes;
+    site names, images and groups must be new. Each refusal is one line naming the file and
+    its first offending rows."""
+    out = manifest.reset_index(drop=True)
+    for path, other in joined:
+        other = other.reset_index(drop=True)
+        if any(c not in other.columns for c in SOURCE_COLUMNS):
+            raise DataError(
+                f"{path}: records no data source ({', '.join(SOURCE_COLUMNS)}): write it with "
+                "`fedskin partition` (it records where each site's images are)"
+            )
+        for fmt in sorted(other["data_format"].astype(str).unique()):
+            theirs = get_format(fmt).classes
+            if list(theirs) != list(classes):
+                raise DataError(
+                    f"{path}: its {fmt} data has classes {list(theirs)}; the federation's are "
+                    f"{list(classes)}"
+                )
+        label = other["label"].astype(int)
+        names = pd.Series(list(classes), dtype=object)
+        known = label.between(0, len(classes) - 1)
+        named = label.where(known, 0).map(names) == other["label_name"].astype(str)
+        if not (known & named).all():
+            bad = ~(known & named)
+            raise DataError(
+                f"{path}: class {sorted(set(other.loc[bad, 'label_name']))} is not one of the "
+                f"federation's {list(classes)}: {rows_named(other, bad)}"
+            )
+        for col, what in (("site", "site name"), ("image_id", "image"), ("group_id", "group")):
+            taken = other[col].astype(str).isin(set(out[col].astype(str)))
+            if taken.any():
+                first = sorted(set(other.loc[taken, col].astype(str)))[:_FIRST]
+                raise DataError(
+                    f"{path}: {what} {first} already in the federation (another manifest "
+                    f"joined here): {rows_named(other, taken)}"
+                )
+        out = pd.concat([out, other[manifest_columns(other)]], ignore_index=True)
+    out = _sorted(out)
+    _check_invariants(out, "joined manifest")
+    out.attrs = {"scheme": JOINED_SCHEME, "notes": [], "moved": [], "moves_note": ""}
+    return out
 
 
 # ------------------------------------------------------------------ reporting

@@ -26,9 +26,11 @@ from common.data import synth  # synth.ensure_builtin looked up when called
 from common.data.cache import ImageCache, build_cache
 from common.data.formats import BUILTIN_FORMAT, FORMAT_CLASSES
 from common.data.partition import (
+    SOURCE_COLUMNS,
     moves_report_path,
     partition,
     read_manifest,
+    rows_named,
     write_manifest,
     write_moves_report,
 )
@@ -211,23 +213,119 @@ class SiteData:
 
 
 @dataclass
-class PreparedData:
-    """What the data pipeline made: the loaded source, its manifest, the filled image cache."""
+class LoadedSource:
+    """One data source, loaded, with its images cached at the run's size."""
 
     source: SourceData
-    manifest_path: Path
-    manifest: pd.DataFrame
     cache: ImageCache
 
 
-def data_pipeline(run: DataSettings, *, progress: bool = False) -> PreparedData:
-    """The data pipeline, one code path for simulation and deployment: load the source (the
-    built-in one is synthesized once), derive (or read) the manifest, fill the uint8 cache."""
-    source = load_source(*resolve_source(run))
-    manifest_path = ensure_manifest(run, source)
-    manifest = read_manifest(manifest_path)
-    cache = build_cache(source, run.image_size, cache_dir(run), progress=progress)
-    return PreparedData(source, manifest_path, manifest, cache)
+@dataclass
+class PreparedData:
+    """What the data pipeline made: the manifest and, for each site asked for, its loaded
+    source (the run's own, or the one the manifest records for that site)."""
+
+    manifest_path: Path
+    manifest: pd.DataFrame
+    by_site: dict[str, LoadedSource]
+
+    @property
+    def source(self) -> SourceData:
+        """The first site's source (every site's has the run's classes)."""
+        return next(iter(self.by_site.values())).source
+
+    def sources(self) -> list[SourceData]:
+        """Each distinct source once, in site order."""
+        return list({id(v.source): v.source for v in self.by_site.values()}.values())
+
+
+def recorded_sources(manifest: pd.DataFrame) -> dict[str, tuple[str, Path]]:
+    """site -> (data format, path) the manifest records (``fedskin partition``), or {}."""
+    if any(c not in manifest.columns for c in SOURCE_COLUMNS):
+        return {}
+    first = manifest.drop_duplicates("site")  # read_manifest checked: one source per site
+    return {
+        str(r.site): (str(r.data_format), Path(str(r.data_path)))
+        for r in first.itertuples(index=False)
+    }
+
+
+def check_recorded(run: DataSettings, recorded: dict[str, tuple[str, Path]], path: Path) -> None:
+    """The sources a manifest records must have the run's classes."""
+    classes = classes_for(run.data_format)
+    for site, (fmt, _) in recorded.items():
+        if classes_for(fmt) != classes:
+            raise DataError(
+                f"{path}: site {site}'s {fmt} data has classes {classes_for(fmt)}; the run's "
+                f"data-format {run.data_format!r} has {classes}"
+            )
+
+
+def check_rows_in_source(manifest: pd.DataFrame, source: SourceData, path: Path) -> None:
+    """Every row's image must be in ``source`` with the same label: a row naming a file
+    outside it (``../``, another folder) or relabelled is one line naming the row."""
+    meta = source.meta.drop_duplicates("image_id").set_index(source.meta["image_id"].astype(str))
+    ids = manifest["image_id"].astype(str)
+    absent = ~ids.isin(meta.index)
+    if absent.any():
+        raise DataError(
+            f"{path}: image(s) not in the {source.format} data the site reads "
+            f"({source.report.source}): {rows_named(manifest, absent)}"
+        )
+    relabelled = manifest["label"].to_numpy() != meta.loc[ids, "label"].to_numpy()
+    if relabelled.any():
+        mask = pd.Series(relabelled, index=manifest.index)
+        raise DataError(
+            f"{path}: label differs from the {source.format} data's own: "
+            f"{rows_named(manifest, mask)}"
+        )
+
+
+def data_pipeline(
+    run: DataSettings, *, progress: bool = False, sites: list[str] | None = None
+) -> PreparedData:
+    """The data pipeline, one code path for simulation and deployment: read (or derive) the
+    manifest, load each needed source (the built-in one is synthesized once) and fill its
+    uint8 cache. ``sites``: only these sites' (default: all). Every site reads the run's
+    data-path when it names one (a deployed site: its node config's); without one, each
+    site reads the folder the manifest records for it (a joined manifest)."""
+    given = Path(run.manifest).expanduser() if run.manifest else None
+    table = read_manifest(ensure_manifest(run)) if given is not None else None
+    where = recorded_sources(table) if table is not None and not run.data_path else {}
+    own: SourceData | None = None
+    if where:
+        check_recorded(run, where, given)
+        manifest_path, manifest = ensure_manifest(run), table
+    else:
+        own = load_source(*resolve_source(run))
+        manifest_path = ensure_manifest(run, own)
+        manifest = table if table is not None else read_manifest(manifest_path)
+    wanted = sites if sites is not None else site_names(manifest)
+    sources: dict[tuple[str, Path], SourceData] = {}
+    for site in wanted:  # every row checked against its source before any image is read
+        key = where.get(site) or ("", Path())
+        if key not in sources:
+            source = load_source(*key) if key[0] else own
+            if source is None:
+                raise DataError(f"site {site!r} is not in {manifest_path}")
+            sources[key] = source
+        rows = manifest[manifest["site"].astype(str) == site]
+        try:
+            check_rows_in_source(rows, sources[key], manifest_path)
+        except DataError as err:
+            if where or table is None or not recorded_sources(table):
+                raise
+            raise DataError(
+                f"{err}; the manifest records each site's folder: leave data-path out to read them"
+            ) from None
+    loaded = {
+        key: LoadedSource(
+            source, build_cache(source, run.image_size, cache_dir(run), progress=progress)
+        )
+        for key, source in sources.items()
+    }
+    by_site = {site: loaded[where.get(site) or ("", Path())] for site in wanted}
+    return PreparedData(manifest_path, manifest, by_site)
 
 
 _SITE_CACHE: dict[tuple, SiteData] = {}
@@ -245,16 +343,19 @@ def load_site(run: DataSettings, node_config: Mapping[str, Any] | None = None) -
     )
     if key in _SITE_CACHE:
         return _SITE_CACHE[key]
-    prepared = data_pipeline(run)
+    manifest = read_manifest(ensure_manifest(run)) if run.manifest else None
+    site = pick_site(manifest, named, node_config) if manifest is not None else ""
+    prepared = data_pipeline(run, sites=[site] if site else None)
     manifest = prepared.manifest
-    site = pick_site(manifest, named, node_config)
+    site = site or pick_site(manifest, named, node_config)
+    loaded = prepared.by_site[site]
     rows = manifest[manifest["site"].astype(str) == site]
     images, labels = {}, {}
     for split in SPLITS:
         part = rows[rows["split"] == split]
         ids = part["image_id"].astype(str).tolist()
-        images[split] = np.ascontiguousarray(prepared.cache.get(ids))
+        images[split] = np.ascontiguousarray(loaded.cache.get(ids))
         labels[split] = part["label"].to_numpy(dtype=np.int64).copy()
-    data = SiteData(site=site, classes=prepared.source.classes, images=images, labels=labels)
+    data = SiteData(site=site, classes=loaded.source.classes, images=images, labels=labels)
     _SITE_CACHE[key] = data
     return data

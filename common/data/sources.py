@@ -29,16 +29,23 @@ def load_source(
     return get_format(fmt, FORMATS).load(path, on_bad=on_bad, verify_images=verify_images)
 
 
-def open_source(
+def source_location(
     fmt: str, path: str | Path | None = None, *, n_images: int = 1500, image_size: int = 32
-) -> SourceData:
-    """Any registered format: ``synth-ham``, or a format given no path, is the built-in
-    synthetic set in that format's layout (made once, :func:`synth.ensure_builtin`)."""
+) -> tuple[str, Path]:
+    """(format, folder) the data of ``fmt`` at ``path`` is read from: ``synth-ham``, or a
+    format given no path, is the built-in synthetic set in that format's layout (made once,
+    :func:`synth.ensure_builtin`)."""
     entry = get_format(fmt)
     if entry.builtin and path is not None:
         raise DataError(f"{fmt} is the built-in synthetic data set: it takes no data path")
     if entry.builtin or path is None:
         stored = entry.stored_as or entry.name
-        folder = synth.ensure_builtin(stored, n_images=n_images, image_size=image_size)
-        return load_source(stored, folder)
-    return load_source(fmt, path)
+        return stored, synth.ensure_builtin(stored, n_images=n_images, image_size=image_size)
+    return fmt, Path(path)
+
+
+def open_source(
+    fmt: str, path: str | Path | None = None, *, n_images: int = 1500, image_size: int = 32
+) -> SourceData:
+    """Any registered format, loaded from :func:`source_location`."""
+    return load_source(*source_location(fmt, path, n_images=n_images, image_size=image_size))

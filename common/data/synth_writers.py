@@ -255,10 +255,13 @@ def write_csv_export(out: Path, n_images: int, size: int, seed: int) -> None:
     shares = {"train": 0.7, "validation": 0.15, "test": 0.15}
     split_of = dict(zip(lesions, pick_weighted(rng, shares, len(lesions)), strict=True))
     (out / "images").mkdir()
+    # the hospital's own names: a case number, its patients (no HAM10000 ids, so the export
+    # can join a federation of the built-in sites, whose images and lesions it must not share)
+    patients = df["lesion_id"].str.replace("HAM_", "patient-", regex=False)
     names, labels = [], []
     for i, row in df.iterrows():
         kind = ("jpg", "png", "dcm")[int(i) % 3]
-        rel = f"images/{row['image_id']}.{kind}"
+        rel = f"images/case-{int(i):05d}.{kind}"
         if kind == "jpg":
             data = _jpeg(images[i])
         elif kind == "png":
@@ -267,7 +270,7 @@ def write_csv_export(out: Path, n_images: int, size: int, seed: int) -> None:
             data = buf.getvalue()
         else:
             fields = {
-                "image_name": row["image_id"], "patient_id": row["lesion_id"],
+                "image_name": Path(rel).stem, "patient_id": patients[i],
                 "sex": row["sex"], "age_approx": row["age"],
                 "anatom_site_general_challenge": row["localization"], "diagnosis": row["dx"],
             }  # fmt: skip
@@ -280,7 +283,7 @@ def write_csv_export(out: Path, n_images: int, size: int, seed: int) -> None:
         {
             "image": names,
             "label": labels,
-            "group": df["lesion_id"],
+            "group": patients,
             "site": "hospital-a",
             "split": df["_lesion"].map(split_of),
             "age": df["age"],
