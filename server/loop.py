@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 from common.rundir import atomic_write_json
 from common.wire import layout_of, pack
 from server.checkpoints import Checkpoints, LoopState
@@ -51,10 +51,8 @@ log = logging.getLogger("fedskin")
 class Federation:
     """Runs the rounds of one experiment against a grid of site nodes."""
 
-    def __init__(
-        self, grid: Grid, cfg: RunConfig | Mapping[str, Any], run_dir: Path, classes: list[str]
-    ) -> None:
-        self.run_config = run_config_of(cfg)  # typed: what the loop reads
+    def __init__(self, grid: Grid, run: RunConfig, run_dir: Path, classes: list[str]) -> None:
+        self.run_config = run  # typed: what the loop reads
         self.cfg = self.run_config.to_flat()  # flat: what the run directory stores
         self.grid, self.run_dir, self.classes = grid, run_dir, classes
         self.timeout = self.run_config.round_timeout

@@ -96,7 +96,7 @@ def assign_message_id(msg: Message, message_id: str) -> Message:
 
 class FakeGrid:
     """The part of Flower's ``Grid`` that ``server.loop.Federation`` uses, answered in
-    process: build a real Federation with ``Federation(grid, cfg, run_dir, classes)``.
+    process: build a real Federation with ``Federation(grid, run, run_dir, classes)``.
 
     ``nodes`` maps each node id to what stands behind it (a site, a name: the subclass
     decides). ``push_messages`` numbers the messages ``m1``, ``m2``, ... over the grid's

@@ -95,7 +95,7 @@ def refit(tmp_path: Path, crafted: Callable[[Stats], Stats]) -> tuple[dict, np.n
     values = {"num-server-rounds": 1, "round-timeout": 5.0, "head-calibration": "lda"}
     flat = RunConfig.from_mapping(values).to_flat()
     grid = StatsGrid(sites, crafted)
-    fed = Federation(grid, flat, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(grid, RunConfig.from_flat(flat), tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=5, wait=0)
     initial = {"fc.weight": torch.zeros(2, D), "fc.bias": torch.zeros(2)}
     fed.run(initial, 1, resume=False, head=("fc.weight", "fc.bias"))

@@ -230,7 +230,7 @@ def run_federation(run_dir: Path, sites: list[Site], log: list[str] | None = Non
     values = {"num-server-rounds": ROUNDS, "round-timeout": 5.0, "batch-size": 16, **cfg}
     flat = RunConfig.from_mapping(values).to_flat()
     grid = FakeGrid(sites)
-    fed = Federation(grid, flat, run_dir, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(grid, RunConfig.from_flat(flat), run_dir, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=3, wait=0)
     fed.run(initial_model(), ROUNDS, resume=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -565,17 +565,17 @@ def test_a_crafted_discovery_reply_rejects_that_node(
 
 
 def test_min_nodes_is_enforced(tmp_path: Path) -> None:
-    fed = Federation(FakeGrid(honest_sites()[:2]), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(honest_sites()[:2]), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError) as err:
         fed.discover(expected=3, wait=0.2)
     assert str(err.value) == (
         "only 2 site(s) connected within wait-for-nodes=0.2s; min-nodes=3 are needed"
     )
     sites = [*honest_sites()[:2], Site(BAD, 5, query=_info(**{"n-train": "lots"}))]
-    fed = Federation(FakeGrid(sites), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(sites), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"^only 2 usable site\(s\) of the 3 connected"):
         fed.discover(expected=3, wait=0)
-    fed = Federation(FakeGrid(sites), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(sites), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     assert [s.site for s in fed.discover(expected=2, wait=0)] == ["alpha", "bravo"]
 
 
@@ -720,7 +720,7 @@ def _train_configs(tmp_path: Path, sites: list[Site], **cfg: Any) -> list[dict[s
     values = {"num-server-rounds": 2, "round-timeout": 5.0, "class-prior": "federation", **cfg}
     flat = RunConfig.from_mapping(values).to_flat()
     grid = RecordingGrid(sites)
-    fed = Federation(grid, flat, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(grid, RunConfig.from_flat(flat), tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=3, wait=0)
     fed.run(initial_model(), 2, resume=False)
     assert len(grid.train_configs) == 2 * len(sites)

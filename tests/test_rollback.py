@@ -172,7 +172,7 @@ def run(
 ) -> tuple[dict, Grid]:
     flat = RunConfig.from_mapping(CFG | cfg | {"num-server-rounds": rounds}).to_flat()
     grid = Grid(attack)
-    fed = Federation(grid, flat, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(grid, RunConfig.from_flat(flat), tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=4, wait=0)
     stats = statistics_of(run_model())
     initial = {k: torch.from_numpy(v.copy()) for k, v in INITIAL.items()}

@@ -111,7 +111,7 @@ def run_round(tmp: Path, grid_values: dict, node: dict | None = None, silent=Non
     flat = run.to_flat()
     grid = AppGrid(flat, node)
     grid.silent, grid.tamper = dict(silent or {}), tamper
-    fed = Federation(grid, flat, tmp, list(HAM_CLASSES))  # type: ignore[arg-type]
+    fed = Federation(grid, RunConfig.from_flat(flat), tmp, list(HAM_CLASSES))  # type: ignore[arg-type]
     fed.discover(expected=SITES, wait=0)
     model = initial_model(run, len(HAM_CLASSES))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -424,7 +424,7 @@ def stats_exchange(tmp: Path, values: dict, node: dict | None = None, silent=Non
     flat = run.to_flat()
     grid = AppGrid(flat, node)
     grid.silent = dict(silent or {})
-    fed = Federation(grid, flat, tmp, list(HAM_CLASSES))  # type: ignore[arg-type]
+    fed = Federation(grid, RunConfig.from_flat(flat), tmp, list(HAM_CLASSES))  # type: ignore[arg-type]
     fed.discover(expected=SITES, wait=0)
     model = initial_model(run, len(HAM_CLASSES))
     arrays = array_record({k: v.detach().numpy() for k, v in model.state_dict().items()})

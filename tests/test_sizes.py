@@ -122,7 +122,7 @@ def test_the_liars_class_counts_are_capped_in_the_prior_every_site_receives(
     ]
     sites.append(Site(BAD, 50, query=_info(**{"n-train": 10**9 + 90, "train-counts": [10**9, 90]})))
     flat = RunConfig.from_mapping({"num-server-rounds": 1, "class-prior": "federation"}).to_flat()
-    fed = Federation(RecordingGrid(sites), flat, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(RecordingGrid(sites), RunConfig.from_flat(flat), tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=3, wait=0)
     prior = fed.class_counts()
     assert prior is not None and sum(prior) == 2 * sum(HONEST.values())
@@ -169,7 +169,7 @@ def test_an_evaluation_that_does_not_add_up_to_the_pinned_split_is_rejected(
 
 def test_a_name_claimed_by_two_nodes_belongs_to_neither(tmp_path: Path) -> None:
     impostor = Site(BAD, 50, query=_info(site="alpha"))
-    fed = Federation(FakeGrid([*honest_sites(), impostor]), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid([*honest_sites(), impostor]), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     sites = fed.discover(expected=2, wait=0)
     assert [s.site for s in sites] == ["bravo", "charlie"]
     assert sorted(fed.discovery_rejected) == ["node 100 (site 'alpha')", "node 103 (site 'alpha')"]
@@ -181,7 +181,10 @@ def test_a_name_claimed_by_two_nodes_belongs_to_neither(tmp_path: Path) -> None:
 )
 def test_a_look_alike_name_is_not_a_new_site(name: str, reason: str, tmp_path: Path) -> None:
     fed = Federation(
-        FakeGrid([*honest_sites(), Site(BAD, 50, query=_info(site=name))]), {}, tmp_path, CLASSES
+        FakeGrid([*honest_sites(), Site(BAD, 50, query=_info(site=name))]),
+        RunConfig.defaults(),
+        tmp_path,
+        CLASSES,
     )  # type: ignore[arg-type]
     fed.discover(expected=3, wait=0)
     ((who, why),) = fed.discovery_rejected.items()
@@ -190,7 +193,7 @@ def test_a_look_alike_name_is_not_a_new_site(name: str, reason: str, tmp_path: P
 
 def test_a_site_with_other_classes_is_rejected_at_discovery(tmp_path: Path) -> None:
     other = Site(BAD, 50, query=_info(classes=json.dumps(["nv", "mel"])))
-    fed = Federation(FakeGrid([*honest_sites(), other]), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid([*honest_sites(), other]), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=3, wait=0)
     ((who, why),) = fed.discovery_rejected.items()
     assert who.startswith("node 103") and "are not the run's ['mel', 'nv']" in why
@@ -201,12 +204,14 @@ def test_the_registry_enrols_at_first_discovery_and_rejects_later_changes(
 ) -> None:
     registry = tmp_path / "sites.json"
     cfg = {"site-registry": str(registry)}
-    Federation(FakeGrid(honest_sites()), cfg, tmp_path / "a", CLASSES).discover(3, 0)  # type: ignore[arg-type]
+    Federation(
+        FakeGrid(honest_sites()), RunConfig.from_flat(cfg), tmp_path / "a", CLASSES
+    ).discover(3, 0)  # type: ignore[arg-type]
     assert read_registry(registry) == {
         name: Sizes(n, N_SPLIT, N_SPLIT) for name, n in HONEST.items()
     }
     grown = [*honest_sites()[:2], Site("charlie", 800)]
-    fed = Federation(FakeGrid(grown), cfg, tmp_path / "b", CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(grown), RunConfig.from_flat(cfg), tmp_path / "b", CLASSES)  # type: ignore[arg-type]
     assert [s.site for s in fed.discover(2, 0)] == ["alpha", "bravo"]
     ((who, why),) = fed.discovery_rejected.items()
     assert "charlie" in who and f"declares n-train=800, but {registry} pinned it at 80" in why
@@ -218,7 +223,7 @@ def test_a_resumed_run_rejects_a_site_whose_sizes_changed(tmp_path: Path) -> Non
         {"num-server-rounds": ROUNDS + 1, "round-timeout": 5.0, "batch-size": 16}
     ).to_flat()
     grown = [*honest_sites()[:2], Site("charlie", 800)]
-    fed = Federation(FakeGrid(grown), flat, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(grown), RunConfig.from_flat(flat), tmp_path, CLASSES)  # type: ignore[arg-type]
     fed.discover(expected=2, wait=0)
     fed.run(initial_model(), ROUNDS + 1, resume=True)
     assert "pinned it at 80" in fed.discovery_rejected["node 102 (site 'charlie')"]

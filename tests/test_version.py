@@ -13,6 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
+from common.config import RunConfig
 from common.version import ROOT, git_describe, source_checkout, version
 from server.loop import Federation
 from server.replies import MAX_VERSION, discovery_error
@@ -69,7 +70,7 @@ def test_a_site_of_another_version_is_kept_and_named(
     sites.append(Site("delta", 30, query=_with_version("0.0.9 (git abc1234)")))
     for site in sites[:3]:
         site.query = _with_version(version())  # same version as the server: no warning
-    fed = Federation(FakeGrid(sites), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(sites), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     kept = fed.discover(expected=4, wait=0)
     assert [s.site for s in kept] == ["alpha", "bravo", "charlie", "delta"]
     assert not fed.discovery_rejected
@@ -91,7 +92,7 @@ def test_a_bad_version_is_rejected_by_name(
 ) -> None:
     assert reason in (discovery_error(_with_version(value)(honest_info("a", 3))) or "")
     sites = [*honest_sites(), Site("mallory", 30, query=_with_version(value))]
-    fed = Federation(FakeGrid(sites), {}, tmp_path, CLASSES)  # type: ignore[arg-type]
+    fed = Federation(FakeGrid(sites), RunConfig.defaults(), tmp_path, CLASSES)  # type: ignore[arg-type]
     kept = fed.discover(expected=3, wait=0)
     assert [s.site for s in kept] == ["alpha", "bravo", "charlie"]
     (who,) = fed.discovery_rejected
