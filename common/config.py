@@ -34,10 +34,10 @@ from common.keyrules import config_error, field_rule, field_type, field_value, u
 
 # Defined once, in a leaf that imports nothing: the code that acts on them imports them too.
 from common.names import CENTRAL_DP as CENTRAL_DP  # server/central_dp.py
-from common.names import GRAD_SAMPLE_MODES as GRAD_SAMPLE_MODES  # common/privacy.py
+from common.names import GRAD_SAMPLE_MODES as GRAD_SAMPLE_MODES  # tests/test_config.py
 from common.names import LOSSES as LOSSES  # common/losses.py
 from common.names import MANIFEST_KEYS as MANIFEST_KEYS  # common/data/site_data.py
-from common.names import OPTIMIZERS as OPTIMIZERS  # common/train.py
+from common.names import OPTIMIZERS as OPTIMIZERS  # tests/test_config.py
 from common.names import PERSONALIZE as PERSONALIZE  # common/personal.py
 from common.names import SCHEMES as SCHEMES  # common/data/partition.py
 

@@ -30,8 +30,8 @@ MANIFEST_KEYS: tuple[str, ...] = (
 )
 
 # ------------------------------------------------------------------------------ training
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")  # common/train_config.py
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "hooks", "functorch", "ghost")  # common/privacy.py
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")  # common/config.py
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "hooks", "functorch", "ghost")  # common/config.py
 LOSSES: tuple[str, ...] = (  # common/losses.py
     "ce",
     "weighted-ce",

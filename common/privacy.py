@@ -28,8 +28,8 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from common.config import RunConfig, run_config_of
-from common.names import GRAD_SAMPLE_MODES
+from common.config import RunConfig, run_config_of, value_of
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,33 +51,33 @@ AUTO_MODE_BY_FAMILY = {"EfficientNet": "functorch", "MobileNetV3": "functorch"}
 AUTO_MODE = "hooks"
 
 
+_RUN = RunConfig.defaults()  # the schema's defaults: the one place a default is written
+
+
 @dataclass
 class DPConfig:
     """Sample-level DP settings, one per experiment (kebab-case keys in the run config)."""
 
-    target_epsilon: float = 8.0  # <= 0: no budget (needs an explicit noise_multiplier)
-    target_delta: float = 0.0  # 0 -> 1 / (10 * n_train), i.e. well below 1 / N
-    noise_multiplier: float = 0.0  # > 0 overrides the calibration to target_epsilon
-    max_grad_norm: float = 1.0
-    physical_batch: int = 64
-    grad_sample_mode: str = "auto"
+    target_epsilon: float = _RUN.target_epsilon  # <= 0: no budget (explicit noise_multiplier)
+    target_delta: float = _RUN.target_delta  # 0 -> 1 / (10 * n_train), i.e. well below 1 / N
+    noise_multiplier: float = _RUN.noise_multiplier  # > 0 overrides target_epsilon
+    max_grad_norm: float = _RUN.max_grad_norm
+    physical_batch: int = _RUN.dp_physical_batch
+    grad_sample_mode: str = _RUN.grad_sample_mode
     total_rounds: int = 1  # planned rounds: the noise is calibrated for all of them
     head_share: float = 0.0  # > 0: this part of target_epsilon is kept for the LDA statistics
 
     def __post_init__(self) -> None:
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"grad-sample-mode must be one of {list(GRAD_SAMPLE_MODES)}, "
-                f"got {self.grad_sample_mode!r}"
-            )
+        """The run-config keys' own rules (the schema's), then what only this view adds: an
+        explicit noise multiplier in place of a budget, and no head share without one."""
+        value_of({"grad-sample-mode": self.grad_sample_mode}, "grad-sample-mode")
+        value_of({"max-grad-norm": self.max_grad_norm}, "max-grad-norm")
+        value_of({"dp-physical-batch": self.physical_batch}, "dp-physical-batch")
+        value_of({"num-server-rounds": self.total_rounds}, "num-server-rounds")
         if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
-            raise ValueError("set target-epsilon > 0 or an explicit noise-multiplier > 0")
+            raise ConfigError("set target-epsilon > 0 or an explicit noise-multiplier > 0")
         if not 0 <= self.head_share < 1 or (self.head_share > 0 and self.noise_multiplier > 0):
-            raise ValueError("dp-head-share must be in [0, 1) and needs target-epsilon")
-        if self.max_grad_norm <= 0 or self.physical_batch < 1 or self.total_rounds < 1:
-            raise ValueError(
-                "max-grad-norm must be > 0, dp-physical-batch >= 1, num-server-rounds >= 1"
-            )
+            raise ConfigError("dp-head-share must be in [0, 1) and needs target-epsilon")
 
     @classmethod
     def from_run(cls, run: RunConfig) -> DPConfig:

@@ -12,40 +12,61 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import RunConfig, run_config_of, steps_for
-from common.names import OPTIMIZERS
+from common.config import RunConfig, run_config_of, steps_for, value_of
+from common.errors import ConfigError
+
+_RUN = RunConfig.defaults()  # the schema's defaults: the one place a default is written
+# TrainConfig field -> the run-config key whose default and rule it takes
+RUN_KEYS = {
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "momentum": "momentum",
+    "weight_decay": "weight-decay",
+    "batch_size": "batch-size",
+    "local_epochs": "local-epochs",
+    "local_steps": "local-steps",
+    "loss": "loss",
+    "focal_gamma": "focal-gamma",
+    "augment": "augment",
+    "amp": "amp",
+    "channels_last": "channels-last",
+    "compile": "compile",
+    "seed": "seed",
+}
 
 
 @dataclass
 class TrainConfig:
-    """Local training hyper-parameters (kebab-case keys in the Flower run config)."""
+    """Local training hyper-parameters: the training section of the run config (defaults and
+    rules are the schema's, common/config.py), plus what the server sends per round."""
 
-    optimizer: str = "adam"  # adam | adamw | sgd
-    lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0 overrides local_epochs
-    loss: str = "weighted-ce"
-    focal_gamma: float = 2.0
+    optimizer: str = _RUN.optimizer
+    lr: float = _RUN.lr
+    momentum: float = _RUN.momentum
+    weight_decay: float = _RUN.weight_decay
+    batch_size: int = _RUN.batch_size
+    local_epochs: int = _RUN.local_epochs
+    local_steps: int = _RUN.local_steps  # > 0 overrides local_epochs
+    loss: str = _RUN.loss
+    focal_gamma: float = _RUN.focal_gamma
+    # FedProx's term, sent by the server with each train message (0: none)
     proximal_mu: float = 0.0
     # The federation's training class counts (class-prior = "federation", sent by the
     # server); None: the loss's prior or weights come from the images trained on.
     class_counts: tuple[int, ...] | None = None
-    augment: bool = True
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
+    augment: bool = _RUN.augment
+    amp: bool = _RUN.amp
+    channels_last: bool = _RUN.channels_last
+    compile: bool = _RUN.compile
+    seed: int = _RUN.seed
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
-            raise ValueError("batch-size must be >= 1, lr > 0 and proximal-mu >= 0")
+        """Each field by its key's rule in the schema (one owner of the rules)."""
+        for name, key in RUN_KEYS.items():
+            value_of({key: getattr(self, name)}, key)
+        value_of({"proximal-mu": self.proximal_mu}, "proximal-mu")
         if self.local_steps <= 0 and self.local_epochs < 1:
-            raise ValueError("set local-epochs >= 1 or local-steps >= 1")
+            raise ConfigError("set local-epochs >= 1 or local-steps >= 1")
 
     @classmethod
     def from_run(

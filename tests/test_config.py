@@ -95,17 +95,38 @@ def test_allowed_values_equal_the_codes_constants():
 
 def test_shared_names_are_defined_once():
     """The config and the code that acts on these values import one definition
-    (common/names.py), so there is no copy to keep equal."""
+    (common/names.py), so there is no copy to keep equal; training and DP settings take
+    their rules from the schema (test_training_and_dp_settings_take_the_schemas_rules)."""
     from common import names
     from common.data import partition, site_data
-    from common.privacy import GRAD_SAMPLE_MODES as code_modes
-    from common.train_config import OPTIMIZERS as code_optimizers
 
-    assert OPTIMIZERS is names.OPTIMIZERS is code_optimizers
-    assert GRAD_SAMPLE_MODES is names.GRAD_SAMPLE_MODES is code_modes
+    assert OPTIMIZERS is names.OPTIMIZERS
+    assert GRAD_SAMPLE_MODES is names.GRAD_SAMPLE_MODES
     assert SCHEMES is names.SCHEMES is partition.SCHEMES
     assert names.SPLITS is partition.SPLITS is site_data.SPLITS
     assert MANIFEST_KEYS is names.MANIFEST_KEYS is site_data.MANIFEST_KEYS
+
+
+def test_training_and_dp_settings_take_the_schemas_defaults_and_rules():
+    """TrainConfig and DPConfig are views of the run config: no default or rule of their own
+    for a run-config key (a default changed in the schema changes theirs)."""
+    from common.privacy import DPConfig
+    from common.train_config import RUN_KEYS, TrainConfig
+
+    run, train, dp = RunConfig.defaults(), TrainConfig(), DPConfig()
+    for name, key in RUN_KEYS.items():
+        assert getattr(train, name) == run.value(key), key
+    assert (dp.max_grad_norm, dp.physical_batch) == (run.max_grad_norm, run.dp_physical_batch)
+    assert (dp.target_epsilon, dp.grad_sample_mode) == (run.target_epsilon, run.grad_sample_mode)
+    for bad, text in [
+        ({"optimizer": "lbfgs"}, "optimizer='lbfgs': must be one of adam, adamw, sgd"),
+        ({"batch_size": 0}, "batch-size=0: "),
+        ({"lr": -1.0}, "lr=-1.0: "),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(text)}"):
+            TrainConfig(**bad)
+    with pytest.raises(ConfigError, match="^grad-sample-mode='magic': must be one of auto"):
+        DPConfig(grad_sample_mode="magic")
 
 
 def test_the_data_pipeline_does_not_import_the_config():
