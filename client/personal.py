@@ -33,8 +33,10 @@ from common.fileio import atomic_torch_save, confined
 from common.rundir import read_checkpoint
 from common.train import TrainConfig, train_local
 
-# Methods whose site scores its own kept state (what `fedskin evaluate --site` loads back).
-KEEPS_STATE = ("fedbn", "ditto")
+# Methods whose site scores its own model at the test, saved at the site for `fedskin evaluate
+# --site` (FedBN: its normalisation entries; Ditto: its personal model; fine-tuning: the
+# fine-tuned model it tested).
+KEEPS_STATE = ("fedbn", "ditto", "finetune")
 PERSONAL_FORMAT = "fedskin-personal/1"
 
 # Normalisation layers by module type, timm's variants included: BatchNorm (and timm's
@@ -166,9 +168,10 @@ def finetune(
 
 # ----------------------------------------------------------- the personal state on disk
 # At the test, a FedBN or Ditto site writes the entries it scored with (those it held at the
-# server's best round) to <state-dir>/<site>-personal.pt, so that `fedskin evaluate --site`
-# can score the same personal model later. Tensors and plain data only (read with
-# weights_only=True); a site's next run overwrites it.
+# server's best round), and a fine-tuning site its whole fine-tuned model, to
+# <state-dir>/<site>-personal.pt, so that `fedskin evaluate --site` can score the same
+# personal model later. It stays at the site (never in a reply). Tensors and plain data only
+# (read with weights_only=True); a site's next run overwrites it.
 
 
 def personal_file(state_dir: str | Path, site: str) -> Path:
@@ -185,9 +188,16 @@ def save_personal(
         "site": str(site),
         "personalize": str(mode),
         "round": int(best_round),
-        "arrays": {k: torch.as_tensor(np.array(v)) for k, v in entries.items()},
+        "arrays": {k: _cpu_tensor(v) for k, v in entries.items()},
     }
     return atomic_torch_save(personal_file(state_dir, site), payload)
+
+
+def _cpu_tensor(value: Any) -> torch.Tensor:
+    """A detached CPU copy of a tensor (a model's state, on any device) or an array."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    return torch.as_tensor(np.array(value))
 
 
 def read_personal(state_dir: str | Path, site: str, mode: str) -> dict[str, Any]:

@@ -368,4 +368,6 @@ def evaluate_received(
             save_personal(run.state_dir, data.site, mode, asks.best_round, kept)
     elif mode == "finetune" and split == "test":
         finetune_at_site(run, model, data, asks.server_round)
+        if run.state_dir:  # the fine-tuned model it tests, for `fedskin evaluate --site`
+            save_personal(run.state_dir, data.site, mode, asks.best_round, model.state_dict())
     return evaluate_site(model, data, split)

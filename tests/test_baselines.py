@@ -14,6 +14,7 @@ from simulations.baselines import (
     markdown_table,
     run_baselines,
 )
+from simulations.evaluate import evaluate_checkpoint
 from simulations.runner import prepare_data, resolve_config
 
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
@@ -131,6 +132,11 @@ def test_compare_finetune_reuses_the_fedavg_rounds(tmp_path):
     fed_sites = {s: m["balanced_accuracy"] for s, m in fed["test"]["sites"].items()}
     ft_sites = {s: m["balanced_accuracy"] for s, m in ft["test"]["sites"].items()}
     assert sorted(ft_sites) == SITES and ft_sites != fed_sites  # fine-tuned at the test
+    for site, figures in ft["test"]["sites"].items():  # its fine-tuned model, kept at the site
+        m = evaluate_checkpoint(tmp_path / "finetune", split="test", site=site, out=tmp_path / site)
+        assert m["personal"].endswith(f"{site}-personal.pt") and "note" not in m
+        assert m["balanced_accuracy"] == pytest.approx(figures["balanced_accuracy"], abs=1e-3)
+        assert m["auroc"] == pytest.approx(figures["auroc"], abs=1e-3)
 
 
 @pytest.mark.usefixtures("shared_ray")
