@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from common.config import RunConfig
-from common.data.partition import read_manifest
+from common.data.partition import read_manifest, with_source
 from common.data.site_data import load_site
 from common.data.sources import load_source
 from common.data.synth import synthesize
@@ -228,3 +228,13 @@ def test_joined_sites_each_read_their_own_source(world, monkeypatch, tmp_path):
     assert first.n("train") == int(
         ((fed["site"] == ham_sites[0]) & (fed["split"] == "train")).sum()
     )
+
+
+def test_a_recorded_source_is_absolute_and_a_hub_id_kept(world, monkeypatch):
+    """The manifest may be read from another folder: a local data path is recorded
+    absolute; a path that is nothing here (ham-hf's hub id) is kept as given."""
+    monkeypatch.chdir(world["root"])
+    table = read_manifest(world["site"])
+    assert with_source(table, "csv", "export")["data_path"].iloc[0] == str(world["export"])
+    hub = with_source(table, "ham-hf", "marmal88/skin_cancer")
+    assert set(hub["data_path"]) == {"marmal88/skin_cancer"}

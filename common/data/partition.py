@@ -441,10 +441,12 @@ def manifest_columns(manifest: pd.DataFrame) -> list[str]:
 
 def with_source(manifest: pd.DataFrame, data_format: str, data_path: str | Path) -> pd.DataFrame:
     """``manifest`` recording that every row's image is in ``data_format`` data at
-    ``data_path`` (an absolute path: the manifest may be read from another folder)."""
+    ``data_path`` (made absolute: the manifest may be read from another folder; a path
+    that is no file or folder here, such as ``ham-hf``'s hub id, is kept as given)."""
     out = manifest.copy()
+    local = Path(data_path).expanduser()
     out["data_format"] = str(data_format)
-    out["data_path"] = str(Path(data_path).expanduser().resolve())
+    out["data_path"] = str(local.resolve() if local.exists() else data_path)
     out.attrs = dict(manifest.attrs)
     return out
 
