@@ -1,5 +1,9 @@
 """The site's side of a SecAgg+ round: four train messages answered with Flower's primitives.
 
+The head refit's statistics exchange runs the same four stages as ``query.feature_stats``
+messages: at its collect stage the site computes its statistics as in the clear and masks
+them, each part divided by the scale the server set at setup (common/secagg.py).
+
 The server learns only the sum of the sites' weighted updates (common/secagg.py says what
 travels). What the server can no longer check, the site enforces: it clips its own update
 to ``update-norm-cap`` (its node config's, or the run config's where smaller or where the

@@ -114,7 +114,7 @@ class HeadRefit:
         out["kept"] = bool(after > state.best_score)  # NaN never wins
         log.info(
             "head calibration (LDA from %d sites): validation balanced accuracy %.3f -> %.3f, %s",
-            len(stats),
+            len(sites),
             state.best_score,
             after,
             "refitted head kept" if out["kept"] else "previous head kept",

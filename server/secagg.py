@@ -309,7 +309,7 @@ class SecureSum:
             return f"masked values outside [0, modulus={self.settings.modulus})"
         if why := self._take_plain(site, reply):
             return why
-        self.masked[site.node_id] = [p.astype(np.int64) for p in parts]
+        self.masked[site.node_id] = [p.astype(np.int64, copy=False) for p in parts]
         return None
 
     # ------------------------------------------------------------------ stage 3: unmask
@@ -342,7 +342,9 @@ class SecureSum:
                 shares = self.shares.get(owner, [])
                 if len(shares) < s.threshold:
                     raise ValueError(f"{len(shares)} shares for {self._name(owner)}")
-                secret = combine_shares(shares)
+                # any threshold shares determine the secret (Lagrange over t points, not
+                # all: quadratic in the shares combined; a forged one fails either way)
+                secret = combine_shares(shares[: s.threshold])
                 if owner in survivors:
                     own = mask(secret, s.modulus, self.length, self.factors)
                     for t, m in zip(total, own, strict=True):
