@@ -42,10 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, known_keys, run_config_of, value_of
-from common.data import site_data
-from common.data.schema import SourceData
-from common.data.site_data import SiteData, node_data_values
+from common.config import RunConfig, known_keys, value_of
 from common.errors import ConfigError
 from common.errors import SiteConfigError as SiteConfigError
 from common.fileio import confined as confined  # path confinement, used here and by the data
@@ -278,36 +275,11 @@ def require_run_dp(settings: SiteSettings) -> None:
         )
 
 
-def require_state_dir(cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+def require_state_dir(run: RunConfig, node_config: Mapping[str, Any]) -> None:
     """A deployed site under DP keeps its accountant on disk, or does not train."""
-    run = run_config_of(cfg)
     if run.dp and not is_simulation(node_config) and not run.state_dir:
         site = node_config.get("site", "") or "this site"
         raise SiteConfigError(
             f"{site}: dp=true needs state-dir in the site's --node-config (where its privacy "
             "accountant survives a restart); refusing to train"
         )
-
-
-# ---------------------------------------------------------------- the data, from a flat dict
-# common/data/ takes the typed run config only (it never imports common/config.py); these
-# are its entry points for code that holds the run config as a flat dict.
-
-
-def load_site(
-    cfg: RunConfig | Mapping[str, Any], node_config: Mapping[str, Any] | None = None
-) -> SiteData:
-    """:func:`common.data.site_data.load_site` of a run config that may be a flat dict: the
-    site's node config on top of it, the site named by the node config's ``site`` or else
-    the dict's own."""
-    node_config = node_config or {}
-    if isinstance(cfg, RunConfig):
-        return site_data.load_site(cfg, node_config)
-    flat = {**cfg, **node_data_values(node_config)}
-    site = str(node_config.get("site") or flat.pop("site", "") or "")
-    return site_data.load_site(RunConfig.from_flat(flat), {**node_config, "site": site})
-
-
-def ensure_manifest(cfg: RunConfig | Mapping[str, Any], source: SourceData | None = None) -> Path:
-    """:func:`common.data.site_data.ensure_manifest` of a run config that may be a flat dict."""
-    return site_data.ensure_manifest(run_config_of(cfg), source)

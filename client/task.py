@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from client.headstats import MAX_CENTRE_ENTRY, MAX_PROJECTION_ENTRY, private_stats
 from client.message import ServerAsks
 from client.personal import ditto_step, finetune, norm_state, overwrite, save_personal
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 from common.data.site_data import SiteData
 from common.fedmetrics import site_summary
 from common.headfit import feature_stats
@@ -47,14 +47,13 @@ def site_images(data: SiteData, split: str) -> torch.Tensor:
 
 
 def model_for(
-    cfg: RunConfig | Mapping[str, Any], num_classes: int, arrays: ArrayRecord
+    run: RunConfig, num_classes: int, arrays: ArrayRecord
 ) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     """The run's architecture (built once per process) holding the received weights, and
     those weights as a state dict (they arrive packed, see :mod:`common.wire`).
 
     No pretrained weights are loaded here: the server's initial model carries them, so a
     site never downloads or needs the ``pretrained`` file."""
-    run = run_config_of(cfg)
     key = (num_classes, run.model, run.dp, run.central_dp)
     if key not in _MODELS:
         _MODELS[key] = model_for_run(run, num_classes, pretrained=False)
@@ -75,14 +74,14 @@ def dp_seed(run: RunConfig, site: str, server_round: int, session: Any) -> int:
     return secrets.randbits(62) if session.secure else site_seed(run, site, server_round)
 
 
-def train_config(cfg: RunConfig | Mapping[str, Any], msg: Message | ServerAsks) -> TrainConfig:
+def train_config(run: RunConfig, msg: Message | ServerAsks) -> TrainConfig:
     """Local training settings; the proximal term only when the server's strategy asks, the
     federation's class counts when the server sent them and ``class-prior`` is "federation".
 
     FedProx sends ``proximal-mu`` with every train message. A ``proximal-mu`` left in the run
     config must not turn FedAvg (or FedAdam) into FedProx behind the user's back.
     """
-    asks, run = _asks(msg), run_config_of(cfg)
+    asks = _asks(msg)
     counts = asks.class_counts if run.class_prior == "federation" else None
     return TrainConfig.from_run(
         run, proximal_mu=asks.proximal_mu, server_round=asks.server_round, class_counts=counts
@@ -94,7 +93,7 @@ def _asks(msg: Message | ServerAsks) -> ServerAsks:
 
 
 def train_site(
-    cfg: RunConfig | Mapping[str, Any],
+    run: RunConfig,
     msg: Message,
     data: SiteData,
     session: Any,
@@ -111,7 +110,7 @@ def train_site(
     ones; ``ditto`` then also trains the site's personal model (see :func:`personal_step`).
     What is sent back is, either way, the full trained model as FedAvg sends it.
     """
-    run, asks = run_config_of(cfg), asks or ServerAsks.of(msg)  # the handler's, read once
+    asks = asks or ServerAsks.of(msg)  # the handler's, read once
     mode = personalize_mode(run)
     received: ArrayRecord = msg.content.array_records["arrays"]
     model, start = model_for(run, len(data.classes), received)
@@ -150,7 +149,7 @@ def train_site(
 
 
 def personal_step(
-    cfg: RunConfig | Mapping[str, Any],
+    run: RunConfig,
     model: torch.nn.Module,
     personal: Mapping[str, Any],
     received: Mapping[str, Any],
@@ -160,7 +159,6 @@ def personal_step(
 ) -> dict[str, torch.Tensor]:
     """Ditto: the personal model ``v`` trained as many steps as the global was, with
     ``(ditto-lambda/2) ||v - w||^2`` against the received global ``w``; its new state."""
-    run = run_config_of(cfg)
     set_weights(model, personal)
     anchor = {n: torch.from_numpy(np.asarray(received[n])) for n, _ in model.named_parameters()}
     ditto_step(
@@ -271,7 +269,7 @@ def finetune_at_site(run: RunConfig, model: torch.nn.Module, data: SiteData, ser
 
 
 def site_feature_stats(
-    cfg: RunConfig | Mapping[str, Any],
+    run: RunConfig,
     msg: Message,
     data: SiteData,
     release: Callable[[], tuple[float, int]] | None = None,
@@ -281,7 +279,6 @@ def site_feature_stats(
     the noise's seed (:func:`dp_seed`): it is called once the query is
     known to be well formed, and the statistics go through the Gaussian mechanism in the
     projection the server sent (any projection: the site clips)."""
-    run = run_config_of(cfg)
     model, _ = model_for(run, len(data.classes), msg.content.array_records["arrays"])
     model.to(pick_device())
     images, labels = site_images(data, "train"), data.labels["train"]
@@ -343,7 +340,7 @@ def evaluate_site(model: torch.nn.Module, data: SiteData, split: str) -> dict[st
 
 
 def evaluate_received(
-    cfg: RunConfig | Mapping[str, Any],
+    run: RunConfig,
     msg: Message,
     data: SiteData,
     split: str,
@@ -356,7 +353,7 @@ def evaluate_received(
     site's personal model; ``finetune``: for the test only, the received model fine-tuned on
     the site's train split. At the test, the entries kept at the server's best round.
     """
-    run, asks = run_config_of(cfg), asks or ServerAsks.of(msg)  # the handler's, read once
+    asks = asks or ServerAsks.of(msg)  # the handler's, read once
     mode = personalize_mode(run)
     model, received = model_for(run, len(data.classes), msg.content.array_records["arrays"])
     if mode in ("fedbn", "ditto"):

@@ -533,14 +533,3 @@ def value_of(values: Mapping[str, Any], key: str) -> Any:
 
 def _error(err: ValidationError, values: Mapping[str, Any], key: str = "") -> ConfigError:
     return config_error(err, values, RunConfig.model_fields, key)
-
-
-def as_run_config(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
-    """``cfg`` itself, or the checked config of a flat dict (missing keys: the defaults)."""
-    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_mapping(cfg)
-
-
-def run_config_of(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
-    """``cfg`` itself, or the checked run config held in a flat dict that may carry other
-    keys too (:meth:`RunConfig.from_flat`): what code below an entry point takes."""
-    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_flat(cfg)

@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import timm
@@ -23,7 +22,7 @@ from timm.layers import BatchNormAct2d, GroupNormAct
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,7 @@ SUPPORTED_MODELS: list[str] = [
 # ----------------------------------------------------------------------------- build
 
 
-def model_for_run(
-    cfg: RunConfig | Mapping[str, Any], num_classes: int, *, pretrained: bool = True
-) -> nn.Module:
+def model_for_run(run: RunConfig, num_classes: int, *, pretrained: bool = True) -> nn.Module:
     """The run's backbone, GroupNorm instead of BatchNorm under either kind of DP.
 
     Sample-level DP needs it for Opacus; site-level DP adds noise to every tensor the sites
@@ -52,7 +49,6 @@ def model_for_run(
     ``pretrained=False`` builds the architecture only (the run's ``pretrained`` key is not
     read): for sites and evaluation, whose weights all arrive from the server or a checkpoint.
     """
-    run = run_config_of(cfg)
     source = run.pretrained if pretrained else ""
     return build_model(run.model, num_classes, pretrained=source, dp=run.private)
 

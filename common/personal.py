@@ -5,19 +5,15 @@ the ``fedskin simulate`` runner.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 
 # Methods that train at the site outside the rounds' (accounted) DP-SGD steps.
 NOT_UNDER_DP = ("finetune", "ditto")
 
 
-def personalize_mode(cfg: RunConfig | Mapping[str, Any]) -> str:
+def personalize_mode(run: RunConfig) -> str:
     """The run's ``personalize`` value (an unknown one is refused by :class:`RunConfig`);
     refused where it would spend DP budget."""
-    run = run_config_of(cfg)
     mode = run.personalize
     if mode in NOT_UNDER_DP and run.dp:
         raise ValueError(

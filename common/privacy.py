@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from common.config import RunConfig, run_config_of, value_of
+from common.config import RunConfig, value_of
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,11 +91,6 @@ class DPConfig:
             total_rounds=run.num_server_rounds,
             head_share=run.dp_head_share if run.head_calibration == "lda" else 0.0,
         )
-
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig | Mapping[str, Any]) -> DPConfig:
-        """:meth:`from_run` of a flat run config (checked; other keys ignored)."""
-        return cls.from_run(run_config_of(cfg))
 
 
 @functools.lru_cache(maxsize=64)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 from common.errors import DataError
 
 # The one atomic writer and the manifest seal live in common/fileio.py (the data pipeline
@@ -153,9 +153,8 @@ class RunDir:
         return self.root / BENCH_WRITES
 
 
-def run_dir_for(cfg: RunConfig | Mapping[str, Any]) -> Path:
+def run_dir_for(run: RunConfig) -> Path:
     """``out-dir``, or ``runs/<run-name>`` when it is empty."""
-    run = run_config_of(cfg)
     return Path(run.out_dir).expanduser() if run.out_dir else DEFAULT_RUNS / run.run_name
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.config import RunConfig, run_config_of, steps_for, value_of
+from common.config import RunConfig, steps_for, value_of
 from common.errors import ConfigError
 
 _RUN = RunConfig.defaults()  # the schema's defaults: the one place a default is written
@@ -99,11 +98,6 @@ class TrainConfig:
             compile=run.compile,
             seed=run.seed,
         )
-
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig | Mapping[str, Any]) -> TrainConfig:
-        """:meth:`from_run` of a flat run config (checked; other keys ignored)."""
-        return cls.from_run(run_config_of(cfg))
 
     def steps_per_round(self, n_train: int) -> int:
         return steps_for(n_train, self.batch_size, self.local_epochs, self.local_steps)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 from common.data.schema import DataError
 from common.fedmetrics import nanmax
 from common.figures import pyplot, save_figure, styled
@@ -125,7 +125,7 @@ def _train_references(
     pool_images: np.ndarray,
     pool_labels: np.ndarray,
     num_classes: int,
-    run_config: RunConfig | Mapping[str, Any],
+    run: RunConfig,
     *,
     n_reference: int,
     epochs: int | None,
@@ -140,7 +140,6 @@ def _train_references(
     from common.models import model_for_run
     from common.train import TrainConfig, train_local
 
-    run = run_config_of(run_config)
     rounds = run.num_server_rounds
     if epochs is None:
         if run.local_steps > 0:
@@ -181,7 +180,7 @@ def audit_model(
     device: str = "cpu",
     reference: bool = False,
     seed: int = 0,
-    run_config: RunConfig | Mapping[str, Any] | None = None,
+    run_config: RunConfig | None = None,
     n_reference: int = 2,
     reference_epochs: int | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -225,7 +224,7 @@ def audit_model(
             px,
             py,
             num_classes,
-            run_config or {},
+            run_config or RunConfig.defaults(),
             n_reference=n_reference,
             epochs=reference_epochs,
             device=device,

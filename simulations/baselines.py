@@ -24,10 +24,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from client.siteconfig import load_site
-from common.config import RunConfig, run_config_of
+from common.config import RunConfig
 from common.data.partition import read_manifest
-from common.data.site_data import SiteData, site_names
+from common.data.site_data import SiteData, load_site, site_names
 from common.metrics import compute_metrics
 from common.models import build_model
 from common.rundir import atomic_write_json, atomic_write_text
@@ -38,10 +37,10 @@ from server.results import FinalTest, RunResults
 console = Console()
 
 
-def load_all_sites(cfg: RunConfig | dict[str, Any]) -> list[SiteData]:
+def load_all_sites(run: RunConfig) -> list[SiteData]:
     """Every site of the manifest, in the order simulated partition ids map to them."""
-    names = site_names(read_manifest(run_config_of(cfg).manifest))
-    return [load_site(cfg, {"partition-id": i}) for i in range(len(names))]
+    names = site_names(read_manifest(run.manifest))
+    return [load_site(run, {"partition-id": i}) for i in range(len(names))]
 
 
 def _split(sites: list[SiteData], split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +56,7 @@ def _score(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class
     return float(compute_metrics(labels, probs, classes)["balanced_accuracy"])
 
 
-def fit_baseline(
-    cfg: RunConfig | dict[str, Any], sites: list[SiteData], label: str
-) -> torch.nn.Module:
+def fit_baseline(run: RunConfig, sites: list[SiteData], label: str) -> torch.nn.Module:
     """A model trained on these sites' train splits with the federation's budget and rules.
 
     One round's worth of local training at a time (the run's local steps or epochs, a fresh
@@ -68,7 +65,6 @@ def fit_baseline(
     same way, so the table compares methods, not model selection.
     """
     (x, y), (vx, vy) = _split(sites, "train"), _split(sites, "validation")
-    run = run_config_of(cfg)
     classes, seed, rounds = sites[0].classes, run.seed, run.num_server_rounds
     torch.manual_seed(seed)
     model = build_model(run.model, len(classes), pretrained=run.pretrained)
@@ -129,11 +125,11 @@ def score_on_sites(model: torch.nn.Module, sites: list[SiteData]) -> dict[str, f
 
 
 def _baseline_row(
-    cfg: RunConfig | dict[str, Any], fit_on: list[SiteData], sites: list[SiteData], label: str
+    run: RunConfig, fit_on: list[SiteData], sites: list[SiteData], label: str
 ) -> dict[str, float]:
     """One baseline's row: its test bacc at every site, on the pooled test, and its time."""
     t0 = time.time()
-    model = fit_baseline(cfg, fit_on, label)
+    model = fit_baseline(run, fit_on, label)
     x, y = _split(sites, "test")
     return {
         **score_on_sites(model, sites),
@@ -142,15 +138,15 @@ def _baseline_row(
     }
 
 
-def run_baselines(cfg: RunConfig | dict[str, Any], local: bool = True) -> pd.DataFrame:
+def run_baselines(run: RunConfig, local: bool = True) -> pd.DataFrame:
     """Rows: pooled, and one local model per site; columns: per-site test bacc, the mean over
     sites, the pooled test and the seconds it took."""
-    sites = load_all_sites(cfg)
-    lda = "+lda" if run_config_of(cfg).head_calibration == "lda" else ""
-    rows = [{"method": f"pooled{lda}", **_baseline_row(cfg, sites, sites, "pooled baseline")}]
+    sites = load_all_sites(run)
+    lda = "+lda" if run.head_calibration == "lda" else ""
+    rows = [{"method": f"pooled{lda}", **_baseline_row(run, sites, sites, "pooled baseline")}]
     if local:
         for s in sites:
-            row = _baseline_row(cfg, [s], sites, f"local {s.site}")
+            row = _baseline_row(run, [s], sites, f"local {s.site}")
             rows.append({"method": f"local{lda} ({s.site})", **row})
     return _with_mean(pd.DataFrame(rows))
 
@@ -215,7 +211,6 @@ def compare(
     from simulations.runner import (
         parse_overrides,
         prepare_data,
-        resolve_config,
         resolve_run_config,
         simulate,
     )
@@ -245,9 +240,8 @@ def compare(
         metrics = simulate(config, run, out=out / method, force_resume=reuse)
         test = RunResults.from_json(metrics, out / method / "metrics.json").finished()
         rows.append(federated_row(test, label, time.time() - t0))
-    cfg = prepare_data(resolve_config(config, base))
-    cfg.pop("num-sites-found", None)
-    table = pd.concat([run_baselines(cfg, local=local), _with_mean(pd.DataFrame(rows))])
+    prepared, _ = prepare_data(resolve_run_config(config, base))
+    table = pd.concat([run_baselines(prepared, local=local), _with_mean(pd.DataFrame(rows))])
     extra = ("method", "mean", POOLED_TEST, SECONDS)
     table = table[
         [

@@ -24,7 +24,7 @@ import tomli_w
 from rich.console import Console
 from rich.logging import RichHandler
 
-from common.config import ConfigError, RunConfig, check_keys, run_config_of
+from common.config import ConfigError, RunConfig, check_keys
 from common.data.schema import DataError, LoadReport
 from common.rundir import (
     RunDir,
@@ -155,12 +155,12 @@ def shown_report(report: LoadReport, builtin: bool) -> LoadReport:
     return dataclasses.replace(report, warnings=kept)
 
 
-def prepare_data(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
-    """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here."""
+def prepare_data(run: RunConfig) -> tuple[RunConfig, int]:
+    """Synthesize/load the source, write the manifest, fill the uint8 cache: once, here.
+    The run with its manifest, and the number of sites the manifest holds."""
     from common.data.site_data import BUILTIN_FORMAT, classes_for, data_pipeline
     from simulations.data_cli import site_table
 
-    run = run_config_of(cfg)
     classes_for(run.data_format)
     log.info("loading data ...")
     prepared = data_pipeline(run, progress=True)
@@ -169,9 +169,8 @@ def prepare_data(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     if report.n_skipped() or report.warnings:
         console.print(report.summary())
     console.print(site_table(manifest, source.classes))
-    resolved = run.with_values({"manifest": str(manifest_path.resolve())}).to_flat()
-    resolved["num-sites-found"] = int(manifest["site"].nunique())
-    return resolved
+    resolved = run.with_values({"manifest": str(manifest_path.resolve())})
+    return resolved, int(manifest["site"].nunique())
 
 
 def simulate(
@@ -224,9 +223,8 @@ def simulate(
         run = run.with_values({"state-dir": str(paths.site_state)})
 
     t0 = time.time()
-    resolved = prepare_data(run)
-    n_sites = int(resolved.pop("num-sites-found"))
-    run = RunConfig.from_mapping(resolved).with_values({"min-nodes": n_sites})
+    run, n_sites = prepare_data(run)
+    run = run.with_values({"min-nodes": n_sites})
     cfg = run.to_flat()  # what Flower carries and the run directory stores
     checked = None  # the run's one resume check, made here and handed to the ServerApp
     if run.resume:  # a planted, truncated or differently configured checkpoint: here
@@ -240,7 +238,7 @@ def simulate(
         f"{run.model} at {run.image_size} px, {run.num_server_rounds} rounds "
         f"-> {run_dir}"
     )
-    _run_engine(cfg, n_sites, client_app, checked)  # the ServerApp logs to MLflow (tracking-uri)
+    _run_engine(run, n_sites, client_app, checked)  # the ServerApp logs to MLflow (tracking-uri)
     results = load_results(run_dir)
     if results.test is None:
         raise RuntimeError(f"the run ended without test results; see the log and {run_dir}")
@@ -273,7 +271,7 @@ def ray_address() -> str:
     return "" if address == "local" else address
 
 
-def backend_config(n_sites: int, cfg: RunConfig | dict[str, Any] | None = None) -> dict[str, Any]:
+def backend_config(n_sites: int, run: RunConfig | None = None) -> dict[str, Any]:
     """Flower's Ray backend settings: each site's resources, and which Ray to run on.
 
     ``client_resources`` are the run config's ``client-num-cpus``, ``client-num-gpus``
@@ -283,7 +281,7 @@ def backend_config(n_sites: int, cfg: RunConfig | dict[str, Any] | None = None) 
     (``--ray-address`` / ``RAY_ADDRESS``), only that address: a cluster's resources are set
     by its own ``ray start``.
     """
-    run = run_config_of(cfg or {})
+    run = RunConfig.defaults() if run is None else run
     num_gpus = run.client_num_gpus
     if num_gpus < 0:
         import torch
@@ -302,7 +300,7 @@ def backend_config(n_sites: int, cfg: RunConfig | dict[str, Any] | None = None) 
 
 
 def _run_engine(
-    cfg: dict[str, Any],
+    run: RunConfig,
     n_sites: int,
     client_app: str | None = None,
     checked: Resume | None = None,
@@ -322,11 +320,11 @@ def _run_engine(
     where = "on that cluster" if ray_address() else "on this machine"
     log.info("starting Ray: %d sites %s ...", n_sites, where)
     run_simulation(
-        dict(cfg),
+        run.to_flat(),
         num_supernodes=n_sites,
         client_app=client_app or "client.client_app:app",
         server_app="server.server_app:app" if checked is None else app_resuming(checked),
-        backend_config=backend_config(n_sites, cfg),
+        backend_config=backend_config(n_sites, run),
         app_dir=str(APP_DIR),
     )
 

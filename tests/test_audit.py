@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
+from common.config import RunConfig
 from common.data.site_data import SiteData
 from common.models import build_model
 from common.train import TrainConfig, train_local
@@ -69,7 +70,7 @@ def overfitted():
         model,
         torch.from_numpy(a.images["train"]),
         torch.from_numpy(a.labels["train"]),
-        TrainConfig.from_run_config(cfg),
+        TrainConfig.from_run(RunConfig.from_mapping(cfg)),
         num_classes=len(CLASSES),
         seed=0,
     )
@@ -122,7 +123,12 @@ def test_reference_attack(overfitted) -> None:
     with pytest.raises(ValueError, match="run_config"):
         audit_model(model, [a, b], reference=True)
     result = audit_model(
-        model, [a, b], reference=True, run_config=run_config(), n_reference=1, reference_epochs=2
+        model,
+        [a, b],
+        reference=True,
+        run_config=RunConfig.from_mapping(run_config()),
+        n_reference=1,
+        reference_epochs=2,
     )
     # half of each site's held-out set trains the references; the other half is audited
     assert result["a"]["n_nonmembers_available"] == 75

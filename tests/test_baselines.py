@@ -15,15 +15,15 @@ from simulations.baselines import (
     run_baselines,
 )
 from simulations.evaluate import evaluate_checkpoint
-from simulations.runner import prepare_data, resolve_config
+from simulations.runner import prepare_data, resolve_run_config
 
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 EXTRA = (POOLED_TEST, SECONDS)
 
 
 def test_pooled_and_local_table():
-    cfg = prepare_data(
-        resolve_config(
+    cfg, _ = prepare_data(
+        resolve_run_config(
             None,
             {"builtin-images": 600, "image-size": 16, "num-server-rounds": 2, "local-epochs": 2},
         )
@@ -55,8 +55,8 @@ def test_baseline_keeps_its_best_validation_round(monkeypatch, capsys):
     import simulations.baselines as baselines
     from simulations.baselines import fit_baseline, load_all_sites
 
-    cfg = prepare_data(
-        resolve_config(
+    cfg, _ = prepare_data(
+        resolve_run_config(
             None,
             {"builtin-images": 300, "image-size": 16, "num-server-rounds": 3, "local-steps": 2},
         )
@@ -92,7 +92,7 @@ def test_baseline_head_refit_is_the_federations_and_kept_only_if_validation_impr
     from server.lda import lda_head
     from simulations.baselines import load_all_sites, refit_baseline_head
 
-    cfg = prepare_data(resolve_config(None, {"builtin-images": 300, "image-size": 16}))
+    cfg, _ = prepare_data(resolve_run_config(None, {"builtin-images": 300, "image-size": 16}))
     sites = load_all_sites(cfg)
     classes = sites[0].classes
     x = np.concatenate([s.images["train"] for s in sites])

@@ -281,12 +281,8 @@ def test_default_mu_leaves_fedavg_untouched_at_the_site():
     grid = type("G", (), {"get_node_ids": lambda self: [7]})()
     start = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     for name, expected in (("fedavg", 0.0), ("fedadam", 0.0), ("fedprox", 0.001)):
-        run = dict(cfg, strategy=name)
-        (msg,) = list(
-            make_strategy(RunConfig.from_mapping(run), 1).configure_train(
-                1, start, ConfigRecord(), grid
-            )
-        )
+        run = RunConfig.from_mapping(dict(cfg, strategy=name))
+        (msg,) = list(make_strategy(run, 1).configure_train(1, start, ConfigRecord(), grid))
         assert train_config(run, msg).proximal_mu == expected, name
 
 

@@ -966,8 +966,8 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     import numpy as np
     import torch
 
-    from client.siteconfig import load_site
     from common.config import RunConfig
+    from common.data.site_data import load_site
     from common.models import build_model, get_weights, set_weights
     from common.train import predict
     from server.server_app import initial_model
@@ -976,13 +976,14 @@ def _pooled_train_loss(dep: Deployment, run_dir: Path, cache: Path) -> tuple[flo
     images, labels = [], []
     for site in SITES:
         root = dep.site_dir(site)
-        data = load_site(
+        run = RunConfig.from_mapping(
             {
                 "data-format": "ham-dataverse", "data-path": str(root / "data"),
-                "manifest": str(root / "etc" / "site" / "manifest.csv"), "site": site,
+                "manifest": str(root / "etc" / "site" / "manifest.csv"),
                 "cache-dir": str(cache / site), "image-size": 16,
             }
         )  # fmt: skip
+        data = load_site(run, {"site": site})
         images.append(data.images["train"])
         labels.append(data.labels["train"])
     x, y = torch.from_numpy(np.concatenate(images)), np.concatenate(labels)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.config import RunConfig
 from common.data.institutions import PROFILES, assign_institutions, group_table
 from common.data.partition import (
     MANIFEST_COLUMNS,
@@ -17,6 +18,7 @@ from common.data.partition import (
     write_manifest,
 )
 from common.data.schema import COLUMNS, HAM_CLASSES, DataError
+from common.data.site_data import ensure_manifest
 from simulations.data_cli import plot_sites, site_table
 
 # HAM10000 overall class frequencies (Tschandl et al. 2018) and rough per-class mean ages.
@@ -578,11 +580,9 @@ def test_runner_manifest_logs_moved_lesions(
     """`fedskin simulate` builds its manifest with ensure_manifest: same rule, notes logged."""
     import logging
 
-    from client.siteconfig import ensure_manifest
-
     data, _, expected, _ = ham_split_lesions
     cfg = {"data-format": "ham-dataverse", "data-path": str(data), "cache-dir": str(tmp_path)}
-    cfg |= {"scheme": "natural", "seed": 0}
+    cfg = RunConfig.from_mapping(cfg | {"scheme": "natural", "seed": 0})
     logger, records = logging.getLogger("fedskin"), []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append  # type: ignore[method-assign]

@@ -22,13 +22,14 @@ from client.task import (
     kept_personal,
     train_site,
 )
+from common.config import RunConfig
 from common.data.schema import HAM_CLASSES
 from common.data.site_data import SiteData
 from common.models import build_model, get_weights
 from common.personal import personalize_mode
 from common.train import TrainConfig
 from common.wire import layout_of, pack, unpack
-from simulations.runner import resolve_config, simulate
+from simulations.runner import resolve_run_config, simulate
 
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 TINY = {
@@ -58,8 +59,8 @@ def _site(name: str, seed: int, n: int = 24) -> SiteData:
     return SiteData(name, HAM_CLASSES, images, labels)
 
 
-def _cfg(**kw) -> dict:
-    return resolve_config(None, {"local-steps": 2, "batch-size": 8, "augment": False, **kw})
+def _cfg(**kw) -> RunConfig:
+    return resolve_run_config(None, {"local-steps": 2, "batch-size": 8, "augment": False, **kw})
 
 
 def _msg(state: dict, **config) -> SimpleNamespace:
@@ -151,7 +152,6 @@ def _finetuned(**keys) -> tuple[dict, dict]:
     site's validation labels are the received model's own predictions: it scores 1.0 there,
     so no fine-tuning can improve on it, whatever the CPU's arithmetic."""
     from client.task import finetune_at_site
-    from common.config import run_config_of
     from common.train import predict
 
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def _finetuned(**keys) -> tuple[dict, dict]:
     site.labels["validation"] = predict(model, torch.from_numpy(site.images["validation"])).argmax(
         1
     )
-    run = run_config_of(_cfg(personalize="finetune", **{"finetune-steps": 5, **keys}))
+    run = _cfg(personalize="finetune", **{"finetune-steps": 5, **keys})
     finetune_at_site(run, model, site, 3)
     return received, model.state_dict()
 
@@ -190,13 +190,14 @@ def test_finetune_select_keeps_the_received_model_when_validation_does_not_impro
 
 
 def test_personalize_values_and_dp_refusal():
-    assert personalize_mode({"personalize": ""}) == ""
-    assert personalize_mode({"personalize": "fedbn", "dp": True}) == "fedbn"
+    assert personalize_mode(RunConfig.from_mapping({"personalize": ""})) == ""
+    fedbn = RunConfig.from_mapping({"personalize": "fedbn", "dp": True})
+    assert personalize_mode(fedbn) == "fedbn"
     with pytest.raises(ValueError, match="^personalize='fedbnn': must be one of '', fedbn,"):
-        personalize_mode({"personalize": "fedbnn"})
+        personalize_mode(RunConfig.from_mapping({"personalize": "fedbnn"}))
     for mode in ("ditto", "finetune"):
         with pytest.raises(ValueError, match=f"personalize={mode} is refused with sample-level"):
-            personalize_mode({"personalize": mode, "dp": True})
+            personalize_mode(RunConfig.from_mapping({"personalize": mode, "dp": True}))
 
 
 # ------------------------------------------------------------------------------ Ditto

@@ -70,9 +70,10 @@ def test_sites_never_read_the_pretrained_file(
     path = tmp_path / "server_only.pth"
     torch.save(_source(), path)
     cfg = {"model": "test_efficientnet", "seed": 0, "pretrained": str(path)}
-    glob = get_weights(initial_model(RunConfig.from_mapping(cfg), 7))
+    run = RunConfig.from_mapping(cfg)
+    glob = get_weights(initial_model(run, 7))
     path.unlink()  # a site has no such file
-    model, _ = model_for(cfg, 7, pack(glob))
+    model, _ = model_for(run, 7, pack(glob))
     for key, value in get_weights(model).items():
         assert torch.equal(value, glob[key]), key
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from common.config import RunConfig
 from common.models import SUPPORTED_MODELS, build_model, get_weights, set_weights
 from common.privacy import DPConfig, DPSession, resolve_mode
 from common.train import TrainConfig, train_local
@@ -37,10 +38,9 @@ def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> flo
     return float(eps)
 
 
-def test_from_run_config() -> None:
-    cfg = DPConfig.from_run_config(
-        {"target-epsilon": 3, "dp-physical-batch": 8, "num-server-rounds": 5, "lr": 1.0}
-    )
+def test_from_run() -> None:
+    run = {"target-epsilon": 3, "dp-physical-batch": 8, "num-server-rounds": 5, "lr": 1.0}
+    cfg = DPConfig.from_run(RunConfig.from_mapping(run))
     assert cfg.target_epsilon == 3.0 and cfg.physical_batch == 8 and cfg.total_rounds == 5
     with pytest.raises(ValueError, match="grad-sample-mode"):
         DPConfig(grad_sample_mode="magic")

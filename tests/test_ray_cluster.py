@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common.config import RunConfig
 from simulations.runner import backend_config
 from tests.ray_harness import (
     RAY_CLI,
@@ -41,7 +42,7 @@ SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 # ------------------------------------------------------------------ backend settings
 def test_default_is_a_local_ray_with_this_machines_cpus(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = backend_config(4, {"client-num-gpus": 0.0})
+    cfg = backend_config(4, RunConfig.from_mapping({"client-num-gpus": 0.0}))
     assert cfg["init_args"]["num_cpus"] == (os.cpu_count() or 1)
     assert "address" not in cfg["init_args"]
     assert cfg["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
@@ -51,9 +52,8 @@ def test_default_is_a_local_ray_with_this_machines_cpus(monkeypatch):
 
 def test_an_address_joins_that_cluster_with_the_run_configs_resources(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    cfg = backend_config(
-        96, {"client-num-cpus": 0.5, "client-num-gpus": 0.25, "client-memory-mb": 1024}
-    )
+    run = {"client-num-cpus": 0.5, "client-num-gpus": 0.25, "client-memory-mb": 1024}
+    cfg = backend_config(96, RunConfig.from_mapping(run))
     # ray.init refuses num_cpus when it joins a cluster: the cluster's `ray start` sets them
     assert cfg["init_args"]["address"] == "10.0.0.1:6379"
     assert "num_cpus" not in cfg["init_args"]

@@ -82,8 +82,10 @@ def test_run_directory_paths() -> None:
     paths = RunDir(Path("runs/x"))
     assert paths.checkpoint("best") == Path("runs/x/checkpoints/best.pt")
     assert paths.config.name == "config.toml" and paths.metrics.name == "metrics.json"
-    assert rundir.run_dir_for({"out-dir": "", "run-name": "r"}) == Path("runs/r")
-    assert rundir.run_dir_for({"out-dir": "/tmp/o", "run-name": "r"}) == Path("/tmp/o")
+    runs = RunConfig.from_mapping({"out-dir": "", "run-name": "r"})
+    assert rundir.run_dir_for(runs) == Path("runs/r")
+    out = RunConfig.from_mapping({"out-dir": "/tmp/o", "run-name": "r"})
+    assert rundir.run_dir_for(out) == Path("/tmp/o")
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -127,7 +127,7 @@ def test_proximal_term_only_when_the_strategy_sends_it():
     for name, expected in (("fedavg", 0.0), ("fedadam", 0.0), ("fedprox", 0.5)):
         strategy = make_strategy(RunConfig.from_mapping(dict(CFG, strategy=name, **cfg)), 1)
         (msg,) = list(strategy.configure_train(1, start, ConfigRecord(), grid_ids))
-        assert train_config(cfg, msg).proximal_mu == expected, name
+        assert train_config(RunConfig.from_mapping(cfg), msg).proximal_mu == expected, name
 
 
 def test_central_dp_wrappers():

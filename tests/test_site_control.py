@@ -29,6 +29,8 @@ from client.siteconfig import (
     safe_name,
     site_config,
 )
+from common.config import RunConfig
+from common.data.site_data import ensure_manifest
 from common.models import model_for_run
 from simulations.runner import default_config
 from tests.helpers import assign_message_id
@@ -101,7 +103,7 @@ def task_identity():
 
 def global_model(run: dict) -> ArrayRecord:
     torch.manual_seed(0)
-    model = model_for_run(run, 7, pretrained=False)
+    model = model_for_run(RunConfig.from_mapping(run), 7, pretrained=False)
     return ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
@@ -216,8 +218,6 @@ def test_paths_are_confined(tmp_path) -> None:
 
 def test_derived_manifest_name_stays_in_the_cache(tmp_path, synth_ham_dataverse) -> None:
     """Run-config values are part of a derived manifest's file name: no '/' may escape."""
-    from client.siteconfig import ensure_manifest
-
     cfg = {
         "data-format": "ham-dataverse",
         "data-path": str(synth_ham_dataverse),
@@ -226,17 +226,20 @@ def test_derived_manifest_name_stays_in_the_cache(tmp_path, synth_ham_dataverse)
         "institutions": "../../../../escaped",
     }
     with pytest.raises(SiteConfigError, match="would leave the folder"):
-        ensure_manifest(cfg)
+        ensure_manifest(RunConfig.from_mapping(cfg))
     assert not list(tmp_path.parent.rglob("escaped*"))
 
 
 def test_dp_needs_a_state_dir_in_deployment_only() -> None:
     with pytest.raises(SiteConfigError) as err:
-        require_state_dir({"dp": True, "state-dir": ""}, {"site": "hospital-a"})
+        require_state_dir(
+            RunConfig.from_mapping({"dp": True, "state-dir": ""}), {"site": "hospital-a"}
+        )
     assert "\n" not in str(err.value)
     assert str(err.value).startswith("hospital-a: dp=true needs state-dir")
-    require_state_dir({"dp": True}, {"partition-id": 0, "num-partitions": 4})  # simulation
-    require_state_dir({"dp": False}, {"site": "hospital-a"})
+    sim = {"partition-id": 0, "num-partitions": 4}
+    require_state_dir(RunConfig.from_mapping({"dp": True}), sim)  # simulation
+    require_state_dir(RunConfig.from_mapping({"dp": False}), {"site": "hospital-a"})
 
 
 # ----------------------------------------------------------------- the real handlers
@@ -300,7 +303,6 @@ def test_one_typed_config_per_train_message(sites, tmp_path, monkeypatch) -> Non
     merged."""
     from client.message import ServerAsks
     from client.task import train_config
-    from common.config import RunConfig
 
     built: list[RunConfig] = []
     parsed: list[ServerAsks] = []
@@ -465,10 +467,11 @@ def test_sites_train_with_the_federations_counts_only_when_asked(sites) -> None:
     with "site" the site's own images do."""
     from client.task import train_config
 
-    fed = run_config(**{"class-prior": "federation"})
+    fed = RunConfig.from_mapping(run_config(**{"class-prior": "federation"}))
+    own = RunConfig.from_mapping(run_config(**{"class-prior": "site"}))
     sent = message(MessageType.TRAIN, {"server-round": 1, "class-counts": [5, 1, 0, 2, 9, 80, 3]})
     assert train_config(fed, sent).class_counts == (5, 1, 0, 2, 9, 80, 3)
-    assert train_config(run_config(**{"class-prior": "site"}), sent).class_counts is None
+    assert train_config(own, sent).class_counts is None
     plain = message(MessageType.TRAIN, {"server-round": 1})
     assert train_config(fed, plain).class_counts is None
     with pytest.raises(ValueError, match="class-counts=.* is not a list of integers"):
@@ -533,7 +536,7 @@ def test_feature_statistics_under_dp_are_noised_once_on_the_budget_kept(sites, t
     ctx = context(node, run)
     with pytest.raises(ValueError, match="needs a 'projection'"):
         client_app.feature_stats(plain, ctx)  # refused before it spends anything
-    dim = model_for_run(run, 7, pretrained=False).num_features
+    dim = model_for_run(RunConfig.from_mapping(run), 7, pretrained=False).num_features
     rng = np.random.default_rng(0)
     msg = message("query.feature_stats", sent, global_model(run))
     msg.content["projection"] = ArrayRecord(
@@ -690,7 +693,7 @@ def test_the_statistics_release_is_on_the_sites_lifetime_budget(sites, tmp_path)
     from client.ledger import PrivacyLedger
 
     run = run_config(**{"head-calibration": "lda", "dp": True, "target-epsilon": 4.0})
-    dim = model_for_run(run, 7, pretrained=False).num_features
+    dim = model_for_run(RunConfig.from_mapping(run), 7, pretrained=False).num_features
     rng = np.random.default_rng(0)
     projection = {"centre": rng.normal(size=dim), "projection": rng.normal(size=(dim, 5))}
 

@@ -49,9 +49,9 @@ def test_from_run_reads_the_typed_config_and_leaves_mu_to_the_server() -> None:
     # FedProx's mu is what the server sends with a train message, never the run config's
     assert cfg.proximal_mu == 0.0 and TrainConfig.from_run(run, proximal_mu=0.1).proximal_mu == 0.1
     # a flat dict goes through the one parser: the same typed values, a bad one refused
-    assert TrainConfig.from_run_config(run.to_flat()) == cfg
+    assert TrainConfig.from_run(RunConfig.from_mapping(run.to_flat())) == cfg
     with pytest.raises(ConfigError, match="^lr='abc': must be a number$"):
-        TrainConfig.from_run_config({"lr": "abc", "server-round": 2})
+        TrainConfig.from_run(RunConfig.from_flat({"lr": "abc", "server-round": 2}))
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
 

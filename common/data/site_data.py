@@ -5,9 +5,9 @@ its site by partition id; in a real deployment the SuperNode's ``--node-config``
 site and its local files. Both end in :func:`load_site`, so there is one code path.
 
 This package never imports the run config (common/config.py): its functions take the typed
-settings (:class:`DataSettings`, which :class:`common.config.RunConfig` fulfils). Code that
-holds the run config as a flat dict types it first (``common.config.run_config_of``), or
-calls the flat-dict forms in client/siteconfig.py.
+settings (:class:`DataSettings`, which :class:`common.config.RunConfig` fulfils), built
+once at an entry point (``RunConfig.from_mapping``, or a site's ``client/siteconfig.py:
+site_settings``).
 """
 
 from __future__ import annotations
