@@ -104,7 +104,7 @@ def test_the_walk_sees_known_imports(tmp_path: Path) -> None:
     assert {"client", "server"} <= users["common.headfit"]  # client/task.py, server/lda.py
     assert {"client", "server"} <= users["common.secagg"]
     assert users["common.data.ham"] == set(SIDES)  # through the registry's strings
-    assert "client.siteconfig" in set(imported(ROOT / "simulations" / "baselines.py"))
+    assert "client.warm_exec" in set(imported(ROOT / "simulations" / "cli.py"))
     late = tmp_path / "late.py"
     late.write_text("def f():\n    from server.loop import Federation\n", encoding="utf-8")
     assert list(imported(late)) == ["server.loop"]
