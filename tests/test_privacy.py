@@ -12,7 +12,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from common.config import RunConfig
 from common.models import SUPPORTED_MODELS, build_model, get_weights, set_weights
-from common.privacy import DPConfig, DPSession, resolve_mode
+from common.privacy import DPConfig, DPSession, rdp_epsilon, resolve_mode
 from common.train import TrainConfig, train_local
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # opacus' default alphas
@@ -44,6 +44,26 @@ def test_from_run() -> None:
     assert cfg.target_epsilon == 3.0 and cfg.physical_batch == 8 and cfg.total_rounds == 5
     with pytest.raises(ValueError, match="grad-sample-mode"):
         DPConfig(grad_sample_mode="magic")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_epsilon_of_a_history_is_opacus_accountants_to_the_bit(seed: int) -> None:
+    """rdp_epsilon computes one step's RDP once per (noise, rate) and scales it by the steps:
+    the same floats as Opacus' RDPAccountant over the same entries (mixed noise levels,
+    rates, step counts, deltas)."""
+    from opacus.accountants import RDPAccountant
+
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        n = int(rng.integers(1, 9))
+        history = [
+            (float(rng.choice([0.6, 1.08, 2.5])), float(rng.choice([0.05, 0.5, 1.0])), int(s))
+            for s in rng.integers(1, 50, size=n)
+        ]
+        delta = float(rng.choice([1e-5, 2e-3]))
+        accountant = RDPAccountant()
+        accountant.history = list(history)
+        assert rdp_epsilon(history, delta) == accountant.get_epsilon(delta=delta), history
 
 
 def test_cumulative_epsilon_matches_independent_rdp_after_three_rounds() -> None:
