@@ -10,6 +10,13 @@ tests start inherit all four). An AVX-512 machine then computes as an AVX2 one d
 is left (oneDNN's blocking by cache size) is covered by the golden run's tolerances
 (tests/test_simulation.py). A value set in the environment wins: ``ATEN_CPU_CAPABILITY=avx2
 pytest ...`` checks the suite under other kernels.
+
+Ray starts its workers (the simulations' ClientApp actors) at niceness 15 so that its own
+daemons come first (``RAY_worker_niceness``). In the suite, every pytest-xdist worker's
+processes (drivers, the real SuperLinks and SuperNodes, in-process training) run at 0, so
+one worker's CPU-bound test starves the other worker's simulation actors, which then hold
+their whole test up. The suite's Ray workers run at 0 (the Ray heads and local Rays the
+tests start inherit it), as processes of the same run should.
 """
 
 import os
@@ -27,6 +34,7 @@ def _cpu_flags() -> set[str]:
 
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")
 if {"avx2", "fma"} <= _cpu_flags():
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
     os.environ.setdefault("MKL_CBWR", "AVX2")
