@@ -13,10 +13,15 @@ logical Poisson batches split into physical chunks the way Opacus' BatchMemoryMa
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +35,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from common.config import RunConfig, value_of
+from common.data.schema import default_home
 from common.errors import ConfigError
+from common.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)  # Opacus' RDP orders, as its accountant uses
@@ -96,12 +103,52 @@ class DPConfig:
         )
 
 
-@functools.lru_cache(maxsize=64)
+def remembered_calibration(
+    history_of: Callable[..., list[tuple[float, float, int]]],
+) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """A noise calibration computed once per argument tuple on this machine: kept in memory
+    and as a small file under ``FEDSKIN_HOME/dp-calibration/`` (a bisection over RDP costs
+    2-3 CPU-s, and every simulated site, sweep cell and seed repeats the same ones).
+
+    A kept value is used only if it is a positive finite number whose accountant entries
+    (``history_of(*args, sigma)``) reach at most the target epsilon (``args[0]``), checked
+    with one RDP evaluation: a file that would weaken the guarantee is ignored and
+    replaced. The value is the one the calibration returned (JSON keeps a float exactly)."""
+
+    def wrap(calibrate: Callable[..., float]) -> Callable[..., float]:
+        @functools.lru_cache(maxsize=256)
+        @functools.wraps(calibrate)
+        def remembered(*args: float) -> float:
+            key = hashlib.sha256(repr((calibrate.__name__, args)).encode()).hexdigest()[:24]
+            path = default_home() / "dp-calibration" / f"{key}.json"
+            kept = _kept_sigma(path, args)
+            if kept is not None and rdp_epsilon(history_of(*args, kept), args[1]) <= args[0]:
+                return kept
+            sigma = calibrate(*args)
+            with contextlib.suppress(OSError):  # a cache: a read-only home only costs time
+                atomic_write_text(path, json.dumps({"args": list(args), "sigma": sigma}))
+            return sigma
+
+        return remembered
+
+    return wrap
+
+
+def _kept_sigma(path: Path, args: tuple[float, ...]) -> float | None:
+    try:
+        saved = json.loads(path.read_text())
+        sigma = float(saved["sigma"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = saved.get("args") == list(args) and math.isfinite(sigma) and sigma > 0
+    return sigma if ok else None
+
+
+@remembered_calibration(lambda eps, delta, q, steps, sigma: [(sigma, q, steps)])
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int
 ) -> float:
-    """Noise multiplier reaching ``target_epsilon`` after ``steps`` (cached: the binary
-    search over RDP is slow for small sigma, and simulated sites often share n)."""
+    """Noise multiplier reaching ``target_epsilon`` after ``steps`` (Opacus' bisection)."""
     return get_noise_multiplier(
         target_epsilon=target_epsilon,
         target_delta=delta,
@@ -134,7 +181,9 @@ def unit_rdp(noise: float, sample_rate: float) -> np.ndarray:
     return rdp
 
 
-@functools.lru_cache(maxsize=64)
+@remembered_calibration(
+    lambda eps, delta, q, steps, head, sigma: [(sigma, q, steps), (head, 1.0, 1)]
+)
 def _calibrate_with_head(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, head_noise: float
 ) -> float:

@@ -63,6 +63,44 @@ def test_epsilon_of_a_history_is_opacus_accountants_to_the_bit() -> None:
         assert rdp_epsilon(history, delta) == accountant.get_epsilon(delta=delta), history
 
 
+def test_a_calibration_is_computed_once_per_machine_and_a_weakened_file_is_refused(
+    tmp_path, monkeypatch
+) -> None:
+    """The noise multiplier for the same (epsilon, delta, rate, steps) is kept under
+    FEDSKIN_HOME and read back by the next process as the same float; a kept value whose
+    epsilon exceeds the target (a tampered file: less noise) is ignored and replaced."""
+    import json
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from common import privacy
+
+    monkeypatch.setenv("FEDSKIN_HOME", str(tmp_path))
+    args = (3.0, 1e-3, 0.25, 20)
+    calibrate = privacy.calibrate_noise_multiplier
+    calibrate.cache_clear()
+    sigma = calibrate(*args)
+    (kept,) = (tmp_path / "dp-calibration").glob("*.json")
+    assert json.loads(kept.read_text()) == {"args": list(args), "sigma": sigma}
+    fresh = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-3, sample_rate=0.25, steps=20, accountant="rdp"
+    )
+    assert sigma == fresh  # the bisection's own value, not an approximation
+
+    calls = []
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or 0.0)
+    calibrate.cache_clear()  # as a new process: only the file remains
+    assert calibrate(*args) == sigma and not calls
+
+    kept.write_text(json.dumps({"args": list(args), "sigma": sigma / 2}))  # less noise
+    calibrate.cache_clear()
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: fresh)
+    assert calibrate(*args) == sigma
+    assert privacy.rdp_epsilon([(sigma, 0.25, 20)], 1e-3) <= 3.0
+    assert json.loads(kept.read_text())["sigma"] == sigma  # replaced
+    calibrate.cache_clear()
+
+
 def test_cumulative_epsilon_matches_independent_rdp_after_three_rounds() -> None:
     x, y = tiny(32)
     model = build_model("test_resnet", 3, dp=True)
