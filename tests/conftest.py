@@ -20,29 +20,30 @@ from tests.helpers import SYNTH_N, SYNTH_SIZE
 from tests.ray_harness import RAY_CLI, head_args, ray_env, ray_start, stop_sessions
 
 # ----------------------------------------------------------------- order: the slowest first
-# pytest-xdist (two workers, ``--dist loadfile --no-loadscope-reorder`` in pyproject.toml)
+# pytest-xdist (three workers, ``--dist loadfile --no-loadscope-reorder`` in pyproject.toml)
 # hands out whole files in collection order: the slowest start first, so that no long file
-# is left for the end, when the other worker has nothing left to do. Measured with
-# ``pytest --durations=40``; a module not listed keeps its place after these. The real
-# deployment tests come first: they mostly wait for processes (57% of 2 cores busy), which
-# the other worker's simulations fill.
+# is left for the end, when the others have nothing left to do. Measured with
+# ``pytest --durations=60`` on a fresh clone (2026-12-07); a module not listed keeps its
+# place after these. The real deployment tests come first: they partly wait for processes,
+# which the other workers' simulations fill.
 SLOWEST_FIRST = (
     "test_integration_deploy.py",
-    "test_simulation.py",
-    "test_sweep.py",
     "test_integration_dp_restart.py",
-    "test_privacy.py",
-    "test_evaluate.py",
-    "test_secagg_simulation.py",
-    "test_baselines.py",
-    "test_headfit.py",
-    "test_tracking.py",
     "test_warm_exec.py",
+    "test_simulation.py",
+    "test_baselines.py",
+    "test_evaluate.py",
+    "test_sweep.py",
+    "test_privacy.py",
+    "test_tracking.py",
+    "test_secagg_simulation.py",
+    "test_headfit.py",
+    "test_ray_cluster.py",
     "test_console.py",
     "test_personal.py",
-    "test_ray_cluster.py",
-    "test_doc_commands.py",
     "test_central_dp.py",
+    "test_secagg.py",
+    "test_doc_commands.py",
     "test_bench.py",
 )
 
