@@ -27,12 +27,13 @@ learns how many sites summed and how many entries of the federation were out of 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.quantization import dequantize
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 STAGE_KEY = "secagg-stage"  # in the message's config record: which stage it is
 RECORD = "secagg"  # the stage's own record, in the message and in the reply
@@ -45,6 +46,7 @@ PREVIOUS = {SHARE_KEYS: SETUP, COLLECT: SHARE_KEYS, UNMASK: COLLECT}
 STATS_CLIP, STATS_QUANT, STATS_MODULUS = 1.0, 2**50, 2**62
 STATS_FACTORS = 2  # [sites summed, entries clipped]
 FLOWER_MAX_QUANT = 2**30  # Flower's quantize rounds through int32
+MASK_DOMAIN = b"fedskin secagg+ mask\0"  # the masks' keys: no other use of a seed collides
 
 
 def float_keys(arrays: Mapping[str, Any]) -> list[str]:
@@ -58,7 +60,7 @@ def flat_floats(arrays: Mapping[str, Any], keys: list[str]) -> np.ndarray:
 
 
 def dims(length: int, factors: int = 1) -> list[tuple[int, ...]]:
-    """The shapes pseudo_rand_gen draws masks for: the factor, then the vector."""
+    """The shapes of a mask (:func:`mask`): the factor, then the vector."""
     return [(factors,), (length,)]
 
 
@@ -86,8 +88,26 @@ def quantised(values: np.ndarray, factor: list[int], clip: float, quant: int) ->
 
 
 def mask(seed: bytes, modulus: int, length: int, factors: int = 1) -> list[np.ndarray]:
-    """The mask a seed (a site's own seed, or a pairwise shared key) stands for."""
-    return pseudo_rand_gen(seed, modulus, dims(length, factors))
+    """The mask a seed (a site's own seed, or a pairwise shared key) stands for, in the
+    shapes of :func:`dims`: uniform over ``[0, modulus)`` (a power of 2), the keystream of
+    AES-256 in counter mode under a key hashed from the whole seed.
+
+    Flower's ``pseudo_rand_gen`` folds the seed into 32 bits for NumPy's Mersenne Twister:
+    a server that learns a site's own mask at the unmask stage could then try all 2^32
+    pairwise masks of a site with one neighbour (a federation of two) and keep the one that
+    leaves a vector in the quantised range, i.e. read that site's update. A keystream of a
+    cipher (as Bell et al. specify a PRG) has no such shortcut, and is faster here (AES-NI:
+    ~10 ms for a 2.3 M-entry mask, where the Mersenne Twister takes ~24 ms)."""
+    if modulus < 2 or modulus & (modulus - 1) or modulus > 2**63:
+        raise ValueError(f"a SecAgg+ modulus must be a power of 2 up to 2^63, got {modulus}")
+    n = factors + length
+    key = hashlib.sha256(MASK_DOMAIN + seed).digest()
+    stream = bytearray(8 * n)
+    Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(bytes(8 * n), stream)
+    values = np.frombuffer(stream, dtype="<u8")
+    values &= np.uint64(modulus - 1)
+    out = values.view(np.int64)
+    return [out[:factors], out[factors:]]
 
 
 def recovered(total: list[np.ndarray], sites: int, clip: float, quant: int) -> tuple[int, Any]:

@@ -23,7 +23,16 @@ from client.message import message_config
 from common.config import ConfigError, RunConfig
 from common.data.schema import HAM_CLASSES
 from common.protocol import FEATURE_STATS
-from common.secagg import COLLECT, MASKED, RECORD, SHARE_KEYS, STAGE_KEY, stats_vector, step
+from common.secagg import (
+    COLLECT,
+    MASKED,
+    RECORD,
+    SHARE_KEYS,
+    STAGE_KEY,
+    mask,
+    stats_vector,
+    step,
+)
 from common.wire import pack
 from server.arrays import array_record
 from server.lda import classifier_keys, dp_projection, lda_head
@@ -583,3 +592,25 @@ def test_a_secure_run_refits_the_head_from_the_totals(tmp_path: Path) -> None:
     assert calibration["secure-aggregation"] == "secagg+" and "error" not in calibration
     assert "validation_after" in calibration
     assert not any(r.has_content() and "stats" in r.content.array_records for r in grid.received)
+
+
+def test_a_mask_depends_on_the_whole_seed_not_on_32_bits_of_it() -> None:
+    """Flower's pseudo_rand_gen XORs a seed's 32-bit words together before seeding NumPy, so
+    two keys with the same fold give the same mask and 2^32 guesses find any mask. fedskin's
+    masks (AES-256-CTR under a hash of the whole seed) differ for such keys, are the same
+    for the same key at both ends, and are uniform over the modulus."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    a = bytes(32)
+    b = (1).to_bytes(4, "little") * 2 + bytes(24)  # the two words cancel: the same fold
+    modulus, n = 2**40, 20_000
+    flower = [pseudo_rand_gen(key, modulus, [(1,), (n,)])[1] for key in (a, b)]
+    assert np.array_equal(*flower)  # the weakness, shown on Flower's own generator
+    ours_a, ours_b = mask(a, modulus, n)[1], mask(b, modulus, n)[1]
+    assert not np.array_equal(ours_a, ours_b)
+    assert np.array_equal(ours_a, mask(a, modulus, n)[1])  # both ends derive the same mask
+    assert ours_a.dtype == np.int64 and 0 <= ours_a.min() and ours_a.max() < modulus
+    # uniform: the mean of n draws is within 5 standard errors of modulus / 2
+    assert abs(ours_a.mean() - modulus / 2) < 5 * (modulus / np.sqrt(12 * n))
+    with pytest.raises(ValueError, match="power of 2"):
+        mask(a, 10**12, 3)
