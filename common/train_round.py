@@ -40,12 +40,17 @@ def epoch_batches(
     Each epoch's permutation is drawn on the CPU from ``g`` (the same random stream on every
     device, interleaved with the augmentation draws exactly as before) and moved to
     ``device`` in one non-blocking copy; the batches are slices of it, so no step pays a
-    host-to-device copy of its indices.
+    host-to-device copy of its indices. A last batch of one image joins the one before it:
+    BatchNorm cannot train on a single image (a site of 33 images at batch size 32 failed
+    every round).
     """
     done = 0
     while done < steps:
         perm = to_device(torch.randperm(n, generator=g), device)
-        for idx in perm.split(batch_size):
+        chunks = list(perm.split(batch_size))
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        for idx in chunks:
             yield idx
             done += 1
             if done == steps:

@@ -346,3 +346,13 @@ def test_with_the_federations_counts_the_sites_losses_add_up_to_the_pooled_loss(
     assert (summed(own) - pooled).abs().max() > 0.05
     with pytest.raises(ValueError, match="are not 3 non-negative counts"):
         loss_counts(TrainConfig(class_counts=(1, 2)), sites[0], 3)
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before_it() -> None:
+    """33 images at batch size 32: the epoch's last batch would hold one image, on which a
+    BatchNorm model cannot train (it raised every round); it trains with the batch before
+    it, and the round still takes the steps it planned (the next epoch's batch second)."""
+    x, y = colour_task(33)
+    model = build_model("test_efficientnet", 3)  # BatchNorm
+    out = train_local(model, x, y, TrainConfig(local_epochs=1, batch_size=32), num_classes=3)
+    assert out["steps"] == 2 and out["num_examples"] == 33 and np.isfinite(out["train_loss"])
