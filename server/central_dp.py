@@ -23,25 +23,15 @@ from server.strategy_registry import ACCOUNTANT, NUMBER, StateField
 # Site-level DP (``central-dp``): Flower's wrapper for each kind and the attributes of the
 # wrapper that are its state: adaptive clipping moves its norm; fixed clipping may hold the
 # accountant of the privacy spent so far.
+_FIXED_STATE = MappingProxyType({"clipping_norm": NUMBER, "accountant": ACCOUNTANT})
+_ADAPTIVE_STATE = MappingProxyType({"clipping_norm": NUMBER})
 CENTRAL_DP_WRAPPERS: Mapping[str, tuple[type[Strategy], Mapping[str, StateField]]] = (
     MappingProxyType(
         {
-            "server-fixed": (
-                DifferentialPrivacyServerSideFixedClipping,
-                MappingProxyType({"clipping_norm": NUMBER, "accountant": ACCOUNTANT}),
-            ),
-            "server-adaptive": (
-                DifferentialPrivacyServerSideAdaptiveClipping,
-                MappingProxyType({"clipping_norm": NUMBER}),
-            ),
-            "client-fixed": (
-                DifferentialPrivacyClientSideFixedClipping,
-                MappingProxyType({"clipping_norm": NUMBER, "accountant": ACCOUNTANT}),
-            ),
-            "client-adaptive": (
-                DifferentialPrivacyClientSideAdaptiveClipping,
-                MappingProxyType({"clipping_norm": NUMBER}),
-            ),
+            "server-fixed": (DifferentialPrivacyServerSideFixedClipping, _FIXED_STATE),
+            "server-adaptive": (DifferentialPrivacyServerSideAdaptiveClipping, _ADAPTIVE_STATE),
+            "client-fixed": (DifferentialPrivacyClientSideFixedClipping, _FIXED_STATE),
+            "client-adaptive": (DifferentialPrivacyClientSideAdaptiveClipping, _ADAPTIVE_STATE),
         }
     )
 )
