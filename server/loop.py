@@ -193,14 +193,15 @@ class Federation:
         by_node = {s.node_id: s for s in chosen}
         # The strategy configures, clips and aggregates the packed form (common/wire.py).
         layout, wire = layout_of(arrays), pack(arrays)
+        configure = partial(self._train_messages, strategy, server_round, wire, state)
         if secure := self.run_config.secure_aggregation == "secagg+":  # server/secagg.py
-            configure = partial(self._train_messages, strategy, server_round, wire, state)
             run, timeout = self.run_config, self.timeout
             updates = SecureRound(run, self._exchange, server_round, chosen, timeout).run(
                 configure, wire
             )
         else:
-            replies, missing = self._send_train(strategy, server_round, wire, state, list(by_node))
+            messages = configure(list(by_node))
+            replies, missing = self._exchange(messages, f"round {server_round} training")
             updates = Updates.checked(server_round, wire, replies, by_node, self.timeout)
             updates.bound_norms(chosen, self.run_config)
             updates.problems.missing(missing, by_node)
@@ -218,19 +219,6 @@ class Federation:
             self.run_config, strategy, self.statistics, self.ordered_sites(), layout
         )
         return guard.aggregate(aggregation, server_round, arrays, updates, state, record)
-
-    def _send_train(
-        self,
-        strategy: Any,
-        server_round: int,
-        wire: ArrayRecord,
-        state: LoopState,
-        node_ids: list[int],
-    ) -> tuple[dict[int, Message], list[int]]:
-        """The strategy configures the round for the sampled nodes; their replies and the
-        nodes that sent none in time."""
-        messages = self._train_messages(strategy, server_round, wire, state, node_ids)
-        return self._exchange(messages, f"round {server_round} training")
 
     def _train_messages(
         self,
