@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -249,10 +249,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
     aside for it (``dp-head-share``), recorded and saved before anything is sent. Under
     SecAgg+ the stages go to client/secagg.py, which masks what :func:`plain_feature_stats`
     computes at its collect stage."""
-    if stage := stage_of(msg):
-        return secure_answer(msg, context, stage, plain_feature_stats)
-    refuse_plaintext(context, "feature-statistics")
-    return plain_feature_stats(msg, context)
+    return _secure_or_plain(msg, context, "feature-statistics", plain_feature_stats)
 
 
 def plain_feature_stats(msg: Message, context: Context) -> Message:
@@ -267,7 +264,7 @@ def plain_feature_stats(msg: Message, context: Context) -> Message:
     _refuse(require_state_dir, run, context.node_config)
     data = _data(run, context)
     meta, release = ConfigRecord({"site": data.site}), None
-    with _lifetime(run, data.site, context) if run.dp else _none() as ledger:
+    with _lifetime(run, data.site, context) if run.dp else nullcontext() as ledger:
         if run.dp:
             session = _load_dp(settings, asks, context, data.site, data.n("train"))
 
@@ -290,19 +287,22 @@ def plain_feature_stats(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"stats": stats, "site": meta}), reply_to=msg)
 
 
-@contextmanager
-def _none() -> Iterator[None]:
-    yield None
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """A training request; SecAgg+ stages go to client/secagg.py, which trains through
     :func:`plain_train` at its collect stage."""
+    return _secure_or_plain(msg, context, "train", plain_train)
+
+
+def _secure_or_plain(
+    msg: Message, context: Context, what: str, plain: ClientAppCallable
+) -> Message:
+    """A SecAgg+ stage to client/secagg.py (which calls ``plain`` at its collect stage); a
+    plaintext ``what`` request to ``plain``, unless the site requires SecAgg+."""
     if stage := stage_of(msg):
-        return secure_answer(msg, context, stage, plain_train)
-    refuse_plaintext(context, "train")
-    return plain_train(msg, context)
+        return secure_answer(msg, context, stage, plain)
+    refuse_plaintext(context, what)
+    return plain(msg, context)
 
 
 def plain_train(msg: Message, context: Context) -> Message:
