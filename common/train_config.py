@@ -80,24 +80,9 @@ class TrainConfig:
         strategy's to read (a site trains without the term unless the server asks).
         ``server_round`` sets the round's learning rate (:func:`round_lr`);
         ``class_counts`` are the federation's (see ``class-prior``)."""
-        return cls(
-            optimizer=run.optimizer,
-            lr=round_lr(run.lr, run.lr_schedule, server_round, run.num_server_rounds),
-            momentum=run.momentum,
-            weight_decay=run.weight_decay,
-            batch_size=run.batch_size,
-            local_epochs=run.local_epochs,
-            local_steps=run.local_steps,
-            loss=run.loss,
-            focal_gamma=run.focal_gamma,
-            proximal_mu=proximal_mu,
-            class_counts=class_counts,
-            augment=run.augment,
-            amp=run.amp,
-            channels_last=run.channels_last,
-            compile=run.compile,
-            seed=run.seed,
-        )
+        taken = {name: getattr(run, name) for name in RUN_KEYS}
+        taken["lr"] = round_lr(run.lr, run.lr_schedule, server_round, run.num_server_rounds)
+        return cls(**taken, proximal_mu=proximal_mu, class_counts=class_counts)
 
     def steps_per_round(self, n_train: int) -> int:
         return steps_for(n_train, self.batch_size, self.local_epochs, self.local_steps)
