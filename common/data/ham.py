@@ -10,19 +10,17 @@ import numpy as np
 import pandas as pd
 
 from common.data.formats import LayoutError
-from common.data.readers import BytesImageReader, FileImageReader, ParquetImageReader
+from common.data.readers import BytesImageReader, ParquetImageReader
 from common.data.rows import (
     IMAGE_SUFFIXES,
     SPLIT_ALIASES,
     Rows,
-    clean_str,
-    find_one,
+    Table,
     finish,
+    ids_and_groups,
     labels_from_names,
     optional_column,
-    read_csv,
     require_columns,
-    require_images,
     row_lines,
     scan_images,
     set_demographics,
@@ -44,14 +42,7 @@ def _split_of(shard: Path) -> str:
 
 def _ham_columns(df: pd.DataFrame, report: LoadReport, file: Path | str) -> pd.DataFrame:
     """Normalise HAM10000 metadata columns (shared by the HF and Dataverse copies)."""
-    out = pd.DataFrame(index=df.index)
-    out["image_id"] = text(df["image_id"])
-    group = clean_str(df["lesion_id"])
-    if group.isna().any():
-        report.warnings.append(
-            f"{file}: {int(group.isna().sum())} row(s) without lesion_id; using image_id as group"
-        )
-    out["group_id"] = group.fillna(out["image_id"]).astype(str)
+    out = ids_and_groups(df, "image_id", "lesion_id", report, file)
     out["label"], out["label_name"] = labels_from_names(df["dx"], HAM_CLASSES)
     set_demographics(
         out, lambda c: optional_column(df, c, report, file), "age", "sex", "localization"
@@ -149,20 +140,10 @@ def load_ham_dataverse(
     path: str | Path, on_bad: str = "error", verify_images: bool = False
 ) -> SourceData:
     """HAM10000 from Harvard Dataverse: HAM10000_metadata.csv + JPEG part folders."""
-    root = Path(path)
-    if not root.exists():
-        raise LayoutError(f"ham-dataverse: no such folder {root}")
-    if root.is_file():
-        csv, root = root, root.parent
-    else:
-        csv = find_one(
-            root,
-            ["HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata"],
-            "ham-dataverse metadata",
-        )
-    raw = read_csv(csv)
-    require_columns(raw.columns, ["lesion_id", "image_id", "dx"], csv)
-    report = LoadReport(source=f"ham-dataverse {root}", n_rows_read=len(raw))
+    names = ["HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata"]
+    required = ["lesion_id", "image_id", "dx"]
+    table = Table.read(path, "ham-dataverse", names, "metadata", required, file_ok=True)
+    raw, report, csv = table.raw, table.report, table.file
     df = _ham_columns(raw, report, csv.name)
     if "dataset" in raw.columns:
         df["source_site"] = text(raw["dataset"])
@@ -171,9 +152,6 @@ def load_ham_dataverse(
         df["source_site"] = ""
     df["source_split"] = ""
     df["_where"] = row_lines(csv.name, len(raw))
-    paths = scan_images([root], IMAGE_SUFFIXES)
-    require_images(paths, "ham-dataverse", "HAM10000_images_part_*/", root)
-    df["_path"] = df["image_id"].map(paths)
-    reader = FileImageReader(dict(paths), on_bad)
-    rows = Rows("ham-dataverse", df, reader, report, csv, str(root.resolve()), meta_files=[csv])
-    return finish(rows, on_bad, verify_images)
+    paths = scan_images([table.root], IMAGE_SUFFIXES)
+    table.image_files(df, paths, "HAM10000_images_part_*/")
+    return table.finish(df, paths, on_bad, verify_images)

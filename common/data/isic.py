@@ -8,21 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data.formats import LayoutError
-from common.data.readers import FileImageReader
 from common.data.rows import (
     FIRST_IDS,
     IMAGE_SUFFIXES,
-    Rows,
+    Table,
     clean_str,
-    find_one,
-    finish,
     flag_bad,
+    ids_and_groups,
     labels_from_int,
     optional_column,
     read_csv,
     require_columns,
-    require_images,
     row_lines,
     scan_images,
     set_demographics,
@@ -82,29 +78,15 @@ def load_isic2020(
     path: str | Path, on_bad: str = "error", verify_images: bool = False
 ) -> SourceData:
     """SIIM-ISIC 2020: train.csv + train/<image_name>.dcm (or JPEG copies)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise LayoutError(f"isic2020: no such folder {root}")
-    csv = find_one(
-        root,
-        [
-            "train.csv",
-            "ISIC_2020_Training_GroundTruth_v2.csv",
-            "ISIC_2020_Training_GroundTruth.csv",
-        ],
-        "isic2020 metadata",
-    )
-    raw = read_csv(csv)
-    require_columns(raw.columns, ["image_name", "patient_id", "target"], csv)
-    report = LoadReport(source=f"isic2020 {root}", n_rows_read=len(raw))
-    df = pd.DataFrame(index=raw.index)
-    df["image_id"] = text(raw["image_name"])
-    group = clean_str(raw["patient_id"])
-    if group.isna().any():
-        report.warnings.append(
-            f"{csv.name}: {int(group.isna().sum())} row(s) without patient_id; group = image"
-        )
-    df["group_id"] = group.fillna(df["image_id"]).astype(str)
+    names = [
+        "train.csv",
+        "ISIC_2020_Training_GroundTruth_v2.csv",
+        "ISIC_2020_Training_GroundTruth.csv",
+    ]
+    required = ["image_name", "patient_id", "target"]
+    table = Table.read(path, "isic2020", names, "metadata", required)
+    root, csv, raw, report = table.root, table.file, table.raw, table.report
+    df = ids_and_groups(raw, "image_name", "patient_id", report, csv.name)
     df["label"], df["label_name"] = labels_from_int(raw["target"], ISIC2020_CLASSES)
     columns = ("age_approx", "sex", "anatom_site_general_challenge")
     set_demographics(df, lambda c: optional_column(raw, c, report, csv.name), *columns)
@@ -117,8 +99,7 @@ def load_isic2020(
         [root / "jpeg" / "train", root / "train", root / "ISIC_2020_Training_JPEG"], IMAGE_SUFFIXES
     )
     paths = {**jpegs, **dicoms}
-    require_images(paths, "isic2020", "train/ (or jpeg/train/)", root)
-    df["_path"] = df["image_id"].map(paths)
+    table.image_files(df, paths, "train/ (or jpeg/train/)")
     df["source_site"] = ""
     # Run the generic row checks first so only kept rows get their headers read.
     probe = df[~df["image_id"].duplicated(keep="first")]
@@ -134,9 +115,7 @@ def load_isic2020(
         df["source_site"] = df["image_id"].map(sites).fillna("").astype(str)
     else:
         report.warnings.append("isic2020: no DICOM InstitutionName found: source_site ''")
-    reader = FileImageReader(paths, on_bad)
-    rows = Rows("isic2020", df, reader, report, csv, str(root.resolve()), meta_files=[csv])
-    return finish(rows, on_bad, verify_images)
+    return table.finish(df, paths, on_bad, verify_images)
 
 
 # ----------------------------------------------------------------------------- Fed-ISIC2019
@@ -146,16 +125,10 @@ def load_fedisic2019(
     path: str | Path, on_bad: str = "error", verify_images: bool = False
 ) -> SourceData:
     """FLamby Fed-ISIC2019: train_test_split + preprocessed JPEGs (+ ISIC 2019 metadata)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise LayoutError(f"fedisic2019: no such folder {root}")
-    split_file = find_one(
-        root, ["train_test_split", "train_test_folds.csv", "train_test_split.csv"],
-        "fedisic2019 split file",
-    )  # fmt: skip
-    raw = read_csv(split_file)
-    require_columns(raw.columns, ["image", "target", "center", "fold"], split_file)
-    report = LoadReport(source=f"fedisic2019 {root}", n_rows_read=len(raw))
+    names = ["train_test_split", "train_test_folds.csv", "train_test_split.csv"]
+    required = ["image", "target", "center", "fold"]
+    table = Table.read(path, "fedisic2019", names, "split file", required)
+    root, split_file, raw, report = table.root, table.file, table.raw, table.report
     df = pd.DataFrame(index=raw.index)
     df["image_id"] = text(raw["image"])
     df["label"], df["label_name"] = labels_from_int(raw["target"], ISIC2019_CLASSES)
@@ -222,8 +195,5 @@ def load_fedisic2019(
     if not any(d.is_dir() for d in img_dirs):
         img_dirs = [root]
     paths = scan_images(img_dirs, IMAGE_SUFFIXES)
-    require_images(paths, "fedisic2019", "ISIC_2019_Training_Input_preprocessed/", root)
-    df["_path"] = df["image_id"].map(paths)
-    reader = FileImageReader(paths, on_bad)
-    rows = Rows("fedisic2019", df, reader, report, split_file, str(root.resolve()), meta_files)
-    return finish(rows, on_bad, verify_images)
+    table.image_files(df, paths, "ISIC_2019_Training_Input_preprocessed/")
+    return table.finish(df, paths, on_bad, verify_images, meta_files)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from common.data.formats import LayoutError, get_format
+from common.data.readers import FileImageReader
 from common.data.schema import COLUMNS, DataError, LoadReport, SourceData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -65,6 +66,21 @@ def text(s: pd.Series) -> pd.Series:
 def row_lines(file_name: str, n: int) -> list[str]:
     """Where each row of a CSV came from, for messages (the header is line 1)."""
     return [f"{file_name} line {i + 2}" for i in range(n)]
+
+
+def ids_and_groups(
+    raw: pd.DataFrame, id_col: str, group_col: str, report: LoadReport, file: Path | str
+) -> pd.DataFrame:
+    """A frame of ``image_id`` and ``group_id`` from a table's own columns; a row without a
+    group is its own group (one warning counts them)."""
+    df = pd.DataFrame(index=raw.index)
+    df["image_id"] = text(raw[id_col])
+    group = clean_str(raw[group_col])
+    if group.isna().any():
+        n = int(group.isna().sum())
+        report.warnings.append(f"{file}: {n} row(s) without {group_col}; using {id_col} as group")
+    df["group_id"] = group.fillna(df["image_id"]).astype(str)
+    return df
 
 
 def norm_sex(s: pd.Series) -> pd.Series:
@@ -282,6 +298,62 @@ def finish(rows: Rows, on_bad: str, verify_images: bool) -> SourceData:
     )
 
 
+@dataclass
+class Table:
+    """A source's metadata table as read (:meth:`read`), and the last steps every loader of
+    image files shares: each row's image file (:meth:`image_files`), then :func:`finish`."""
+
+    fmt: str
+    root: Path  # the source's folder
+    file: Path  # its metadata table
+    raw: pd.DataFrame  # the table, as strings
+    report: LoadReport
+
+    @classmethod
+    def read(
+        cls,
+        path: str | Path,
+        fmt: str,
+        names: list[str],
+        what: str,
+        required: list[str],
+        file_ok: bool = False,
+    ) -> Table:
+        """The first of ``names`` under the folder ``path`` (or, ``file_ok``, the file
+        ``path``), with its ``required`` columns."""
+        root = Path(path)
+        if not (root.exists() if file_ok else root.is_dir()):
+            raise LayoutError(f"{fmt}: no such folder {root}")
+        if root.is_file():
+            file, root = root, root.parent
+        else:
+            file = find_one(root, names, f"{fmt} {what}")
+        raw = read_csv(file)
+        require_columns(raw.columns, required, file)
+        return cls(fmt, root, file, raw, LoadReport(source=f"{fmt} {root}", n_rows_read=len(raw)))
+
+    def image_files(self, df: pd.DataFrame, paths: dict[str, Path], where: str) -> None:
+        """Each row's image file in ``df["_path"]`` (NaN: missing); a source with no image
+        file at all in ``where`` is refused (another layout)."""
+        if not paths:
+            raise LayoutError(f"{self.fmt}: no image files in {where} under {self.root}")
+        df["_path"] = df["image_id"].map(paths)
+
+    def finish(
+        self,
+        df: pd.DataFrame,
+        paths: dict[str, Path],
+        on_bad: str,
+        verify_images: bool,
+        meta_files: list[Path] | None = None,
+    ) -> SourceData:
+        """:func:`finish` for rows whose images are the files ``paths``."""
+        reader = FileImageReader(paths, on_bad)
+        root, files = str(self.root.resolve()), meta_files or [self.file]
+        rows = Rows(self.fmt, df, reader, self.report, self.file, root, files)
+        return finish(rows, on_bad, verify_images)
+
+
 def find_one(root: Path, names: list[str], what: str) -> Path:
     for n in names:
         if (root / n).is_file():
@@ -291,9 +363,3 @@ def find_one(root: Path, names: list[str], what: str) -> Path:
         if hits:
             return hits[0]
     raise LayoutError(f"{what}: none of {names} found under {root}")
-
-
-def require_images(paths: dict[str, Path], fmt: str, where: str, root: Path) -> None:
-    """Refuse a folder that holds the metadata but no image file at all (another layout)."""
-    if not paths:
-        raise LayoutError(f"{fmt}: no image files in {where} under {root}")
