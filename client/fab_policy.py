@@ -30,6 +30,7 @@ import sys
 import tomllib
 import zipfile
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -66,9 +67,20 @@ class InstalledApp:
     def find(cls) -> InstalledApp:
         return cls(Path(client.__file__).resolve().parent.parent)
 
+    def packages(self) -> tuple[str, ...]:
+        """The project's top-level package patterns (pyproject's setuptools ``include``);
+        none without an installed pyproject.toml (then only --allow-fab-hash admits a FAB)."""
+        tool = (self.pyproject() or {}).get("tool", {})
+        return tuple(
+            tool.get("setuptools", {}).get("packages", {}).get("find", {}).get("include", ())
+        )
+
     def snapshot_imports(self) -> None:
-        """Remember the content of every module imported from the project so far: the
-        children run these, whatever the files on disk say later."""
+        """Remember the content of every module imported from the project's own packages so
+        far: the children run these, whatever the files on disk say later. Third-party
+        modules are not the project's, even when their environment sits in the checkout
+        (``.venv``): hashing torch's libraries cost a launcher 15-25 CPU-s at start."""
+        patterns = self.packages()
         for module in list(sys.modules.values()):
             path = getattr(module, "__file__", None)
             if not path:
@@ -76,6 +88,8 @@ class InstalledApp:
             try:
                 rel = Path(path).resolve().relative_to(self.root)
             except ValueError:
+                continue
+            if not any(fnmatch(rel.parts[0], pattern) for pattern in patterns):
                 continue
             try:
                 self.imported[rel.as_posix()] = sha256(Path(path).read_bytes())

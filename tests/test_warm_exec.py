@@ -282,3 +282,33 @@ def test_fab_policy_accepts_the_installed_app_and_refuses_any_other(fabs, tmp_pa
     allowed = FabPolicy(policy.installed, frozenset({hashlib.sha256(changed).hexdigest()}))
     assert allowed.refusal(changed) is None
     assert allowed.refusal(fabs["evil"]) is not None
+
+
+def test_the_launcher_snapshots_the_projects_modules_and_no_third_party_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a child runs is the project as imported; a library in an environment inside the
+    checkout (``.venv``) is not the project's and is not hashed (torch's were: 15-25 CPU-s)."""
+    from client.fab_policy import InstalledApp
+
+    root = tmp_path / "checkout"
+    (root / "fedpkg").mkdir(parents=True)
+    (root / "fedpkg" / "__init__.py").write_text("X = 1\n")
+    site = root / ".venv" / "lib" / "site-packages"
+    (site / "thirdlib").mkdir(parents=True)
+    (site / "thirdlib" / "__init__.py").write_text("Y = 2\n")
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n[tool.setuptools.packages.find]\ninclude = ["fedpkg*"]\n'
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(root))
+    __import__("fedpkg")
+    __import__("thirdlib")
+    try:
+        app = InstalledApp(root)
+        app.snapshot_imports()
+    finally:
+        sys.modules.pop("fedpkg", None)
+        sys.modules.pop("thirdlib", None)
+    digest = hashlib.sha256(b"X = 1\n").hexdigest()
+    assert app.imported == {"fedpkg/__init__.py": digest}
