@@ -57,9 +57,9 @@ from common.secagg import (
     SHARE_KEYS,
     STAGE_KEY,
     STAGES,
+    add_masks,
     flat_floats,
     float_keys,
-    mask,
     quantised,
     stats_vector,
 )
@@ -214,20 +214,16 @@ def _collect(
         int(state["quant-range"]),
     )
     vector = quantised(values, factor, clip, quant)
-    for part, m in zip(
-        vector, mask(state["rd-seed"], modulus, values.size, len(factor)), strict=True
-    ):
-        part += m  # int64: a wrap modulo 2^64 keeps the value modulo any power of 2 below
     sk1 = bytes_to_private_key(state["sk1"])
     pk1_of = dict(zip(state["nids"], state["pk1s"], strict=True))
-    for src in srcs:  # pairwise masks with every site whose shares arrived
+    seeds = [(bytes(state["rd-seed"]), 1)]  # its own mask, then one per site whose shares arrived
+    for src in srcs:
         key = generate_shared_key(sk1, bytes_to_public_key(pk1_of[src]))
-        add = np.add if state["nid"] > src else np.subtract
-        for part, m in zip(vector, mask(key, modulus, values.size, len(factor)), strict=True):
-            add(part, m, out=part)
+        seeds.append((key, 1 if state["nid"] > src else -1))
+    add_masks(vector, seeds, modulus)  # int64: wraps modulo 2^64, reduced modulo the modulus
     dtype = np.uint32 if modulus <= 2**32 else np.int64
     masked = {
-        name: Array(np.mod(part, modulus).astype(dtype))
+        name: Array(part.astype(dtype, copy=False))
         for name, part in zip(("factor", "vector"), vector, strict=True)
     }
     state["stage"] = COLLECT

@@ -54,8 +54,8 @@ from common.secagg import (
     STATS_MODULUS,
     STATS_QUANT,
     UNMASK,
+    add_masks,
     float_keys,
-    mask,
     recovered,
     stats_length,
     stats_of_vector,
@@ -336,7 +336,11 @@ class SecureSum:
         key (checked against the public key it sent). A failure: None (logged). Sums of
         int64 may wrap modulo 2^64: the result modulo the (power of 2) modulus holds."""
         s = self.settings
-        total = [np.sum([self.masked[nid][i] for nid in survivors], axis=0) for i in (0, 1)]
+        total = [np.zeros_like(part) for part in self.masked[survivors[0]]]
+        for nid in survivors:  # summed in place, modulo 2^64: no stack of every vector
+            for t, part in zip(total, self.masked[nid], strict=True):
+                t += part
+        seeds: list[tuple[bytes, int]] = []
         try:
             for owner in survivors + dead:
                 shares = self.shares.get(owner, [])
@@ -346,29 +350,28 @@ class SecureSum:
                 # all: quadratic in the shares combined; a forged one fails either way)
                 secret = combine_shares(shares[: s.threshold])
                 if owner in survivors:
-                    own = mask(secret, s.modulus, self.length, self.factors)
-                    for t, m in zip(total, own, strict=True):
-                        t -= m
+                    seeds.append((secret, -1))  # its own mask
                 else:
-                    total = self._without_pairwise(total, owner, secret, survivors)
+                    seeds += self._pairwise(owner, secret, survivors)
         except ValueError as err:
             self._dropped(f"the masks could not be removed ({err}; a forged or truncated share)")
             return None
-        return [np.mod(t, s.modulus) for t in total]
+        add_masks(total, seeds, s.modulus)
+        return total
 
-    def _without_pairwise(
-        self, total: list[np.ndarray], dead: int, secret: bytes, survivors: list[int]
-    ) -> list[np.ndarray]:
+    def _pairwise(self, dead: int, secret: bytes, survivors: list[int]) -> list[tuple[bytes, int]]:
+        """The dead site's pairwise masks left in the survivors' sum, as (seed, sign) that
+        remove them, from its key (checked against the public key it sent)."""
         sk1 = bytes_to_private_key(secret)
         if public_key_to_bytes(sk1.public_key()) != self.keys[dead][0]:
             raise ValueError(f"the key of {self._name(dead)} does not match its public key")
-        for nid in survivors:
-            shared = generate_shared_key(sk1, bytes_to_public_key(self.keys[nid][0]))
-            sign = 1 if dead > nid else -1
-            pairwise = mask(shared, self.settings.modulus, self.length, self.factors)
-            for t, m in zip(total, pairwise, strict=True):
-                (np.add if sign > 0 else np.subtract)(t, m, out=t)
-        return total
+        return [
+            (
+                generate_shared_key(sk1, bytes_to_public_key(self.keys[nid][0])),
+                1 if dead > nid else -1,
+            )
+            for nid in survivors
+        ]
 
     def _dropped(self, why: str) -> None:
         log.error(

@@ -29,6 +29,7 @@ from common.secagg import (
     RECORD,
     SHARE_KEYS,
     STAGE_KEY,
+    add_masks,
     mask,
     stats_vector,
     step,
@@ -614,3 +615,19 @@ def test_a_mask_depends_on_the_whole_seed_not_on_32_bits_of_it() -> None:
     assert abs(ours_a.mean() - modulus / 2) < 5 * (modulus / np.sqrt(12 * n))
     with pytest.raises(ValueError, match="power of 2"):
         mask(a, 10**12, 3)
+
+
+@pytest.mark.parametrize("modulus", [2**40, 2**32, 2**62])
+def test_masks_added_in_one_pass_equal_each_mask_added_modulo_the_modulus(modulus: int) -> None:
+    """Both ends add or remove a round's masks in one pass (the keystreams summed modulo
+    2^64, reduced at the end): the same integers as adding each :func:`mask` by hand."""
+    rng = np.random.default_rng(1)
+    n = 5_000
+    parts = [np.array([7, 3], np.int64), rng.integers(0, modulus, n, dtype=np.int64)]
+    seeds = [(bytes([i]) * 32, sign) for i, sign in enumerate([1, -1, -1, 1])]
+    by_hand = [int(v) for part in parts for v in part]
+    for seed, sign in seeds:
+        flat = [int(v) for m in mask(seed, modulus, n, factors=2) for v in m]
+        by_hand = [(x + sign * m) % modulus for x, m in zip(by_hand, flat, strict=True)]
+    add_masks(parts, seeds, modulus)
+    assert [int(v) for part in parts for v in part] == by_hand
