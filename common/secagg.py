@@ -50,13 +50,20 @@ MASK_DOMAIN = b"fedskin secagg+ mask\0"  # the masks' keys: no other use of a se
 
 
 def float_keys(arrays: Mapping[str, Any]) -> list[str]:
-    """The floating-point arrays of a (packed) record, in a fixed order: what is masked."""
-    return sorted(k for k, v in arrays.items() if np.issubdtype(_np(v).dtype, np.floating))
+    """The floating-point arrays of a (packed) record, in a fixed order: what is masked
+    (read from each array's dtype: a record's arrays are not decoded for it)."""
+    return sorted(k for k, v in arrays.items() if np.issubdtype(_dtype(v), np.floating))
 
 
 def flat_floats(arrays: Mapping[str, Any], keys: list[str]) -> np.ndarray:
     """The arrays named by ``keys`` as one float64 vector."""
-    return np.concatenate([np.asarray(_np(arrays[k]), np.float64).ravel() for k in keys])
+    parts = [_np(arrays[k]).ravel() for k in keys]
+    out = np.empty(sum(part.size for part in parts), np.float64)
+    offset = 0
+    for part in parts:
+        out[offset : offset + part.size] = part
+        offset += part.size
+    return out
 
 
 def dims(length: int, factors: int = 1) -> list[tuple[int, ...]]:
@@ -184,3 +191,9 @@ def step(clip: float, quant: int) -> float:
 
 def _np(value: Any) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
+def _dtype(value: Any) -> np.dtype:
+    """An array's dtype: a Flower ``Array`` names it (a string), a NumPy array holds it."""
+    dtype = getattr(value, "dtype", None)
+    return np.dtype(dtype) if isinstance(dtype, str | np.dtype) else _np(value).dtype

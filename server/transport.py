@@ -61,7 +61,7 @@ def exchange(
     grid: Grid,
     messages: list[Message],
     timeout: float,
-    poll: float = 0.05,
+    poll: float = 0.02,
     on_reply: Any = None,
 ) -> tuple[dict[int, Message], list[int]]:
     """Send messages and collect the replies by the node each was *sent to*.
