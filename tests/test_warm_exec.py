@@ -1,9 +1,11 @@
 """The warm ClientApp launcher (``fedskin site-exec``, client/warm_exec.py) on real processes.
 
-A loopback federation of two SuperNodes in ``--isolation process``, each served by its own
-launcher that signs with a SuperExec auth secret, runs one round of the real fedskin app:
-every message is handled by a child forked from the warm launcher (no ``flwr-clientapp``
-process is started), every site trains and is evaluated, and nothing outlives teardown.
+The deployment-overhead benchmark's warm federation (simulations/deploy_overhead.py), here
+one SuperNode in ``--isolation process`` served by its launcher that signs with a SuperExec
+auth secret, runs one round of the real fedskin app: every message is handled by a child
+forked from the warm launcher (no ``flwr-clientapp`` process is started), the site trains
+and is evaluated, and nothing outlives teardown. (Three warm sites, as the deployment guide
+starts them: tests/test_integration_deploy.py.)
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from simulations.deploy_overhead import copy_project, make_site_data, run_mode
 
 pytestmark = pytest.mark.integration
 
-SITES = ["site-a", "site-b"]
+SITES = ["site-a"]  # one: the guide's federation runs three (test_integration_deploy)
 # One query, one train, one validation and one test message per site.
 MESSAGES_PER_SITE = 4
 
 
 def test_warm_launcher_runs_every_message_in_a_forked_child(tmp_path: Path) -> None:
-    make_site_data(tmp_path, SITES, n_images=200)
+    make_site_data(tmp_path, [*SITES, "site-b"], n_images=200)  # a partition has 2+ sites
     app = copy_project(tmp_path / "app", ref=None)  # the checkout as it is
     secret = tmp_path / "superexec.secret"
     secret.write_bytes(b"a-long-random-secret-shared-by-supernode-and-launcher")
