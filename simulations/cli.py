@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from common.data.schema import DataError
 from server.deploy_cli import deploy_app
-from simulations.bench import bench_cli
+from simulations.bench.cli import bench_cli
 from simulations.data_cli import partition_cli, synth_cli
 from simulations.keys import keys_cli
 from simulations.runner import RAY_ADDRESS_HELP, shipped_configs, use_ray_address, use_verbose

@@ -35,7 +35,6 @@ from common.rundir import (
 )
 from server.results import FinalTest, Scores, load_results
 from server.resume import Resume, resume_checkpoint
-from server.server_app import app_resuming
 from server.tracking import check_mlflow, log_after
 
 console = Console()
@@ -323,7 +322,7 @@ def _run_engine(
         run.to_flat(),
         num_supernodes=n_sites,
         client_app=client_app or "client.client_app:app",
-        server_app="server.server_app:app" if checked is None else app_resuming(checked),
+        server_app="server.server_app:app" if checked is None else _resuming(checked),
         backend_config=backend_config(n_sites, run),
         app_dir=str(APP_DIR),
     )
@@ -378,3 +377,12 @@ def _print_summary(test: FinalTest, seconds: float, run_dir: Path) -> None:
 def _three(scores: Scores) -> list[str]:
     """Balanced accuracy, accuracy and AUROC with 3 decimals (nan when not known)."""
     return [f"{v:.3f}" for v in (scores.balanced_accuracy, scores.accuracy, scores.auroc)]
+
+
+def _resuming(checked: Resume) -> Any:
+    """The ServerApp resuming from ``checked``. Imported here, on purpose: the ServerApp
+    imports torch and timm (about 5 CPU-s), and every ``fedskin`` command imports this
+    module (``partition``, ``keys``, ``deploy`` and ``--help`` too)."""
+    from server.server_app import app_resuming
+
+    return app_resuming(checked)

@@ -18,14 +18,9 @@ import typer
 from rich.console import Console
 
 from server.results import RunResults, load_results
-from simulations.bench import (
-    SIGNED_FIGURES,
-    bench_cli,
-    make_settings,
-    markdown_block,
-    parse_sections,
-    run_bench,
-)
+from simulations.bench.cli import bench_cli
+from simulations.bench.driver import markdown_block, parse_sections, run_bench
+from simulations.bench.settings import SIGNED_FIGURES, make_settings
 
 
 def _numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
@@ -231,7 +226,7 @@ def test_write_outputs_plots_flag_and_redraw(tmp_path: Path) -> None:
 
 
 def test_server_writes_are_timed_with_and_without_plots(tmp_path: Path) -> None:
-    from simulations.bench import bench_server_writes
+    from simulations.bench.rounds import bench_server_writes
 
     metrics = _tiny_run(tmp_path)
     writes = bench_server_writes(tmp_path, RunResults.from_json(metrics), repeats=2)

@@ -4,6 +4,8 @@ config name or an unquoted --run-config string."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -203,3 +205,17 @@ def test_unquoted_string_in_run_config_names_the_key_and_the_quoted_form():
         "amp": False,
         "name": "a b",
     }
+
+
+def test_the_command_line_starts_without_torch_timm_or_ray():
+    """`fedskin partition`, `keys`, `deploy` and `--help` do not pay for the training stack:
+    importing the CLI loads none of torch, timm, Flower's simulation or Ray (it took about
+    6 CPU-s when the runner imported the ServerApp and `bench` its sections at the top)."""
+    heavy = ("torch", "timm", "ray", "opacus", "flwr.simulation")
+    code = (
+        "import sys, simulations.cli; print(' '.join(m for m in sys.argv[1:] if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, *heavy], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == []

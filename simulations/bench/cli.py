@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from common.rundir import atomic_write_json
-from simulations.bench.driver import markdown_block, parse_sections, run_bench
-from simulations.bench.settings import make_settings
 
 
 def bench_cli(
@@ -34,6 +32,11 @@ def bench_cli(
     ] = None,
 ) -> None:
     """Throughput, pipeline, round-overhead, DP-cost and scaling figures, side by side."""
+    # Lazily, on purpose: the sections import torch, timm, Flower and Ray (about 6 CPU-s),
+    # which every other `fedskin` command (partition, keys, deploy, --help) would pay too.
+    from simulations.bench.driver import markdown_block, parse_sections, run_bench
+    from simulations.bench.settings import make_settings
+
     picked = parse_sections(sections)
     s = make_settings(
         device,
