@@ -22,10 +22,16 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModule, wrap_model
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from common.config import RunConfig, value_of
@@ -33,15 +39,8 @@ from common.data.schema import default_home
 from common.errors import ConfigError
 from common.fileio import atomic_write_text
 
-if TYPE_CHECKING:
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-# Opacus is imported where it is used, on purpose: its package imports all of it (1-1.7 CPU-s)
-# and the ServerApp, the launcher's CLI and every non-DP site import this module.
-
 log = logging.getLogger(__name__)
+RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)  # Opacus' RDP orders, as its accountant uses
 
 # What "auto" picks, per backbone family. Measured on the CPU (1 thread, process CPU time,
 # torch 2.14 / opacus 1.6, dp=True models, 16 images of 32 px, logical = physical batch 16,
@@ -150,8 +149,6 @@ def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int
 ) -> float:
     """Noise multiplier reaching ``target_epsilon`` after ``steps`` (Opacus' bisection)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     return get_noise_multiplier(
         target_epsilon=target_epsilon,
         target_delta=delta,
@@ -169,27 +166,16 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     ~0.15 CPU-s afresh, so reporting ε every round was quadratic in the rounds."""
     if not history:
         return 0.0
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
     rdp = sum(unit_rdp(float(noise), float(q)) * steps for noise, q, steps in history)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=rdp_orders(), rdp=rdp, delta=delta)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(eps)
-
-
-def rdp_orders() -> list[float]:
-    """Opacus' RDP orders, as its accountant uses them."""
-    from opacus.accountants import RDPAccountant
-
-    return list(RDPAccountant.DEFAULT_ALPHAS)
 
 
 @functools.lru_cache(maxsize=1024)
 def unit_rdp(noise: float, sample_rate: float) -> np.ndarray:
     """One step's RDP at Opacus' default orders (read-only: shared by every caller)."""
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
     rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise, steps=1, orders=rdp_orders()
+        q=sample_rate, noise_multiplier=noise, steps=1, orders=list(RDP_ORDERS)
     )
     rdp.setflags(write=False)
     return rdp
@@ -248,8 +234,6 @@ class DPSession:
         self.secure = bool(secure)
         self.sample_rate = min(1.0, batch_size / n_train)
         self.delta = cfg.target_delta if cfg.target_delta > 0 else 1.0 / (10 * n_train)
-        from opacus.accountants import RDPAccountant
-
         self.accountant = RDPAccountant()
         # The one release of the LDA statistics (client/headstats.py: private_stats), at its own
         # noise: its budget is set aside from the start, so DP-SGD can never spend it.
@@ -393,10 +377,6 @@ def make_private(
     generator: torch.Generator | None = None,
 ) -> tuple[GradSampleModule, DPOptimizer, nn.Module | DPLossFastGradientClipping]:
     """Wrap model/optimizer/criterion for DP-SGD with the session's noise and clipping."""
-    from opacus.grad_sample import wrap_model
-    from opacus.optimizers import get_optimizer_class
-    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
     mode = resolve_mode(session.cfg.grad_sample_mode, model)
     kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
     if mode == "ghost":

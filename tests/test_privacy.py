@@ -71,7 +71,6 @@ def test_a_calibration_is_computed_once_per_machine_and_a_weakened_file_is_refus
     epsilon exceeds the target (a tampered file: less noise) is ignored and replaced."""
     import json
 
-    from opacus.accountants import utils as opacus_utils
     from opacus.accountants.utils import get_noise_multiplier
 
     from common import privacy
@@ -89,14 +88,13 @@ def test_a_calibration_is_computed_once_per_machine_and_a_weakened_file_is_refus
     assert sigma == fresh  # the bisection's own value, not an approximation
 
     calls = []
-    # the calibration imports Opacus' bisection where it calls it
-    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", lambda **kw: calls.append(kw) or 0.0)
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or 0.0)
     calibrate.cache_clear()  # as a new process: only the file remains
     assert calibrate(*args) == sigma and not calls
 
     kept.write_text(json.dumps({"args": list(args), "sigma": sigma / 2}))  # less noise
     calibrate.cache_clear()
-    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", lambda **kw: fresh)
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: fresh)
     assert calibrate(*args) == sigma
     assert privacy.rdp_epsilon([(sigma, 0.25, 20)], 1e-3) <= 3.0
     assert json.loads(kept.read_text())["sigma"] == sigma  # replaced
