@@ -57,13 +57,7 @@ def float_keys(arrays: Mapping[str, Any]) -> list[str]:
 
 def flat_floats(arrays: Mapping[str, Any], keys: list[str]) -> np.ndarray:
     """The arrays named by ``keys`` as one float64 vector."""
-    parts = [_np(arrays[k]).ravel() for k in keys]
-    out = np.empty(sum(part.size for part in parts), np.float64)
-    offset = 0
-    for part in parts:
-        out[offset : offset + part.size] = part
-        offset += part.size
-    return out
+    return np.concatenate([_np(arrays[k]).ravel() for k in keys], dtype=np.float64)
 
 
 def dims(length: int, factors: int = 1) -> list[tuple[int, ...]]:

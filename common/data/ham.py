@@ -154,4 +154,4 @@ def load_ham_dataverse(
     df["_where"] = row_lines(csv.name, len(raw))
     paths = scan_images([table.root], IMAGE_SUFFIXES)
     table.image_files(df, paths, "HAM10000_images_part_*/")
-    return table.finish(df, paths, on_bad, verify_images)
+    return table.finish(df, on_bad, verify_images)

@@ -115,7 +115,7 @@ def load_isic2020(
         df["source_site"] = df["image_id"].map(sites).fillna("").astype(str)
     else:
         report.warnings.append("isic2020: no DICOM InstitutionName found: source_site ''")
-    return table.finish(df, paths, on_bad, verify_images)
+    return table.finish(df, on_bad, verify_images)
 
 
 # ----------------------------------------------------------------------------- Fed-ISIC2019
@@ -196,4 +196,4 @@ def load_fedisic2019(
         img_dirs = [root]
     paths = scan_images(img_dirs, IMAGE_SUFFIXES)
     table.image_files(df, paths, "ISIC_2019_Training_Input_preprocessed/")
-    return table.finish(df, paths, on_bad, verify_images, meta_files)
+    return table.finish(df, on_bad, verify_images, meta_files)

@@ -308,6 +308,7 @@ class Table:
     file: Path  # its metadata table
     raw: pd.DataFrame  # the table, as strings
     report: LoadReport
+    paths: dict[str, Path] = field(default_factory=dict)  # image id -> file (image_files)
 
     @classmethod
     def read(
@@ -337,18 +338,18 @@ class Table:
         file at all in ``where`` is refused (another layout)."""
         if not paths:
             raise LayoutError(f"{self.fmt}: no image files in {where} under {self.root}")
+        self.paths = paths
         df["_path"] = df["image_id"].map(paths)
 
     def finish(
         self,
         df: pd.DataFrame,
-        paths: dict[str, Path],
         on_bad: str,
         verify_images: bool,
         meta_files: list[Path] | None = None,
     ) -> SourceData:
-        """:func:`finish` for rows whose images are the files ``paths``."""
-        reader = FileImageReader(paths, on_bad)
+        """:func:`finish` for rows whose images are the files found by :meth:`image_files`."""
+        reader = FileImageReader(self.paths, on_bad)
         root, files = str(self.root.resolve()), meta_files or [self.file]
         rows = Rows(self.fmt, df, reader, self.report, self.file, root, files)
         return finish(rows, on_bad, verify_images)
